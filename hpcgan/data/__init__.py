@@ -1,0 +1,1 @@
+"""Data stages: taxonomy -> sources -> clean -> shards -> loader."""
