@@ -1,0 +1,101 @@
+"""The model registry: a model is a GANSpec (configs/model/<name>.yaml) + a generator and a critic
+architecture looked up by name. The training objective (hpcgan/objectives.py) reads the same spec,
+so no model is a branch in the training loop.
+
+Contract (every architecture honours it):
+  G(z, y) -> images in [-1, 1], shape [B, 3, S, S]
+      z: [B, spec.latent_dim] float (noise, then InfoGAN codes appended: categorical one-hot, continuous)
+      y: [B] int64 class labels, or None when the generator is unconditional
+  D(x, y) -> dict of tensors
+      "adv":    [B]     critic score (wasserstein) or logit (bce)
+      "cls":    [B, C]  class logits         (only when spec.ac_weight > 0)
+      "q_cat":  [B, K]  categorical-code logits (only when spec.info_cat > 0)
+      "q_cont": [B, M]  continuous-code means   (only when spec.info_cont > 0)
+      y is used only when spec.critic_condition == "projection" (CGAN); otherwise ignored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Callable
+
+import torch.nn as nn
+
+from hpcgan import CONFIG_DIR
+
+MODEL_NAMES = ("wgan_gp_ac", "acgan", "wgan", "wgan_gp", "infogan", "wgan_gp_info", "dcgan", "cgan")
+
+
+@dataclass
+class GANSpec:
+    name: str
+    generator: str = "resnet"          # architecture name in GENERATORS
+    critic: str = "resnet"             # architecture name in CRITICS
+    conditional: bool = True           # G takes the class label (can generate a chosen class)
+    critic_condition: str = "none"     # "none" | "projection" (label fed to the critic, CGAN)
+    adversarial: str = "wasserstein"   # "wasserstein" | "bce"
+    gp_lambda: float = 0.0             # gradient penalty weight (WGAN-GP: 10)
+    clip: float = 0.0                  # critic weight clipping (WGAN: 0.01)
+    ac_weight: float = 0.0             # auxiliary classifier loss weight (AC-GAN, WGAN-GP-AC)
+    info_cat: int = 0                  # InfoGAN categorical code size
+    info_cont: int = 0                 # InfoGAN continuous codes
+    info_weight: float = 0.0
+    z_dim: int = 128
+    width: int = 64                    # base channel count
+    critic_norm: str = "none"          # "none" | "batch" (never with a gradient penalty)
+    optim: dict = field(default_factory=lambda: {"name": "adam", "lr": 1e-3, "betas": [0.5, 0.999], "n_critic": 1})
+
+    @property
+    def latent_dim(self) -> int:
+        return self.z_dim + self.info_cat + self.info_cont
+
+    @classmethod
+    def from_config(cls, cfg) -> "GANSpec":
+        d = dict(cfg)
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"model config {d.get('name')!r}: unknown keys {sorted(unknown)}")
+        d["optim"] = dict(d.get("optim") or {})
+        spec = cls(**d)
+        if spec.gp_lambda > 0 and spec.critic_norm == "batch":
+            raise ValueError(f"{spec.name}: batch norm in the critic breaks the gradient penalty")
+        return spec
+
+
+# name -> builder(spec, num_classes, image_size) -> nn.Module ; filled by the architecture files
+GENERATORS: dict[str, Callable[..., nn.Module]] = {}
+CRITICS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_generator(name: str):
+    def deco(fn):
+        GENERATORS[name] = fn
+        return fn
+    return deco
+
+
+def register_critic(name: str):
+    def deco(fn):
+        CRITICS[name] = fn
+        return fn
+    return deco
+
+
+def load_spec(name: str) -> GANSpec:
+    """The spec of a named model from configs/model/<name>.yaml (outside Hydra, e.g. in tests)."""
+    import yaml
+    path = CONFIG_DIR / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    return GANSpec.from_config(yaml.safe_load(path.read_text()))
+
+
+def build_model(spec: GANSpec, num_classes: int, image_size: int) -> tuple[nn.Module, nn.Module]:
+    """(generator, critic) for a spec; image_size in {32, 64, 128}."""
+    from hpcgan.models import architectures  # noqa: F401  (registers the builders)
+    if image_size not in (32, 64, 128):
+        raise ValueError(f"image_size must be 32, 64 or 128, got {image_size}")
+    if spec.generator not in GENERATORS or spec.critic not in CRITICS:
+        raise ValueError(f"{spec.name}: unknown architecture generator={spec.generator!r} critic={spec.critic!r}")
+    return (GENERATORS[spec.generator](spec, num_classes, image_size),
+            CRITICS[spec.critic](spec, num_classes, image_size))
