@@ -1,0 +1,155 @@
+"""Building blocks shared by the generator and critic families.
+
+Residual blocks follow Gulrajani et al. (WGAN-GP, ResNet variant) as used by Hazra et al. (2022):
+  up:   BN-ReLU-upsample-conv-BN-ReLU-conv        + upsample-conv1x1 shortcut
+  down: act-conv-act-conv-avgpool                  + conv1x1-avgpool shortcut
+The critic-side blocks take an optional norm so that a non-GP critic may use batch norm; a critic
+trained with a gradient penalty never gets one (the penalty is per-sample, batch norm mixes samples).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+NORMS = ("none", "batch")
+
+
+def num_resamples(image_size: int) -> int:
+    """Up/down-sampling stages between 4x4 and the image: 32 -> 3, 64 -> 4, 128 -> 5."""
+    n = int(math.log2(image_size)) - 2
+    if image_size != 4 * 2 ** n or n < 1:
+        raise ValueError(f"image_size must be a power of two >= 8, got {image_size}")
+    return n
+
+
+def channels_at(resolution: int, image_size: int, width: int, max_mult: int = 8) -> int:
+    """Channels at a feature-map resolution: width at full resolution, doubling per halving,
+    capped at width*max_mult (keeps 128 px at width 64 near 12M parameters per network)."""
+    return width * min(max_mult, image_size // resolution)
+
+
+def norm_2d(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown critic_norm {kind!r}; expected one of {NORMS}")
+
+
+def activation(kind: str) -> nn.Module:
+    if kind == "relu":
+        return nn.ReLU()
+    if kind == "lrelu":
+        return nn.LeakyReLU(0.2)
+    raise ValueError(f"unknown activation {kind!r}; expected 'relu' or 'lrelu'")
+
+
+class ResBlockUp(nn.Module):
+    """Doubles the resolution: BN-ReLU-up-conv-BN-ReLU-conv + up-conv1x1 shortcut."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.residual = nn.Sequential(
+            nn.BatchNorm2d(in_ch), nn.ReLU(),
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv2d(in_ch, out_ch, 3, padding=1),
+            nn.BatchNorm2d(out_ch), nn.ReLU(),
+            nn.Conv2d(out_ch, out_ch, 3, padding=1),
+        )
+        self.shortcut = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_ch, out_ch, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.residual(x) + self.shortcut(x)
+
+
+class ResBlockDown(nn.Module):
+    """Halves the resolution: [norm]-act-conv-[norm]-act-conv-avgpool + conv1x1-avgpool shortcut.
+    (The critic has a separate conv stem, so every block can be pre-activation.)"""
+
+    def __init__(self, in_ch: int, out_ch: int, act: str = "lrelu", norm: str = "none"):
+        super().__init__()
+        self.residual = nn.Sequential(
+            norm_2d(norm, in_ch), activation(act),
+            nn.Conv2d(in_ch, out_ch, 3, padding=1),
+            norm_2d(norm, out_ch), activation(act),
+            nn.Conv2d(out_ch, out_ch, 3, padding=1),
+            nn.AvgPool2d(2),
+        )
+        self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1), nn.AvgPool2d(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.residual(x) + self.shortcut(x)
+
+
+class LabelTo4x4(nn.Module):
+    """Class label -> embedding -> dense -> activation -> [B, channels, 4, 4] feature map."""
+
+    def __init__(self, num_classes: int, channels: int, embed_dim: int = 64):
+        super().__init__()
+        self.channels = channels
+        self.embed = nn.Embedding(num_classes, embed_dim)
+        self.dense = nn.Sequential(nn.Linear(embed_dim, channels * 16), nn.ReLU())
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.dense(self.embed(y)).view(-1, self.channels, 4, 4)
+
+
+class CriticHeads(nn.Module):
+    """Heads on pooled critic features. A head exists only when the spec uses it, so DDP sees no
+    unused parameters:
+      adv    (always)                       linear -> 1, plus <embed(y), h> under projection (CGAN)
+      cls    (spec.ac_weight > 0)           linear -> num_classes
+      q_cat  (spec.info_cat > 0)            linear -> info_cat
+      q_cont (spec.info_cont > 0)           linear -> info_cont
+    """
+
+    def __init__(self, spec, num_classes: int, features: int):
+        super().__init__()
+        if spec.critic_condition not in ("none", "projection"):
+            raise ValueError(f"{spec.name}: unknown critic_condition {spec.critic_condition!r}; "
+                             "expected 'none' or 'projection'")
+        self.adv = nn.Linear(features, 1)
+        self.project = nn.Embedding(num_classes, features) if spec.critic_condition == "projection" else None
+        self.cls = nn.Linear(features, num_classes) if spec.ac_weight > 0 else None
+        self.q_cat = nn.Linear(features, spec.info_cat) if spec.info_cat > 0 else None
+        self.q_cont = nn.Linear(features, spec.info_cont) if spec.info_cont > 0 else None
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        adv = self.adv(h).squeeze(1)
+        if self.project is not None:
+            if y is None:
+                raise ValueError("this critic is conditioned by projection: call D(x, y) with labels y")
+            adv = adv + (self.project(y) * h).sum(dim=1)
+        out = {"adv": adv}
+        for name in ("cls", "q_cat", "q_cont"):
+            head = getattr(self, name)
+            if head is not None:
+                out[name] = head(h)
+        return out
+
+
+def check_latent(z: torch.Tensor, latent_dim: int) -> None:
+    if z.dim() != 2 or z.shape[1] != latent_dim:
+        raise ValueError(f"generator expects z of shape [B, {latent_dim}] (z_dim + info codes), "
+                         f"got {tuple(z.shape)}")
+
+
+def check_labels(y, batch: int) -> None:
+    if y is None:
+        raise ValueError("this generator is class-conditional: call G(z, y) with labels y [B] int64")
+    if y.shape != (batch,):
+        raise ValueError(f"labels y must have shape [{batch}], got {tuple(y.shape)}")
+
+
+def dcgan_init(module: nn.Module) -> None:
+    """Radford et al.: conv/linear weights N(0, 0.02), BN scale N(1, 0.02), biases 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)

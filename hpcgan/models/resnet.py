@@ -1,0 +1,68 @@
+"""ResNet generator and critic (WGAN-GP-AC, Hazra et al. 2022, Figs. 3-6; Gulrajani et al. 2017).
+
+Generator: z -> dense -> ReLU -> [c0, 4, 4]; label -> embedding -> dense -> ReLU -> [c0/8, 4, 4];
+concatenated, then one residual up-sampling block per doubling (32 px: 3, 64: 4, 128: 5), BN-ReLU,
+a 3x3 conv to RGB and tanh. Unconditional variants drop the label branch.
+
+Critic: 3x3 conv stem, one residual down-sampling block per halving to 4x4, activation, global mean
+pooling, then the heads the spec asks for (CriticHeads). Batch norm only if spec.critic_norm says so,
+which GANSpec forbids together with a gradient penalty.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from hpcgan.models.blocks import (CriticHeads, LabelTo4x4, ResBlockDown, ResBlockUp, activation,
+                                  channels_at, check_labels, check_latent, num_resamples)
+from hpcgan.models.registry import register_critic, register_generator
+
+
+class ResNetGenerator(nn.Module):
+    def __init__(self, latent_dim: int, num_classes: int, image_size: int, width: int, conditional: bool):
+        super().__init__()
+        self.latent_dim, self.conditional = latent_dim, conditional
+        n_up = num_resamples(image_size)
+        res = [4 * 2 ** i for i in range(n_up + 1)]              # 4, 8, ..., image_size
+        ch = [channels_at(r, image_size, width) for r in res]
+        self.z_channels = ch[0]
+        self.z_to_4x4 = nn.Sequential(nn.Linear(latent_dim, ch[0] * 16), nn.ReLU())
+        self.label_to_4x4 = LabelTo4x4(num_classes, max(1, ch[0] // 8)) if conditional else None
+        in0 = ch[0] + (self.label_to_4x4.channels if conditional else 0)
+        self.blocks = nn.Sequential(*[ResBlockUp(in0 if i == 0 else ch[i], ch[i + 1]) for i in range(n_up)])
+        self.to_rgb = nn.Sequential(nn.BatchNorm2d(ch[-1]), nn.ReLU(), nn.Conv2d(ch[-1], 3, 3, padding=1), nn.Tanh())
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        check_latent(z, self.latent_dim)
+        h = self.z_to_4x4(z).view(-1, self.z_channels, 4, 4)
+        if self.conditional:
+            check_labels(y, z.shape[0])
+            h = torch.cat([h, self.label_to_4x4(y)], dim=1)
+        return self.to_rgb(self.blocks(h))
+
+
+class ResNetCritic(nn.Module):
+    def __init__(self, spec, num_classes: int, image_size: int, act: str = "lrelu"):
+        super().__init__()
+        width, n_down = spec.width, num_resamples(image_size)
+        res = [image_size // 2 ** i for i in range(n_down + 1)]  # image_size, ..., 4
+        ch = [channels_at(r, image_size, width) for r in res]
+        self.stem = nn.Conv2d(3, ch[0], 3, padding=1)
+        self.blocks = nn.Sequential(*[ResBlockDown(ch[i], ch[i + 1], act=act, norm=spec.critic_norm)
+                                      for i in range(n_down)])
+        self.act = activation(act)
+        self.heads = CriticHeads(spec, num_classes, ch[-1])
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        h = self.act(self.blocks(self.stem(x)))
+        return self.heads(h.mean(dim=(2, 3)), y)
+
+
+@register_generator("resnet")
+def build_resnet_generator(spec, num_classes: int, image_size: int) -> nn.Module:
+    return ResNetGenerator(spec.latent_dim, num_classes, image_size, spec.width, spec.conditional)
+
+
+@register_critic("resnet")
+def build_resnet_critic(spec, num_classes: int, image_size: int) -> nn.Module:
+    return ResNetCritic(spec, num_classes, image_size)
