@@ -1,0 +1,419 @@
+"""Stream a shard split into training batches: `make_loader` is the one function training calls.
+
+Design (why it is built this way)
+---------------------------------
+Training must resume mid-epoch bit-identically, so the *sample plan* of an epoch -- which sample, in
+which order, on which rank, mirrored or not -- is computed up front in numpy from
+(seed, epoch, rank, world_size) alone (`epoch_plan`).  Both backends execute the same plan:
+
+* ``dali``        (default where DALI imports): the plan feeds encoded image bytes, read by offset
+                  through the ``.idx`` index, into a DALI pipeline via ``fn.external_source``; DALI
+                  decodes (``mixed`` = nvJPEG on GPU, ``cpu`` without one), mirrors and normalises.
+                  ``dali_source="reader"`` instead uses ``fn.readers.webdataset`` (``shard_id/num_shards``,
+                  ``pad_last_batch``, reader shuffling, ``fn.random.coin_flip``); see dali_pipeline.py
+                  for what that mode guarantees and what it does not.
+* ``webdataset``  (fallback where DALI cannot run): the same plan through a PyTorch DataLoader that
+                  reads the WebDataset tar members by offset and decodes with PIL.
+
+Because the plan is shared, both backends yield the same samples in the same order (images equal up
+to JPEG decoder rounding; PNG is exact), and ``skip_batches=k`` skips k batches *without decoding*.
+
+Epoch plan semantics
+--------------------
+* N = samples of the split over all shard dirs (``.num_samples``).  An epoch draws N samples:
+  - shuffle=True: a permutation of all N from ``np.random.default_rng([seed, epoch])``;
+    shuffle=False: file order (dir, shard, sample);
+  - balance_classes=True: each of the N draws picks a class uniformly among the classes present in
+    the split, then the next sample of that class from a per-class shuffled cycle (a class is
+    exhausted before any of its samples repeats; scarce classes repeat, abundant ones are
+    subsampled).  Random (seeded) even when shuffle=False.
+* Padding: with B = batch_size and W = world_size, every rank gets ceil(ceil(N / W) / B) full
+  batches; the epoch order is extended to W * that * B samples by repeating it from its start
+  (the first samples of the epoch's order are the ones seen twice, like torch's DistributedSampler).
+* Rank r takes positions r, r + W, r + 2W, ... of the padded order, so ranks are disjoint apart
+  from the padding and together cover the split.
+* Flips (flip=True): a per-position coin from the same seeded generator, so a resumed epoch mirrors
+  the same samples.
+* ``len(loader)`` = batches this loader yields = epoch batches - skip_batches; the full count is
+  ``.epoch_batches`` (identical on every rank).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from hpcgan.data.shards import IMAGE_EXTS, decode_label, read_manifest, shard_paths
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "dali", "webdataset")
+DEVICES = ("auto", "cpu", "cuda")
+_logged_once: set[str] = set()
+
+
+def _log_once(key: str, level: int, msg: str, *args) -> None:
+    if key not in _logged_once:
+        _logged_once.add(key)
+        logger.log(level, msg, *args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sample index: where every sample's image and label live (from the .idx files)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class ShardIndex:
+    """All samples of one split over one or more shard dirs, in file order."""
+
+    tars: list[Path]           # every tar, in order
+    tar_of: np.ndarray         # [N] int32 index into tars
+    offset: np.ndarray         # [N] int64 image member data offset in its tar
+    size: np.ndarray           # [N] int64 image member size
+    ext: list[str]             # [N] "png" | "jpg"
+    labels: np.ndarray         # [N] int64
+    classes: list[str]
+    image_size: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read_image_bytes(self, i: int, files: dict) -> bytes:
+        """Encoded image of sample i; `files` caches open file descriptors (per process/thread)."""
+        t = int(self.tar_of[i])
+        fd = files.get(t)
+        if fd is None:
+            fd = files[t] = os.open(self.tars[t], os.O_RDONLY)
+        return os.pread(fd, int(self.size[i]), int(self.offset[i]))
+
+
+def _parse_idx(idx_path: Path) -> list[dict[str, tuple[int, int]]]:
+    """wds2idx v1.2: header 'v1.2 N', then per sample 'ext offset size name' repeated."""
+    lines = idx_path.read_text().splitlines()
+    if not lines or not lines[0].startswith("v1.2"):
+        raise ValueError(f"{idx_path}: not a DALI webdataset index (v1.2); rebuild the shards with tools/shard.py")
+    out = []
+    for line in lines[1:]:
+        if not line.strip():
+            continue
+        parts = line.split()
+        comps = {}
+        for j in range(0, len(parts), 4):
+            comps[parts[j]] = (int(parts[j + 1]), int(parts[j + 2]))
+        out.append(comps)
+    return out
+
+
+def _as_dirs(shards) -> list[Path]:
+    if isinstance(shards, (str, os.PathLike)):
+        return [Path(shards)]
+    dirs = [Path(s) for s in shards]
+    if not dirs:
+        raise ValueError("make_loader: empty list of shard directories")
+    return dirs
+
+
+def load_index(shards, split: str) -> ShardIndex:
+    """Read manifests and .idx files of `split` in every dir; check they agree on classes and size."""
+    dirs = _as_dirs(shards)
+    classes = image_size = None
+    tars: list[Path] = []
+    tar_of, offs, sizes, exts, label_locs = [], [], [], [], []
+    for d in dirs:
+        if not d.is_dir():
+            raise FileNotFoundError(f"shard directory {d} does not exist; build it with tools/shard.py")
+        man = read_manifest(d)
+        if classes is None:
+            classes, image_size, first = list(man["classes"]), int(man["image_size"]), d
+        elif list(man["classes"]) != classes:
+            raise ValueError(f"shard dirs disagree on classes: {first} has {classes}, {d} has {man['classes']}; "
+                             "only shard sets built with the same taxonomy can be mixed")
+        elif int(man["image_size"]) != image_size:
+            raise ValueError(f"shard dirs disagree on image size: {first} is {image_size}px, {d} is "
+                             f"{man['image_size']}px; shard both at the same size")
+        paths = shard_paths(d, split)
+        if not paths:
+            have = sorted({p.name.split("-")[0] for p in d.glob("*-[0-9]*.tar")})
+            raise FileNotFoundError(f"{d}: no shards for split {split!r} (found splits: {have or 'none'})")
+        for tar in paths:
+            idx = tar.with_suffix(".idx")
+            if not idx.is_file():
+                raise FileNotFoundError(f"{idx} missing: every tar needs its DALI index "
+                                        "(hpcgan.data.shards.write_idx)")
+            t = len(tars)
+            tars.append(tar)
+            for k, comps in enumerate(_parse_idx(idx)):
+                ext = next((e for e in IMAGE_EXTS if e in comps), None)
+                if ext is None or "label" not in comps:
+                    raise ValueError(f"{tar}: sample {k} lacks an image ({'/'.join(IMAGE_EXTS)}) or label member")
+                tar_of.append(t)
+                offs.append(comps[ext][0])
+                sizes.append(comps[ext][1])
+                exts.append(ext)
+                label_locs.append(comps["label"][0])
+    labels = _read_labels(tars, np.asarray(tar_of), np.asarray(label_locs))
+    bad = (labels < 0) | (labels >= len(classes))
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} samples have labels outside 0..{len(classes) - 1}")
+    return ShardIndex(tars, np.asarray(tar_of, np.int32), np.asarray(offs, np.int64),
+                      np.asarray(sizes, np.int64), exts, labels, classes, image_size)
+
+
+def _read_labels(tars: list[Path], tar_of: np.ndarray, locs: np.ndarray) -> np.ndarray:
+    labels = np.empty(len(locs), np.int64)
+    for t, tar in enumerate(tars):
+        sel = np.nonzero(tar_of == t)[0]
+        with open(tar, "rb") as f:
+            for i in sel:
+                f.seek(int(locs[i]))
+                labels[i] = decode_label(f.read(8))
+    return labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Epoch plan: the deterministic function of (seed, epoch, rank, world_size)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class EpochPlan:
+    indices: np.ndarray  # [epoch_batches * B] sample indices for this rank, in order
+    flips: np.ndarray    # [epoch_batches * B] uint8, 1 = mirror horizontally
+    epoch_batches: int
+
+
+def batches_per_rank(n: int, batch_size: int, world_size: int) -> int:
+    per_rank = -(-n // world_size)
+    if batch_size > per_rank:
+        raise ValueError(f"batch_size {batch_size} exceeds the samples per rank: the split has {n} samples "
+                         f"over {world_size} rank(s) = {per_rank} per rank, which cannot fill one batch; "
+                         "lower batch_size, use fewer ranks, or add data")
+    return -(-per_rank // batch_size)
+
+
+def _balanced_order(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    present = np.unique(labels)
+    draws = present[rng.integers(len(present), size=n)]
+    order = np.empty(n, np.int64)
+    for c in present:
+        where = np.nonzero(draws == c)[0]
+        members = np.nonzero(labels == c)[0]
+        reps = -(-len(where) // len(members))
+        cycle = np.concatenate([rng.permutation(members) for _ in range(reps)])
+        order[where] = cycle[: len(where)]
+    return order
+
+
+def epoch_plan(labels: np.ndarray, batch_size: int, rank: int, world_size: int, *, seed: int, epoch: int,
+               shuffle: bool, flip: bool, balance_classes: bool) -> EpochPlan:
+    n = len(labels)
+    nb = batches_per_rank(n, batch_size, world_size)
+    rng = np.random.default_rng([seed, epoch])
+    if balance_classes:
+        order = _balanced_order(labels, n, rng)
+    elif shuffle:
+        order = rng.permutation(n)
+    else:
+        order = np.arange(n)
+    total = nb * batch_size * world_size
+    padded = np.resize(order, total)  # repeats the order from its start
+    # Flip coins for every padded position, drawn on every rank alike, so they depend on position only.
+    coins = rng.integers(0, 2, size=total, dtype=np.uint8) if flip else np.zeros(total, np.uint8)
+    return EpochPlan(padded[rank::world_size].astype(np.int64), coins[rank::world_size], nb)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend / device choice
+# ----------------------------------------------------------------------------------------------
+
+def dali_available() -> tuple[bool, str]:
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install (missing shared libs) on this platform
+        return False, f"{type(e).__name__}: {e}"
+    return True, ""
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: choose one of {BACKENDS}")
+    if backend == "webdataset":
+        return backend
+    ok, why = dali_available()
+    if ok:
+        return "dali"
+    if backend == "dali":
+        raise RuntimeError(f"backend='dali' requested but DALI cannot be imported here ({why}); "
+                           "install nvidia-dali for this platform or use backend='webdataset'")
+    _log_once("fallback", logging.WARNING,
+              "DALI unavailable (%s): falling back to the webdataset backend (PIL decode, slower)", why)
+    return "webdataset"
+
+
+def resolve_device(device: str) -> str:
+    if device not in DEVICES:
+        raise ValueError(f"device={device!r}: choose one of {DEVICES}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' requested but torch sees no CUDA device; use device='auto' or 'cpu'")
+    return device
+
+
+def default_threads() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loader object
+# ----------------------------------------------------------------------------------------------
+
+class ShardLoader:
+    """One epoch of one rank. Iterate to get (images float32 [B,3,S,S] in [-1,1], labels int64 [B])."""
+
+    def __init__(self, index: ShardIndex, plan: EpochPlan | None, *, split: str, batch_size: int, rank: int,
+                 world_size: int, seed: int, epoch: int, shuffle: bool, flip: bool, balance_classes: bool,
+                 backend: str, device: str, num_threads: int, skip_batches: int, dali_source: str):
+        self.index = index
+        self.plan = plan
+        self.split = split
+        self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.epoch = seed, epoch
+        self.shuffle, self.flip, self.balance_classes = shuffle, flip, balance_classes
+        self.backend = backend
+        self.device = device
+        self.num_threads = num_threads
+        self.skip_batches = skip_batches
+        self.dali_source = dali_source
+        self.classes = index.classes
+        self.image_size = index.image_size
+        self.num_samples = len(index)
+        self.epoch_batches = plan.epoch_batches if plan is not None else batches_per_rank(
+            len(index), batch_size, world_size)
+
+    def __len__(self) -> int:
+        return self.epoch_batches - self.skip_batches
+
+    def planned_batches(self):
+        """(indices, flips) of each batch still to come -- what the backends execute."""
+        b = self.batch_size
+        for k in range(self.skip_batches, self.epoch_batches):
+            yield self.plan.indices[k * b:(k + 1) * b], self.plan.flips[k * b:(k + 1) * b]
+
+    def __iter__(self):
+        if self.backend == "dali":
+            from hpcgan.data.dali_pipeline import iterate_dali
+            return iterate_dali(self)
+        return _iterate_torch(self)
+
+    def __repr__(self) -> str:
+        return (f"ShardLoader(split={self.split!r}, backend={self.backend!r}, device={self.device!r}, "
+                f"samples={self.num_samples}, batches={len(self)}/{self.epoch_batches}, "
+                f"rank={self.rank}/{self.world_size})")
+
+
+def make_loader(shards: str | os.PathLike | Sequence[str | os.PathLike], split: str, batch_size: int,
+                rank: int = 0, world_size: int = 1, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
+                flip: bool = False, balance_classes: bool = False, backend: str = "auto",
+                device: str = "auto", num_threads: int | None = None, skip_batches: int = 0,
+                dali_source: str = "index") -> ShardLoader:
+    """One epoch of `split` for `rank` of `world_size` (see the module docstring for the exact semantics).
+
+    dali_source: "index" (default; exact plan, skip without decode, balance_classes) or "reader"
+    (fn.readers.webdataset; order decided by DALI, see dali_pipeline.py).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not (0 <= rank < world_size):
+        raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+    if dali_source not in ("index", "reader"):
+        raise ValueError(f"dali_source={dali_source!r}: choose 'index' or 'reader'")
+    index = load_index(shards, split)
+    backend = resolve_backend(backend)
+    device = resolve_device(device)
+    threads = default_threads() if num_threads is None else int(num_threads)
+    use_reader = backend == "dali" and dali_source == "reader"
+    if use_reader and balance_classes:
+        raise ValueError("balance_classes needs weighted sampling, which fn.readers.webdataset cannot do; "
+                         "use dali_source='index'")
+    plan = None if use_reader else epoch_plan(
+        index.labels, batch_size, rank, world_size, seed=seed, epoch=epoch, shuffle=shuffle, flip=flip,
+        balance_classes=balance_classes)
+    nb = plan.epoch_batches if plan is not None else batches_per_rank(len(index), batch_size, world_size)
+    if not (0 <= skip_batches <= nb):
+        raise ValueError(f"skip_batches={skip_batches} outside [0, {nb}] (batches in this epoch)")
+    loader = ShardLoader(index, plan, split=split, batch_size=batch_size, rank=rank, world_size=world_size,
+                         seed=seed, epoch=epoch, shuffle=shuffle, flip=flip, balance_classes=balance_classes,
+                         backend=backend, device=device, num_threads=threads, skip_batches=skip_batches,
+                         dali_source=dali_source if backend == "dali" else "index")
+    if backend == "dali":
+        decode = "mixed (GPU)" if device == "cuda" else "cpu"
+        _log_once(f"dali-{decode}-{loader.dali_source}", logging.INFO,
+                  "data loader: DALI backend (%s source), decode on %s", loader.dali_source, decode)
+    else:
+        _log_once(f"wds-{device}", logging.INFO, "data loader: webdataset backend, PIL decode, output on %s", device)
+    return loader
+
+
+# ----------------------------------------------------------------------------------------------
+# webdataset backend: the plan through a PyTorch DataLoader, PIL decode
+# ----------------------------------------------------------------------------------------------
+
+class _PlannedSamples(torch.utils.data.Dataset):
+    """Map-style view of the shard tars: item (sample index, flip) -> (uint8 CHW tensor, label)."""
+
+    def __init__(self, index: ShardIndex):
+        self.index = index
+        self._files: dict = {}  # per worker process: opened lazily after fork
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, item):
+        import io
+
+        from PIL import Image
+        i, mirror = item
+        data = self.index.read_image_bytes(i, self._files)
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im.convert("RGB"))
+        s = self.index.image_size
+        if arr.shape[:2] != (s, s):
+            raise ValueError(f"{self.index.tars[self.index.tar_of[i]]}: image is {arr.shape[1]}x{arr.shape[0]}, "
+                             f"manifest says {s}x{s}")
+        if mirror:
+            arr = arr[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), int(self.index.labels[i])
+
+
+def _collate(items):
+    images = torch.stack([x for x, _ in items])
+    labels = torch.tensor([y for _, y in items], dtype=torch.int64)
+    return images, labels
+
+
+def _iterate_torch(loader: ShardLoader):
+    batches = [list(zip(idx.tolist(), fl.tolist())) for idx, fl in loader.planned_batches()]
+    if not batches:
+        return
+    workers = min(loader.num_threads, len(batches)) if loader.num_threads > 1 else 0
+    cuda = loader.device == "cuda"
+    dl = torch.utils.data.DataLoader(_PlannedSamples(loader.index), batch_sampler=batches, num_workers=workers,
+                                     collate_fn=_collate, pin_memory=cuda,
+                                     persistent_workers=False, prefetch_factor=4 if workers else None)
+    for images, labels in dl:
+        if cuda:
+            images = images.to("cuda", non_blocking=True)
+            labels = labels.to("cuda", non_blocking=True)
+        # Same arithmetic as DALI's normalisation: (x - 127.5) / 127.5 maps 0..255 onto [-1, 1].
+        yield images.float().sub_(127.5).div_(127.5), labels

@@ -1,0 +1,237 @@
+"""make_loader: both backends, rank partition, determinism, resume, balance, flips, errors.
+
+Fixture shards are tiny random 32x32 images written with ShardWriter, so every image is distinct and a
+hash of the decoded uint8 pixels identifies its sample.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hpcgan.data import loader as loader_mod
+from hpcgan.data.loader import make_loader
+from hpcgan.data.shards import ShardWriter
+
+CLASSES = [f"class{i}" for i in range(12)]
+HAVE_DALI = loader_mod.dali_available()[0]
+BACKENDS = ["webdataset", pytest.param("dali", marks=pytest.mark.skipif(not HAVE_DALI, reason="DALI not importable"))]
+DALI_MODES = ["index", "reader"]
+
+
+def write_shards(out: Path, counts: dict[int, int], *, size=32, ext="png", seed=0, split="train",
+                 max_count=17, classes=CLASSES) -> Path:
+    rng = np.random.default_rng(seed)
+    with ShardWriter(out, split, max_count) as w:
+        k = 0
+        for label, n in counts.items():
+            for _ in range(n):
+                arr = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(arr).save(buf, format="PNG" if ext == "png" else "JPEG", quality=95)
+                w.write(f"s{seed}x{k:05d}", buf.getvalue(), ext, label, {"class": classes[label], "synthetic": False})
+                k += 1
+    manifest = {"format": 1, "classes": classes, "image_size": size,
+                "counts": {split: {classes[c]: n for c, n in counts.items()}},
+                "shards": {split: w.shards}, "settings": {"ext": ext}, "synthetic": False}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("shards"), {0: 20, 3: 20, 7: 10})  # 50 samples, 3 shards
+
+
+@pytest.fixture(scope="module")
+def imbalanced(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("imb"), {0: 60, 1: 4, 2: 16}, seed=1)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    return torch.round(images.cpu() * 127.5 + 127.5).clamp(0, 255).to(torch.uint8).numpy()
+
+
+def digest(img: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(img).tobytes()).hexdigest()[:16]
+
+
+def epoch_samples(loader) -> list[tuple[str, int]]:
+    out = []
+    for images, labels in loader:
+        assert images.dtype == torch.float32 and labels.dtype == torch.int64
+        assert images.shape == (loader.batch_size, 3, 32, 32) and labels.shape == (loader.batch_size,)
+        assert images.min() >= -1 and images.max() <= 1
+        out += [(digest(im), int(y)) for im, y in zip(to_uint8(images), labels)]
+    return out
+
+
+def ground_truth(shard_dir: Path) -> Counter:
+    loader = make_loader(shard_dir, "train", 1, backend="webdataset", shuffle=False, num_threads=0)
+    return Counter(epoch_samples(loader))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_backends_give_same_samples(shards, shuffle):
+    truth = ground_truth(shards)
+    assert len(truth) == 50 and sum(truth.values()) == 50  # all distinct
+    wds = epoch_samples(make_loader(shards, "train", 10, backend="webdataset", shuffle=shuffle, num_threads=2))
+    assert Counter(wds) == truth
+    if HAVE_DALI:
+        dali = make_loader(shards, "train", 10, backend="dali", shuffle=shuffle, num_threads=2)
+        assert dali.backend == "dali"
+        # Both backends execute the same epoch plan, so even the order agrees (PNG decodes exactly).
+        assert epoch_samples(dali) == wds
+        reader = make_loader(shards, "train", 10, backend="dali", shuffle=shuffle, dali_source="reader")
+        assert Counter(epoch_samples(reader)) == truth
+
+
+def test_attributes(shards):
+    loader = make_loader(shards, "train", 8, backend="webdataset")
+    assert loader.backend == "webdataset"
+    assert loader.num_samples == 50 and loader.classes == CLASSES and loader.image_size == 32
+    assert len(loader) == loader.epoch_batches == 7  # ceil(50 / 8), last batch padded
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("backend,mode", [("webdataset", "index"), ("dali", "index"), ("dali", "reader")])
+def test_ranks_disjoint_and_cover(shards, world_size, backend, mode):
+    if backend == "dali" and not HAVE_DALI:
+        pytest.skip("DALI not importable")
+    truth = ground_truth(shards)
+    per_rank, lengths = [], []
+    for rank in range(world_size):
+        loader = make_loader(shards, "train", 8, rank, world_size, backend=backend, dali_source=mode, seed=3,
+                             num_threads=1)
+        lengths.append(len(loader))
+        got = epoch_samples(loader)
+        assert len(got) == len(loader) * 8
+        per_rank.append(got)
+    assert len(set(lengths)) == 1, lengths
+    all_samples = [s for got in per_rank for s in got]
+    assert set(all_samples) == set(truth)  # together they cover the split
+    n_pad = len(all_samples) - len(truth)
+    assert n_pad < 8 * world_size
+    # Disjoint apart from padding: duplicates (within or across ranks) number exactly the padding.
+    assert sum(c - 1 for c in Counter(all_samples).values()) == n_pad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_order_deterministic_per_seed_and_epoch(shards, backend):
+    def order(**kw):
+        return [s for s, _ in epoch_samples(make_loader(shards, "train", 5, 1, 2, backend=backend, num_threads=1,
+                                                        **kw))]
+    a = order(seed=5, epoch=2)
+    assert order(seed=5, epoch=2) == a
+    assert order(seed=5, epoch=3) != a
+    assert order(seed=6, epoch=2) != a
+
+
+def test_reader_mode_deterministic(shards):
+    if not HAVE_DALI:
+        pytest.skip("DALI not importable")
+    def order(**kw):
+        return epoch_samples(make_loader(shards, "train", 5, 0, 2, backend="dali", dali_source="reader", flip=True,
+                                         num_threads=2, **kw))
+    a = order(seed=1, epoch=0)
+    assert order(seed=1, epoch=0) == a
+    assert order(seed=1, epoch=1) != a
+
+
+@pytest.mark.parametrize("backend,mode", [("webdataset", "index"), ("dali", "index"), ("dali", "reader")])
+def test_skip_batches_yields_tail(shards, backend, mode):
+    if backend == "dali" and not HAVE_DALI:
+        pytest.skip("DALI not importable")
+    kw = dict(seed=11, epoch=4, flip=True, backend=backend, dali_source=mode, num_threads=1)
+    full = epoch_samples(make_loader(shards, "train", 6, 0, 2, **kw))
+    for k in (0, 2, 5):
+        tail_loader = make_loader(shards, "train", 6, 0, 2, skip_batches=k, **kw)
+        assert len(tail_loader) == tail_loader.epoch_batches - k
+        assert epoch_samples(tail_loader) == full[k * 6:]
+    with pytest.raises(ValueError, match="skip_batches"):
+        make_loader(shards, "train", 6, 0, 2, skip_batches=6, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_balance_classes(imbalanced, backend):
+    counts = Counter()
+    for epoch in range(3):
+        loader = make_loader(imbalanced, "train", 16, backend=backend, balance_classes=True, epoch=epoch,
+                             num_threads=1)
+        assert loader.num_samples == 80 and len(loader) == 5
+        counts.update(y for _, y in epoch_samples(loader))
+    total = sum(counts.values())
+    assert set(counts) == {0, 1, 2}
+    for c in (0, 1, 2):  # uniform: 1/3 each (240 draws; the natural share of class 1 would be 5%)
+        assert abs(counts[c] / total - 1 / 3) < 0.1, counts
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flip_mirrors_some_images(shards, backend):
+    truth = {s for s, _ in ground_truth(shards)}
+    loader = make_loader(shards, "train", 10, backend=backend, flip=True, num_threads=1)
+    plain = mirrored = 0
+    for images, _ in loader:
+        for im in to_uint8(images):
+            if digest(im) in truth:
+                plain += 1
+            else:
+                assert digest(im[:, :, ::-1]) in truth  # a horizontal mirror of a real sample
+                mirrored += 1
+    assert plain > 5 and mirrored > 5
+
+
+def test_mixed_png_and_jpg_dirs(shards, tmp_path):
+    jpg = write_shards(tmp_path / "syn", {1: 7, 3: 5}, ext="jpg", seed=9)
+    for backend in ["webdataset"] + (["dali"] if HAVE_DALI else []):
+        loader = make_loader([shards, jpg], "train", 8, backend=backend, num_threads=1)
+        assert loader.num_samples == 62
+        labels = Counter(y for _, y in epoch_samples(loader))
+        assert labels[1] >= 7 and labels[3] >= 25 and sum(labels.values()) == 64
+    if HAVE_DALI:
+        reader = make_loader([shards, jpg], "train", 8, backend="dali", dali_source="reader", shuffle=False)
+        assert sum(Counter(y for _, y in epoch_samples(reader)).values()) == 64
+
+
+def test_dali_decodes_on_cpu_and_logs_it(shards, caplog):
+    if not HAVE_DALI:
+        pytest.skip("DALI not importable")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: auto picks mixed decode")
+    loader_mod._logged_once.clear()
+    with caplog.at_level(logging.INFO, logger="hpcgan.data.loader"):
+        loader = make_loader(shards, "train", 8, backend="auto", device="auto")
+        images, labels = next(iter(loader))
+    assert loader.backend == "dali" and loader.device == "cpu"
+    assert images.device.type == "cpu" and labels.device.type == "cpu"
+    assert any("decode on cpu" in r.getMessage() for r in caplog.records)
+
+
+def test_errors(shards, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make_loader(tmp_path / "nope", "train", 4)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        make_loader(tmp_path / "empty", "train", 4)
+    with pytest.raises(FileNotFoundError, match="no shards for split 'val'.*train"):
+        make_loader(shards, "val", 4)
+    with pytest.raises(ValueError, match="batch_size 30 exceeds the samples per rank.*50 samples over 2"):
+        make_loader(shards, "train", 30, 0, 2)
+    big = write_shards(tmp_path / "big", {0: 3}, size=64, seed=2)
+    with pytest.raises(ValueError, match="image size.*32px.*64px"):
+        make_loader([shards, big], "train", 4)
+    other = write_shards(tmp_path / "other", {0: 3}, seed=3, classes=[f"x{i}" for i in range(12)])
+    with pytest.raises(ValueError, match="disagree on classes"):
+        make_loader([shards, other], "train", 4)
+    with pytest.raises(ValueError, match="backend"):
+        make_loader(shards, "train", 4, backend="ffcv")
+    with pytest.raises(ValueError, match="rank 2 not in"):
+        make_loader(shards, "train", 4, 2, 2)
