@@ -95,7 +95,31 @@ def build_model(spec: GANSpec, num_classes: int, image_size: int) -> tuple[nn.Mo
     from hpcgan.models import architectures  # noqa: F401  (registers the builders)
     if image_size not in (32, 64, 128):
         raise ValueError(f"image_size must be 32, 64 or 128, got {image_size}")
-    if spec.generator not in GENERATORS or spec.critic not in CRITICS:
-        raise ValueError(f"{spec.name}: unknown architecture generator={spec.generator!r} critic={spec.critic!r}")
-    return (GENERATORS[spec.generator](spec, num_classes, image_size),
-            CRITICS[spec.critic](spec, num_classes, image_size))
+    if spec.generator not in GENERATORS:
+        raise ValueError(f"{spec.name}: unknown generator architecture {spec.generator!r}; "
+                         f"known: {', '.join(sorted(GENERATORS))}")
+    if spec.critic not in CRITICS:
+        raise ValueError(f"{spec.name}: unknown critic architecture {spec.critic!r}; "
+                         f"known: {', '.join(sorted(CRITICS))}")
+    generator = GENERATORS[spec.generator](spec, num_classes, image_size)
+    critic = CRITICS[spec.critic](spec, num_classes, image_size)
+    if spec.gp_lambda > 0 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in critic.modules()):
+        # the penalty is per-sample; batch norm couples the samples and invalidates it
+        raise ValueError(f"{spec.name}: critic {spec.critic!r} contains batch norm but gp_lambda > 0")
+    return generator, critic
+
+
+def critic_heads(spec: GANSpec, num_classes: int) -> dict[str, int | None]:
+    """The keys D(x, y) returns for this spec -> their trailing size (None for "adv", shape [B])."""
+    heads: dict[str, int | None] = {"adv": None}
+    if spec.ac_weight > 0:
+        heads["cls"] = num_classes
+    if spec.info_cat > 0:
+        heads["q_cat"] = spec.info_cat
+    if spec.info_cont > 0:
+        heads["q_cont"] = spec.info_cont
+    return heads
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

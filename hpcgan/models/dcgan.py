@@ -1,0 +1,71 @@
+"""DCGAN generator and critic (Radford et al. 2016), the backbone of the baselines (DCGAN, CGAN,
+AC-GAN, InfoGAN, WGAN with weight clipping).
+
+Generator: [z, embed(y)] -> 4x4 conv-transpose -> BN-ReLU, then one stride-2 conv-transpose(+BN-ReLU)
+per doubling; the last one outputs RGB through tanh. Unconditional variants drop embed(y).
+Critic: stride-2 4x4 convs with LeakyReLU(0.2) down to 4x4 (no norm on the first layer, then the
+spec's critic_norm), flattened into the spec's heads (CriticHeads).
+Both use the DCGAN init: N(0, 0.02).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from hpcgan.models.blocks import (CriticHeads, channels_at, check_labels, check_latent, dcgan_init, norm_2d,
+                                  num_resamples)
+from hpcgan.models.registry import register_critic, register_generator
+
+LABEL_EMBED_DIM = 64
+
+
+class DCGANGenerator(nn.Module):
+    def __init__(self, latent_dim: int, num_classes: int, image_size: int, width: int, conditional: bool):
+        super().__init__()
+        self.latent_dim, self.conditional = latent_dim, conditional
+        n_up = num_resamples(image_size)
+        ch = [channels_at(4 * 2 ** i, image_size, width) for i in range(n_up)]  # 4x4 ... image_size/2
+        self.embed = nn.Embedding(num_classes, LABEL_EMBED_DIM) if conditional else None
+        in_dim = latent_dim + (LABEL_EMBED_DIM if conditional else 0)
+        layers = [nn.ConvTranspose2d(in_dim, ch[0], 4, 1, 0, bias=False), nn.BatchNorm2d(ch[0]), nn.ReLU()]
+        for i in range(n_up - 1):
+            layers += [nn.ConvTranspose2d(ch[i], ch[i + 1], 4, 2, 1, bias=False), nn.BatchNorm2d(ch[i + 1]), nn.ReLU()]
+        layers += [nn.ConvTranspose2d(ch[-1], 3, 4, 2, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        dcgan_init(self)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        check_latent(z, self.latent_dim)
+        if self.conditional:
+            check_labels(y, z.shape[0])
+            z = torch.cat([z, self.embed(y).to(z.dtype)], dim=1)
+        return self.net(z[:, :, None, None])
+
+
+class DCGANCritic(nn.Module):
+    def __init__(self, spec, num_classes: int, image_size: int):
+        super().__init__()
+        n_down = num_resamples(image_size)
+        res = [image_size // 2 ** (i + 1) for i in range(n_down)]   # image_size/2 ... 4
+        ch = [channels_at(r, image_size, spec.width) for r in res]
+        layers = [nn.Conv2d(3, ch[0], 4, 2, 1), nn.LeakyReLU(0.2)]
+        for i in range(n_down - 1):
+            # no conv bias before a norm layer: the norm's shift replaces it
+            layers += [nn.Conv2d(ch[i], ch[i + 1], 4, 2, 1, bias=spec.critic_norm == "none"),
+                       norm_2d(spec.critic_norm, ch[i + 1]), nn.LeakyReLU(0.2)]
+        self.net = nn.Sequential(*layers)
+        self.heads = CriticHeads(spec, num_classes, ch[-1] * 16)
+        dcgan_init(self)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self.heads(self.net(x).flatten(1), y)
+
+
+@register_generator("dcgan")
+def build_dcgan_generator(spec, num_classes: int, image_size: int) -> nn.Module:
+    return DCGANGenerator(spec.latent_dim, num_classes, image_size, spec.width, spec.conditional)
+
+
+@register_critic("dcgan")
+def build_dcgan_critic(spec, num_classes: int, image_size: int) -> nn.Module:
+    return DCGANCritic(spec, num_classes, image_size)
