@@ -1,0 +1,318 @@
+"""hpcgan.generate / tools/generate.py: synthetic shards from a checkpoint.
+
+The checkpoints here are tiny untrained ResNet generators (width 8, 32 px) saved with the real
+hpcgan.checkpoint.save_checkpoint, so the files honour the checkpoint contract exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hpcgan import REPO_ROOT
+from hpcgan.checkpoint import save_checkpoint
+from hpcgan.data.shards import ShardWriter, iter_samples, read_manifest, sha256_file, shard_paths
+from hpcgan.data.taxonomy import Taxonomy
+from hpcgan.generate import GenerateError, generate, sample_key
+from hpcgan.models.registry import build_model, load_spec
+
+CLASSES = Taxonomy.load().classes
+SIZE = 32
+
+
+def tiny_spec(conditional: bool = True):
+    spec = dataclasses.replace(load_spec("wgan_gp_ac"), width=8, z_dim=16)
+    if not conditional:
+        spec = dataclasses.replace(spec, name="wgan_gp", conditional=False, ac_weight=0.0)
+    return spec
+
+
+def write_checkpoint(run_dir: Path, step: int, *, conditional: bool = True, ema: bool = True,
+                     classes=CLASSES) -> Path:
+    spec = tiny_spec(conditional)
+    torch.manual_seed(step)
+    G, D = build_model(spec, len(classes), SIZE)
+    G_ema = None
+    if ema:  # an EMA generator that differs visibly from the raw one
+        G_ema = {k: (v + 0.5 * torch.randn_like(v) if v.is_floating_point() else v.clone())
+                 for k, v in G.state_dict().items()}
+        G_ema = {k: (v.abs() + 0.5 if "running_var" in k else v) for k, v in G_ema.items()}
+    state = {"step": step, "epoch": 0, "batch_in_epoch": 0,
+             "config": {"model": dataclasses.asdict(spec), "image_size": SIZE, "classes": list(classes)},
+             "G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema, "opt_G": {}, "opt_D": {},
+             "scaler": None, "rng": {}, "meta": {}}
+    return save_checkpoint(run_dir, state, keep_last=0)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("run")
+    write_checkpoint(d, 10)
+    return d
+
+
+def write_real_shards(out: Path, counts: dict[str, int], classes=CLASSES, size=SIZE) -> Path:
+    """A small real-looking shard set (random RGB images) with the given train counts per class."""
+    rng = np.random.default_rng(0)
+    with ShardWriter(out, "train", max_count=7) as w:
+        for label, cls in enumerate(classes):
+            for i in range(counts.get(cls, 0)):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+                w.write(f"real_{label:02d}_{i:04d}", buf.getvalue(), "png", label,
+                        {"source": "pbc", "class": cls, "fine": cls, "synthetic": False})
+    manifest = {"format": 1, "classes": list(classes), "image_size": size,
+                "counts": {"train": {c: counts.get(c, 0) for c in classes}},
+                "shards": {"train": w.shards}, "synthetic": False}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+REAL_COUNTS = {c: (3 * i) % 7 for i, c in enumerate(CLASSES)}  # 0..6, several zero-count classes
+
+
+@pytest.fixture(scope="module")
+def real_shards(tmp_path_factory) -> Path:
+    return write_real_shards(tmp_path_factory.mktemp("real"), REAL_COUNTS)
+
+
+def tar_hashes(d: Path) -> list[str]:
+    return [sha256_file(p) for p in shard_paths(d, "train")]
+
+
+# ------------------------------------------------------------------------------------------------
+
+def test_per_class_counts_labels_metadata_and_pngs(run_dir, tmp_path):
+    out = tmp_path / "syn"
+    manifest = generate(run_dir, out, per_class=3, seed=1, batch_size=5, progress=False)
+    ckpt = run_dir / "checkpoints/step-00000010.pt"
+
+    samples = list(iter_samples(out, "train"))
+    assert len(samples) == 3 * len(CLASSES)
+    per_label = {}
+    for key, image, ext, label, meta in samples:
+        per_label[label] = per_label.get(label, 0) + 1
+        assert ext == "png" and key.startswith("syn_")
+        assert meta["synthetic"] is True and meta["source"] == "synthetic"
+        assert meta["class"] == CLASSES[label] == meta["fine"] and meta["label"] == label
+        assert meta["checkpoint_sha256"] == sha256_file(ckpt) and meta["checkpoint_step"] == 10
+        assert meta["model"] == "wgan_gp_ac" and meta["seed"] == 1 and meta["weights"] == "ema"
+        assert key == sample_key(meta["class"], meta["index"])
+        img = Image.open(io.BytesIO(image))
+        assert img.size == (SIZE, SIZE) and img.mode == "RGB"
+        assert (out / meta["path"]).read_bytes() == image  # the PNG folder holds the same image
+        assert Path(meta["path"]).name.startswith("syn_") and meta["sha256"] == hashlib.sha256(image).hexdigest()
+    assert per_label == {i: 3 for i in range(len(CLASSES))}
+
+    on_disk = read_manifest(out)
+    assert on_disk == json.loads(json.dumps(manifest))
+    assert on_disk["synthetic"] is True and on_disk["classes"] == CLASSES and on_disk["image_size"] == SIZE
+    assert on_disk["counts"] == {"train": {c: 3 for c in CLASSES}}
+    assert on_disk["checkpoint"] == {"path": str(ckpt.resolve()), "sha256": sha256_file(ckpt), "step": 10}
+    assert on_disk["weights"] == "ema" and on_disk["seed"] == 1
+    assert len(on_disk["images"]) == 3 * len(CLASSES)
+    assert sum(s["count"] for s in on_disk["shards"]["train"]) == 3 * len(CLASSES)
+    assert all((out / s["name"]).is_file() and (out / s["idx"]).is_file() for s in on_disk["shards"]["train"])
+    pngs = sorted((out / "png").rglob("*.png"))
+    assert len(pngs) == 3 * len(CLASSES) and all(p.name.startswith("syn_") for p in pngs)
+    assert (out / "png/smudge_cell/syn_smudge_cell_000002.png").is_file()
+    # untrained does not mean constant: the images of a class differ from each other
+    assert len({hashlib.sha256(s[1]).hexdigest() for s in samples}) == len(samples)
+
+
+def test_chosen_classes_and_png_off(run_dir, tmp_path):
+    out = tmp_path / "syn"
+    m = generate(run_dir, out, per_class=2, classes=["smudge cell", "basophil"], png=False, progress=False)
+    assert {c: n for c, n in m["counts"]["train"].items() if n} == {"basophil": 2, "smudge cell": 2}
+    assert sorted(meta["class"] for *_, meta in iter_samples(out, "train")) == ["basophil"] * 2 + ["smudge cell"] * 2
+    assert not (out / "png").exists()
+    with pytest.raises(GenerateError, match="unknown classes"):
+        generate(run_dir, tmp_path / "x", per_class=1, classes=["platelets"], progress=False)
+
+
+def test_balance_tops_up_exactly_to_target(run_dir, real_shards, tmp_path):
+    m = generate(run_dir, tmp_path / "a", balance=5, shards=real_shards, progress=False)
+    expected = {c: max(0, 5 - REAL_COUNTS[c]) for c in CLASSES}
+    assert m["counts"]["train"] == expected
+    got = {}
+    for *_, label, meta in iter_samples(tmp_path / "a", "train"):
+        got[meta["class"]] = got.get(meta["class"], 0) + 1
+    assert got == {c: n for c, n in expected.items() if n}
+    assert all(REAL_COUNTS[c] + expected[c] >= 5 for c in CLASSES)
+    assert m["balance"]["target"] == 5 and m["balance"]["real_counts"] == REAL_COUNTS
+
+    biggest = max(REAL_COUNTS.values())
+    m = generate(run_dir, tmp_path / "b", balance="max", shards=real_shards, classes=["basophil", "eosinophil"],
+                 progress=False)
+    assert m["balance"]["target"] == biggest
+    assert m["counts"]["train"]["basophil"] == biggest - REAL_COUNTS["basophil"]
+    assert m["counts"]["train"]["eosinophil"] == biggest - REAL_COUNTS["eosinophil"]
+    assert sum(m["counts"]["train"].values()) == m["counts"]["train"]["basophil"] + m["counts"]["train"]["eosinophil"]
+
+
+def test_balance_refuses_real_shards_that_do_not_match(run_dir, tmp_path):
+    other = write_real_shards(tmp_path / "reordered", {"basophil": 1}, classes=list(reversed(CLASSES)))
+    with pytest.raises(GenerateError, match="differ from the checkpoint"):
+        generate(run_dir, tmp_path / "o1", balance=4, shards=other, progress=False)
+    bigger = write_real_shards(tmp_path / "64px", {"basophil": 1}, size=64)
+    with pytest.raises(GenerateError, match="64 px"):
+        generate(run_dir, tmp_path / "o2", balance=4, shards=bigger, progress=False)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(run_dir, tmp_path):
+    a = generate(run_dir, tmp_path / "a", per_class=2, seed=7, shard_max_count=10, progress=False)
+    generate(run_dir, tmp_path / "b", per_class=2, seed=7, shard_max_count=10, progress=False)
+    generate(run_dir, tmp_path / "c", per_class=2, seed=8, shard_max_count=10, progress=False)
+    assert len(a["shards"]["train"]) == 3  # 24 samples, 10 per shard
+    assert tar_hashes(tmp_path / "a") == tar_hashes(tmp_path / "b")
+    assert (tmp_path / "a/manifest.json").read_bytes() == (tmp_path / "b/manifest.json").read_bytes()
+    assert not set(tar_hashes(tmp_path / "a")) & set(tar_hashes(tmp_path / "c"))
+    # a class's images depend on (seed, class) only, not on which other classes are generated
+    generate(run_dir, tmp_path / "d", per_class=2, seed=7, classes=["monocyte"], progress=False)
+    key = "png/monocyte/syn_monocyte_000001.png"
+    assert (tmp_path / "a" / key).read_bytes() == (tmp_path / "d" / key).read_bytes()
+
+
+def test_ema_or_raw_weights(run_dir, tmp_path):
+    ema = generate(run_dir, tmp_path / "ema", per_class=1, classes=["lymphocyte"], progress=False)
+    raw = generate(run_dir, tmp_path / "raw", per_class=1, classes=["lymphocyte"], weights="raw", progress=False)
+    assert ema["weights"] == "ema" and raw["weights"] == "raw"
+    assert tar_hashes(tmp_path / "ema") != tar_hashes(tmp_path / "raw")
+    assert next(iter_samples(tmp_path / "raw", "train"))[4]["weights"] == "raw"
+
+    no_ema = tmp_path / "run_no_ema"
+    write_checkpoint(no_ema, 5, ema=False)
+    m = generate(no_ema, tmp_path / "auto", per_class=1, classes=["lymphocyte"], progress=False)
+    assert m["weights"] == "raw"
+    with pytest.raises(GenerateError, match="no EMA"):
+        generate(no_ema, tmp_path / "x", per_class=1, weights="ema", progress=False)
+
+
+def test_newest_or_chosen_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    old = write_checkpoint(run, 10)
+    write_checkpoint(run, 20)
+    assert generate(run, tmp_path / "a", per_class=1, classes=["platelet"], progress=False)["checkpoint"]["step"] == 20
+    m = generate(None, tmp_path / "b", per_class=1, classes=["platelet"], checkpoint=old, progress=False)
+    assert m["checkpoint"] == {"path": str(old.resolve()), "sha256": sha256_file(old), "step": 10}
+
+
+def test_failed_run_leaves_no_output_and_keeps_the_previous_one(run_dir, tmp_path, monkeypatch):
+    import hpcgan.generate as gen_mod
+    real_to_png, calls = gen_mod.to_png, []
+
+    def crash_on_third_batch(images):  # fault injection: a crash (OOM, kill) half-way through
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real_to_png(images)
+
+    monkeypatch.setattr(gen_mod, "to_png", crash_on_third_batch)
+    out = tmp_path / "syn"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        generate(run_dir, out, per_class=2, batch_size=1, progress=False)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+    monkeypatch.setattr(gen_mod, "to_png", real_to_png)
+    generate(run_dir, out, per_class=1, progress=False)
+    before = tar_hashes(out)
+    calls.clear()
+    monkeypatch.setattr(gen_mod, "to_png", crash_on_third_batch)
+    with pytest.raises(RuntimeError):
+        generate(run_dir, out, per_class=2, batch_size=1, progress=False)
+    assert tar_hashes(out) == before and read_manifest(out)["counts"]["train"]["basophil"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["syn"]
+
+
+def test_unconditional_model(tmp_path):
+    run = tmp_path / "run"
+    write_checkpoint(run, 3, conditional=False)
+    with pytest.raises(GenerateError, match=r"unconditional and cannot generate a chosen class.*wgan_gp_ac"):
+        generate(run, tmp_path / "x", per_class=2, progress=False)
+    with pytest.raises(GenerateError, match="unconditional"):
+        generate(run, tmp_path / "x", balance="max", shards=tmp_path, progress=False)
+    m = generate(run, tmp_path / "u", count=4, progress=False)
+    assert m["unlabelled"] == 4 and m["counts"] == {} and m["shards"] == {}
+    assert [i["label"] for i in m["images"]] == [-1] * 4 and {i["class"] for i in m["images"]} == {"unlabelled"}
+    assert sorted(p.name for p in (tmp_path / "u/png/unlabelled").iterdir()) == \
+        [f"syn_unlabelled_{i:06d}.png" for i in range(4)]
+    assert list((tmp_path / "u").glob("*.tar")) == []
+    with pytest.raises(GenerateError, match="png=false would write nothing"):
+        generate(run, tmp_path / "x", count=4, png=False, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_clear_errors(run_dir, real_shards, tmp_path):
+    empty_run = tmp_path / "empty_run"
+    empty_run.mkdir()
+    cases = [
+        (dict(run_dir=empty_run, per_class=1), "no usable checkpoint"),
+        (dict(run_dir=tmp_path / "nope", per_class=1), "does not exist"),
+        (dict(run_dir=run_dir, balance=5), "needs shards="),
+        (dict(run_dir=run_dir, balance=5, shards=tmp_path / "nope"), "no manifest"),
+        (dict(run_dir=run_dir, per_class=-1), "negative"),
+        (dict(run_dir=run_dir, balance=-3, shards=real_shards), "negative"),
+        (dict(run_dir=run_dir, balance="lots", shards=real_shards), "whole number"),
+        (dict(run_dir=run_dir), "exactly one of"),
+        (dict(run_dir=run_dir, per_class=1, balance=2), "exactly one of"),
+        (dict(run_dir=run_dir, count=3), "count=N is for unconditional"),
+        (dict(run_dir=run_dir, per_class=1, weights="best"), "weights="),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(GenerateError, match=message):
+            generate(out=tmp_path / "out", progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()
+    # never replaces what is not an earlier synthetic output
+    with pytest.raises(GenerateError, match="real shard directory"):
+        generate(run_dir, real_shards, balance=5, shards=real_shards, progress=False)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep")
+    with pytest.raises(GenerateError, match="not an earlier synthetic output"):
+        generate(run_dir, precious, per_class=1, progress=False)
+    assert (precious / "notes.txt").read_text() == "keep"
+
+
+def test_loader_reads_real_and_synthetic_together(run_dir, real_shards, tmp_path):
+    loader_mod = pytest.importorskip("hpcgan.data.loader", reason="hpcgan.data.loader (helper 'loader') not importable")
+    out = tmp_path / "syn"
+    generate(run_dir, out, balance="max", shards=real_shards, progress=False)
+    loader = loader_mod.make_loader([real_shards, out], "train", batch_size=8, backend="webdataset",
+                                    device="cpu", shuffle=False)
+    n_real, n_syn = sum(REAL_COUNTS.values()), len(CLASSES) * max(REAL_COUNTS.values()) - sum(REAL_COUNTS.values())
+    assert loader.num_samples == n_real + n_syn and list(loader.classes) == CLASSES
+    labels = torch.cat([y for _, y in loader])
+    images, _ = next(iter(loader))
+    assert images.shape == (8, 3, SIZE, SIZE) and images.min() >= -1 and images.max() <= 1
+    counts = torch.bincount(labels[: n_real + n_syn], minlength=len(CLASSES))
+    assert counts.tolist() == [max(REAL_COUNTS.values())] * len(CLASSES)
+
+
+def _cli(*args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(REPO_ROOT / "tools/generate.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli(run_dir, real_shards, tmp_path):
+    r = _cli(f"run={run_dir}", "out=syn", "balance=max", f"shards={real_shards}", "progress=false", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "ema weights, step 10" in r.stdout
+    m = read_manifest(tmp_path / "syn")
+    assert m["counts"]["train"] == {c: max(REAL_COUNTS.values()) - n for c, n in REAL_COUNTS.items()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["syn"]  # no Hydra outputs/ or .hydra/ litter
+
+    r = _cli(f"run={tmp_path}", "out=syn2", "per_class=2", cwd=tmp_path)
+    assert r.returncode == 2 and "no usable checkpoint" in r.stderr
+    assert not (tmp_path / "syn2").exists()

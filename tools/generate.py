@@ -1,0 +1,35 @@
+#!/usr/bin/env python
+"""Synthetic, class-balanced data from a trained checkpoint (see hpcgan/generate.py, configs/generate.yaml).
+
+  python tools/generate.py run=runs/x out=synth per_class=100
+  python tools/generate.py run=runs/x out=synth balance=max shards=data/shards
+"""
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from hpcgan import CONFIG_DIR
+from hpcgan.generate import GenerateError, generate
+
+logger = logging.getLogger("hpcgan.generate")
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="generate", version_base=None)
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        manifest = generate(args.pop("run"), args.pop("out"), **args)
+    except GenerateError as e:
+        logger.error("%s", e)
+        sys.exit(2)
+    counts = manifest["counts"].get(args["split"], {})
+    total = sum(counts.values()) + manifest["unlabelled"]
+    print(f"{total} synthetic images ({manifest['weights']} weights, step {manifest['checkpoint']['step']}): "
+          + ", ".join(f"{c}={n}" for c, n in counts.items() if n))
+
+
+if __name__ == "__main__":
+    main()
