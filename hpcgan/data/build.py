@@ -1,0 +1,423 @@
+"""Build a shard set from the cell-image sources: walk, clean, de-duplicate, split, write.
+
+    manifest = build({"pbc": "/data/PBC", "lab": "/data/ours"}, "shards/real128", size=128)
+
+Decisions (also in configs/shard.yaml):
+- Exact duplicates: identical decoded RGB pixels (so the same image saved as PNG and TIFF is caught);
+  each sample still records the sha256 of its original file bytes.
+- Near duplicates: perceptual hash (imagehash.phash of the decoded original) within `near_dup`
+  Hamming distance (-1 disables). Duplicates form groups (connected components); the first member
+  by sorted path is kept. A group whose members carry different 12-class labels is dropped entirely:
+  we cannot know which label is right.
+- Split per 12-class, deterministic by seed: test = round(30%) but at least 1 when the class has any
+  image and at most n-1 when it has 2 or more (so 1 image -> test, 2 -> 1 train + 1 test);
+  val = round(20% of the rest) but at most rest-1 (train keeps at least one).
+- Output appears atomically (hpcgan.fsutil.atomic_dir); with on_bad=strict any bad file aborts
+  the run before anything is written.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import multiprocessing
+import os
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import hpcgan
+from hpcgan.data.clean import CleanSettings, process_file
+from hpcgan.data.shards import MANIFEST, SPLITS, ShardWriter
+from hpcgan.data.sources import Rejection, SourceError, SourceFile, walk_source
+from hpcgan.data.taxonomy import Taxonomy
+from hpcgan.fsutil import atomic_dir
+
+logger = logging.getLogger(__name__)
+
+TEST_FRACTION = 0.3
+VAL_FRACTION = 0.2   # of what is left after test
+FORMAT = 1
+
+
+class BuildError(RuntimeError):
+    """The dataset cannot be built as asked; the message says what to fix. Nothing was written."""
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    size: int = 128
+    seed: int = 0
+    shard_size: int = 1000
+    stain: str = "macenko"
+    encoding: str = "png"
+    quality: int = 95
+    near_dup: int = 4
+    min_size: int = 32
+    on_bad: str = "skip"
+
+    def validate(self) -> None:
+        if self.size < 8:
+            raise BuildError(f"size={self.size}: must be at least 8")
+        if self.shard_size < 1:
+            raise BuildError(f"shard_size={self.shard_size}: must be >= 1")
+        if self.stain not in ("macenko", "none"):
+            raise BuildError(f"stain={self.stain!r}: expected 'macenko' or 'none'")
+        if self.encoding not in ("png", "jpg"):
+            raise BuildError(f"encoding={self.encoding!r}: expected 'png' or 'jpg'")
+        if not 1 <= self.quality <= 100:
+            raise BuildError(f"quality={self.quality}: expected 1..100")
+        if not -1 <= self.near_dup <= 64:
+            raise BuildError(f"near_dup={self.near_dup}: expected -1 (off) or a Hamming distance 0..64")
+        if self.min_size < 1:
+            raise BuildError(f"min_size={self.min_size}: must be >= 1")
+        if self.on_bad not in ("skip", "strict"):
+            raise BuildError(f"on_bad={self.on_bad!r}: expected 'skip' or 'strict'")
+
+    def clean(self) -> CleanSettings:
+        return CleanSettings(self.size, self.stain, self.encoding, self.quality, self.min_size)
+
+
+# ---------------------------------------------------------------- small pure helpers
+
+def round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def split_counts(n: int) -> tuple[int, int, int]:
+    """(train, val, test) sizes for a class of n images (rule in the module docstring)."""
+    if n <= 0:
+        return 0, 0, 0
+    n_test = max(1, round_half_up(TEST_FRACTION * n))
+    if n >= 2:
+        n_test = min(n_test, n - 1)
+    rest = n - n_test
+    n_val = min(round_half_up(VAL_FRACTION * rest), max(rest - 1, 0))
+    return rest - n_val, n_val, n_test
+
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+def near_pairs(hashes: list[int], threshold: int) -> list[tuple[int, int, int]]:
+    """All (i, j, distance) with i < j and Hamming distance <= threshold, exactly.
+
+    Pigeonhole: split the 64 bits into threshold+1 blocks; two hashes within the threshold agree
+    on at least one block, so only hashes sharing a block value are compared.
+    """
+    if threshold < 0 or len(hashes) < 2:
+        return []
+    n_blocks = min(threshold + 1, 64)
+    edges = [int(e) for e in np.linspace(0, 64, n_blocks + 1)]
+    candidates: set[tuple[int, int]] = set()
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        mask = (1 << (hi - lo)) - 1
+        buckets: dict[int, list[int]] = defaultdict(list)
+        for i, h in enumerate(hashes):
+            buckets[(h >> lo) & mask].append(i)
+        for members in buckets.values():
+            for a in range(len(members)):
+                for b in range(a + 1, len(members)):
+                    candidates.add((members[a], members[b]))
+    out = []
+    for i, j in sorted(candidates):
+        d = hamming(hashes[i], hashes[j])
+        if d <= threshold:
+            out.append((i, j, d))
+    return out
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)   # root = smallest index = first by sorted path
+
+
+# ---------------------------------------------------------------- stages
+
+def _walk_all(sources: dict[str, str], taxonomy: Taxonomy, on_bad: str):
+    files: list[SourceFile] = []
+    rejected: list[Rejection] = []
+    for name in sorted(sources):
+        try:
+            f, r = walk_source(name, sources[name], taxonomy)
+        except SourceError as e:
+            raise BuildError(str(e)) from None
+        if not f:
+            msg = f"source {name}={sources[name]} has no image files in class folders"
+            if on_bad == "strict":
+                raise BuildError(msg + " (on_bad=strict)")
+            logger.warning(msg)
+        files += f
+        rejected += r
+    if not files:
+        raise BuildError("no image files found in any source: " +
+                         ", ".join(f"{k}={v}" for k, v in sorted(sources.items())))
+    files.sort(key=lambda s: s.path)
+    return files, rejected
+
+
+def _process_all(files: list[SourceFile], spool: Path, settings: BuildSettings, workers: int,
+                 progress: bool) -> list[dict]:
+    """Decode, normalise, resize and hash every file; results in `files` order whatever the workers do."""
+    clean = settings.clean()
+    tasks = [(i, f.abspath, str(spool / f"{i:08d}"), clean) for i, f in enumerate(files)]
+    results: list[dict | None] = [None] * len(tasks)
+    bar = tqdm(total=len(tasks), desc="shard", unit="img", disable=not progress, dynamic_ncols=True)
+    try:
+        if workers <= 1:
+            for t in tasks:
+                r = process_file(t)
+                results[r["index"]] = r
+                bar.update()
+        else:
+            chunk = max(1, min(32, len(tasks) // (workers * 8)))
+            with multiprocessing.Pool(workers) as pool:   # __exit__ terminates workers on Ctrl-C
+                for r in pool.imap_unordered(process_file, tasks, chunksize=chunk):
+                    results[r["index"]] = r
+                    bar.update()
+    finally:
+        bar.close()
+    return results  # type: ignore[return-value]
+
+
+def _dedupe(items: list[dict], threshold: int) -> tuple[list[dict], list[dict], int]:
+    """items sorted by path -> (kept items, duplicates.csv rows, conflicting-label groups)."""
+    uf = _UnionFind(len(items))
+    by_pixels: dict[str, int] = {}
+    for i, it in enumerate(items):
+        first = by_pixels.setdefault(it["pixel_sha256"], i)
+        if first != i:
+            uf.union(first, i)
+    hashes = [int(it["phash"], 16) for it in items]
+    for i, j, _ in near_pairs(hashes, threshold):
+        uf.union(i, j)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i in range(len(items)):
+        groups[uf.find(i)].append(i)
+    kept, rows, conflicts = [], [], 0
+    for root in sorted(groups):
+        members = groups[root]
+        if len(members) == 1:
+            kept.append(items[root])
+            continue
+        first = items[members[0]]
+        labels = sorted({items[m]["class"] for m in members})
+        conflict = len(labels) > 1
+        conflicts += conflict
+        if not conflict:
+            kept.append(first)
+        for m in members if conflict else members[1:]:
+            it = items[m]
+            # compared with the kept image, or (conflict: nothing kept) with its closest group member
+            ref = members[0] if not conflict else min(
+                (o for o in members if o != m),
+                key=lambda o: (items[o]["pixel_sha256"] != it["pixel_sha256"], hamming(hashes[m], hashes[o]), o))
+            exact = it["pixel_sha256"] == items[ref]["pixel_sha256"]
+            dist = hamming(hashes[m], hashes[ref])
+            if conflict:
+                reason = (f"group of {len(members)} duplicates with conflicting classes {labels}: all dropped "
+                          f"(closest: {items[ref]['path']})")
+            elif exact:
+                reason = "exact duplicate (identical pixels) of kept"
+            else:
+                reason = f"near duplicate of kept (phash distance {dist}, threshold {threshold}" + \
+                         (")" if dist <= threshold else ", via a chain of near duplicates)")
+            rows.append({"kept": "" if conflict else first["path"], "dropped": it["path"],
+                         "kind": "exact" if exact else "near", "distance": dist, "reason": reason})
+    return kept, rows, conflicts
+
+
+def _split(items: list[dict], seed: int) -> dict[str, list[dict]]:
+    by_class: dict[int, list[dict]] = defaultdict(list)
+    for it in items:
+        by_class[it["label"]].append(it)
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for label in sorted(by_class):
+        members = sorted(by_class[label], key=lambda it: it["path"])
+        order = np.random.default_rng([seed, label]).permutation(len(members))
+        n_train, n_val, n_test = split_counts(len(members))
+        shuffled = [members[k] for k in order]
+        out["test"] += shuffled[:n_test]
+        out["val"] += shuffled[n_test:n_test + n_val]
+        out["train"] += shuffled[n_test + n_val:]
+    for k, split in enumerate(SPLITS):   # class-mixed order inside each split's tars
+        members = sorted(out[split], key=lambda it: it["path"])
+        order = np.random.default_rng([seed, 1000 + k]).permutation(len(members))
+        out[split] = [members[i] for i in order]
+    return out
+
+
+def _meta(it: dict) -> dict:
+    keys = ("source", "source_label", "fine", "class", "label", "path", "sha256", "phash",
+            "orig_size", "stain", "note")
+    return {**{k: it[k] for k in keys}, "synthetic": False}
+
+
+def _write_shards(stage: Path, splits: dict[str, list[dict]], spool: Path, settings: BuildSettings):
+    shards = {}
+    for split in SPLITS:
+        writer = ShardWriter(stage, split, settings.shard_size)
+        for i, it in enumerate(splits[split]):
+            image = (spool / f"{it['index']:08d}").read_bytes()
+            writer.write(f"{split}{i:07d}", image, settings.encoding, it["label"], _meta(it))
+        shards[split] = writer.close()
+    return shards
+
+
+def _csv_bytes(rows: list[dict], columns: list[str]) -> bytes:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def _check_out(out: Path, sources: dict[str, str]) -> None:
+    """Refuse outputs that would replace something that is not a previous shard set, or an input."""
+    out = out.resolve()
+    for name, src in sources.items():
+        src_p = Path(src).expanduser().resolve()
+        if out == src_p or src_p.is_relative_to(out) or out.is_relative_to(src_p):
+            raise BuildError(f"out={out} overlaps source {name}={src_p}; write the shards elsewhere")
+    if out.exists():
+        if not out.is_dir():
+            raise BuildError(f"out={out} exists and is not a directory")
+        if any(out.iterdir()) and not (out / MANIFEST).is_file():
+            raise BuildError(f"out={out} exists, is not empty and has no {MANIFEST}: refusing to replace "
+                             "a directory that is not a shard set; choose another out or remove it yourself")
+    stale = sorted(out.parent.glob(f".{out.name}.staging-*"))
+    if stale:
+        logger.warning("leftover staging directories from an interrupted run (safe to delete): %s",
+                       ", ".join(map(str, stale)))
+
+
+def _bad_summary(bad: list[Rejection], limit: int = 50) -> str:
+    lines = [f"  {r.path}: {r.reason}" for r in bad[:limit]]
+    if len(bad) > limit:
+        lines.append(f"  ... and {len(bad) - limit} more")
+    return "\n".join(lines)
+
+
+def _counts(splits, classes, sources):
+    counts = {s: {c: 0 for c in classes} for s in SPLITS}
+    by_source = {s: {src: {c: 0 for c in classes} for src in sorted(sources)} for s in SPLITS}
+    for split, items in splits.items():
+        for it in items:
+            counts[split][it["class"]] += 1
+            by_source[split][it["source"]][it["class"]] += 1
+    return counts, by_source
+
+
+# ---------------------------------------------------------------- entry point
+
+def build(sources: dict[str, str], out: str | Path, size: int = 128, seed: int = 0, shard_size: int = 1000,
+          stain: str = "macenko", encoding: str = "png", quality: int = 95, near_dup: int = 4,
+          min_size: int = 32, on_bad: str = "skip", workers: int | None = None, progress: bool = True,
+          taxonomy: str | Path | None = None) -> dict:
+    """Build a shard set in `out` (replaced atomically) and return its manifest.
+
+    sources: {"pbc"|"aml"|"lab": directory}, at least one. Raises BuildError with a clear message
+    (nothing written, a previous `out` left as it was) for unusable input or, with on_bad="strict",
+    any bad file.
+    """
+    settings = BuildSettings(size, seed, shard_size, stain, encoding, quality, near_dup, min_size, on_bad)
+    settings.validate()
+    sources = {k: str(v) for k, v in sources.items() if v not in (None, "")}
+    if not sources:
+        raise BuildError("no sources given: pass at least one of pbc=DIR aml=DIR lab=DIR")
+    out = Path(out).expanduser()
+    _check_out(out, sources)
+    tax = Taxonomy.load(taxonomy)
+    files, rejected = _walk_all(sources, tax, on_bad)
+    n_walk_rejected = len(rejected)
+    workers = max(1, workers or len(os.sched_getaffinity(0)))
+    logger.info("%d candidate files from %s; %d workers", len(files), ", ".join(sorted(sources)), workers)
+
+    with atomic_dir(out) as stage:
+        spool = stage / ".spool"
+        spool.mkdir()
+        results = _process_all(files, spool, settings, workers, progress)
+        items = []
+        for f, r in zip(files, results):
+            if not r["ok"]:
+                rejected.append(Rejection(f.path, f.source, r["reason"]))
+                continue
+            rs = f.resolved
+            items.append({**r, "path": f.path, "source": f.source, "source_label": rs.source_label,
+                          "fine": rs.fine, "class": rs.cls, "label": rs.label})
+        rejected.sort(key=lambda r: r.path)
+        bad = [r for r in rejected if not r.ignored]
+        if bad and on_bad == "strict":
+            raise BuildError(f"{len(bad)} bad input file(s), on_bad=strict, nothing written:\n" + _bad_summary(bad))
+        if bad:
+            logger.warning("%d file(s) rejected (listed in %s/rejected.csv):\n%s", len(bad), out, _bad_summary(bad, 20))
+        kept, dup_rows, conflicts = _dedupe(items, near_dup)
+        if not kept:
+            raise BuildError("no usable images left after rejecting bad files and duplicates")
+        splits = _split(kept, seed)
+        shards = _write_shards(stage, splits, spool, settings)
+        for p in spool.iterdir():
+            p.unlink()
+        spool.rmdir()
+
+        counts, by_source = _counts(splits, tax.classes, sources)
+        manifest = {
+            "format": FORMAT,
+            "classes": tax.classes,
+            "image_size": size,
+            "counts": counts,
+            "counts_by_source": by_source,
+            "totals": {s: len(splits[s]) for s in SPLITS} | {"all": len(kept)},
+            "shards": shards,
+            "settings": asdict(settings) | {
+                "sources": {k: str(Path(v).expanduser().resolve()) for k, v in sorted(sources.items())},
+                "split": {"test": TEST_FRACTION, "val_of_rest": VAL_FRACTION, "by": "class", "seed": seed},
+                "exact_duplicates": "identical decoded RGB pixels",
+                "near_duplicates": "imagehash.phash Hamming distance <= near_dup (-1: off)",
+            },
+            "taxonomy": tax.spec,
+            "synthetic": False,
+            "files_seen": len(files) + n_walk_rejected,
+            "rejected": {"total": len(rejected), "bad": len(bad), "ignored": len(rejected) - len(bad),
+                         "by_reason": dict(sorted(Counter(r.reason.split(":")[0] for r in rejected).items()))},
+            "duplicates": {"dropped": len(dup_rows),
+                           "exact": sum(r["kind"] == "exact" for r in dup_rows),
+                           "near": sum(r["kind"] == "near" for r in dup_rows),
+                           "conflicting_label_groups": conflicts},
+            "stain_skipped": sum(1 for it in kept if settings.stain == "macenko" and it["stain"] != "macenko"),
+            "hpcgan_version": hpcgan.__version__,
+        }
+        (stage / "rejected.csv").write_bytes(
+            _csv_bytes([{"path": r.path, "source": r.source, "reason": r.reason} for r in rejected],
+                       ["path", "source", "reason"]))
+        (stage / "duplicates.csv").write_bytes(
+            _csv_bytes(dup_rows, ["kept", "dropped", "kind", "distance", "reason"]))
+        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    logger.info(summary_line(manifest, out))
+    return manifest
+
+
+def summary_line(manifest: dict, out: str | Path) -> str:
+    t, rj, d = manifest["totals"], manifest["rejected"], manifest["duplicates"]
+    return (f"shard: {t['all']} images -> {out} (train {t['train']}, val {t['val']}, test {t['test']}); "
+            f"{manifest['files_seen']} files seen, {rj['bad']} rejected, {rj['ignored']} ignored, "
+            f"{d['dropped']} duplicates dropped ({d['exact']} exact, {d['near']} near, "
+            f"{d['conflicting_label_groups']} conflicting-label groups), "
+            f"{manifest['stain_skipped']} kept without stain normalisation")
