@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from hpcgan.data.shards import MANIFEST, ShardWriter, read_manifest, sha256_file
+from hpcgan.data.taxonomy import Taxonomy
 from hpcgan.fsutil import atomic_dir
 from hpcgan.models.registry import GANSpec, build_model
 
@@ -171,7 +172,7 @@ def balance_counts(classes: list[str], chosen: list[str], balance, shards, real_
         target = _check_count("balance", balance)
     counts = {c: max(0, target - real.get(c, 0)) for c in chosen}
     info = {"shards": str(Path(shards).resolve()), "split": real_split, "target": target,
-            "real_counts": {c: real.get(c, 0) for c in classes}}
+            "real_counts": {c: real.get(c, 0) for c in classes}, "taxonomy": manifest.get("taxonomy")}
     return counts, info
 
 
@@ -182,8 +183,6 @@ def sample_latent(spec: GANSpec, n: int, gen: torch.Generator, truncation: float
     again), then the InfoGAN codes the spec asks for (one-hot categorical, uniform(-1, 1) continuous)."""
     z = torch.randn(n, spec.z_dim, generator=gen)
     if truncation is not None:
-        if truncation <= 0:
-            raise GenerateError(f"truncation={truncation} must be > 0")
         out = z.abs() > truncation
         while out.any():
             z[out] = torch.randn(int(out.sum()), generator=gen)
@@ -260,6 +259,9 @@ def generate(run_dir=None, out=None, per_class=None, balance=None, shards=None, 
     if batch_size == 0:
         raise GenerateError("batch_size must be > 0")
     seed = _check_count("seed", seed)
+    if truncation is not None and (isinstance(truncation, bool) or not isinstance(truncation, (int, float))
+                                   or truncation <= 0):
+        raise GenerateError(f"truncation={truncation!r} must be a number > 0 (or null for none)")
     out = Path(out)
     _check_out(out, shards)
 
@@ -280,17 +282,24 @@ def generate(run_dir=None, out=None, per_class=None, balance=None, shards=None, 
     if count is not None and not png:
         raise GenerateError("unlabelled images (count=N) go only to the PNG folder; png=false would write nothing")
 
-    balance_info = None
+    if count is not None and classes not in (None, "all"):
+        raise GenerateError(f"classes={classes!r}: an unconditional model ({spec.name}) cannot generate chosen classes")
+
+    balance_info = real_taxonomy = None
     if count is not None:
         plan = {UNLABELLED: count}
     else:
         chosen = select_classes(all_classes, classes)
         if balance is not None:
             plan, balance_info = balance_counts(all_classes, chosen, balance, shards, real_split, image_size)
+            real_taxonomy = balance_info.pop("taxonomy")
         else:
             plan = {c: per_class for c in chosen}
     total = sum(plan.values())
     logger.info("generating %d images: %s", total, {c: n for c, n in plan.items() if n})
+    if total == 0 and count is None:
+        logger.warning("nothing to generate (every chosen class already has enough images): %s will hold a "
+                       "manifest but no '%s' shards, so do not pass it to the loader", out, split)
 
     dev = resolve_device(device)
     G = build_generator(spec, all_classes, image_size, g_weights, dev)
@@ -320,7 +329,7 @@ def generate(run_dir=None, out=None, per_class=None, balance=None, shards=None, 
         bar.close()
         shard_list = writer.close() if writer is not None else []
         manifest = _manifest(all_classes, image_size, split, plan, shard_list, count is not None, images,
-                             spec, ckpt_path, ckpt_sha, step, seed, weights_used, balance_info,
+                             spec, ckpt_path, ckpt_sha, step, seed, weights_used, balance_info, real_taxonomy,
                              dict(per_class=per_class, balance=balance, count=count, classes=classes,
                                   batch_size=batch_size, device=str(dev), png=png, split=split,
                                   truncation=truncation, shard_max_count=shard_max_count))
@@ -330,7 +339,7 @@ def generate(run_dir=None, out=None, per_class=None, balance=None, shards=None, 
 
 
 def _manifest(classes, image_size, split, plan, shard_list, unlabelled, images, spec, ckpt_path, ckpt_sha,
-              step, seed, weights_used, balance_info, settings) -> dict:
+              step, seed, weights_used, balance_info, real_taxonomy, settings) -> dict:
     """The shard-set manifest (hpcgan.data.shards contract) plus provenance. Nothing in it depends on
     where `out` is, so the same inputs give the same bytes."""
     if unlabelled:
@@ -348,7 +357,7 @@ def _manifest(classes, image_size, split, plan, shard_list, unlabelled, images, 
         "shards": shards,
         "unlabelled": plan.get(UNLABELLED, 0) if unlabelled else 0,
         "settings": settings,
-        "taxonomy": {"classes": classes},
+        "taxonomy": _taxonomy(classes, real_taxonomy),
         "model": spec.name,
         "weights": weights_used,
         "seed": seed,
@@ -356,3 +365,12 @@ def _manifest(classes, image_size, split, plan, shard_list, unlabelled, images, 
         "balance": balance_info,
         "images": images,
     }
+
+
+def _taxonomy(classes: list[str], real_taxonomy: dict | None) -> dict:
+    """The taxonomy the labels follow: the real shards' when balancing, else the repo's if its classes
+    are the checkpoint's, else just the class list."""
+    if real_taxonomy:
+        return real_taxonomy
+    tax = Taxonomy.load()
+    return tax.spec if tax.classes == classes else {"classes": classes}

@@ -23,23 +23,20 @@ from hpcgan import REPO_ROOT
 from hpcgan.checkpoint import save_checkpoint
 from hpcgan.data.shards import ShardWriter, iter_samples, read_manifest, sha256_file, shard_paths
 from hpcgan.data.taxonomy import Taxonomy
-from hpcgan.generate import GenerateError, generate, sample_key
-from hpcgan.models.registry import build_model, load_spec
+from hpcgan.generate import GenerateError, generate, sample_key, sample_latent
+from hpcgan.models.registry import MODEL_NAMES, build_model, load_spec
 
 CLASSES = Taxonomy.load().classes
 SIZE = 32
 
 
-def tiny_spec(conditional: bool = True):
-    spec = dataclasses.replace(load_spec("wgan_gp_ac"), width=8, z_dim=16)
-    if not conditional:
-        spec = dataclasses.replace(spec, name="wgan_gp", conditional=False, ac_weight=0.0)
-    return spec
+def tiny_spec(model: str = "wgan_gp_ac"):
+    return dataclasses.replace(load_spec(model), width=8, z_dim=16)
 
 
-def write_checkpoint(run_dir: Path, step: int, *, conditional: bool = True, ema: bool = True,
+def write_checkpoint(run_dir: Path, step: int, *, model: str = "wgan_gp_ac", ema: bool = True,
                      classes=CLASSES) -> Path:
-    spec = tiny_spec(conditional)
+    spec = tiny_spec(model)
     torch.manual_seed(step)
     G, D = build_model(spec, len(classes), SIZE)
     G_ema = None
@@ -120,6 +117,7 @@ def test_per_class_counts_labels_metadata_and_pngs(run_dir, tmp_path):
     assert on_disk["counts"] == {"train": {c: 3 for c in CLASSES}}
     assert on_disk["checkpoint"] == {"path": str(ckpt.resolve()), "sha256": sha256_file(ckpt), "step": 10}
     assert on_disk["weights"] == "ema" and on_disk["seed"] == 1
+    assert on_disk["taxonomy"] == Taxonomy.load().spec
     assert len(on_disk["images"]) == 3 * len(CLASSES)
     assert sum(s["count"] for s in on_disk["shards"]["train"]) == 3 * len(CLASSES)
     assert all((out / s["name"]).is_file() and (out / s["idx"]).is_file() for s in on_disk["shards"]["train"])
@@ -168,6 +166,32 @@ def test_balance_refuses_real_shards_that_do_not_match(run_dir, tmp_path):
     with pytest.raises(GenerateError, match="64 px"):
         generate(run_dir, tmp_path / "o2", balance=4, shards=bigger, progress=False)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+def test_every_model_family(model, tmp_path):
+    """Conditional models write labelled shards; unconditional ones (InfoGAN codes included) PNGs only."""
+    write_checkpoint(tmp_path / "run", 1, model=model)
+    spec = tiny_spec(model)
+    if spec.conditional:
+        m = generate(tmp_path / "run", tmp_path / "out", per_class=2, classes=["eosinophil", "platelet"],
+                     progress=False)
+        labels = sorted(label for *_, label, _ in iter_samples(tmp_path / "out", "train"))
+        assert labels == [CLASSES.index("eosinophil")] * 2 + [CLASSES.index("platelet")] * 2
+    else:
+        m = generate(tmp_path / "run", tmp_path / "out", count=3, progress=False)
+        assert len(list((tmp_path / "out/png/unlabelled").glob("syn_*.png"))) == 3
+    assert m["model"] == model
+
+
+def test_truncation_bounds_the_noise():
+    spec = dataclasses.replace(tiny_spec("infogan"), z_dim=64)
+    z = sample_latent(spec, 200, torch.Generator().manual_seed(0), truncation=0.5)
+    assert z.shape == (200, spec.latent_dim)
+    assert z[:, :64].abs().max() <= 0.5 and z[:, :64].std() > 0.1
+    cat = z[:, 64:64 + spec.info_cat]
+    assert torch.equal(cat.sum(1), torch.ones(200)) and set(cat.unique().tolist()) == {0.0, 1.0}
+    assert z[:, 64 + spec.info_cat:].abs().max() <= 1
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(run_dir, tmp_path):
@@ -237,7 +261,7 @@ def test_failed_run_leaves_no_output_and_keeps_the_previous_one(run_dir, tmp_pat
 
 def test_unconditional_model(tmp_path):
     run = tmp_path / "run"
-    write_checkpoint(run, 3, conditional=False)
+    write_checkpoint(run, 3, model="wgan_gp")
     with pytest.raises(GenerateError, match=r"unconditional and cannot generate a chosen class.*wgan_gp_ac"):
         generate(run, tmp_path / "x", per_class=2, progress=False)
     with pytest.raises(GenerateError, match="unconditional"):
@@ -248,6 +272,8 @@ def test_unconditional_model(tmp_path):
     assert sorted(p.name for p in (tmp_path / "u/png/unlabelled").iterdir()) == \
         [f"syn_unlabelled_{i:06d}.png" for i in range(4)]
     assert list((tmp_path / "u").glob("*.tar")) == []
+    with pytest.raises(GenerateError, match="cannot generate chosen classes"):
+        generate(run, tmp_path / "x", count=4, classes=["basophil"], progress=False)
     with pytest.raises(GenerateError, match="png=false would write nothing"):
         generate(run, tmp_path / "x", count=4, png=False, progress=False)
     assert not (tmp_path / "x").exists()
@@ -268,6 +294,7 @@ def test_clear_errors(run_dir, real_shards, tmp_path):
         (dict(run_dir=run_dir, per_class=1, balance=2), "exactly one of"),
         (dict(run_dir=run_dir, count=3), "count=N is for unconditional"),
         (dict(run_dir=run_dir, per_class=1, weights="best"), "weights="),
+        (dict(run_dir=run_dir, per_class=1, truncation=-1.0), "truncation"),
     ]
     for kwargs, message in cases:
         with pytest.raises(GenerateError, match=message):
