@@ -76,8 +76,8 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, str]:
         return _on_white(img), f"{mode} composited on white"
     if mode == "P":
         if "transparency" in img.info:
-            return _on_white(img), "palette with transparency composited on white"
-        return img.convert("RGB"), "palette -> RGB"
+            return _on_white(img), "P (palette) with transparency composited on white"
+        return img.convert("RGB"), "P (palette) -> RGB"
     if mode in ("L", "CMYK", "YCbCr", "LAB", "HSV"):
         return img.convert("RGB"), f"{mode} -> RGB"
     if mode.startswith("I;16") or mode == "I":
