@@ -132,6 +132,16 @@ def _check_count(name: str, value) -> int:
     return int(value)
 
 
+def _parse_balance(balance) -> int | str:
+    if balance == "max":
+        return balance
+    if isinstance(balance, str) and balance.strip().isdigit():
+        return int(balance)
+    if isinstance(balance, str):
+        raise GenerateError(f"balance={balance!r}: give a whole number of images per class or 'max'")
+    return _check_count("balance", balance)
+
+
 def select_classes(classes: list[str], wanted) -> list[str]:
     """The chosen class names in label order; None/'all' = every class. A string may list several
     names separated by commas."""
@@ -164,12 +174,7 @@ def balance_counts(classes: list[str], chosen: list[str], balance, shards, real_
     real = {c: int(n) for c, n in (manifest.get("counts") or {}).get(real_split, {}).items()}
     if not real:
         raise GenerateError(f"real shards {shards} have no '{real_split}' split to balance")
-    if balance == "max":
-        target = max(real.values())
-    elif isinstance(balance, str) and balance.isdigit():
-        target = int(balance)
-    else:
-        target = _check_count("balance", balance)
+    target = max(real.values()) if balance == "max" else balance
     counts = {c: max(0, target - real.get(c, 0)) for c in chosen}
     info = {"shards": str(Path(shards).resolve()), "split": real_split, "target": target,
             "real_counts": {c: real.get(c, 0) for c in classes}, "taxonomy": manifest.get("taxonomy")}
@@ -255,6 +260,8 @@ def generate(run_dir=None, out=None, per_class=None, balance=None, shards=None, 
         per_class = _check_count("per_class", per_class)
     if count is not None:
         count = _check_count("count", count)
+    if balance is not None:
+        balance = _parse_balance(balance)
     batch_size = _check_count("batch_size", batch_size)
     if batch_size == 0:
         raise GenerateError("batch_size must be > 0")

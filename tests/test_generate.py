@@ -290,6 +290,7 @@ def test_clear_errors(run_dir, real_shards, tmp_path):
         (dict(run_dir=run_dir, per_class=-1), "negative"),
         (dict(run_dir=run_dir, balance=-3, shards=real_shards), "negative"),
         (dict(run_dir=run_dir, balance="lots", shards=real_shards), "whole number"),
+        (dict(run_dir=empty_run, balance=-1), "negative"),  # checked before anything is loaded
         (dict(run_dir=run_dir), "exactly one of"),
         (dict(run_dir=run_dir, per_class=1, balance=2), "exactly one of"),
         (dict(run_dir=run_dir, count=3), "count=N is for unconditional"),
@@ -311,12 +312,16 @@ def test_clear_errors(run_dir, real_shards, tmp_path):
     assert (precious / "notes.txt").read_text() == "keep"
 
 
-def test_loader_reads_real_and_synthetic_together(run_dir, real_shards, tmp_path):
+@pytest.mark.parametrize("backend", ["webdataset", "dali"])
+def test_loader_reads_real_and_synthetic_together(backend, run_dir, real_shards, tmp_path):
     loader_mod = pytest.importorskip("hpcgan.data.loader", reason="hpcgan.data.loader (helper 'loader') not importable")
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is not installed for this platform")
     out = tmp_path / "syn"
     generate(run_dir, out, balance="max", shards=real_shards, progress=False)
-    loader = loader_mod.make_loader([real_shards, out], "train", batch_size=8, backend="webdataset",
+    loader = loader_mod.make_loader([real_shards, out], "train", batch_size=8, backend=backend,
                                     device="cpu", shuffle=False)
+    assert loader.backend == backend
     n_real, n_syn = sum(REAL_COUNTS.values()), len(CLASSES) * max(REAL_COUNTS.values()) - sum(REAL_COUNTS.values())
     assert loader.num_samples == n_real + n_syn and list(loader.classes) == CLASSES
     labels = torch.cat([y for _, y in loader])
