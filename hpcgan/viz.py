@@ -1,0 +1,144 @@
+"""Pictures people look at: image grids and per-class contact sheets, written as PNG atomically."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from hpcgan.fsutil import atomic_write_bytes
+
+BACKGROUND = (255, 255, 255)
+TEXT = (20, 20, 20)
+
+
+def to_uint8(images) -> np.ndarray:
+    """Images as uint8 [N, H, W, 3].
+
+    Accepts uint8 [N, H, W, 3] (or [N, H, W] grey), or float [N, 3, H, W] / [N, H, W, 3] in [-1, 1]
+    as numpy or torch (any device).
+    """
+    if hasattr(images, "detach"):  # torch tensor, without importing torch here
+        images = images.detach().float().cpu().numpy()
+    arr = np.asarray(images)
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    if arr.ndim != 4:
+        raise ValueError(f"expected a batch of images [N,H,W,3] or [N,3,H,W], got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        hwc = arr
+    else:
+        if arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
+            arr = arr.transpose(0, 2, 3, 1)
+        hwc = np.clip((arr.astype(np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    if hwc.shape[-1] == 1:
+        hwc = np.repeat(hwc, 3, axis=-1)
+    if hwc.shape[-1] != 3:
+        raise ValueError(f"expected 1 or 3 colour channels, got shape {hwc.shape}")
+    return hwc
+
+
+def _font() -> ImageFont.ImageFont:
+    return ImageFont.load_default()
+
+
+def _text_width(font, text: str) -> int:
+    left, _, right, _ = font.getbbox(text)
+    return int(right - left)
+
+
+def image_grid(images, nrow: int, labels: Sequence[str] | None = None, pad: int = 2) -> Image.Image:
+    """Tile images `nrow` per row; with `labels`, one text label per row written at the left."""
+    if nrow < 1:
+        raise ValueError(f"nrow must be >= 1, got {nrow}")
+    tiles = to_uint8(images)
+    n, h, w, _ = tiles.shape
+    rows = max(1, -(-n // nrow))
+    if labels is not None and len(labels) != rows:
+        raise ValueError(f"got {len(labels)} labels for {rows} rows ({n} images, {nrow} per row)")
+    font = _font()
+    label_w = (max(_text_width(font, str(t)) for t in labels) + 2 * pad + 4) if labels else 0
+    canvas = Image.new("RGB", (label_w + nrow * (w + pad) + pad, rows * (h + pad) + pad), BACKGROUND)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        canvas.paste(Image.fromarray(tiles[i]), (label_w + pad + c * (w + pad), pad + r * (h + pad)))
+    if labels:
+        draw = ImageDraw.Draw(canvas)
+        for r, text in enumerate(labels):
+            draw.text((pad + 2, pad + r * (h + pad) + h // 2), str(text), fill=TEXT, font=font, anchor="lm")
+    return canvas
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def contact_sheet(rows: Mapping[str, Sequence], path: str | Path, title: str | None = None,
+                  per_row: int = 8, tile: int | None = None) -> Path:
+    """One row per class, the class name at the left, up to `per_row` images each; saved as PNG.
+
+    `rows` maps a class name to its images (a batch as accepted by `to_uint8`, or a list of single
+    images [H,W,3] uint8 / [3,H,W] float). Tiles are resized to `tile` px (default: the first image's
+    height) so sources of different sizes line up. Classes without images get an empty row.
+    """
+    if not rows:
+        raise ValueError("contact_sheet: no rows given")
+    batches = {name: _as_batch(imgs) for name, imgs in rows.items()}
+    if tile is None:
+        first = next((b for b in batches.values() if len(b)), None)
+        tile = first.shape[1] if first is not None else 32
+    blank = np.full((tile, tile, 3), 255, np.uint8)
+    flat, labels = [], []
+    for name, batch in batches.items():
+        chosen = [_resize(img, tile) for img in batch[:per_row]]
+        chosen += [blank] * (per_row - len(chosen))
+        flat.extend(chosen)
+        labels.append(f"{name} ({len(batch)})" if len(batch) > per_row else name)
+    sheet = image_grid(np.stack(flat), per_row, labels=labels)
+    if title:
+        font = _font()
+        band = 20
+        titled = Image.new("RGB", (sheet.width, sheet.height + band), BACKGROUND)
+        titled.paste(sheet, (0, band))
+        ImageDraw.Draw(titled).text((4, band // 2), title, fill=TEXT, font=font, anchor="lm")
+        sheet = titled
+    return save_png(sheet, path)
+
+
+def class_grid(images, labels, class_names: Sequence[str], path: str | Path, per_row: int = 8,
+               title: str | None = None) -> Path:
+    """A row per class of a labelled batch (e.g. generator samples [N,3,H,W] in [-1,1])."""
+    tiles = to_uint8(images)
+    if hasattr(labels, "detach"):
+        labels = labels.detach().cpu().numpy()
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) != len(tiles):
+        raise ValueError(f"{len(tiles)} images but {len(labels)} labels")
+    rows = {name: tiles[labels == k] for k, name in enumerate(class_names)}
+    return contact_sheet(rows, path, title=title, per_row=per_row)
+
+
+def _as_batch(imgs) -> np.ndarray:
+    if isinstance(imgs, (list, tuple)):
+        if not imgs:
+            return np.zeros((0, 1, 1, 3), np.uint8)
+        return np.concatenate([to_uint8(_with_batch_dim(x)) for x in imgs])
+    return to_uint8(imgs)
+
+
+def _with_batch_dim(x):
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    x = np.asarray(x)
+    return x[None] if x.ndim == 3 or (x.ndim == 2) else x
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    if img.shape[0] == size and img.shape[1] == size:
+        return img
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
