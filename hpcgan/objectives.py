@@ -1,0 +1,164 @@
+"""The GAN objective, built from a GANSpec: one code path for all eight models.
+
+  adversarial  wasserstein: D loss = E[D(fake)] - E[D(real)],  G loss = -E[D(fake)]
+               bce:         D loss = BCE(D(real), 1) + BCE(D(fake), 0),  G loss = BCE(D(fake), 1)
+                            (the non-saturating generator loss)
+  gp_lambda    gradient penalty  lambda * E[(||grad_x D(x_hat)||_2 - 1)^2] on x_hat = eps*real + (1-eps)*fake,
+               taken with autograd.grad w.r.t. x_hat (create_graph=True), so the caller does ONE backward
+  clip         weight clipping of the critic after its optimiser step (WGAN)
+  ac_weight    auxiliary classifier: CE(cls(real), y_real) + CE(cls(fake), y_fake) in the critic loss,
+               CE(cls(fake), y_fake) in the generator loss
+  info_*       InfoGAN codes appended to z (one-hot categorical, then uniform(-1, 1) continuous); the
+               critic's Q heads recover them: CE on the categorical, MSE (a unit-variance Gaussian NLL up
+               to constants) on the continuous; in both the critic and the generator loss
+Stats (detached tensors, averaged and logged by the loop): d_loss, g_loss, gp, wdist (E[D(real)] -
+E[D(fake)]), ac_acc_real / ac_acc_fake (the auxiliary classifier's accuracy on real and on generated
+images, the paper's Figs. 7-8), info_loss.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hpcgan.augment import diff_augment, parse_policy
+from hpcgan.models.registry import GANSpec
+
+STAT_KEYS = ("d_loss", "g_loss", "gp", "wdist", "ac_acc_real", "ac_acc_fake", "info_loss")
+
+
+@dataclass
+class Latent:
+    z: torch.Tensor                 # [B, latent_dim]: noise, then one-hot cat code, then continuous codes
+    y: torch.Tensor | None          # [B] labels the generator is conditioned on (None: unconditional)
+    cat: torch.Tensor | None = None   # [B] categorical code indices
+    cont: torch.Tensor | None = None  # [B, info_cont] continuous codes
+
+
+class GANObjective:
+    def __init__(self, spec: GANSpec, num_classes: int, *, diffaug: str | None = None,
+                 device_type: str = "cpu", autocast_dtype: torch.dtype | None = None):
+        if spec.adversarial not in ("wasserstein", "bce"):
+            raise ValueError(f"{spec.name}: adversarial must be 'wasserstein' or 'bce', got {spec.adversarial!r}")
+        if spec.ac_weight > 0 and not spec.conditional:
+            raise ValueError(f"{spec.name}: an auxiliary classifier (ac_weight > 0) needs a conditional generator")
+        self.spec = spec
+        self.num_classes = num_classes
+        self.policy = parse_policy(diffaug)
+        self.device_type = device_type
+        self.autocast_dtype = autocast_dtype
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+
+    def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return diff_augment(x, self.policy, gen) if self.policy else x
+
+    def _critic(self, D: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> dict:
+        """D's heads, cast to fp32 so losses and statistics are computed in full precision."""
+        with self.autocast():
+            out = D(x, y)
+        return {k: v.float() for k, v in out.items()}
+
+    def sample_latent(self, n: int, gen: torch.Generator, device) -> Latent:
+        s = self.spec
+        z = torch.randn(n, s.z_dim, generator=gen, device=gen.device)
+        parts, cat, cont = [z], None, None
+        if s.info_cat > 0:
+            cat = torch.randint(0, s.info_cat, (n,), generator=gen, device=gen.device)
+            parts.append(F.one_hot(cat, s.info_cat).float())
+        if s.info_cont > 0:
+            cont = torch.rand(n, s.info_cont, generator=gen, device=gen.device) * 2 - 1
+            parts.append(cont)
+        y = torch.randint(0, self.num_classes, (n,), generator=gen, device=gen.device) if s.conditional else None
+        to = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Latent(z=torch.cat(parts, 1).to(device), y=to(y), cat=to(cat), cont=to(cont))
+
+    def _info_loss(self, out: dict, latent: Latent) -> torch.Tensor | None:
+        s = self.spec
+        if s.info_weight <= 0 or (s.info_cat <= 0 and s.info_cont <= 0):
+            return None
+        loss = 0.0
+        if s.info_cat > 0:
+            loss = loss + F.cross_entropy(out["q_cat"], latent.cat)
+        if s.info_cont > 0:
+            loss = loss + F.mse_loss(out["q_cont"], latent.cont)
+        return s.info_weight * loss
+
+    # ---- losses ----------------------------------------------------------------------------------
+    def critic_loss(self, D: nn.Module, real: torch.Tensor, y_real: torch.Tensor, fake: torch.Tensor,
+                    latent: Latent, gen: torch.Generator, grad_scale: float | None = None):
+        """(loss, stats) of one critic step. `fake` should be detached. `grad_scale`: the fp16 GradScaler's
+        current scale (the penalty's inner gradient is taken of scaled outputs, then unscaled)."""
+        s = self.spec
+        y_fake_d = latent.y if latent.y is not None else y_real  # projection critic needs some label
+        real_in, fake_in = self._augment(real, gen), self._augment(fake, gen)
+        out_r = self._critic(D, real_in, y_real)
+        out_f = self._critic(D, fake_in, y_fake_d)
+        if s.adversarial == "wasserstein":
+            loss = out_f["adv"].mean() - out_r["adv"].mean()
+        else:
+            loss = (F.binary_cross_entropy_with_logits(out_r["adv"], torch.ones_like(out_r["adv"]))
+                    + F.binary_cross_entropy_with_logits(out_f["adv"], torch.zeros_like(out_f["adv"])))
+        stats = {"wdist": (out_r["adv"].mean() - out_f["adv"].mean()).detach()}
+        if s.gp_lambda > 0:
+            gp = s.gp_lambda * self.gradient_penalty(D, real_in, fake_in, y_real, gen, grad_scale)
+            loss = loss + gp
+            stats["gp"] = gp.detach()
+        if s.ac_weight > 0:
+            loss = loss + s.ac_weight * (F.cross_entropy(out_r["cls"], y_real)
+                                         + F.cross_entropy(out_f["cls"], latent.y))
+            stats["ac_acc_real"] = (out_r["cls"].argmax(1) == y_real).float().mean()
+            stats["ac_acc_fake"] = (out_f["cls"].argmax(1) == latent.y).float().mean()
+        info = self._info_loss(out_f, latent)
+        if info is not None:
+            loss = loss + info
+            stats["info_loss"] = info.detach()
+        stats["d_loss"] = loss.detach()
+        return loss, stats
+
+    def gradient_penalty(self, D: nn.Module, real: torch.Tensor, fake: torch.Tensor, y: torch.Tensor | None,
+                         gen: torch.Generator, grad_scale: float | None = None) -> torch.Tensor:
+        """E[(||grad_x D(x_hat)|| - 1)^2] (without lambda), differentiable w.r.t. D's parameters."""
+        eps = torch.rand(real.shape[0], 1, 1, 1, generator=gen, device=gen.device).to(real.device, real.dtype)
+        x_hat = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
+        out = self._critic(D, x_hat, y)["adv"].sum()
+        if grad_scale is not None:  # fp16: scale so small gradients do not underflow, unscale after
+            (g,) = torch.autograd.grad(out * grad_scale, x_hat, create_graph=True)
+            g = g / grad_scale
+        else:
+            (g,) = torch.autograd.grad(out, x_hat, create_graph=True)
+        norm = g.float().flatten(1).norm(2, dim=1)
+        return ((norm - 1) ** 2).mean()
+
+    def generator_loss(self, D: nn.Module, fake: torch.Tensor, latent: Latent, gen: torch.Generator,
+                       y_for_critic: torch.Tensor | None = None):
+        """(loss, stats) of one generator step; `fake` = G(latent.z, latent.y) with its graph."""
+        s = self.spec
+        y_d = latent.y if latent.y is not None else y_for_critic
+        out = self._critic(D, self._augment(fake, gen), y_d)
+        if s.adversarial == "wasserstein":
+            loss = -out["adv"].mean()
+        else:
+            loss = F.binary_cross_entropy_with_logits(out["adv"], torch.ones_like(out["adv"]))
+        stats = {}
+        if s.ac_weight > 0:
+            loss = loss + s.ac_weight * F.cross_entropy(out["cls"], latent.y)
+        info = self._info_loss(out, latent)
+        if info is not None:
+            loss = loss + info
+        stats["g_loss"] = loss.detach()
+        return loss, stats
+
+    @torch.no_grad()
+    def clip_critic(self, D: nn.Module) -> None:
+        """WGAN weight clipping, after the critic's optimiser step."""
+        if self.spec.clip > 0:
+            for p in D.parameters():
+                p.clamp_(-self.spec.clip, self.spec.clip)

@@ -1,0 +1,523 @@
+"""Train a GAN (WGAN-GP-AC or a baseline) on shards, with DDP and mixed precision, resumably.
+
+    torchrun --standalone --nproc_per_node=N -m hpcgan.train shards=DIR run_dir=DIR model=wgan_gp_ac steps=N
+    srun python -m hpcgan.train ...        (Slurm tasks as ranks; see hpcgan/dist.py)
+    python -m hpcgan.train ...             (one process)
+
+Config: configs/train.yaml (+ configs/model/<model>.yaml for the architecture, loss and optimiser).
+One step = one batch per rank = one critic update; the generator is updated every `n_critic` steps.
+All randomness of step s on rank r (noise, labels, codes, penalty interpolation, DiffAugment) comes from a
+generator seeded by (seed, r, s), and the loader's order is a function of (seed, epoch, rank), so a run
+resumed from a checkpoint repeats exactly what the uninterrupted run would have done.
+
+Run directory: config.yaml, log.csv, samples/step-N.png, checkpoints/step-N.pt, status.json
+({"state": "running" | "finished" | "failed" | "interrupted", "step", "steps", ...}).
+
+Exit codes (every rank):
+  0  finished (or was already finished)
+  1  failed: an exception, or more than `max_bad_steps` consecutive non-finite steps (status "failed";
+     the checkpoints written before the divergence are kept)
+  3  stopped by SIGTERM / SIGUSR2 / SIGINT after writing a checkpoint at the current step (status
+     "interrupted"): resubmit the same command to continue. Under torchrun the agent itself reports its
+     own non-zero code; status.json is the reliable marker.
+
+Precision: fp32; bf16 (autocast on CPU or GPU, no scaler); fp16 (CUDA only: autocast + GradScaler, with
+the gradient penalty's inner gradient scaled and unscaled as in the PyTorch AMP notes); auto = bf16 on a
+GPU that supports it, else fp32 (bf16 autocast on CPUs is often slower than fp32).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from hpcgan import dist
+from hpcgan.checkpoint import capture_rng, load_latest, restore_rng, save_checkpoint
+from hpcgan.fsutil import atomic_write_bytes
+from hpcgan.objectives import STAT_KEYS, GANObjective
+from hpcgan.models.registry import GANSpec, build_model
+
+logger = logging.getLogger("hpcgan.train")
+
+EXIT_OK, EXIT_FAILED, EXIT_SIGNAL = 0, 1, 3
+LOG_COLUMNS = ("step", "epoch", "time", *STAT_KEYS, "images_per_s", "lr", "bad_steps")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+
+
+# ---- small pieces ----------------------------------------------------------------------------------
+
+def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether a GradScaler is needed)."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision={name!r}: choose one of {PRECISIONS}")
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError("precision=fp16 needs a CUDA GPU (fp16 autocast + GradScaler); on CPU use "
+                         "precision=bf16 or fp32")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name], name == "fp16"
+
+
+def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
+    """The random stream of one step on one rank: a pure function of (seed, rank, step), so resume is exact."""
+    h = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
+    g = torch.Generator(device=device)
+    g.manual_seed(int.from_bytes(h, "little") & ((1 << 63) - 1))
+    return g
+
+
+def make_optimizer(params, optim: dict) -> torch.optim.Optimizer:
+    name = optim.get("name", "adam")
+    if name == "adam":
+        return torch.optim.Adam(params, lr=optim["lr"], betas=tuple(optim.get("betas", (0.5, 0.999))))
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=optim["lr"])
+    raise ValueError(f"model.optim.name={name!r}: choose adam or rmsprop")
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p, 1.0 - decay)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
+def grads_finite(module: nn.Module) -> torch.Tensor:
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.stack(norms).sum().isfinite() if norms else torch.tensor(True)
+
+
+def unwrap(m: nn.Module) -> nn.Module:
+    return m.module if isinstance(m, DDP) else m
+
+
+# ---- the model pair, its optimisers and one training step -------------------------------------------
+
+class Trainer:
+    """G, D (DDP-wrapped when distributed), EMA, optimisers, scalers, and `step()`."""
+
+    def __init__(self, spec: GANSpec, num_classes: int, image_size: int, env: dist.DistEnv, *, seed: int,
+                 precision: str = "fp32", ema: float = 0.0, diffaug: str = ""):
+        self.spec, self.env, self.seed = spec, env, seed
+        self.num_classes, self.image_size = num_classes, image_size
+        dtype, use_scaler = resolve_precision(precision, env.device)
+        self.obj = GANObjective(spec, num_classes, diffaug=diffaug, device_type=env.device.type,
+                                autocast_dtype=dtype)
+        torch.manual_seed(seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+        G, D = build_model(spec, num_classes, image_size)
+        G, D = G.to(env.device), D.to(env.device)
+        self.G_ema = copy.deepcopy(G).eval().requires_grad_(False) if ema > 0 else None
+        self.ema_decay = ema
+        if env.distributed:
+            ids = [env.device.index] if env.device.type == "cuda" else None
+            G, D = DDP(G, device_ids=ids), DDP(D, device_ids=ids)
+        self.G, self.D = G, D
+        self.n_critic = int(spec.optim.get("n_critic", 1))
+        self.opt_G = make_optimizer(unwrap(G).parameters(), spec.optim)
+        self.opt_D = make_optimizer(unwrap(D).parameters(), spec.optim)
+        scaler = lambda: torch.amp.GradScaler("cuda") if use_scaler else None  # noqa: E731
+        self.scaler_G, self.scaler_D = scaler(), scaler()
+
+    # one optimiser update, or a skipped one when any rank saw a non-finite loss or gradient
+    def _backward(self, loss: torch.Tensor, scaler) -> None:
+        (scaler.scale(loss) if scaler else loss).backward()
+
+    def _local_bad(self, loss: torch.Tensor, module: nn.Module, opt, scaler) -> torch.Tensor:
+        if scaler is not None:
+            scaler.unscale_(opt)
+            return ~loss.isfinite()  # the scaler itself skips steps whose fp16 gradients overflowed
+        return ~(loss.isfinite() & grads_finite(module))
+
+    def _apply(self, bad: bool, opt, scaler) -> None:
+        if bad:
+            opt.zero_grad(set_to_none=True)
+        elif scaler is not None:
+            scaler.step(opt)
+        else:
+            opt.step()
+        if scaler is not None:
+            scaler.update()
+
+    def step(self, real: torch.Tensor, y: torch.Tensor, step: int, stop_requested: bool = False):
+        """One critic update (+ one generator update every n_critic steps).
+
+        Returns (stats: dict of float, bad: bool, stop: bool); `bad` and `stop` are agreed by all ranks.
+        """
+        env, obj = self.env, self.obj
+        gen = step_generator(self.seed, env.rank, step, env.device)
+        n = real.shape[0]
+
+        # critic: D(real), D(fake.detach()), gradient penalty -> one backward
+        lat = obj.sample_latent(n, gen, env.device)
+        with torch.no_grad(), obj.autocast():
+            fake = self.G(lat.z, lat.y)
+        self.opt_D.zero_grad(set_to_none=True)
+        scale = self.scaler_D.get_scale() if self.scaler_D else None
+        d_loss, stats = obj.critic_loss(self.D, real, y, fake.float(), lat, gen, scale)
+        self._backward(d_loss, self.scaler_D)
+        flags = torch.stack([self._local_bad(d_loss, self.D, self.opt_D, self.scaler_D).float(),
+                             torch.tensor(float(stop_requested), device=d_loss.device)])
+        bad_d, stop = (bool(v) for v in dist.all_reduce_max(env, flags).tolist())
+        self._apply(bad_d, self.opt_D, self.scaler_D)
+        if not bad_d:
+            obj.clip_critic(unwrap(self.D))
+
+        # generator: D's parameters frozen and its DDP sync off (its gradients are not wanted here)
+        bad_g = False
+        if (step + 1) % self.n_critic == 0:
+            lat = obj.sample_latent(n, gen, env.device)
+            self.opt_G.zero_grad(set_to_none=True)
+            unwrap(self.D).requires_grad_(False)
+            no_sync = self.D.no_sync() if isinstance(self.D, DDP) else contextlib.nullcontext()
+            try:
+                with no_sync:
+                    with obj.autocast():
+                        fake = self.G(lat.z, lat.y)
+                    g_loss, g_stats = obj.generator_loss(self.D, fake.float(), lat, gen, y)
+                    self._backward(g_loss, self.scaler_G)
+            finally:
+                unwrap(self.D).requires_grad_(True)
+            stats.update(g_stats)
+            flag = self._local_bad(g_loss, self.G, self.opt_G, self.scaler_G).float().reshape(1)
+            bad_g = bool(dist.all_reduce_max(env, flag).item())
+            self._apply(bad_g, self.opt_G, self.scaler_G)
+            if self.G_ema is not None and not bad_g:
+                update_ema(self.G_ema, unwrap(self.G), self.ema_decay)
+        return stats, bad_d or bad_g, stop
+
+    # checkpoint state
+    def state_dict(self) -> dict:
+        scalers = None
+        if self.scaler_G is not None:
+            scalers = {"G": self.scaler_G.state_dict(), "D": self.scaler_D.state_dict()}
+        return {"G": unwrap(self.G).state_dict(), "D": unwrap(self.D).state_dict(),
+                "G_ema": self.G_ema.state_dict() if self.G_ema is not None else None,
+                "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(), "scaler": scalers}
+
+    def load_state_dict(self, state: dict) -> None:
+        unwrap(self.G).load_state_dict(state["G"])
+        unwrap(self.D).load_state_dict(state["D"])
+        if self.G_ema is not None:
+            self.G_ema.load_state_dict(state["G_ema"] if state["G_ema"] is not None else state["G"])
+        self.opt_G.load_state_dict(state["opt_G"])
+        self.opt_D.load_state_dict(state["opt_D"])
+        if self.scaler_G is not None and state.get("scaler"):
+            self.scaler_G.load_state_dict(state["scaler"]["G"])
+            self.scaler_D.load_state_dict(state["scaler"]["D"])
+
+    @torch.no_grad()
+    def sample_grid(self, per_class: int) -> torch.Tensor:
+        """Fixed-noise samples, one row per class (per categorical code for InfoGAN-style models)."""
+        spec, rows = self.spec, self.num_classes
+        g = torch.Generator().manual_seed(self.seed)
+        n = rows * per_class
+        row = torch.arange(rows).repeat_interleave(per_class)
+        parts = [torch.randn(n, spec.z_dim, generator=g)]
+        if spec.info_cat > 0:
+            parts.append(nn.functional.one_hot(row % spec.info_cat, spec.info_cat).float())
+        if spec.info_cont > 0:
+            parts.append(torch.rand(n, spec.info_cont, generator=g) * 2 - 1)
+        z = torch.cat(parts, 1).to(self.env.device)
+        y = row.to(self.env.device) if spec.conditional else None
+        G = self.G_ema if self.G_ema is not None else unwrap(self.G)
+        was_training = G.training
+        G.eval()
+        try:
+            return G(z, y).float().cpu()
+        finally:
+            G.train(was_training)
+
+
+# ---- run directory: status, log, samples, config -----------------------------------------------------
+
+def write_json(path: Path, obj: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_status(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "status.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def save_grid(images: torch.Tensor, per_row: int, path: Path) -> None:
+    from torchvision.utils import save_image
+    buf = io.BytesIO()
+    save_image(images, buf, nrow=per_row, normalize=True, value_range=(-1, 1), format="png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+class CsvLog:
+    """log.csv with fixed columns; on resume, rows after the resumed step are dropped (they will be redone)."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        rows = []
+        if path.is_file() and resume_step > 0:
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= resume_step]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=LOG_COLUMNS)
+        w.writeheader()
+        w.writerows({k: r.get(k, "") for k in LOG_COLUMNS} for r in rows)
+        atomic_write_bytes(path, buf.getvalue().encode())
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=LOG_COLUMNS).writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+
+
+def _fmt(v) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.6g}"
+
+
+def _tensorboard(mode, run_dir: Path):
+    if str(mode).lower() in ("false", "0", "none", "off"):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(str(run_dir / "tb"))
+    except ImportError:
+        if str(mode).lower() == "true":
+            logger.warning("tensorboard=true but the tensorboard package is not installed; logging to log.csv only")
+        return None
+
+
+# ---- the training run --------------------------------------------------------------------------------
+
+def run(cfg: dict) -> int:
+    """Train per `cfg` (a plain dict: configs/train.yaml resolved). Returns the exit code (see module doc)."""
+    from hpcgan.data.loader import make_loader
+
+    env = dist.init(cfg.get("device", "auto"))
+    stop_flag = dist.StopFlag()
+    run_dir = Path(cfg["run_dir"]).resolve()
+    shards = cfg["shards"]
+    shards = [str(Path(s).resolve()) for s in shards] if isinstance(shards, (list, tuple)) else str(Path(shards).resolve())
+    state_fields = {}
+    try:
+        spec = GANSpec.from_config(cfg["model"])
+        resolve_precision(cfg["precision"], env.device)  # fail early, before any work, on a bad precision
+        batch = int(cfg["batch_size"])
+
+        def loader(epoch: int, skip: int = 0):
+            return make_loader(shards, cfg.get("split", "train"), batch, env.rank, env.world_size,
+                               seed=cfg["seed"], epoch=epoch, shuffle=True, flip=cfg["flip"],
+                               balance_classes=cfg["balance_classes"], backend=cfg["backend"],
+                               device=env.device.type, num_threads=cfg.get("num_threads"), skip_batches=skip)
+
+        probe = loader(0)
+        classes, image_size, epoch_batches = list(probe.classes), int(probe.image_size), probe.epoch_batches
+        total = int(cfg["steps"]) if cfg.get("steps") else int(cfg["epochs"]) * epoch_batches
+        run_config = {**cfg, "shards": shards, "run_dir": str(run_dir), "model": asdict(spec), "classes": classes,
+                      "num_classes": len(classes), "image_size": image_size, "steps": total,
+                      "world_size": env.world_size}
+        state_fields = {"steps": total, "model": spec.name, "world_size": env.world_size}
+
+        ckpt, ckpt_path = load_latest(run_dir, map_location=env.device)
+        start = int(ckpt["step"]) if ckpt else 0
+        lo = dist.all_reduce_max(env, torch.tensor([float(start), -float(start)], device=env.device)).tolist()
+        if lo[0] != -lo[1]:
+            raise RuntimeError(f"ranks found different newest checkpoints in {run_dir / 'checkpoints'} "
+                               "(a shared filesystem lagging?); restart the job")
+        if ckpt is not None:
+            _check_compatible(ckpt["config"], run_config, run_dir)
+        if start >= total:
+            msg = f"{run_dir} already finished ({start}/{total} steps); nothing to do"
+            if env.is_main:
+                print(msg, flush=True)
+                write_json(run_dir / "status.json", {**read_status(run_dir), "state": "finished", "step": start,
+                                                     "steps": total})
+            logger.info(msg)
+            return EXIT_OK
+
+        trainer = Trainer(spec, len(classes), image_size, env, seed=int(cfg["seed"]), precision=cfg["precision"],
+                          ema=float(cfg["ema"]), diffaug=cfg.get("diffaug") or "")
+        epoch, in_epoch, train_seconds = 0, 0, 0.0
+        if ckpt is not None:
+            trainer.load_state_dict(ckpt)
+            restore_rng(ckpt["rng"])
+            epoch, in_epoch = int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
+            train_seconds = float(ckpt["meta"].get("train_seconds", 0.0))
+            if int(ckpt["meta"].get("world_size", env.world_size)) != env.world_size:
+                logger.warning("resuming a %s-rank run on %d ranks: the epoch is restarted from its first batch",
+                               ckpt["meta"].get("world_size"), env.world_size)
+                in_epoch = 0
+            logger.info("resuming from %s (step %d, epoch %d, batch %d)", ckpt_path, start, epoch, in_epoch)
+        del ckpt
+
+        if env.is_main:
+            (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            from omegaconf import OmegaConf
+            atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(run_config).encode())
+            write_json(run_dir / "status.json", {"state": "running", "step": start, **state_fields})
+        log = CsvLog(run_dir / "log.csv", start) if env.is_main else None
+        tb = _tensorboard(cfg.get("tensorboard", "auto"), run_dir) if env.is_main else None
+        dist.barrier(env)
+
+        def checkpoint(step: int) -> Path | None:
+            path = None
+            if env.is_main:
+                state = {"step": step, "epoch": epoch, "batch_in_epoch": in_epoch, "config": run_config,
+                         **trainer.state_dict(), "rng": capture_rng(),
+                         "meta": {"world_size": env.world_size, "train_seconds": train_seconds + time.time() - t0,
+                                  "torch": torch.__version__, "time": time.time()}}
+                path = save_checkpoint(run_dir, state, keep_last=int(cfg["keep_last"]))
+            dist.barrier(env)  # nobody leaves before the checkpoint is on disk
+            return path
+
+        def samples(step: int) -> None:
+            if env.is_main:
+                k = int(cfg["samples_per_class"])
+                save_grid(trainer.sample_grid(k), k, run_dir / "samples" / f"step-{step:08d}.png")
+
+        pbar = None
+        if env.is_main and cfg.get("progress", True):
+            from tqdm import tqdm
+            pbar = tqdm(total=total, initial=start, desc=f"train {spec.name}", unit="step", dynamic_ncols=True)
+
+        t0 = time.time()
+        t_log, n_log = time.time(), 0
+        bad_streak, last_ckpt, stats = 0, start if start > 0 else -1, {}
+        batches = iter(loader(epoch, min(in_epoch, epoch_batches)))
+        step = start
+        while step < total:
+            try:
+                real, y = next(batches)
+            except StopIteration:  # same len on every rank: all ranks turn the epoch together
+                epoch, in_epoch = epoch + 1, 0
+                batches = iter(loader(epoch))
+                continue
+            step_stats, bad, stop = trainer.step(real, y, step, stop_flag.requested)
+            in_epoch += 1
+            step += 1
+            n_log += real.shape[0]
+            stats.update(step_stats)
+            bad_streak = bad_streak + 1 if bad else 0
+            if bad:
+                logger.warning("step %d: non-finite loss or gradient on some rank; update skipped (%d in a row)",
+                               step, bad_streak)
+                if bad_streak >= int(cfg["max_bad_steps"]):
+                    raise _Diverged(f"{bad_streak} consecutive non-finite steps (max_bad_steps="
+                                    f"{cfg['max_bad_steps']}) at step {step}: the run diverged. Checkpoints up to "
+                                    f"step {max(last_ckpt, 0)} are intact; lower model.optim.lr or try precision=fp32")
+            if pbar is not None:
+                pbar.update(1)
+
+            if step % int(cfg["log_every"]) == 0 or step == total:
+                keys = sorted(stats)
+                vals = dist.all_reduce_mean(env, torch.stack([stats[k].float() for k in keys])).tolist()
+                row = {k: _fmt(v) for k, v in zip(keys, vals)}
+                dt = time.time() - t_log
+                row.update(step=step, epoch=epoch, time=_fmt(train_seconds + time.time() - t0),
+                           images_per_s=_fmt(n_log * env.world_size / max(dt, 1e-9)),
+                           lr=_fmt(trainer.opt_D.param_groups[0]["lr"]), bad_steps=bad_streak)
+                t_log, n_log = time.time(), 0
+                if env.is_main:
+                    log.write(row)
+                    if tb is not None:
+                        for k, v in zip(keys, vals):
+                            tb.add_scalar(f"train/{k}", v, step)
+                    if pbar is not None:
+                        pbar.set_postfix(d=row.get("d_loss"), g=row.get("g_loss"), refresh=False)
+                    write_json(run_dir / "status.json", {"state": "running", "step": step, **state_fields})
+            if cfg["sample_every"] and step % int(cfg["sample_every"]) == 0:
+                samples(step)
+            if stop:
+                checkpoint(step)
+                samples(step)
+                name = stop_flag.name or "a stop signal (on another rank)"
+                if env.is_main:
+                    write_json(run_dir / "status.json", {"state": "interrupted", "step": step, "signal": name,
+                                                         **state_fields})
+                    print(f"stopped by {name} at step {step}/{total}; checkpoint written; rerun to resume",
+                          file=sys.stderr, flush=True)
+                return EXIT_SIGNAL
+            if step % int(cfg["ckpt_every"]) == 0 and bad_streak == 0 and step < total:
+                checkpoint(step)
+                last_ckpt = step
+
+        if pbar is not None:
+            pbar.close()
+        checkpoint(step)
+        if not (cfg["sample_every"] and step % int(cfg["sample_every"]) == 0):
+            samples(step)
+        if env.is_main:
+            write_json(run_dir / "status.json", {"state": "finished", "step": step, **state_fields})
+        logger.info("finished %d steps in %s", step, run_dir)
+        return EXIT_OK
+    except _Diverged as e:
+        logger.error("%s", e)
+        _mark_failed(env, run_dir, e, state_fields)
+        return EXIT_FAILED
+    except Exception as e:
+        _mark_failed(env, run_dir, e, state_fields)
+        raise
+    finally:
+        stop_flag.restore()
+        dist.cleanup(env)
+
+
+class _Diverged(RuntimeError):
+    pass
+
+
+def _mark_failed(env, run_dir: Path, err: Exception, fields: dict) -> None:
+    if env.is_main and run_dir.is_dir():
+        st = read_status(run_dir)
+        write_json(run_dir / "status.json", {**st, **fields, "state": "failed",
+                                             "error": f"{type(err).__name__}: {err}"})
+
+
+_MUST_MATCH = ("name", "generator", "critic", "conditional", "critic_condition", "z_dim", "width", "info_cat",
+               "info_cont", "critic_norm")
+
+
+def _check_compatible(saved: dict, now: dict, run_dir: Path) -> None:
+    diffs = [f"model.{k}: {saved['model'].get(k)!r} -> {now['model'].get(k)!r}" for k in _MUST_MATCH
+             if saved["model"].get(k) != now["model"].get(k)]
+    diffs += [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in ("classes", "image_size") if saved.get(k) != now.get(k)]
+    if diffs:
+        raise ValueError(f"{run_dir} holds checkpoints of a different model/data ({'; '.join(diffs)}); "
+                         "use a new run_dir or the original settings")
+
+
+def _setup_logging() -> None:
+    rank = dist.launch_env()[0]
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+
+
+def _hydra_main():
+    import hydra
+    from omegaconf import OmegaConf
+
+    from hpcgan import CONFIG_DIR
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
+    def main(cfg) -> None:
+        _setup_logging()
+        code = run(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+        if code != EXIT_OK:
+            sys.exit(code)
+
+    main()
+
+
+if __name__ == "__main__":
+    _hydra_main()
