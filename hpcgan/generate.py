@@ -86,11 +86,15 @@ def load_checkpoint(run_dir: str | Path | None, checkpoint: str | Path | None) -
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise GenerateError(f"run directory {run_dir} does not exist")
-    from hpcgan.checkpoint import load_latest
+    from hpcgan.checkpoint import list_checkpoints, load_latest
     state, path = load_latest(run_dir, map_location="cpu")
     if state is None:
-        raise GenerateError(f"run directory {run_dir} has no usable checkpoint (checkpoints/step-*.pt); "
-                            "train it first (tools/train.py) or pass checkpoint=PATH")
+        found = list_checkpoints(run_dir)
+        if found:
+            raise GenerateError(f"none of the {len(found)} checkpoints in {run_dir / 'checkpoints'} loads "
+                                "(see the warnings above for why)")
+        raise GenerateError(f"run directory {run_dir} has no checkpoint (checkpoints/step-*.pt); "
+                            "train it first (hpcgan.train) or pass checkpoint=PATH")
     path = Path(path)
     return state, path.resolve(), sha256_file(path)
 

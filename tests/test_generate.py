@@ -232,6 +232,18 @@ def test_newest_or_chosen_checkpoint(tmp_path):
     assert m["checkpoint"] == {"path": str(old.resolve()), "sha256": sha256_file(old), "step": 10}
 
 
+def test_corrupt_newest_checkpoint_falls_back(tmp_path):
+    run = tmp_path / "run"
+    good = write_checkpoint(run, 10)
+    bad = run / "checkpoints/step-00000020.pt"
+    bad.write_bytes(good.read_bytes()[:1000])  # truncated copy
+    m = generate(run, tmp_path / "a", per_class=1, classes=["platelet"], progress=False)
+    assert m["checkpoint"]["step"] == 10 and m["checkpoint"]["sha256"] == sha256_file(good)
+    good.unlink()
+    with pytest.raises(GenerateError, match="none of the 1 checkpoints"):
+        generate(run, tmp_path / "b", per_class=1, progress=False)
+
+
 def test_failed_run_leaves_no_output_and_keeps_the_previous_one(run_dir, tmp_path, monkeypatch):
     import hpcgan.generate as gen_mod
     real_to_png, calls = gen_mod.to_png, []
@@ -283,7 +295,7 @@ def test_clear_errors(run_dir, real_shards, tmp_path):
     empty_run = tmp_path / "empty_run"
     empty_run.mkdir()
     cases = [
-        (dict(run_dir=empty_run, per_class=1), "no usable checkpoint"),
+        (dict(run_dir=empty_run, per_class=1), "has no checkpoint"),
         (dict(run_dir=tmp_path / "nope", per_class=1), "does not exist"),
         (dict(run_dir=run_dir, balance=5), "needs shards="),
         (dict(run_dir=run_dir, balance=5, shards=tmp_path / "nope"), "no manifest"),
@@ -346,5 +358,5 @@ def test_cli(run_dir, real_shards, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["syn"]  # no Hydra outputs/ or .hydra/ litter
 
     r = _cli(f"run={tmp_path}", "out=syn2", "per_class=2", cwd=tmp_path)
-    assert r.returncode == 2 and "no usable checkpoint" in r.stderr
+    assert r.returncode == 2 and "has no checkpoint" in r.stderr
     assert not (tmp_path / "syn2").exists()
