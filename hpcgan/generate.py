@@ -18,6 +18,7 @@ from its own generator seeded from (seed, class name), independent of the other 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -237,8 +238,10 @@ def _check_out(out: Path, shards) -> None:
         raise GenerateError(f"out={out} is the real shard directory; write synthetic data elsewhere")
     if not out.exists():
         return
-    manifest = out / MANIFEST
-    ok = manifest.is_file() and json.loads(manifest.read_text()).get("synthetic") is True
+    try:
+        ok = json.loads((out / MANIFEST).read_text()).get("synthetic") is True
+    except (OSError, ValueError, AttributeError):
+        ok = False
     if not ok and (out.is_file() or any(out.iterdir())):
         raise GenerateError(f"out={out} exists and is not an earlier synthetic output; "
                             "choose a new directory or remove it yourself")
@@ -316,29 +319,11 @@ def generate(run_dir=None, out=None, per_class=None, balance=None, shards=None, 
     G = build_generator(spec, all_classes, image_size, g_weights, dev)
     common = {"synthetic": True, "source": "synthetic", "source_label": "synthetic", "model": spec.name,
               "checkpoint_sha256": ckpt_sha, "checkpoint_step": step, "seed": seed, "weights": weights_used}
-    images: list[dict] = []
     with atomic_dir(out) as staging:
-        writer = None if count is not None else ShardWriter(staging, split, shard_max_count)
-        bar = tqdm(total=total, unit="img", desc="generate", disable=not progress)
-        for cls, n in plan.items():
-            label = -1 if cls == UNLABELLED else all_classes.index(cls)
-            pngs = generate_class(G, spec, None if label < 0 else label, n, class_seed(seed, cls),
-                                  batch_size, dev, truncation)
-            for index, data in enumerate(pngs):
-                key = sample_key(cls, index)
-                rel = f"png/{slug(cls)}/{key}.png" if png else None
-                if png:
-                    (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-                    (staging / rel).write_bytes(data)
-                if writer is not None:
-                    meta = dict(common, **{"class": cls, "fine": cls, "label": label, "index": index,
-                                           "key": key, "path": rel or key,
-                                           "sha256": hashlib.sha256(data).hexdigest()})
-                    writer.write(key, data, "png", label, meta)
-                images.append({"class": cls, "label": label, "index": index, "key": key, "png": rel})
-                bar.update(1)
-        bar.close()
-        shard_list = writer.close() if writer is not None else []
+        shard_list, images = _write_images(staging, G, spec, all_classes, plan, common, labelled=count is None,
+                                           png=png, split=split, shard_max_count=shard_max_count, seed=seed,
+                                           batch_size=batch_size, device=dev, truncation=truncation,
+                                           progress=progress)
         manifest = _manifest(all_classes, image_size, split, plan, shard_list, count is not None, images,
                              spec, ckpt_path, ckpt_sha, step, seed, weights_used, balance_info, real_taxonomy,
                              dict(per_class=per_class, balance=balance, count=count, classes=classes,
@@ -347,6 +332,33 @@ def generate(run_dir=None, out=None, per_class=None, balance=None, shards=None, 
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     logger.info("wrote %d synthetic images to %s", total, out)
     return manifest
+
+
+def _write_images(staging: Path, G, spec: GANSpec, classes: list[str], plan: dict[str, int], common: dict, *,
+                  labelled: bool, png: bool, split: str, shard_max_count: int, seed: int, batch_size: int,
+                  device: torch.device, truncation: float | None, progress: bool) -> tuple[list[dict], list[dict]]:
+    """Generate every planned image into shards (labelled) and/or the PNG folder; (shard dicts, image list)."""
+    images: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(ShardWriter(staging, split, shard_max_count)) if labelled else None
+        bar = stack.enter_context(tqdm(total=sum(plan.values()), unit="img", desc="generate", disable=not progress))
+        for cls, n in plan.items():
+            label = classes.index(cls) if labelled else -1
+            pngs = generate_class(G, spec, label if labelled else None, n, class_seed(seed, cls),
+                                  batch_size, device, truncation)
+            for index, data in enumerate(pngs):
+                key = sample_key(cls, index)
+                rel = f"png/{slug(cls)}/{key}.png" if png else None
+                if rel is not None:
+                    (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (staging / rel).write_bytes(data)
+                if writer is not None:
+                    meta = dict(common, **{"class": cls, "fine": cls, "label": label, "index": index, "key": key,
+                                           "path": rel or key, "sha256": hashlib.sha256(data).hexdigest()})
+                    writer.write(key, data, "png", label, meta)
+                images.append({"class": cls, "label": label, "index": index, "key": key, "png": rel})
+                bar.update(1)
+    return (writer.shards if writer is not None else []), images
 
 
 def _manifest(classes, image_size, split, plan, shard_list, unlabelled, images, spec, ckpt_path, ckpt_sha,
