@@ -356,6 +356,10 @@ def test_missing_empty_and_dangerous_arguments(corpus, built, tmp_path, caplog):
     with pytest.raises(BuildError, match="strict"):
         build({**good, "lab": str(tmp_path / "empty")}, tmp_path / "o3", size=32, on_bad="strict",
               workers=1, progress=False)
+    with caplog.at_level("WARNING"):    # an empty source beside a good one: a warning, not an error
+        m = build({**good, "lab": str(tmp_path / "empty")}, tmp_path / "o6", size=32, workers=1, progress=False)
+    assert "has no image files" in caplog.text and m["totals"]["all"] > 0
+    shutil.rmtree(tmp_path / "o6")
     with pytest.raises(BuildError, match="no sources"):
         build({}, tmp_path / "o4")
     home = tmp_path / "home"
@@ -401,6 +405,8 @@ def test_cli_builds_and_prints_summary(tmp_path):
                 "progress=false", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "shard: 3 images" in r.stdout
+    r = run_cli(f"lab={src}", cwd=tmp_path)
+    assert r.returncode == 2 and "out=DIR" in r.stderr
     m = read_manifest(tmp_path / "rel_out")   # relative out resolved against the caller's cwd
     assert m["settings"]["encoding"] == "jpg" and m["counts"]["test"]["eosinophil"] == 1
     assert {ext for *_, ext, _, _ in iter_samples(tmp_path / "rel_out", "train")} == {"jpg"}

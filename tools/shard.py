@@ -14,7 +14,7 @@ from pathlib import Path
 
 import hydra
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
@@ -28,6 +28,9 @@ logger = logging.getLogger("shard")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=cfg.log_level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     sources = {name: to_absolute_path(str(cfg[name])) for name in ("pbc", "aml", "lab") if cfg[name]}
+    if OmegaConf.is_missing(cfg, "out"):
+        print("shard: error: no output directory: pass out=DIR", file=sys.stderr)
+        sys.exit(2)
     out = to_absolute_path(str(cfg.out))
     try:
         manifest = build(sources, out, size=cfg.size, seed=cfg.seed, shard_size=cfg.shard_size,

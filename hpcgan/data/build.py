@@ -24,6 +24,7 @@ import logging
 import math
 import multiprocessing
 import os
+import signal
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -188,13 +189,19 @@ def _process_all(files: list[SourceFile], spool: Path, settings: BuildSettings, 
                 bar.update()
         else:
             chunk = max(1, min(32, len(tasks) // (workers * 8)))
-            with multiprocessing.Pool(workers) as pool:   # __exit__ terminates workers on Ctrl-C
+            with multiprocessing.Pool(workers, initializer=_ignore_sigint) as pool:  # __exit__ terminates them
                 for r in pool.imap_unordered(process_file, tasks, chunksize=chunk):
                     results[r["index"]] = r
                     bar.update()
     finally:
         bar.close()
     return results  # type: ignore[return-value]
+
+
+def _ignore_sigint() -> None:
+    """Ctrl-C is the parent's to handle (it terminates the pool and removes the staging dir);
+    workers would otherwise each print a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _dedupe(items: list[dict], threshold: int) -> tuple[list[dict], list[dict], int]:
@@ -308,9 +315,9 @@ def _check_out(out: Path, sources: dict[str, str]) -> None:
                        ", ".join(map(str, stale)))
 
 
-def _bad_summary(bad: list[Rejection], limit: int = 50) -> str:
+def _bad_summary(bad: list[Rejection], limit: int | None = None) -> str:
     lines = [f"  {r.path}: {r.reason}" for r in bad[:limit]]
-    if len(bad) > limit:
+    if limit is not None and len(bad) > limit:
         lines.append(f"  ... and {len(bad) - limit} more")
     return "\n".join(lines)
 

@@ -98,6 +98,8 @@ def decode_rgb(data: bytes, min_size: int = 32) -> tuple[np.ndarray, tuple[int, 
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             n_frames = getattr(img, "n_frames", 1)
+            if img.format == "MPO":   # camera JPEG + embedded previews/depth: frame 0 is the picture
+                n_frames = 1
             if n_frames > 1:
                 raise BadImage(f"{n_frames} frames/pages ({img.format}): ambiguous which one is the cell")
             img.load()  # raises on truncated/corrupt data (LOAD_TRUNCATED_IMAGES stays False)
