@@ -1,0 +1,199 @@
+"""slurm/train.sh on a real Slurm (slurm/local/up.sh brings up a one-node cluster when run as root).
+
+Each test submits the real script with `sbatch` and trains a tiny model (32 px, width 8) to the end:
+plain completion, `scontrol requeue` mid-run, and the time-limit warning (SIGUSR2 to the batch shell,
+which is exactly what `--signal=B:USR2@120` makes Slurm send) followed by checkpoint, requeue and resume.
+No accounting here (no sacct): job states come from `scontrol show job` (kept MinJobAge=300 s).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SH = REPO / "slurm" / "train.sh"
+TINY = ["model=wgan_gp_ac", "model.width=8", "model.z_dim=16", "batch_size=8", "log_every=1", "sample_every=0",
+        "samples_per_class=1", "progress=false", "tensorboard=false", "backend=webdataset", "precision=fp32"]
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+            "PREEMPTED"}
+
+
+def write_tiny_shards(out: Path, n: int = 48, size: int = 32) -> Path:
+    """A valid shard set of random-noise images, labels cycling over the 12 classes."""
+    from hpcgan.data.shards import ShardWriter
+    from hpcgan.data.taxonomy import Taxonomy
+
+    classes = list(Taxonomy.load().classes)
+    rng = np.random.default_rng(0)
+    with ShardWriter(out, "train", max_count=1000) as w:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+            w.write(f"s{i:04d}", buf.getvalue(), "png", i % len(classes), {"synthetic": True})
+        shards = w.shards
+    counts = {c: sum(1 for i in range(n) if i % len(classes) == k) for k, c in enumerate(classes)}
+    manifest = {"format": 1, "classes": classes, "image_size": size, "counts": {"train": counts},
+                "counts_by_source": {}, "shards": {"train": shards}, "settings": {}, "taxonomy": {},
+                "synthetic": True}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory) -> Path:
+    return write_tiny_shards(tmp_path_factory.mktemp("shards"))
+
+
+def job_env(cluster) -> dict:
+    """The cluster's env + the project's Python for train.sh (it activates HPCGAN_VENV) + 1 thread."""
+    env = dict(cluster.env, OMP_NUM_THREADS="1")
+    if sys.prefix != sys.base_prefix:
+        env["HPCGAN_VENV"] = sys.prefix
+    else:
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def submit(cluster, workdir: Path, overrides: list[str], *sbatch_opts: str, wait: bool = False,
+           timeout: float = 240) -> tuple[int, subprocess.CompletedProcess]:
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)  # train.sh's --output=logs/%x-%j.out
+    cmd = ["sbatch", "--parsable", "--cpus-per-task=2", "--time=10", *sbatch_opts,
+           *(["--wait"] if wait else []), str(TRAIN_SH), *overrides]
+    r = cluster.run(*cmd, cwd=workdir, env=job_env(cluster), timeout=timeout, check=False)
+    m = re.match(r"(\d+)", r.stdout.strip())
+    assert m, f"sbatch printed no job id: rc={r.returncode} {r.stdout!r} {r.stderr!r}"
+    return int(m.group(1)), r
+
+
+def job_info(cluster, job_id: int) -> dict:
+    out = cluster.run("scontrol", "show", "job", "-o", str(job_id)).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def wait_until(pred, timeout: float, what: str, interval: float = 0.5):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_job_done(cluster, job_id: int, timeout: float = 240) -> dict:
+    return wait_until(lambda: (i := job_info(cluster, job_id)).get("JobState") in TERMINAL and i,
+                      timeout, f"job {job_id} to end")
+
+
+def job_log(workdir: Path, job_id: int) -> str:
+    paths = list((workdir / "logs").glob(f"*-{job_id}.out"))
+    return paths[0].read_text(errors="replace") if paths else "<no log>"
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    with open(run_dir / "log.csv", newline="") as f:
+        return [int(r["step"]) for r in csv.DictReader(f)]
+
+
+def status(run_dir: Path) -> dict:
+    p = run_dir / "status.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*.pt"))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_train_sh_runs_to_completion(slurm_cluster, tiny_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    steps = 8
+    job_id, r = submit(slurm_cluster, tmp_path, [f"shards={tiny_shards}", f"run_dir={run_dir}", f"steps={steps}",
+                                                 "ckpt_every=4", *TINY], wait=True)
+    log = job_log(tmp_path, job_id)
+    assert r.returncode == 0, f"sbatch --wait rc={r.returncode}\n{r.stderr}\n{log}"
+    info = job_info(slurm_cluster, job_id)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log)
+    assert info["JobName"] == "hpcgan-train" and info["Restarts"] == "0"
+    assert status(run_dir)["state"] == "finished" and status(run_dir)["step"] == steps, log
+    assert logged_steps(run_dir) == list(range(1, steps + 1))
+    assert checkpoint_steps(run_dir)[-1] == steps
+    # the script's own report: one worker on the CPU-only node, the torchrun it launched, the exit status
+    assert re.search(rf"job {job_id} restart 0 on 1 node\(s\).*1 worker\(s\)/node, GPUs/node=0", log), log
+    assert "training exited with status 0" in log and "requeueing" not in log, log
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_requeued_job_resumes_from_checkpoint(slurm_cluster, tiny_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    steps = 40
+    job_id, _ = submit(slurm_cluster, tmp_path, [f"shards={tiny_shards}", f"run_dir={run_dir}", f"steps={steps}",
+                                                 "ckpt_every=4", *TINY])
+    first = wait_until(lambda: (run_dir / "checkpoints").is_dir() and checkpoint_steps(run_dir), 180,
+                       "the first checkpoint")[0]
+    slurm_cluster.run("scontrol", "requeue", str(job_id))
+    info = wait_job_done(slurm_cluster, job_id)
+    log = job_log(tmp_path, job_id)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log)
+    assert int(info["Restarts"]) >= 1, info
+    assert f"job {job_id} restart 1 " in log, log          # SLURM_RESTART_COUNT seen by the second run
+    resumed = [int(s) for s in re.findall(r"resuming from \S+ \(step (\d+)", log)]
+    assert resumed and resumed[0] >= first > 0, log
+    assert resumed[0] < steps, f"the job finished before it was requeued; make it longer\n{log}"
+    st = status(run_dir)
+    assert st["state"] == "finished" and st["step"] == steps, (st, log)
+    assert logged_steps(run_dir) == list(range(1, steps + 1)), "log.csv must hold each step once after a resume"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_time_limit_warning_checkpoints_requeues_and_finishes(slurm_cluster, tiny_shards, tmp_path):
+    """SIGUSR2 to the batch shell (what --signal=B:USR2@120 sends before the time limit): the script makes the
+    workers checkpoint at the current step, requeues the job, and the second run finishes from there."""
+    run_dir = tmp_path / "run"
+    steps = 40
+    job_id, _ = submit(slurm_cluster, tmp_path, [f"shards={tiny_shards}", f"run_dir={run_dir}", f"steps={steps}",
+                                                 "ckpt_every=1000", *TINY])
+    wait_until(lambda: (run_dir / "log.csv").is_file() and logged_steps(run_dir), 180, "training to start")
+    slurm_cluster.run("scancel", "--batch", "--signal=USR2", str(job_id))
+    info = wait_job_done(slurm_cluster, job_id)
+    log = job_log(tmp_path, job_id)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log)
+    assert info["Restarts"] == "1", info
+    assert "time-limit warning (SIGUSR2)" in log and f"requeueing job {job_id}" in log, log
+    stopped = re.search(r"stopped by SIGUSR2 at step (\d+)/(\d+); checkpoint written", log)
+    assert stopped and 0 < int(stopped.group(1)) < steps, log
+    resumed = re.search(r"resuming from \S+ \(step (\d+)", log)
+    assert resumed and resumed.group(1) == stopped.group(1), log   # from the checkpoint the signal made
+    st = status(run_dir)
+    assert st["state"] == "finished" and st["step"] == steps, (st, log)
+    assert logged_steps(run_dir) == list(range(1, steps + 1))
+
+
+def test_train_sh_refuses_to_run_outside_slurm(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    r = subprocess.run(["bash", str(TRAIN_SH), "steps=1"], env=env, cwd=tmp_path, text=True, capture_output=True,
+                       timeout=30)
+    assert r.returncode == 2 and "submit this script with sbatch" in r.stderr
+
+
+def test_scripts_parse():
+    for script in (TRAIN_SH, REPO / "slurm/local/up.sh", REPO / "slurm/local/down.sh"):
+        r = subprocess.run(["bash", "-n", str(script)], text=True, capture_output=True)
+        assert r.returncode == 0, f"{script}: {r.stderr}"
