@@ -360,3 +360,23 @@ def test_cli(run_dir, real_shards, tmp_path):
     r = _cli(f"run={tmp_path}", "out=syn2", "per_class=2", cwd=tmp_path)
     assert r.returncode == 2 and "has no checkpoint" in r.stderr
     assert not (tmp_path / "syn2").exists()
+
+
+PBC_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared/data/pbc-sample"
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not PBC_SAMPLE.is_dir(), reason=f"real data {PBC_SAMPLE} is absent")
+def test_balance_against_real_pbc_shards(run_dir, tmp_path):
+    """Top up shards built by hpcgan.data.build from the real PBC sample (scarce classes at 0)."""
+    from hpcgan.data.build import build
+    real = build({"pbc": str(PBC_SAMPLE)}, tmp_path / "pbc", size=SIZE, workers=2, progress=False)
+    train = real["counts"]["train"]
+    m = generate(run_dir, tmp_path / "syn", balance="max", shards=tmp_path / "pbc", progress=False)
+    target = max(train.values())
+    assert m["counts"]["train"] == {c: target - n for c, n in train.items()}
+    assert m["taxonomy"] == real["taxonomy"] and m["classes"] == real["classes"]
+    merged = {c: train[c] for c in CLASSES}
+    for *_, label, meta in iter_samples(tmp_path / "syn", "train"):
+        merged[CLASSES[label]] += 1
+    assert set(merged.values()) == {target}
