@@ -547,6 +547,22 @@ def test_webdataset_reads_the_shards(built):
     assert n == manifest["totals"]["test"]
 
 
+def test_simulated_sources_build_cleanly(tmp_path):
+    """The simulator's three layouts (if that module is present) go through without loss or false duplicates."""
+    simulate = pytest.importorskip("hpcgan.data.simulate", reason="hpcgan.data.simulate not present").simulate
+    summary = simulate(tmp_path / "sim", seed=0, scale=0.02, progress=False)
+    m = build({s: str(tmp_path / "sim" / s) for s in ("pbc", "aml", "lab")}, tmp_path / "out", size=32,
+              workers=2, progress=False)
+    assert m["totals"]["all"] == summary["total"]
+    assert m["rejected"]["bad"] == 0 and m["duplicates"]["dropped"] == 0
+    for source, fine_counts in summary["counts"].items():
+        want = Counter()
+        for fine, n in fine_counts.items():
+            want[TAX.types[fine]] += n
+        got = Counter({c: sum(m["counts_by_source"][s][source][c] for s in SPLITS) for c in TAX.classes})
+        assert +got == want, source
+
+
 @pytest.mark.real_data
 @pytest.mark.skipif(not PBC_SAMPLE.is_dir(), reason=f"{PBC_SAMPLE} absent (real PBC sample lives in ../shared)")
 def test_real_pbc_sample(tmp_path):

@@ -213,8 +213,9 @@ def _dedupe(items: list[dict], threshold: int) -> tuple[list[dict], list[dict], 
         if first != i:
             uf.union(first, i)
     hashes = [int(it["phash"], 16) for it in items]
-    for i, j, _ in near_pairs(hashes, threshold):
-        uf.union(i, j)
+    reps = sorted(set(by_pixels.values()))   # exact copies add nothing to the near search but pairs
+    for a, b, _ in near_pairs([hashes[r] for r in reps], threshold):
+        uf.union(reps[a], reps[b])
     groups: dict[int, list[int]] = defaultdict(list)
     for i in range(len(items)):
         groups[uf.find(i)].append(i)
