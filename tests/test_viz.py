@@ -1,0 +1,94 @@
+"""Picture helpers: grids and contact sheets come out as PNGs of the expected size, one row per class."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hpcgan.viz import class_grid, contact_sheet, image_grid, to_uint8
+
+TILE, PAD = 32, 2
+
+
+def _solid(n, value, size=TILE):
+    return np.full((n, size, size, 3), value, np.uint8)
+
+
+def _tile_at(img: Image.Image, row: int, col: int, left: int, top: int = 0) -> np.ndarray:
+    x, y = left + PAD + col * (TILE + PAD), top + PAD + row * (TILE + PAD)
+    return np.asarray(img)[y:y + TILE, x:x + TILE]
+
+
+def test_to_uint8_accepts_uint8_and_float_tensors_in_either_layout():
+    u8 = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    assert to_uint8(u8) is u8 or np.array_equal(to_uint8(u8), u8)
+    x = torch.linspace(-1, 1, 2 * 3 * 8 * 8).reshape(2, 3, 8, 8)
+    out = to_uint8(x)
+    assert out.shape == (2, 8, 8, 3) and out.dtype == np.uint8
+    assert out[0, 0, 0, 0] == 0 and out[1, 7, 7, 2] == 255
+    assert np.array_equal(out, to_uint8(x.numpy().transpose(0, 2, 3, 1)))
+    with pytest.raises(ValueError, match="batch"):
+        to_uint8(np.zeros((8, 8)))
+
+
+def test_image_grid_tiles_images_in_rows():
+    images = np.concatenate([_solid(3, 10), _solid(2, 200)])
+    grid = image_grid(images, nrow=3, pad=PAD)
+    assert grid.size == (3 * (TILE + PAD) + PAD, 2 * (TILE + PAD) + PAD)
+    assert (_tile_at(grid, 0, 2, 0) == 10).all() and (_tile_at(grid, 1, 1, 0) == 200).all()
+    assert (_tile_at(grid, 1, 2, 0) == 255).all()  # the missing sixth tile is background
+
+    labelled = image_grid(images, nrow=3, labels=["first", "second"], pad=PAD)
+    assert labelled.height == grid.height and labelled.width > grid.width
+    left = labelled.width - grid.width
+    assert (_tile_at(labelled, 1, 0, left) == 200).all()
+    label_area = np.asarray(labelled)[:, :left]
+    assert (label_area < 128).any(), "no label text drawn"
+    with pytest.raises(ValueError, match="labels"):
+        image_grid(images, nrow=3, labels=["only one"])
+
+
+def test_contact_sheet_has_one_row_per_class_with_its_images(tmp_path):
+    rows = {"basophil": _solid(3, 40), "eosinophil": [_solid(1, 90)[0]] * 10, "smudge cell": []}
+    path = contact_sheet(rows, tmp_path / "sheet.png", title="demo", per_row=4)
+    assert path.is_file() and [p.name for p in tmp_path.iterdir()] == ["sheet.png"]  # no temp files left
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.mode == "RGB"
+        sheet = im.copy()
+    title_band = 20
+    assert sheet.height == title_band + len(rows) * (TILE + PAD) + PAD
+    left = sheet.width - (4 * (TILE + PAD) + PAD)
+    assert left > 0
+    assert (_tile_at(sheet, 0, 2, left, title_band) == 40).all()
+    assert (_tile_at(sheet, 0, 3, left, title_band) == 255).all()  # only 3 basophils
+    assert all((_tile_at(sheet, 1, c, left, title_band) == 90).all() for c in range(4))
+    assert (_tile_at(sheet, 2, 0, left, title_band) == 255).all()  # empty class: empty row
+    row_labels = np.asarray(sheet)[title_band:, :left]
+    for r in range(3):
+        band = row_labels[PAD + r * (TILE + PAD): PAD + r * (TILE + PAD) + TILE]
+        assert (band < 128).any(), f"row {r} has no class name"
+
+
+def test_contact_sheet_resizes_sources_of_different_sizes(tmp_path):
+    rows = {"a": _solid(2, 50, size=64), "b": [np.full((363, 360, 3), 120, np.uint8)]}
+    path = contact_sheet(rows, tmp_path / "mixed.png", per_row=2, tile=TILE)
+    with Image.open(path) as im:
+        assert im.height == 2 * (TILE + PAD) + PAD
+
+
+def test_class_grid_puts_each_label_in_its_row(tmp_path):
+    classes = ["basophil", "eosinophil", "lymphocyte"]
+    labels = torch.tensor([2, 0, 2, 0, 0])
+    values = torch.tensor([-1.0, 0.0, 0.5])[labels]  # class k gets its own grey level
+    images = values.view(-1, 1, 1, 1).expand(-1, 3, TILE, TILE).contiguous()
+    path = class_grid(images, labels, classes, tmp_path / "grid.png", per_row=3)
+    with Image.open(path) as im:
+        grid = im.copy()
+    assert grid.height == len(classes) * (TILE + PAD) + PAD
+    left = grid.width - (3 * (TILE + PAD) + PAD)
+    assert all((_tile_at(grid, 0, c, left) == 0).all() for c in range(3))      # three basophils, black
+    assert (_tile_at(grid, 1, 0, left) == 255).all()                             # no eosinophil
+    assert (_tile_at(grid, 2, 1, left) == 191).all() and (_tile_at(grid, 2, 2, left) == 255).all()
+    with pytest.raises(ValueError, match="labels"):
+        class_grid(images, labels[:3], classes, tmp_path / "bad.png")
