@@ -157,7 +157,7 @@ def test_classes_differ_measurably():
         return float(np.mean(centre[:, 0] - centre[:, 2]) - np.mean(field[:, 0] - field[:, 2]))
     eos = [red_minus_blue(im) for im in images["eosinophil"]]
     baso = [red_minus_blue(im) for im in images["basophil"]]
-    assert min(eos) > 0 > max(baso), (eos, baso)
+    assert min(eos) > max(baso) + 15, (eos, baso)
     assert np.mean(eos) - np.mean(baso) > 30, (eos, baso)
     # Lymphocyte nuclei are dense and dark; blast nuclei have fine, pale chromatin.
     def darkest(img):  # the darkest pixels of the centre are nucleus in both

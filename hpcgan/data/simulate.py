@@ -110,9 +110,9 @@ class SourceLook:
 
 
 LOOKS = {
-    "pbc": SourceLook((360, 363), "jpg", 31.0, (244, 230, 208), 0.8, 1.6),
-    "aml": SourceLook((400, 400), "tiff", 42.0, (236, 232, 222), 1.0, 1.2),
-    "lab": SourceLook((320, 320), "png", 27.0, (240, 226, 228), 0.7, 2.0),
+    "pbc": SourceLook((360, 363), "jpg", 34.0, (255, 233, 205), 0.8, 1.6),
+    "aml": SourceLook((400, 400), "tiff", 44.0, (236, 232, 222), 1.0, 1.2),
+    "lab": SourceLook((320, 320), "png", 30.0, (240, 226, 228), 0.7, 2.0),
 }
 SLIDES_PER_SOURCE = 8
 
@@ -125,14 +125,14 @@ def _od(rgb: tuple[int, int, int], ref: tuple[int, int, int] = (244, 230, 208)) 
 # Stain colours as optical densities; 'basic' dyes (blue/purple) and 'acidic' (pink/orange) vary
 # separately from slide to slide, as they do in real May-Gruenwald-Giemsa staining.
 PALETTE: dict[str, tuple[np.ndarray, str]] = {
-    "rbc": (_od((222, 178, 176)), "acidic"),
-    "nucleus": (_od((72, 38, 122)), "basic"),
-    "nucleus_light": (_od((118, 82, 160)), "basic"),
+    "rbc": (_od((222, 198, 188)), "acidic"),
+    "nucleus": (_od((68, 26, 126)), "basic"),
+    "nucleus_light": (_od((112, 70, 158)), "basic"),
     "cyto_blue": (_od((150, 154, 210)), "basic"),
-    "cyto_greyblue": (_od((178, 178, 206)), "basic"),
+    "cyto_greyblue": (_od((190, 182, 208)), "basic"),
     "cyto_pink": (_od((226, 196, 204)), "acidic"),
     "cyto_lilac": (_od((212, 188, 212)), "basic"),
-    "gran_eos": (_od((228, 128, 92)), "acidic"),
+    "gran_eos": (_od((230, 140, 116)), "acidic"),
     "gran_baso": (_od((58, 34, 104)), "basic"),
     "gran_azur": (_od((150, 52, 112)), "basic"),
     "gran_fine": (_od((196, 156, 196)), "basic"),
@@ -165,65 +165,67 @@ class Morph:
     granules_over_nucleus: float = 0.0      # fraction of granules allowed on the nucleus
     vacuoles: tuple[int, int] = (0, 0)
     golgi: bool = False                     # pale perinuclear zone
+    outline: float = 0.05                   # irregularity of the cell outline
 
 
 MORPHS: dict[str, Morph] = {
     "neutrophil segmented": Morph(
-        cell_r=(1.55, 1.8), nucleus="segmented", nuc_r=(0.62, 0.72), lobes=(2, 5),
+        cell_r=(1.8, 2.05), nucleus="segmented", nuc_r=(0.62, 0.72), lobes=(2, 5),
         chromatin=(4.0, 0.3), cyto="cyto_pink", granules="gran_fine", granule_count=(250, 400),
         granule_size=0.8, granule_density=0.6),
     "neutrophil band": Morph(
-        cell_r=(1.55, 1.8), nucleus="band", nuc_r=(0.6, 0.7), chromatin=(4.0, 0.3), cyto="cyto_pink",
+        cell_r=(1.8, 2.05), nucleus="band", nuc_r=(0.6, 0.7), chromatin=(4.0, 0.3), cyto="cyto_pink",
         granules="gran_fine", granule_count=(250, 400), granule_size=0.8, granule_density=0.6),
     "eosinophil": Morph(
-        cell_r=(1.6, 1.9), nucleus="bilobed", nuc_r=(0.62, 0.72), lobes=(2, 3),
+        cell_r=(1.85, 2.2), nucleus="bilobed", nuc_r=(0.62, 0.72), lobes=(2, 3),
         nuc_density=(0.8, 1.0), chromatin=(4.0, 0.25), cyto="cyto_pink", cyto_density=(0.6, 0.9),
         granules="gran_eos", granule_count=(160, 240), granule_size=2.1, granule_density=1.2,
         granules_over_nucleus=0.08),
     "basophil": Morph(
-        cell_r=(1.4, 1.65), nucleus="lobed", nuc_r=(0.6, 0.72), nuc_colour="nucleus_light",
-        nuc_density=(0.7, 0.9), chromatin=(5.0, 0.2), cyto="cyto_lilac", granules="gran_baso",
-        granule_count=(70, 130), granule_size=2.3, granule_density=1.3, granules_over_nucleus=0.7),
+        cell_r=(1.6, 1.9), nucleus="lobed", nuc_r=(0.6, 0.72), nuc_colour="nucleus_light",
+        nuc_density=(0.8, 1.0), chromatin=(5.0, 0.2), cyto="cyto_lilac", cyto_density=(1.2, 1.6),
+        granules="gran_baso", granule_count=(150, 260), granule_size=1.6, granule_density=0.9,
+        granules_over_nucleus=0.8),
     "lymphocyte typical": Morph(
-        cell_r=(1.0, 1.25), nucleus="round", nuc_r=(0.8, 0.9), nuc_offset=(0.0, 0.12),
+        cell_r=(1.15, 1.45), nucleus="round", nuc_r=(0.8, 0.9), nuc_offset=(0.0, 0.12),
         nuc_density=(1.0, 1.2), chromatin=(5.0, 0.35), cyto="cyto_blue", cyto_density=(0.6, 0.9),
         cyto_rim=0.8),
     "lymphocyte atypical": Morph(
-        cell_r=(1.5, 2.0), nucleus="kidney", nuc_r=(0.6, 0.72), nuc_offset=(0.05, 0.2),
+        cell_r=(1.7, 2.3), nucleus="kidney", nuc_r=(0.6, 0.72), nuc_offset=(0.05, 0.2),
         nuc_density=(0.85, 1.0), chromatin=(4.0, 0.25), nucleoli=(0, 1), cyto="cyto_blue",
-        cyto_density=(0.7, 1.0), cyto_rim=1.6),
+        cyto_density=(0.7, 1.0), cyto_rim=1.6, outline=0.12),
     "monocyte": Morph(
-        cell_r=(1.85, 2.3), nucleus="kidney", nuc_r=(0.58, 0.7), nuc_offset=(0.05, 0.2),
+        cell_r=(2.1, 2.6), nucleus="kidney", nuc_r=(0.62, 0.75), nuc_offset=(0.05, 0.2),
         nuc_colour="nucleus_light", nuc_density=(0.85, 1.05), chromatin=(3.0, 0.35),
         cyto="cyto_greyblue", cyto_density=(0.8, 1.1), granules="gran_fine", granule_count=(60, 140),
-        granule_size=0.8, granule_density=0.5, vacuoles=(0, 6)),
+        granule_size=0.8, granule_density=0.5, vacuoles=(0, 6), outline=0.16),
     "erythroblast": Morph(
-        cell_r=(1.0, 1.3), nucleus="round", nuc_r=(0.5, 0.68), nuc_offset=(0.05, 0.25),
+        cell_r=(1.1, 1.45), nucleus="round", nuc_r=(0.5, 0.68), nuc_offset=(0.05, 0.25),
         nuc_density=(1.3, 1.6), chromatin=(3.0, 0.15), cyto="cyto_greyblue", cyto_density=(0.9, 1.3)),
     "myeloblast": Morph(
-        cell_r=(1.6, 2.0), nucleus="round", nuc_r=(0.78, 0.88), nuc_offset=(0.0, 0.1),
+        cell_r=(1.8, 2.25), nucleus="round", nuc_r=(0.78, 0.88), nuc_offset=(0.0, 0.1),
         nuc_colour="nucleus_light", nuc_density=(0.85, 1.0), chromatin=(1.6, 0.12), nucleoli=(2, 4),
         cyto="cyto_blue", cyto_density=(0.9, 1.2), cyto_rim=0.6),
     "monoblast": Morph(
-        cell_r=(2.0, 2.5), nucleus="round", nuc_r=(0.62, 0.74), nuc_offset=(0.05, 0.2),
+        cell_r=(2.2, 2.7), nucleus="round", nuc_r=(0.62, 0.74), nuc_offset=(0.05, 0.2),
         nuc_colour="nucleus_light", nuc_density=(0.75, 0.9), chromatin=(2.0, 0.15), nucleoli=(1, 2),
         cyto="cyto_greyblue", cyto_density=(1.0, 1.3), cyto_rim=0.4),
     "promyelocyte": Morph(
-        cell_r=(1.9, 2.4), nucleus="round", nuc_r=(0.55, 0.68), nuc_offset=(0.15, 0.3),
+        cell_r=(2.1, 2.6), nucleus="round", nuc_r=(0.55, 0.68), nuc_offset=(0.15, 0.3),
         nuc_colour="nucleus_light", nuc_density=(0.85, 1.0), chromatin=(2.2, 0.18), nucleoli=(0, 2),
         cyto="cyto_blue", cyto_density=(0.65, 0.9), granules="gran_azur", granule_count=(120, 200),
         granule_size=1.1, granule_density=1.1, granules_over_nucleus=0.12, golgi=True),
     "promyelocyte bilobed": Morph(
-        cell_r=(1.9, 2.4), nucleus="bilobed", nuc_r=(0.58, 0.7), lobes=(2, 2), nuc_offset=(0.0, 0.15),
+        cell_r=(2.1, 2.6), nucleus="bilobed", nuc_r=(0.58, 0.7), lobes=(2, 2), nuc_offset=(0.0, 0.15),
         nuc_colour="nucleus_light", nuc_density=(0.85, 1.0), chromatin=(2.2, 0.18), cyto="cyto_blue",
         cyto_density=(0.65, 0.9), granules="gran_azur", granule_count=(120, 200), granule_size=1.1,
         granule_density=1.1, granules_over_nucleus=0.12),
     "myelocyte": Morph(
-        cell_r=(1.7, 2.0), nucleus="round", nuc_r=(0.55, 0.65), nuc_offset=(0.15, 0.3),
+        cell_r=(1.9, 2.25), nucleus="round", nuc_r=(0.55, 0.65), nuc_offset=(0.15, 0.3),
         nuc_density=(0.95, 1.1), chromatin=(3.5, 0.3), cyto="cyto_lilac", cyto_density=(1.0, 1.3),
         granules="gran_fine", granule_count=(250, 400), granule_size=0.9, granule_density=0.8),
     "metamyelocyte": Morph(
-        cell_r=(1.6, 1.9), nucleus="kidney", nuc_r=(0.58, 0.68), nuc_offset=(0.05, 0.2),
+        cell_r=(1.8, 2.15), nucleus="kidney", nuc_r=(0.58, 0.68), nuc_offset=(0.05, 0.2),
         nuc_density=(0.95, 1.1), chromatin=(4.0, 0.3), cyto="cyto_pink", cyto_density=(0.9, 1.2),
         granules="gran_fine", granule_count=(250, 400), granule_size=0.9, granule_density=0.7),
 }
@@ -461,8 +463,8 @@ def _draw_red_cells(cv: _Canvas, keep_out: float, cx: float, cy: float) -> None:
         u, v = cv.local(x, y, rng.uniform(0, np.pi), box)
         d = np.hypot(u, v * rng.uniform(1.0, 1.12))
         edge = _soft(r * _wobble(rng, np.arctan2(v, u), 0.03) - d, 1.5)
-        pallor = rng.uniform(0.35, 0.6) * np.exp(-(d / (r * rng.uniform(0.4, 0.55))) ** 2)
-        rim = 0.18 * np.exp(-((d - 0.85 * r) / (0.12 * r)) ** 2)
+        pallor = rng.uniform(0.45, 0.75) * np.exp(-(d / (r * rng.uniform(0.4, 0.55))) ** 2)
+        rim = 0.3 * np.exp(-((d - 0.82 * r) / (0.13 * r)) ** 2)
         cv.add(edge * (1.0 - pallor + rim) * rng.uniform(0.85, 1.15), "rbc", box)
 
 
@@ -488,7 +490,7 @@ def _draw_white_cell(cv: _Canvas, m: Morph, cx: float, cy: float, r_cell: float)
     theta, dist = np.arctan2(v, u), np.hypot(u, v)
 
     # Cytoplasm: the cell body, a slightly irregular disc.
-    body_signed = r_cell * _wobble(rng, theta, 0.05) - np.hypot(u, v * rng.uniform(1.0, 1.1))
+    body_signed = r_cell * _wobble(rng, theta, m.outline) - np.hypot(u, v * rng.uniform(1.0, 1.1))
     body = _soft(body_signed, 1.5)
     cyto = body * rng.uniform(*m.cyto_density) * (1 + 0.1 * _noise(rng, shape, 6 * cv.px, 2))
     if m.cyto_rim:
@@ -592,7 +594,7 @@ def render_cell(fine: str, rng: np.random.Generator, source: str = "pbc", slide:
         keep_out = r_cell
     _draw_red_cells(cv, keep_out, cx, cy)
     if fine == "platelet":
-        _draw_platelets(cv, int(rng.choice([1, 1, 1, 2, 2, 3])), cx, cy, r0 * 0.5, size=1.3)
+        _draw_platelets(cv, int(rng.choice([1, 1, 1, 2, 2, 3])), cx, cy, r0 * 0.6, size=2.0)
     elif fine == "smudge cell":
         _draw_smudge(cv, cx, cy)
     else:
