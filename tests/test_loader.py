@@ -235,3 +235,42 @@ def test_errors(shards, tmp_path):
         make_loader(shards, "train", 4, backend="ffcv")
     with pytest.raises(ValueError, match="rank 2 not in"):
         make_loader(shards, "train", 4, 2, 2)
+
+
+def test_stale_or_incomplete_shard_set_is_refused(tmp_path):
+    d = write_shards(tmp_path / "s", {0: 10, 1: 10}, max_count=8)  # 3 shards
+    assert make_loader(d, "train", 4, backend="webdataset").num_samples == 20
+    (d / "train-000002.tar").unlink()
+    with pytest.raises(ValueError, match="manifest lists train shards.*incomplete"):
+        make_loader(d, "train", 4)
+    write_shards(d, {0: 10, 1: 13}, max_count=8)  # rewritten in place: the index cache must notice
+    assert make_loader(d, "train", 4, backend="webdataset").num_samples == 23
+
+
+ORDER_SCRIPT = """
+import hashlib, sys
+from hpcgan.data.loader import make_loader
+d, backend, rank = sys.argv[1], sys.argv[2], int(sys.argv[3])
+h = [hashlib.sha1(x.numpy().tobytes()).hexdigest()[:12]
+     for xs, _ in make_loader(d, "train", 5, rank, 2, backend=backend, seed=7, epoch=1, flip=True, num_threads=1)
+     for x in xs]
+print(" ".join(h))
+"""
+
+
+@pytest.mark.slow
+def test_separate_processes_agree_with_in_process_plan(shards):
+    """Two real processes as rank 0 and 1 (different hash seeds) reproduce the in-process epoch."""
+    import os
+    import subprocess
+    import sys
+    backend = "dali" if HAVE_DALI else "webdataset"
+    for rank in (0, 1):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED=str(100 + rank))
+        out = subprocess.run([sys.executable, "-c", ORDER_SCRIPT, str(shards), backend, str(rank)], env=env,
+                             capture_output=True, text=True, timeout=120, check=True).stdout.split()
+        here = [hashlib.sha1(x.numpy().tobytes()).hexdigest()[:12]
+                for xs, _ in make_loader(shards, "train", 5, rank, 2, backend=backend, seed=7, epoch=1, flip=True,
+                                         num_threads=1)
+                for x in xs]
+        assert out == here and len(here) == 25

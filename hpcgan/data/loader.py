@@ -118,9 +118,38 @@ def _as_dirs(shards) -> list[Path]:
     return dirs
 
 
+_INDEX_CACHE: dict[tuple, ShardIndex] = {}
+
+
 def load_index(shards, split: str) -> ShardIndex:
-    """Read manifests and .idx files of `split` in every dir; check they agree on classes and size."""
+    """Read manifests and .idx files of `split` in every dir; check they agree on classes and size.
+
+    Cached per process (training builds a loader every epoch): the key includes every tar's and
+    index's size and mtime, so a rebuilt shard set is read again.
+    """
     dirs = _as_dirs(shards)
+    key = (split, *(_dir_state(d, split) for d in dirs))
+    if key not in _INDEX_CACHE:
+        _INDEX_CACHE.clear()  # keep one entry per process: the split in use
+        _INDEX_CACHE[key] = _load_index(dirs, split)
+    return _INDEX_CACHE[key]
+
+
+def _dir_state(d: Path, split: str) -> tuple:
+    files = [d / "manifest.json", *shard_paths(d, split)] if d.is_dir() else []
+    files += [f.with_suffix(".idx") for f in files[1:]]
+    return (str(d.resolve()),) + tuple((f.name, st.st_size, st.st_mtime_ns) for f in files
+                                       if (st := _stat(f)) is not None)
+
+
+def _stat(f: Path):
+    try:
+        return f.stat()
+    except OSError:
+        return None
+
+
+def _load_index(dirs: list[Path], split: str) -> ShardIndex:
     classes = image_size = None
     tars: list[Path] = []
     tar_of, offs, sizes, exts, label_locs = [], [], [], [], []
@@ -140,6 +169,10 @@ def load_index(shards, split: str) -> ShardIndex:
         if not paths:
             have = sorted({p.name.split("-")[0] for p in d.glob("*-[0-9]*.tar")})
             raise FileNotFoundError(f"{d}: no shards for split {split!r} (found splits: {have or 'none'})")
+        listed = {s["name"]: s.get("count") for s in (man.get("shards") or {}).get(split, [])}
+        if listed and sorted(listed) != [p.name for p in paths]:
+            raise ValueError(f"{d}: manifest lists {split} shards {sorted(listed)} but the directory has "
+                             f"{[p.name for p in paths]}; the shard set is incomplete or mixed, rebuild it")
         for tar in paths:
             idx = tar.with_suffix(".idx")
             if not idx.is_file():
@@ -147,7 +180,11 @@ def load_index(shards, split: str) -> ShardIndex:
                                         "(hpcgan.data.shards.write_idx)")
             t = len(tars)
             tars.append(tar)
-            for k, comps in enumerate(_parse_idx(idx)):
+            samples = _parse_idx(idx)
+            if listed.get(tar.name) not in (None, len(samples)):
+                raise ValueError(f"{idx}: {len(samples)} samples but the manifest says {listed[tar.name]}; "
+                                 "the index is stale, rebuild the shard set")
+            for k, comps in enumerate(samples):
                 ext = next((e for e in IMAGE_EXTS if e in comps), None)
                 if ext is None or "label" not in comps:
                     raise ValueError(f"{tar}: sample {k} lacks an image ({'/'.join(IMAGE_EXTS)}) or label member")
