@@ -118,7 +118,16 @@ def test_bad_arguments_are_refused_with_a_reason(tmp_path):
         sim.simulate(tmp_path / "x", layouts=("pbc", "nope"), progress=False)
     with pytest.raises(ValueError, match="unknown cell type"):
         sim.render_cell("dragon", np.random.default_rng(0))
+    with pytest.raises(ValueError, match="seed"):
+        sim.simulate(tmp_path / "x", seed=-1, progress=False)
     assert not (tmp_path / "x").exists()
+    # Someone's own folder is never replaced by a simulated dataset.
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="refusing"):
+        sim.simulate(precious, scale=TINY, layouts=("lab",), progress=False)
+    assert (precious / "notes.txt").read_text() == "keep me"
 
 
 def test_an_interrupted_run_leaves_the_previous_dataset_whole(tiny, tmp_path, monkeypatch):

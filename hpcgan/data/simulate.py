@@ -23,12 +23,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+from tqdm import tqdm
 
 from hpcgan.fsutil import atomic_dir, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
 LAYOUTS = ("pbc", "aml", "lab")
+SUMMARY = "simulation.json"  # beside the source folders; marks a directory as simulator output
 
 # --------------------------------------------------------------------------------------------------
 # What gets written: per source, (folder, file prefix, fine type, image count in the public dataset).
@@ -617,19 +619,16 @@ def encode(img: np.ndarray, ext: str) -> bytes:
     elif ext == "tiff":
         pil.save(buf, format="TIFF", compression="tiff_deflate")
     elif ext == "png":
-        pil.save(buf, format="PNG", compress_level=6)
+        pil.save(buf, format="PNG", compress_level=1)  # sensor noise barely compresses; save time
     else:
         raise ValueError(f"unknown image format {ext!r}")
     return buf.getvalue()
 
 
 def relative_path(source: str, folder: str, prefix: str, index: int) -> str:
+    """PBC and AML name files <PREFIX>_<n> (the prefix carries the type); the lab numbers them."""
     ext = LOOKS[source].ext
-    if source == "pbc":
-        return f"{folder}/{prefix}_{index:04d}.{ext}"
-    if source == "aml":
-        return f"{folder}/{prefix}_{index:04d}.{ext}"
-    return f"{folder}/{index:04d}.{ext}"
+    return f"{folder}/{prefix}_{index:04d}.{ext}" if prefix else f"{folder}/{index:04d}.{ext}"
 
 
 def iter_images(seed: int = 0, scale: float = 1.0, layouts=LAYOUTS):
@@ -651,11 +650,16 @@ def simulate(out_dir: str | Path, *, seed: int = 0, scale: float = 1.0, layouts=
     """Write a simulated dataset to out_dir/{pbc,aml,lab}/... atomically and return its summary.
 
     The summary (also written to out_dir/simulation.json) gives counts per source x fine type.
+    An existing out_dir is replaced only if it is empty or an earlier simulator output.
     """
-    from tqdm import tqdm
-
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer (got {seed!r})")
     layouts = tuple(layouts)
     jobs = list(iter_images(seed, scale, layouts))
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SUMMARY).is_file())):
+        raise ValueError(f"{out} exists and is not an earlier simulator output (no {SUMMARY}); "
+                         "refusing to replace it: choose a new or empty directory")
     counts: dict[str, dict[str, int]] = {s: {} for s in layouts}
     with atomic_dir(out_dir) as staging:
         for source, rel, fine, index in tqdm(jobs, desc="simulate", unit="img", disable=not progress):
@@ -673,8 +677,8 @@ def simulate(out_dir: str | Path, *, seed: int = 0, scale: float = 1.0, layouts=
             "total": len(jobs),
             "counts": counts,
         }
-        atomic_write_bytes(staging / "simulation.json", (json.dumps(summary, indent=2) + "\n").encode())
-    summary["out"] = str(Path(out_dir).resolve())
+        atomic_write_bytes(staging / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+    summary["out"] = str(out.resolve())
     logger.info("simulated %d images in %s: %s", len(jobs), summary["out"],
                 {s: sum(c.values()) for s, c in counts.items()})
     return summary
