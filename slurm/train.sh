@@ -78,9 +78,12 @@ MODULE=${HPCGAN_MODULE:-hpcgan.train}
 
 # --- launcher ------------------------------------------------------------------------------------------
 if [ "$NNODES" -gt 1 ]; then
-  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  FIRST_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  # the address Slurm itself reaches that node at (NodeAddr: the node name on most clusters)
+  MASTER_ADDR=$(scontrol show node "$FIRST_NODE" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
+  MASTER_ADDR=${MASTER_ADDR:-$FIRST_NODE}
   MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
-  # --node_rank is informational: c10d assigns ranks; the agent on MASTER_ADDR hosts the rendezvous store
+  # c10d assigns node ranks itself (torchrun ignores --node_rank); the agent on MASTER_ADDR hosts the store
   RDZV=(--nnodes="$NNODES" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT"
         --rdzv_id="$SLURM_JOB_ID")
 else
@@ -98,6 +101,7 @@ fi
 
 log "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $NNODES node(s) [${SLURM_JOB_NODELIST:-}]:" \
     "$NPROC worker(s)/node, GPUs/node=$GPUS, OMP_NUM_THREADS=$OMP_NUM_THREADS"
+[ "$NNODES" -gt 1 ] && log "rendezvous: c10d at $MASTER_ADDR:$MASTER_PORT"
 log "module $MODULE, overrides: $*"
 
 # --- run, with the time-limit warning handled ----------------------------------------------------------
