@@ -51,9 +51,16 @@ def time_build(sources: dict, out: Path, size: int, workers: int, encoding: str 
     return {"workers": workers, "images": n, "seconds": round(dt, 3), "images_per_s": round(n / dt, 1)}
 
 
-def bench_sharding(name: str, sources: dict, work: Path, size: int) -> dict:
-    one = time_build(sources, work / f"{name}-w1", size, 1)
-    many = time_build(sources, work / f"{name}-wN", size, cores())
+def best_build(sources: dict, out: Path, size: int, workers: int, repeats: int) -> dict:
+    """Fastest of `repeats` builds: other load on a shared machine only ever slows a run down."""
+    runs = [time_build(sources, out, size, workers) for _ in range(repeats)]
+    best = min(runs, key=lambda r: r["seconds"])
+    return best | {"all_seconds": [r["seconds"] for r in runs]}
+
+
+def bench_sharding(name: str, sources: dict, work: Path, size: int, repeats: int) -> dict:
+    one = best_build(sources, work / f"{name}-w1", size, 1, repeats)
+    many = best_build(sources, work / f"{name}-wN", size, cores(), repeats)
     speedup = many["images_per_s"] / one["images_per_s"]
     return {"dataset": name, "size": size, "one_worker": one, "all_cores": many,
             "speedup": round(speedup, 2), "target": 1.7, "pass": speedup >= 1.7}
@@ -146,7 +153,10 @@ def bench_loading(shard_dir: Path, folder: Path, size: int, batch: int, epochs: 
         run_epochs(make, 1)  # warm-up: page cache, worker start-up code paths, DALI plugin load
         rows[name] = run_epochs(make, epochs)
         logger.info("load %dpx %-14s %s", size, name, rows[name])
-    out = {"size": size, "batch": batch, "epochs": epochs, "threads": n_cores, "backends": rows}
+    cuda = torch.cuda.is_available()
+    n_train = make_loader(shard_dir, "train", batch, backend="webdataset").num_samples
+    out = {"size": size, "batch": batch, "epochs": epochs, "threads": n_cores, "train_images": n_train,
+           "output_device": "cuda" if cuda else "cpu", "dali_decode": "mixed" if cuda else "cpu", "backends": rows}
     if "images_per_s" in rows.get("dali", {}) and "images_per_s" in rows.get("webdataset", {}):
         ratio = rows["dali"]["images_per_s"] / rows["webdataset"]["images_per_s"]
         out |= {"dali_over_webdataset": round(ratio, 2), "target": 1.5, "pass": ratio >= 1.5}
@@ -161,9 +171,10 @@ def main(argv=None) -> dict:
     p.add_argument("--work", default=None, help="scratch directory (default: a temp dir, removed afterwards)")
     p.add_argument("--scale", type=float, default=2.0, help="simulator scale (1.0 ~ 340 images)")
     p.add_argument("--shard-size", type=int, default=64, help="px of the sharding benchmark")
+    p.add_argument("--repeats", type=int, default=2, help="sharding runs per setting (the fastest counts)")
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="px of the loading benchmark")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=3, help="timed epochs per loader (after one warm-up)")
+    p.add_argument("--epochs", type=int, default=5, help="timed epochs per loader (after one warm-up)")
     p.add_argument("--encoding", choices=["jpg", "png"], default="jpg", help="image encoding of the loading shards")
     p.add_argument("--backends", nargs="+",
                    default=["dali", "dali_reader", "webdataset", "wds_streaming", "imagefolder"])
@@ -177,7 +188,9 @@ def main(argv=None) -> dict:
 
     result = {"tool": "tools/bench_data.py", "args": vars(args), "host": platform.node(), "cores": cores(),
               "cuda": torch.cuda.is_available(), "python": sys.version.split()[0], "torch": torch.__version__,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              # Throughput on a shared machine is only as good as its idle time: keep the load beside it.
+              "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
     with tempfile.TemporaryDirectory(prefix="bench_data-", dir=args.work) as tmp:
         work = Path(tmp)
         sim = work / "sim"
@@ -187,10 +200,10 @@ def main(argv=None) -> dict:
         sources = {s: str(sim / s) for s in summary["layouts"]}
 
         if not args.skip_sharding:
-            result["sharding"] = [bench_sharding("simulated", sources, work, args.shard_size)]
+            result["sharding"] = [bench_sharding("simulated", sources, work, args.shard_size, args.repeats)]
             if PBC_SAMPLE.is_dir():
                 result["sharding"].append(bench_sharding("pbc-sample", {"pbc": str(PBC_SAMPLE)}, work,
-                                                         args.shard_size))
+                                                         args.shard_size, args.repeats))
             else:
                 result["sharding_note"] = f"{PBC_SAMPLE} absent: real-data sharding not measured"
             for row in result["sharding"]:
@@ -212,6 +225,7 @@ def main(argv=None) -> dict:
 
     targets = [r["pass"] for r in result.get("sharding", []) + result.get("loading", []) if "pass" in r]
     result["all_targets_pass"] = all(targets) if targets else None
+    result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     out = Path(args.out)
     atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
     logger.info("wrote %s (targets pass: %s)", out, result["all_targets_pass"])
