@@ -576,6 +576,8 @@ def render_cell(fine: str, rng: np.random.Generator, source: str = "pbc", slide:
     """One image [H, W, 3] uint8 of cell type `fine` as `source` would show it."""
     if fine not in FINE_TYPES:
         raise ValueError(f"unknown cell type {fine!r}; known: {sorted(FINE_TYPES)}")
+    if source not in LOOKS:
+        raise ValueError(f"unknown source {source!r}; choose from {list(LOOKS)}")
     look = LOOKS[source]
     if slide is None:
         slide = slide_for(0, source, 0)
