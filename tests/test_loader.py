@@ -304,3 +304,19 @@ def test_real_pbc_sample_shards_load(tmp_path):
     assert len({tuple(v.tolist()) for v in seen.values()}) == 1  # same plan, same label sequence
     present = {manifest["classes"].index(c) for c, k in manifest["counts"]["train"].items() if k > 0}
     assert set(seen["webdataset"].tolist()) == present
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_file_descriptors_leak_across_epochs(shards, backend):
+    import os
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+    for epoch in range(2):  # warm-up: DALI and torch open what they keep for the process lifetime
+        list(make_loader(shards, "train", 10, backend=backend, epoch=epoch, num_threads=1))
+    before = open_fds()
+    for epoch in range(2, 8):
+        list(make_loader(shards, "train", 10, backend=backend, epoch=epoch, num_threads=1))
+        it = iter(make_loader(shards, "train", 10, backend=backend, epoch=epoch, num_threads=1))
+        next(it)
+        it.close()  # abandoned mid-epoch, as training does at its last step
+    assert open_fds() <= before + 1

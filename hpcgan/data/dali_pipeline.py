@@ -57,10 +57,8 @@ class _PlanSource:
         return images, labels, mirror
 
     def close(self):
-        import os
-        for fd in self._files.values():
-            os.close(fd)
-        self._files.clear()
+        from hpcgan.data.loader import close_files
+        close_files(self._files)
 
 
 def _index_pipeline(loader, source: _PlanSource):

@@ -92,6 +92,13 @@ class ShardIndex:
         return os.pread(fd, int(self.size[i]), int(self.offset[i]))
 
 
+def close_files(files: dict) -> None:
+    """Close the descriptors read_image_bytes opened (plain ints: garbage collection does not close them)."""
+    for fd in files.values():
+        os.close(fd)
+    files.clear()
+
+
 def _parse_idx(idx_path: Path) -> list[dict[str, tuple[int, int]]]:
     """wds2idx v1.2: header 'v1.2 N', then per sample 'ext offset size name' repeated."""
     lines = idx_path.read_text().splitlines()
@@ -416,6 +423,9 @@ class _PlannedSamples(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.index)
 
+    def close(self):
+        close_files(self._files)
+
     def __getitem__(self, item):
         import io
 
@@ -445,12 +455,16 @@ def _iterate_torch(loader: ShardLoader):
         return
     workers = min(loader.num_threads, len(batches)) if loader.num_threads > 1 else 0
     cuda = loader.device == "cuda"
-    dl = torch.utils.data.DataLoader(_PlannedSamples(loader.index), batch_sampler=batches, num_workers=workers,
+    samples = _PlannedSamples(loader.index)  # workers get copies and their own descriptors
+    dl = torch.utils.data.DataLoader(samples, batch_sampler=batches, num_workers=workers,
                                      collate_fn=_collate, pin_memory=cuda,
                                      persistent_workers=False, prefetch_factor=4 if workers else None)
-    for images, labels in dl:
-        if cuda:
-            images = images.to("cuda", non_blocking=True)
-            labels = labels.to("cuda", non_blocking=True)
-        # Same arithmetic as DALI's normalisation: (x - 127.5) / 127.5 maps 0..255 onto [-1, 1].
-        yield images.float().sub_(127.5).div_(127.5), labels
+    try:
+        for images, labels in dl:
+            if cuda:
+                images = images.to("cuda", non_blocking=True)
+                labels = labels.to("cuda", non_blocking=True)
+            # Same arithmetic as DALI's normalisation: (x - 127.5) / 127.5 maps 0..255 onto [-1, 1].
+            yield images.float().sub_(127.5).div_(127.5), labels
+    finally:
+        samples.close()
