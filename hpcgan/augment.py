@@ -12,10 +12,12 @@ import torch.nn.functional as F
 POLICIES = ("color", "translation", "cutout")
 
 
-def parse_policy(policy: str | None) -> tuple[str, ...]:
+def parse_policy(policy) -> tuple[str, ...]:
+    """'color,translation' or ['color', 'translation'] (Hydra: diffaug=[color,translation,cutout])."""
     if not policy:
         return ()
-    parts = tuple(p.strip() for p in str(policy).split(",") if p.strip())
+    items = policy if isinstance(policy, (list, tuple)) else str(policy).split(",")
+    parts = tuple(str(p).strip() for p in items if str(p).strip())
     bad = [p for p in parts if p not in POLICIES]
     if bad:
         raise ValueError(f"diffaug: unknown policy {bad}; use a comma list of {POLICIES}, e.g. 'color,translation,cutout'")

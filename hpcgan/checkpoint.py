@@ -75,7 +75,8 @@ def load_latest(run_dir: str | Path, map_location="cpu") -> tuple[dict | None, P
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # truncated zip, bad pickle, zero bytes, ...
-            _warn_loudly(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            _warn_loudly(f"checkpoint {path} is unreadable ({type(e).__name__}: {first}); "
                          f"falling back to an older one")
             continue
         missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]

@@ -34,7 +34,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import asdict
@@ -45,7 +44,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hpcgan import dist
-from hpcgan.checkpoint import capture_rng, load_latest, restore_rng, save_checkpoint
+from hpcgan.checkpoint import capture_rng, list_checkpoints, load_latest, restore_rng, save_checkpoint
 from hpcgan.fsutil import atomic_write_bytes
 from hpcgan.objectives import STAT_KEYS, GANObjective
 from hpcgan.models.registry import GANSpec, build_model
@@ -215,6 +214,9 @@ class Trainer:
             self.G_ema.load_state_dict(state["G_ema"] if state["G_ema"] is not None else state["G"])
         self.opt_G.load_state_dict(state["opt_G"])
         self.opt_D.load_state_dict(state["opt_D"])
+        for opt in (self.opt_G, self.opt_D):  # the config's lr wins over the saved one (no schedules here)
+            for group in opt.param_groups:
+                group["lr"] = self.spec.optim["lr"]
         if self.scaler_G is not None and state.get("scaler"):
             self.scaler_G.load_state_dict(state["scaler"]["G"])
             self.scaler_D.load_state_dict(state["scaler"]["D"])
@@ -283,7 +285,7 @@ class CsvLog:
 
 
 def _fmt(v) -> str:
-    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.6g}"
+    return "" if v is None else f"{v:.6g}"  # non-finite values show as nan / inf
 
 
 def _tensorboard(mode, run_dir: Path):
@@ -330,6 +332,9 @@ def run(cfg: dict) -> int:
         state_fields = {"steps": total, "model": spec.name, "world_size": env.world_size}
 
         ckpt, ckpt_path = load_latest(run_dir, map_location=env.device)
+        if ckpt is None and list_checkpoints(run_dir):
+            raise RuntimeError(f"{run_dir / 'checkpoints'} has checkpoints but none loads (see the warnings); "
+                               "refusing to start over and overwrite them: move them away or use a new run_dir")
         start = int(ckpt["step"]) if ckpt else 0
         lo = dist.all_reduce_max(env, torch.tensor([float(start), -float(start)], device=env.device)).tolist()
         if lo[0] != -lo[1]:
@@ -347,7 +352,7 @@ def run(cfg: dict) -> int:
             return EXIT_OK
 
         trainer = Trainer(spec, len(classes), image_size, env, seed=int(cfg["seed"]), precision=cfg["precision"],
-                          ema=float(cfg["ema"]), diffaug=cfg.get("diffaug") or "")
+                          ema=float(cfg["ema"]), diffaug=cfg.get("diffaug") or ())
         epoch, in_epoch, train_seconds = 0, 0, 0.0
         if ckpt is not None:
             trainer.load_state_dict(ckpt)
@@ -376,7 +381,7 @@ def run(cfg: dict) -> int:
                 state = {"step": step, "epoch": epoch, "batch_in_epoch": in_epoch, "config": run_config,
                          **trainer.state_dict(), "rng": capture_rng(),
                          "meta": {"world_size": env.world_size, "train_seconds": train_seconds + time.time() - t0,
-                                  "torch": torch.__version__, "time": time.time()}}
+                                  "torch": str(torch.__version__), "time": time.time()}}
                 path = save_checkpoint(run_dir, state, keep_last=int(cfg["keep_last"]))
             dist.barrier(env)  # nobody leaves before the checkpoint is on disk
             return path
@@ -412,14 +417,11 @@ def run(cfg: dict) -> int:
             if bad:
                 logger.warning("step %d: non-finite loss or gradient on some rank; update skipped (%d in a row)",
                                step, bad_streak)
-                if bad_streak >= int(cfg["max_bad_steps"]):
-                    raise _Diverged(f"{bad_streak} consecutive non-finite steps (max_bad_steps="
-                                    f"{cfg['max_bad_steps']}) at step {step}: the run diverged. Checkpoints up to "
-                                    f"step {max(last_ckpt, 0)} are intact; lower model.optim.lr or try precision=fp32")
+            diverged = bad_streak >= int(cfg["max_bad_steps"])
             if pbar is not None:
                 pbar.update(1)
 
-            if step % int(cfg["log_every"]) == 0 or step == total:
+            if step % int(cfg["log_every"]) == 0 or step == total or diverged:
                 keys = sorted(stats)
                 vals = dist.all_reduce_mean(env, torch.stack([stats[k].float() for k in keys])).tolist()
                 row = {k: _fmt(v) for k, v in zip(keys, vals)}
@@ -436,6 +438,11 @@ def run(cfg: dict) -> int:
                     if pbar is not None:
                         pbar.set_postfix(d=row.get("d_loss"), g=row.get("g_loss"), refresh=False)
                     write_json(run_dir / "status.json", {"state": "running", "step": step, **state_fields})
+            if diverged:
+                raise _Diverged(f"{bad_streak} consecutive non-finite steps (max_bad_steps={cfg['max_bad_steps']}) "
+                                f"at step {step}: the run diverged. "
+                                + (f"Checkpoints up to step {last_ckpt} are intact; " if last_ckpt > 0 else "")
+                                + "lower model.optim.lr or use precision=fp32")
             if cfg["sample_every"] and step % int(cfg["sample_every"]) == 0:
                 samples(step)
             if stop:

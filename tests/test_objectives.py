@@ -1,0 +1,152 @@
+"""The spec-driven GAN objective: gradient penalty, auxiliary classifier stats, InfoGAN codes, clipping."""
+import pytest
+import torch
+import torch.nn as nn
+
+from hpcgan.augment import diff_augment, parse_policy
+from hpcgan.models.registry import GANSpec
+from hpcgan.objectives import GANObjective
+
+C, S = 3, 8
+
+
+class LinearCritic(nn.Module):
+    """D(x) = <w, x> (+ heads): its input gradient is w everywhere, so ||grad|| = ||w||."""
+
+    def __init__(self, scale: float, cls: bool = False, q_cat: int = 0, q_cont: int = 0):
+        super().__init__()
+        w = torch.randn(3 * S * S)
+        self.w = nn.Parameter(w / w.norm() * scale)
+        self.cls = nn.Linear(3 * S * S, C) if cls else None
+        self.q_cat = nn.Linear(3 * S * S, q_cat) if q_cat else None
+        self.q_cont = nn.Linear(3 * S * S, q_cont) if q_cont else None
+
+    def forward(self, x, y=None):
+        f = x.flatten(1)
+        out = {"adv": f @ self.w}
+        for name in ("cls", "q_cat", "q_cont"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)(f)
+        return out
+
+
+def _spec(**kw) -> GANSpec:
+    return GANSpec(name="t", **{"gp_lambda": 10.0, "z_dim": 4, **kw})
+
+
+def _batch(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, S, S, generator=g) * 2 - 1, torch.randint(0, C, (n,), generator=g)
+
+
+def test_gp_zero_for_unit_gradient_positive_otherwise():
+    obj = GANObjective(_spec(), C)
+    real, _ = _batch()
+    fake, _ = _batch(seed=1)
+    g = torch.Generator().manual_seed(0)
+    assert obj.gradient_penalty(LinearCritic(1.0), real, fake, None, g).item() == pytest.approx(0.0, abs=1e-8)
+    assert obj.gradient_penalty(LinearCritic(3.0), real, fake, None, g).item() == pytest.approx(4.0, rel=1e-4)
+    assert obj.gradient_penalty(LinearCritic(0.5), real, fake, None, g).item() == pytest.approx(0.25, rel=1e-4)
+
+
+def test_gp_with_grad_scale_matches_unscaled():
+    """The fp16 pattern (scale the output given to autograd.grad, unscale the gradient) is the same penalty."""
+    obj = GANObjective(_spec(), C)
+    real, _ = _batch()
+    fake, _ = _batch(seed=1)
+    D = LinearCritic(2.0)
+    a = obj.gradient_penalty(D, real, fake, None, torch.Generator().manual_seed(0))
+    b = obj.gradient_penalty(D, real, fake, None, torch.Generator().manual_seed(0), grad_scale=65536.0)
+    assert torch.allclose(a, b, rtol=1e-5)
+
+
+def test_critic_loss_backward_reaches_critic_through_penalty():
+    obj = GANObjective(_spec(), C)
+    D = LinearCritic(2.0)
+    real, y = _batch()
+    fake, _ = _batch(seed=1)
+    lat = obj.sample_latent(16, torch.Generator().manual_seed(0), "cpu")
+    loss, stats = obj.critic_loss(D, real, y, fake, lat, torch.Generator().manual_seed(1))
+    loss.backward()
+    assert D.w.grad is not None and D.w.grad.abs().sum() > 0
+    assert stats["gp"] > 0
+    assert stats["wdist"].item() == pytest.approx((real.flatten(1) @ D.w - fake.flatten(1) @ D.w).mean().item(), rel=1e-5)
+
+
+def test_ac_accuracy_stats_in_unit_interval_and_correct():
+    obj = GANObjective(_spec(ac_weight=1.0, conditional=True), C)
+    D = LinearCritic(1.0, cls=True)
+    real, y = _batch()
+    fake, _ = _batch(seed=1)
+    lat = obj.sample_latent(16, torch.Generator().manual_seed(0), "cpu")
+    _, stats = obj.critic_loss(D, real, y, fake, lat, torch.Generator().manual_seed(1))
+    for k in ("ac_acc_real", "ac_acc_fake"):
+        assert 0.0 <= stats[k].item() <= 1.0
+    with torch.no_grad():
+        expected = (D.cls(real.flatten(1)).argmax(1) == y).float().mean()
+    assert stats["ac_acc_real"].item() == pytest.approx(expected.item())
+
+
+def test_ac_needs_conditional_generator():
+    with pytest.raises(ValueError, match="conditional"):
+        GANObjective(_spec(ac_weight=1.0, conditional=False), C)
+
+
+def test_info_codes_shapes_and_loss():
+    spec = _spec(info_cat=5, info_cont=2, info_weight=1.0, conditional=False, gp_lambda=0.0)
+    obj = GANObjective(spec, C)
+    lat = obj.sample_latent(16, torch.Generator().manual_seed(0), "cpu")
+    assert lat.z.shape == (16, spec.latent_dim) == (16, 4 + 5 + 2)
+    assert lat.y is None and lat.cat.shape == (16,) and lat.cont.shape == (16, 2)
+    onehot = lat.z[:, 4:9]
+    assert torch.equal(onehot.argmax(1), lat.cat) and torch.equal(onehot.sum(1), torch.ones(16))
+    assert torch.equal(lat.z[:, 9:], lat.cont) and lat.cont.abs().max() <= 1
+    D = LinearCritic(1.0, q_cat=5, q_cont=2)
+    fake, _ = _batch(seed=1)
+    loss, stats = obj.generator_loss(D, fake, lat, torch.Generator())
+    assert stats["g_loss"].isfinite() and "info_loss" not in stats  # info loss is logged from the critic step
+    real, y = _batch()
+    _, dstats = obj.critic_loss(D, real, y, fake, lat, torch.Generator())
+    assert dstats["info_loss"] > 0
+
+
+def test_conditional_labels_uniform_over_classes():
+    obj = GANObjective(_spec(conditional=True), C)
+    lat = obj.sample_latent(3000, torch.Generator().manual_seed(0), "cpu")
+    counts = torch.bincount(lat.y, minlength=C)
+    assert counts.min() > 900 and lat.y.max() < C
+
+
+@pytest.mark.parametrize("adversarial", ["wasserstein", "bce"])
+def test_generator_loss_signs(adversarial):
+    """A critic that scores fakes higher gives the generator a lower loss."""
+    obj = GANObjective(_spec(adversarial=adversarial, gp_lambda=0.0), C)
+    lat = obj.sample_latent(16, torch.Generator().manual_seed(0), "cpu")
+    fake = torch.ones(16, 3, S, S)
+    hi, lo = LinearCritic(1.0), LinearCritic(1.0)
+    with torch.no_grad():
+        hi.w.abs_()
+        lo.w.copy_(-hi.w)
+    l_hi, _ = obj.generator_loss(hi, fake, lat, torch.Generator())
+    l_lo, _ = obj.generator_loss(lo, fake, lat, torch.Generator())
+    assert l_hi < l_lo
+
+
+def test_weight_clipping():
+    obj = GANObjective(_spec(clip=0.01, gp_lambda=0.0), C)
+    D = LinearCritic(100.0)
+    obj.clip_critic(D)
+    assert D.w.abs().max().item() <= 0.01 + 1e-9
+
+
+def test_diffaugment_deterministic_and_differentiable():
+    policy = parse_policy("color,translation,cutout")
+    x = torch.rand(4, 3, 16, 16, requires_grad=True)
+    a = diff_augment(x, policy, torch.Generator().manual_seed(3))
+    b = diff_augment(x, policy, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == x.shape and not torch.equal(a, x)
+    a.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert parse_policy(["color", "cutout"]) == ("color", "cutout")
+    with pytest.raises(ValueError, match="unknown policy"):
+        parse_policy("colour")

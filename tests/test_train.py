@@ -1,0 +1,328 @@
+"""The training loop: every model under torchrun (2 ranks), exact resume after SIGKILL, SIGTERM/SIGUSR2
+checkpoint-and-exit, NaN skipping and divergence, precision choices, already-finished runs."""
+import csv
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hpcgan import CONFIG_DIR
+from hpcgan.checkpoint import list_checkpoints, load_latest
+from hpcgan.data.shards import ShardWriter
+from hpcgan.models.registry import MODEL_NAMES, load_spec
+from hpcgan.train import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL, LOG_COLUMNS, Trainer, resolve_precision, run
+from hpcgan import dist
+
+CLASSES = ["a", "b", "c"]
+# tiny and fast: width-8 networks, 8-image batches, webdataset backend without worker processes
+COMMON = ["batch_size=8", "model.width=8", "backend=webdataset", "num_threads=1", "progress=false",
+          "tensorboard=false", "samples_per_class=2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """48 PNGs of 32 px, 3 classes (each a different brightness), one shard set with a manifest."""
+    out = tmp_path_factory.mktemp("train_shards")
+    rng = np.random.default_rng(0)
+    with ShardWriter(out, "train", max_count=20) as w:
+        for i in range(48):
+            label = i % 3
+            arr = (rng.random((32, 32, 3)) * 60 + label * 80).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="PNG")
+            w.write(f"s{i:05d}", buf.getvalue(), "png", label, {"class": CLASSES[label], "synthetic": True})
+    (out / "manifest.json").write_text(json.dumps({
+        "format": 1, "classes": CLASSES, "image_size": 32, "counts": {"train": {c: 16 for c in CLASSES}},
+        "shards": {"train": w.shards}, "synthetic": True}))
+    return out
+
+
+def compose(shards: Path, run_dir: Path, *overrides: str) -> dict:
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = hcompose("train", overrides=[f"shards={shards}", f"run_dir={run_dir}", *COMMON, *overrides])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def cli(shards, run_dir, *overrides, nproc=1) -> list[str]:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    return [*launcher, "-m", "hpcgan.train", f"shards={shards}", f"run_dir={run_dir}", *COMMON, *overrides]
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    with open(run_dir / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def status(run_dir: Path) -> dict:
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def assert_same_weights(a: Path, b: Path):
+    sa, _ = load_latest(a)
+    sb, _ = load_latest(b)
+    assert sa["step"] == sb["step"]
+    for key in ("G", "D", "G_ema"):
+        if sa[key] is None:
+            assert sb[key] is None
+            continue
+        diff = [n for n in sa[key] if not torch.equal(sa[key][n], sb[key][n])]
+        assert not diff, f"{key} differs after resume: {diff[:5]}"
+    return sa
+
+
+# ---- in-process (fast) -------------------------------------------------------------------------------
+
+def test_precision_choices():
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == (None, False)
+    assert resolve_precision("bf16", cpu) == (torch.bfloat16, False)
+    assert resolve_precision("auto", cpu) == (None, False)
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        resolve_precision("fp8", cpu)
+
+
+def test_fp16_on_cpu_rejected_by_the_run(shards, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: fp16 is allowed here (see test_fp16_gradscaler_penalty_on_cuda)")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        run(compose(shards, tmp_path / "run", "steps=2", "precision=fp16"))
+    assert not list_checkpoints(tmp_path / "run")
+
+
+def test_bf16_run_finite_on_cpu(shards, tmp_path):
+    rd = tmp_path / "run"
+    assert run(compose(shards, rd, "steps=4", "precision=bf16", "log_every=2", "ckpt_every=100")) == EXIT_OK
+    rows = read_log(rd)
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    for r in rows:
+        assert all(math.isfinite(float(r[k])) for k in ("d_loss", "g_loss", "gp", "wdist", "ac_acc_real"))
+    state, _ = load_latest(rd)
+    assert all(v.isfinite().all() for v in state["G"].values() if v.is_floating_point())
+
+
+def _trainer(spec_name="wgan_gp_ac"):
+    spec = load_spec(spec_name)
+    spec.width = 8
+    return Trainer(spec, len(CLASSES), 32, dist.DistEnv(), seed=0, precision="fp32", ema=0.5)
+
+
+def test_nan_batch_is_skipped_without_touching_weights():
+    tr = _trainer()
+    before_d = {k: v.clone() for k, v in tr.state_dict()["D"].items()}
+    real = torch.full((8, 3, 32, 32), float("nan"))
+    y = torch.arange(8) % 3
+    stats, bad, stop = tr.step(real, y, step=0)
+    assert bad and not stop
+    assert all(torch.equal(before_d[k], v) for k, v in tr.state_dict()["D"].items())
+    # the generator step does not see the bad real batch: it may update, and stays finite
+    assert all(v.isfinite().all() for v in tr.state_dict()["G"].values() if v.is_floating_point())
+    # the next, healthy batch trains normally
+    stats, bad, _ = tr.step(torch.rand(8, 3, 32, 32) * 2 - 1, y, step=1)
+    assert not bad and math.isfinite(stats["d_loss"].item())
+    assert any(not torch.equal(before_d[k], v) for k, v in tr.state_dict()["D"].items())
+
+
+def test_divergence_fails_after_max_bad_steps_and_keeps_checkpoints(shards, tmp_path):
+    """Resumed with an absurd learning rate, every loss turns non-finite after the first update: the bad
+    updates are skipped, the run fails after max_bad_steps, and the good checkpoint stays usable."""
+    rd = tmp_path / "run"
+    assert run(compose(shards, rd, "steps=2", "log_every=1")) == EXIT_OK
+    good = list_checkpoints(rd)[-1].read_bytes()
+    code = run(compose(shards, rd, "steps=30", "model.optim.lr=1e30", "max_bad_steps=3", "ckpt_every=1",
+                       "log_every=1"))
+    assert code == EXIT_FAILED
+    st = status(rd)
+    assert st["state"] == "failed" and "max_bad_steps" in st["error"]
+    rows = read_log(rd)
+    bad = [int(r["step"]) for r in rows if int(r["bad_steps"]) > 0]
+    assert bad and int(rows[-1]["bad_steps"]) == 3
+    # nothing was checkpointed during the bad streak; the last good checkpoint is intact and finite
+    state, path = load_latest(rd)
+    assert state["step"] < min(bad)
+    if state["step"] == 2:
+        assert path.read_bytes() == good
+    assert all(v.isfinite().all() for k in ("G", "D") for v in state[k].values() if v.is_floating_point())
+
+
+def test_corrupt_newest_checkpoint_resumes_from_previous(shards, tmp_path, capsys):
+    rd = tmp_path / "run"
+    assert run(compose(shards, rd, "steps=4", "ckpt_every=2", "log_every=2")) == EXIT_OK
+    newest = list_checkpoints(rd)[-1]
+    assert newest.name == "step-00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    (rd / "status.json").unlink()
+    capsys.readouterr()
+    assert run(compose(shards, rd, "steps=6", "ckpt_every=2", "log_every=2")) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "step-00000004.pt is unreadable" in err
+    assert [int(r["step"]) for r in read_log(rd)] == [2, 4, 6]  # resumed from 2, redid 3-4
+    assert status(rd)["state"] == "finished" and load_latest(rd)[0]["step"] == 6
+
+
+def test_already_finished_run_exits_immediately(shards, tmp_path, capsys):
+    rd = tmp_path / "run"
+    assert run(compose(shards, rd, "steps=2", "log_every=1")) == EXIT_OK
+    mtime = list_checkpoints(rd)[-1].stat().st_mtime_ns
+    capsys.readouterr()
+    assert run(compose(shards, rd, "steps=2", "log_every=1")) == EXIT_OK
+    assert "already finished" in capsys.readouterr().out
+    assert list_checkpoints(rd)[-1].stat().st_mtime_ns == mtime
+    assert len(read_log(rd)) == 2
+
+
+def test_resume_refuses_a_different_model(shards, tmp_path):
+    rd = tmp_path / "run"
+    assert run(compose(shards, rd, "steps=2")) == EXIT_OK
+    with pytest.raises(ValueError, match="different model"):
+        run(compose(shards, rd, "steps=4", "model=wgan_gp"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 GradScaler path needs a CUDA GPU; none here")
+def test_fp16_gradscaler_penalty_on_cuda(shards, tmp_path):
+    rd = tmp_path / "run"
+    assert run(compose(shards, rd, "steps=6", "precision=fp16", "log_every=2", "device=cuda")) == EXIT_OK
+    state, _ = load_latest(rd)
+    assert state["scaler"] is not None and state["scaler"]["D"]["scale"] > 0
+    for r in read_log(rd):
+        assert math.isfinite(float(r["d_loss"])) and math.isfinite(float(r["gp"]))
+
+
+# ---- real subprocesses: torchrun, kills, signals (slow) -----------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", MODEL_NAMES)
+def test_every_model_under_torchrun_two_ranks(shards, tmp_path, model):
+    rd = tmp_path / model
+    p = subprocess.run(cli(shards, rd, f"model={model}", "steps=6", "log_every=2", "ckpt_every=3",
+                           "sample_every=3", nproc=2), env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [c.name for c in list_checkpoints(rd)] == ["step-00000003.pt", "step-00000006.pt"]
+    rows = read_log(rd)
+    assert list(rows[0]) == list(LOG_COLUMNS) and [int(r["step"]) for r in rows] == [2, 4, 6]
+    for r in rows:  # g_loss is empty before the first generator update (n_critic = 5 for wgan)
+        assert math.isfinite(float(r["d_loss"])) and (r["g_loss"] == "" or math.isfinite(float(r["g_loss"])))
+    assert math.isfinite(float(rows[-1]["g_loss"]))
+    png = rd / "samples" / "step-00000006.png"
+    with Image.open(png) as im:  # one row per class, 2 per row, 32 px + 2 px padding
+        assert im.size == (2 + 2 * 34, 2 + len(CLASSES) * 34)
+    st = status(rd)
+    assert st["state"] == "finished" and st["step"] == st["steps"] == 6 and st["world_size"] == 2
+    state, _ = load_latest(rd)
+    assert state["config"]["model"]["name"] == model and state["config"]["classes"] == CLASSES
+    assert state["config"]["image_size"] == 32
+
+
+def _wait_for(pred, proc, timeout=120):
+    t0 = time.time()
+    while not pred():
+        assert proc.poll() is None, "the run ended before the test could interrupt it"
+        assert time.time() - t0 < timeout, "timed out waiting"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_after_sigkill_is_bit_identical(shards, tmp_path, nproc):
+    """Kill -9 after a checkpoint, relaunch: same weights as an uninterrupted run (fp32 CPU), with EMA,
+    DiffAugment and flips on, across epoch boundaries (6 batches per epoch on one rank, 3 on two)."""
+    args = ["steps=14", "ckpt_every=2", "log_every=2", "sample_every=0", "ema=0.9", "flip=true",
+            "diffaug=[color,translation,cutout]"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    p = subprocess.run(cli(shards, straight, *args, nproc=nproc), env=ENV, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    proc = subprocess.Popen(cli(shards, killed, *args, nproc=nproc), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for(lambda: any(c.name >= "step-00000004.pt" for c in list_checkpoints(killed)), proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole launch: torchrun and its workers
+        proc.wait()
+    assert status(killed)["state"] == "running"
+    p = subprocess.run(cli(shards, killed, *args, nproc=nproc), env=ENV, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    state = assert_same_weights(straight, killed)
+    assert state["step"] == 14 and state["G_ema"] is not None
+    assert read_log(straight) != [] and [r["step"] for r in read_log(killed)] == [r["step"] for r in read_log(straight)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
+def test_signal_checkpoints_and_exits_then_resumes(shards, tmp_path, signum):
+    rd = tmp_path / "run"
+    args = ["steps=40", "ckpt_every=1000", "log_every=1", "sample_every=0"]
+    proc = subprocess.Popen(cli(shards, rd, *args), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for(lambda: (rd / "log.csv").is_file() and len(read_log(rd)) >= 3, proc)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_SIGNAL, err[-3000:]
+    st = status(rd)
+    assert st["state"] == "interrupted" and st["signal"] == signum.name and 3 <= st["step"] < 40
+    state, _ = load_latest(rd)
+    assert state["step"] == st["step"]
+    assert f"stopped by {signum.name}" in err
+    p = subprocess.run(cli(shards, rd, *args), env=ENV, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert status(rd)["state"] == "finished" and load_latest(rd)[0]["step"] == 40
+    assert [int(r["step"]) for r in read_log(rd)] == list(range(1, 41))
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for kv in env:
+        if kv.startswith(b"RANK="):
+            return int(kv[5:])
+    return None
+
+
+@pytest.mark.slow
+def test_signal_to_one_rank_stops_all_ranks_at_the_same_step(shards, tmp_path):
+    """Slurm may signal ranks at slightly different times: rank 1 alone gets SIGUSR2, both stop together."""
+    rd = tmp_path / "run"
+    args = ["steps=40", "ckpt_every=1000", "log_every=1", "sample_every=0"]
+    proc = subprocess.Popen(cli(shards, rd, *args, nproc=2), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (rd / "log.csv").is_file() and len(read_log(rd)) >= 3, proc)
+    rank1 = [c for c in _children(proc.pid) if _rank_of(c) == 1]
+    assert len(rank1) == 1
+    os.kill(rank1[0], signal.SIGUSR2)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0  # torchrun reports the workers' exit code 3 as a failure
+    st = status(rd)
+    assert st["state"] == "interrupted" and 3 <= st["step"] < 40
+    assert load_latest(rd)[0]["step"] == st["step"]
+    p = subprocess.run(cli(shards, rd, *args, nproc=2), env=ENV, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert status(rd)["state"] == "finished" and load_latest(rd)[0]["step"] == 40
