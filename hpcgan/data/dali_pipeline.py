@@ -128,6 +128,9 @@ def iterate_dali(loader):
             n += 1
             if n == to_yield:
                 break
+        if n < to_yield:  # the reader's own epoch accounting disagrees with batches_per_rank: say so
+            raise RuntimeError(f"DALI gave {n + loader.skip_batches} batches on rank {loader.rank}, expected "
+                               f"{loader.epoch_batches}; ranks would fall out of step")
     finally:
         del it, pipe
         if source is not None:
