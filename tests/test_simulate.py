@@ -91,6 +91,19 @@ def test_same_seed_gives_byte_identical_files_and_scale_does_not_reshuffle(tiny,
     assert len(differs) == len(lab_small)
 
 
+def test_no_two_images_are_perceptual_near_duplicates(tiny):
+    """The sharder drops near-duplicates (phash distance <= 4), whole groups if their labels differ:
+    simulated cells of different types must not collapse onto the same perceptual hash."""
+    imagehash = pytest.importorskip("imagehash", reason="imagehash not installed")
+    out, _ = tiny
+    hashes = []
+    for path in sorted(p for p in out.rglob("*.*") if p.suffix in (".jpg", ".tiff", ".png")):
+        with Image.open(path) as im:
+            hashes.append((path.relative_to(out).as_posix(), imagehash.phash(im.convert("RGB").resize((64, 64)))))
+    close = [(a, b, ha - hb) for i, (a, ha) in enumerate(hashes) for b, hb in hashes[i + 1:] if ha - hb <= 4]
+    assert close == []
+
+
 def test_imbalance_follows_the_public_counts():
     taxonomy = Taxonomy.load()
     for scale in (1.0, 0.3):

@@ -106,13 +106,13 @@ class SourceLook:
     size: tuple[int, int]          # (W, H)
     ext: str
     rbc_radius: float              # red cell radius in pixels: sets the magnification
-    background: tuple[int, int, int]
+    background: tuple[int, int, int]   # bright field; may exceed 255 where the camera saturates
     blur: float                    # optical blur sigma (px)
     noise: float                   # sensor noise (0-255 units)
 
 
 LOOKS = {
-    "pbc": SourceLook((360, 363), "jpg", 34.0, (255, 233, 205), 0.8, 1.6),
+    "pbc": SourceLook((360, 363), "jpg", 34.0, (266, 240, 210), 0.8, 1.6),
     "aml": SourceLook((400, 400), "tiff", 44.0, (236, 232, 222), 1.0, 1.2),
     "lab": SourceLook((320, 320), "png", 30.0, (240, 226, 228), 0.7, 2.0),
 }
@@ -127,7 +127,7 @@ def _od(rgb: tuple[int, int, int], ref: tuple[int, int, int] = (244, 230, 208)) 
 # Stain colours as optical densities; 'basic' dyes (blue/purple) and 'acidic' (pink/orange) vary
 # separately from slide to slide, as they do in real May-Gruenwald-Giemsa staining.
 PALETTE: dict[str, tuple[np.ndarray, str]] = {
-    "rbc": (_od((222, 198, 188)), "acidic"),
+    "rbc": (_od((216, 190, 182)), "acidic"),
     "nucleus": (_od((68, 26, 126)), "basic"),
     "nucleus_light": (_od((112, 70, 158)), "basic"),
     "cyto_blue": (_od((150, 154, 210)), "basic"),
@@ -173,10 +173,11 @@ class Morph:
 MORPHS: dict[str, Morph] = {
     "neutrophil segmented": Morph(
         cell_r=(1.8, 2.05), nucleus="segmented", nuc_r=(0.62, 0.72), lobes=(2, 5),
-        chromatin=(4.0, 0.3), cyto="cyto_pink", granules="gran_fine", granule_count=(250, 400),
+        chromatin=(4.0, 0.3), cyto="cyto_pink", cyto_density=(1.0, 1.4), granules="gran_fine", granule_count=(250, 400),
         granule_size=0.8, granule_density=0.6),
     "neutrophil band": Morph(
         cell_r=(1.8, 2.05), nucleus="band", nuc_r=(0.6, 0.7), chromatin=(4.0, 0.3), cyto="cyto_pink",
+        cyto_density=(1.0, 1.4),
         granules="gran_fine", granule_count=(250, 400), granule_size=0.8, granule_density=0.6),
     "eosinophil": Morph(
         cell_r=(1.85, 2.2), nucleus="bilobed", nuc_r=(0.62, 0.72), lobes=(2, 3),
@@ -189,7 +190,7 @@ MORPHS: dict[str, Morph] = {
         granules="gran_baso", granule_count=(150, 260), granule_size=1.6, granule_density=0.9,
         granules_over_nucleus=0.8),
     "lymphocyte typical": Morph(
-        cell_r=(1.15, 1.45), nucleus="round", nuc_r=(0.8, 0.9), nuc_offset=(0.0, 0.12),
+        cell_r=(1.25, 1.6), nucleus="round", nuc_r=(0.8, 0.9), nuc_offset=(0.0, 0.12),
         nuc_density=(1.0, 1.2), chromatin=(5.0, 0.35), cyto="cyto_blue", cyto_density=(0.6, 0.9),
         cyto_rim=0.8),
     "lymphocyte atypical": Morph(
@@ -202,7 +203,7 @@ MORPHS: dict[str, Morph] = {
         cyto="cyto_greyblue", cyto_density=(0.8, 1.1), granules="gran_fine", granule_count=(60, 140),
         granule_size=0.8, granule_density=0.5, vacuoles=(0, 6), outline=0.16),
     "erythroblast": Morph(
-        cell_r=(1.1, 1.45), nucleus="round", nuc_r=(0.5, 0.68), nuc_offset=(0.05, 0.25),
+        cell_r=(1.1, 1.5), nucleus="round", nuc_r=(0.5, 0.72), nuc_offset=(0.05, 0.25),
         nuc_density=(1.3, 1.6), chromatin=(3.0, 0.15), cyto="cyto_greyblue", cyto_density=(0.9, 1.3)),
     "myeloblast": Morph(
         cell_r=(1.8, 2.25), nucleus="round", nuc_r=(0.78, 0.88), nuc_offset=(0.0, 0.1),
@@ -285,7 +286,7 @@ def slide_for(seed: int, source: str, number: int) -> Slide:
     look = LOOKS[source]
     basic = rng.uniform(0.8, 1.2) * rng.uniform(0.92, 1.08, 3)
     acidic = rng.uniform(0.75, 1.25) * rng.uniform(0.9, 1.1, 3)
-    background = np.clip(np.asarray(look.background) + rng.normal(0, 4, 3), 200, 255)
+    background = np.clip(np.asarray(look.background) + rng.normal(0, 4, 3), 200, 275)  # >255: camera saturates
     return Slide(basic, acidic, background)
 
 
@@ -367,7 +368,7 @@ def _nucleus_mask(kind: str, u, v, rn: float, lobes: int, rng: np.random.Generat
     if kind in ("segmented", "bilobed", "lobed"):
         if kind == "segmented":
             arc_r, span = rn * rng.uniform(0.62, 0.78), min(rng.uniform(0.3, 0.42) * lobes, 1.7) * np.pi
-            lobe_r = rn * rng.uniform(0.34, 0.42) * (1.0 if lobes <= 3 else 0.88)
+            lobe_r = rn * rng.uniform(0.38, 0.46) * (1.0 if lobes <= 3 else 0.88)
             strand = rng.uniform(1.0, 1.8)
         elif kind == "bilobed":
             arc_r, span = rn * rng.uniform(0.5, 0.62), rng.uniform(0.55, 0.85) * np.pi
@@ -432,7 +433,10 @@ class _Canvas:
         look, rng = self.look, self.rng
         od = ndimage.gaussian_filter(self.od, sigma=(look.blur, look.blur, 0))
         yy, xx = self.yy[:, :1] / self.h - 0.5, self.xx[:1, :] / self.w - 0.5
-        vignette = 1.0 - np.float32(rng.uniform(0.03, 0.08) * 4) * (xx ** 2 + yy ** 2)  # uneven illumination
+        # Uneven illumination: a vignette and a gentle gradient in a random direction.
+        a = rng.uniform(0, 2 * np.pi)
+        vignette = (1.0 - np.float32(rng.uniform(0.03, 0.08) * 4) * (xx ** 2 + yy ** 2)
+                    + np.float32(rng.uniform(0, 0.06)) * (np.float32(np.cos(a)) * xx + np.float32(np.sin(a)) * yy))
         img = np.exp(-od)
         img *= vignette[..., None]
         img *= self.slide.background.astype(np.float32)
@@ -444,15 +448,21 @@ def _draw_red_cells(cv: _Canvas, keep_out: float, cx: float, cy: float) -> None:
     """A single layer of red cells: pale discs with a lighter centre, touching and sometimes overlapping."""
     rng = cv.rng
     r0 = cv.look.rbc_radius
-    density = rng.uniform(0.55, 0.9)  # how crowded this field is
+    density = rng.uniform(0.4, 0.95)  # how crowded this field is
     cand = rng.uniform([-r0, -r0], [cv.w + r0, cv.h + r0], size=(int(6 * cv.w * cv.h / (r0 * r0)), 2))
+    # Smears are uneven: red cells crowd in some parts of the field and thin out in others.
+    clump = _noise(rng, (8, 8), 3.0, 1)
+    keep = rng.random(len(cand)) < np.clip(0.6 + 0.6 * clump[
+        np.clip((cand[:, 1] + r0) / (cv.h + 2 * r0) * 8, 0, 7).astype(int),
+        np.clip((cand[:, 0] + r0) / (cv.w + 2 * r0) * 8, 0, 7).astype(int)], 0.05, 1.0)
+    cand = cand[keep]
     placed: list[np.ndarray] = []
-    min_gap = r0 * rng.uniform(1.5, 1.8)
+    min_gap = r0 * rng.uniform(1.45, 1.8)
     target = int(density * cv.w * cv.h / (np.pi * r0 * r0) * 1.1)
     for p in cand:
         if len(placed) >= target:
             break
-        if np.hypot(p[0] - cx, p[1] - cy) < keep_out + r0 * 0.7:
+        if np.hypot(p[0] - cx, p[1] - cy) < keep_out + r0 * rng.uniform(0.3, 1.0):
             continue
         if placed and np.min(np.hypot(*(np.asarray(placed) - p).T)) < min_gap:
             continue
@@ -585,8 +595,8 @@ def render_cell(fine: str, rng: np.random.Generator, source: str = "pbc", slide:
         names, weights = zip(*MIXTURES[fine])
         fine = str(rng.choice(names, p=np.asarray(weights) / sum(weights)))
     cv = _Canvas(look, slide, rng)
-    cx = cv.w / 2 + rng.normal(0, 0.03 * cv.w)
-    cy = cv.h / 2 + rng.normal(0, 0.03 * cv.h)
+    cx = cv.w / 2 + np.clip(rng.normal(0, 0.05 * cv.w), -0.1 * cv.w, 0.1 * cv.w)
+    cy = cv.h / 2 + np.clip(rng.normal(0, 0.05 * cv.h), -0.1 * cv.h, 0.1 * cv.h)
     r0 = look.rbc_radius
     if fine == "platelet":
         keep_out = r0 * 0.6
