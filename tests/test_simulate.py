@@ -7,6 +7,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import imagehash
 import numpy as np
 import pytest
 from PIL import Image
@@ -94,7 +95,6 @@ def test_same_seed_gives_byte_identical_files_and_scale_does_not_reshuffle(tiny,
 def test_no_two_images_are_perceptual_near_duplicates(tiny):
     """The sharder drops near-duplicates (phash distance <= 4), whole groups if their labels differ:
     simulated cells of different types must not collapse onto the same perceptual hash."""
-    imagehash = pytest.importorskip("imagehash", reason="imagehash not installed")
     out, _ = tiny
     hashes = []
     for path in sorted(p for p in out.rglob("*.*") if p.suffix in (".jpg", ".tiff", ".png")):
