@@ -21,6 +21,8 @@
 # torchrun exits non-zero when it was signalled, whatever the workers' exit codes, so the script decides
 # from "the warning came and the training did not end cleanly" (rc != 0), not from an exit code.
 # scancel (SIGTERM to everything) also makes the training checkpoint, but does not requeue: cancel means stop.
+# Keep the warning lead time (@120) well below the time limit: Slurm may send it up to ~30 s early, and a
+# warning that arrives while the workers are still starting (before they handle it) ends them unsaved.
 #
 # Environment knobs (exported at sbatch time, --export=ALL is Slurm's default):
 #   HPCGAN_VENV   virtualenv to activate (default: $SLURM_SUBMIT_DIR/.venv if it exists)
@@ -67,7 +69,7 @@ gpus_on_node() {
   if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L 2>/dev/null | grep -c '^GPU'; return; fi
   echo 0
 }
-GPUS=$(gpus_on_node)
+GPUS=$(gpus_on_node)   # counted on the first node; nodes of one job are assumed alike
 if [ "${GPUS:-0}" -gt 0 ]; then NPROC=${NPROC:-$GPUS}; else NPROC=${NPROC:-1}; fi
 CPUS=${SLURM_CPUS_PER_TASK:-1}
 # threads per worker: the task's CPUs shared among its workers

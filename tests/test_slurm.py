@@ -141,7 +141,7 @@ def test_train_sh_runs_to_completion(slurm_cluster, tiny_shards, tmp_path):
 @pytest.mark.timeout(300)
 def test_requeued_job_resumes_from_checkpoint(slurm_cluster, tiny_shards, tmp_path):
     run_dir = tmp_path / "run"
-    steps = 40
+    steps = 30
     job_id, _ = submit(slurm_cluster, tmp_path, [f"shards={tiny_shards}", f"run_dir={run_dir}", f"steps={steps}",
                                                  "ckpt_every=4", *TINY])
     first = wait_until(lambda: (run_dir / "checkpoints").is_dir() and checkpoint_steps(run_dir), 180,
@@ -167,7 +167,7 @@ def test_time_limit_warning_checkpoints_requeues_and_finishes(slurm_cluster, tin
     """SIGUSR2 to the batch shell (what --signal=B:USR2@120 sends before the time limit): the script makes the
     workers checkpoint at the current step, requeues the job, and the second run finishes from there."""
     run_dir = tmp_path / "run"
-    steps = 40
+    steps = 24
     job_id, _ = submit(slurm_cluster, tmp_path, [f"shards={tiny_shards}", f"run_dir={run_dir}", f"steps={steps}",
                                                  "ckpt_every=1000", *TINY])
     wait_until(lambda: (run_dir / "log.csv").is_file() and logged_steps(run_dir), 180, "training to start")
@@ -197,3 +197,33 @@ def test_scripts_parse():
     for script in (TRAIN_SH, REPO / "slurm/local/up.sh", REPO / "slurm/local/down.sh"):
         r = subprocess.run(["bash", "-n", str(script)], text=True, capture_output=True)
         assert r.returncode == 0, f"{script}: {r.stderr}"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_real_time_limit_signal_requeues_and_resumes(slurm_cluster, tiny_shards, tmp_path):
+    """The real thing: a 2-minute job with --signal=B:USR2@60, which Slurm itself delivers 30-60 s in (its
+    time-limit check runs every ~30 s and signals early rather than late; a warning that lands before the
+    workers have set their handlers would kill them unsaved, hence no shorter limit). The run is far too long
+    to finish, so it must checkpoint and requeue; once the second run has resumed from that checkpoint the
+    test cancels it (finishing after a requeue is covered by the tests above)."""
+    run_dir = tmp_path / "run"
+    job_id, _ = submit(slurm_cluster, tmp_path, [f"shards={tiny_shards}", f"run_dir={run_dir}", "steps=100000",
+                                                 "ckpt_every=100000", *TINY], "--time=2", "--signal=B:USR2@60")
+    try:
+        wait_until(lambda: f"requeueing job {job_id}" in job_log(tmp_path, job_id), 180, "the time-limit requeue")
+        # give the second run room to start (a requeued job keeps its time limit)
+        slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=10")
+        wait_until(lambda: "resuming from" in job_log(tmp_path, job_id), 120, "the second run to resume")
+        info = job_info(slurm_cluster, job_id)
+    finally:
+        slurm_cluster.run("scancel", str(job_id), check=False)
+    log = job_log(tmp_path, job_id)
+    assert info["Restarts"] == "1", (info, log)
+    assert "time-limit warning (SIGUSR2)" in log, log
+    stopped = re.search(r"stopped by SIGUSR2 at step (\d+)/100000; checkpoint written", log)
+    assert stopped and int(stopped.group(1)) > 0, log
+    assert f"job {job_id} restart 1 " in log, log
+    resumed = re.search(r"resuming from \S+ \(step (\d+)", log)
+    assert resumed and resumed.group(1) == stopped.group(1), log
