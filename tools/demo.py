@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""make demo: the whole hpcgan flow on the embedded simulator, small enough for a laptop.
+
+    simulate -> shard -> contact sheet -> train WGAN-GP-AC (torchrun, 2 ranks) -> generate balanced shards
+
+Settings: configs/demo.yaml (e.g. `python tools/demo.py train.steps=50 size=32`). Re-running resumes:
+training continues from its newest checkpoint, and a finished run is not trained again.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+
+from hpcgan import CONFIG_DIR, REPO_ROOT  # noqa: E402
+from hpcgan import viz  # noqa: E402
+from hpcgan.data.build import build, summary_line  # noqa: E402
+from hpcgan.data.shards import SPLITS, iter_samples, read_manifest  # noqa: E402
+from hpcgan.data.simulate import simulate  # noqa: E402
+
+logger = logging.getLogger("demo")
+
+
+def contact_sheet_of(shard_dir: Path, split: str, path: Path, title: str, per_row: int = 8) -> Path:
+    """First `per_row` images of every class of a split, one row per class."""
+    classes = read_manifest(shard_dir)["classes"]
+    rows: dict[str, list[np.ndarray]] = {c: [] for c in classes}
+    for _key, image, _ext, label, _meta in iter_samples(shard_dir, split):
+        if len(rows[classes[label]]) < per_row:
+            rows[classes[label]].append(np.asarray(Image.open(io.BytesIO(image)).convert("RGB")))
+    # small shards are blown up to 64 px so people can see the cells
+    tile = max(64, next((r[0].shape[0] for r in rows.values() if r), 64))
+    return viz.contact_sheet(rows, path, title=title, per_row=per_row, tile=tile)
+
+
+def manifest_table(manifest: dict, synthetic: dict | None = None) -> str:
+    """Counts per class and split (+ synthetic), as a fixed-width table."""
+    cols = list(SPLITS) + (["synthetic"] if synthetic else [])
+    counts = {s: manifest["counts"].get(s, {}) for s in SPLITS}
+    if synthetic:
+        counts["synthetic"] = synthetic["counts"].get("train", {})
+    width = max(len(c) for c in manifest["classes"]) + 2
+    lines = ["class".ljust(width) + "".join(c.rjust(10) for c in cols)]
+    for cls in manifest["classes"]:
+        lines.append(cls.ljust(width) + "".join(str(counts[c].get(cls, 0)).rjust(10) for c in cols))
+    lines.append("total".ljust(width) + "".join(str(sum(counts[c].values())).rjust(10) for c in cols))
+    return "\n".join(lines)
+
+
+def train(cfg: DictConfig, shards: Path, run_dir: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.train.nproc}",
+           "-m", "hpcgan.train", f"shards={shards}", f"run_dir={run_dir}", f"model={cfg.train.model}",
+           f"steps={cfg.train.steps}", f"precision={cfg.train.precision}", f"seed={cfg.seed}",
+           *[str(x) for x in cfg.train.extra]]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    logger.info("training: %s", " ".join(cmd))
+    subprocess.run(cmd, check=True, env=env, cwd=REPO_ROOT)
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="demo", version_base=None)
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    out = Path(to_absolute_path(cfg.out))
+    sim, shards, run_dir, synth = out / "sim", out / "shards", out / "run", out / "synthetic"
+
+    logger.info("1/5 simulating cell images -> %s", sim)
+    simulate(sim, seed=cfg.seed, scale=cfg.scale)
+
+    logger.info("2/5 sharding -> %s", shards)
+    manifest = build({s: str(sim / s) for s in ("pbc", "aml", "lab")}, shards, size=cfg.size, seed=cfg.seed)
+    print(summary_line(manifest, shards))
+
+    sheet = contact_sheet_of(shards, "train", out / "contact_sheet.png", title="hpcgan demo: training images per class")
+    logger.info("3/5 contact sheet -> %s", sheet)
+
+    synthetic = None
+    if cfg.train.enabled:
+        logger.info("4/5 training %s for %d steps on %d ranks -> %s", cfg.train.model, cfg.train.steps,
+                    cfg.train.nproc, run_dir)
+        train(cfg, shards, run_dir)
+        from hpcgan.generate import generate  # torch is only needed from here on
+        logger.info("5/5 generating synthetic images to balance the classes -> %s", synth)
+        synthetic = generate(run_dir=run_dir, out=synth, balance=cfg.generate.balance, shards=shards, seed=cfg.seed)
+        if sum(synthetic["counts"].get("train", {}).values()):
+            contact_sheet_of(synth, "train", out / "synthetic_sheet.png", title="hpcgan demo: synthetic images per class")
+
+    print()
+    print(f"Shards: {shards}  ({manifest['image_size']} px, {len(manifest['classes'])} classes)")
+    print(manifest_table(manifest, synthetic))
+    print()
+    print(f"Contact sheet:   {out / 'contact_sheet.png'}")
+    if synthetic is not None:
+        grids = sorted((run_dir / "samples").glob("step-*.png"))
+        if grids:
+            print(f"Training samples: {grids[-1]}")
+        print(f"Training log:    {run_dir / 'log.csv'}")
+        if (out / "synthetic_sheet.png").exists():
+            print(f"Synthetic sheet: {out / 'synthetic_sheet.png'}")
+        print(f"Synthetic shards: {synth}  (read them with the real ones: make_loader([shards, synthetic], 'train', ...))")
+
+
+if __name__ == "__main__":
+    main()
