@@ -34,7 +34,7 @@ class SlurmCluster:
 def _sinfo_answers(env: dict) -> str | None:
     """None when sinfo reports a usable node, else why not."""
     try:
-        r = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, text=True, capture_output=True, timeout=30)
+        r = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, text=True, capture_output=True, timeout=15)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"sinfo failed: {e}"
     states = r.stdout.split()
@@ -50,11 +50,13 @@ def _bring_up() -> tuple[dict | None, str | None, bool]:
     env = dict(os.environ)
     conf = env.get("SLURM_CONF")
     # Ask an existing cluster only when one is configured: without a controller sinfo retries for ~10 s.
+    why = "no sinfo on PATH" if not shutil.which("sinfo") else "no SLURM_CONF and no /etc/slurm/slurm.conf"
     if shutil.which("sinfo") and (conf or Path("/etc/slurm/slurm.conf").is_file()):
-        if _sinfo_answers(env) is None:
+        why = _sinfo_answers(env)
+        if why is None:
             return env, conf, False
     if os.geteuid() != 0:
-        return None, "no reachable Slurm (sinfo) and not root, so slurm/local/up.sh cannot start one", False
+        return None, f"no reachable Slurm ({why}) and not root, so slurm/local/up.sh cannot start one", False
     try:
         r = subprocess.run(["bash", str(LOCAL_SLURM / "up.sh")], env=env, text=True, capture_output=True,
                            timeout=600)

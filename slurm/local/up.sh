@@ -49,6 +49,7 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
   fi
   install -d -o munge -g munge -m 0755 /run/munge
   runuser -u munge -- /usr/sbin/munged               # forks; pid in /run/munge/munged.pid
+  mkdir -p "$BASE/run" && touch "$BASE/run/munged.ours"   # down.sh stops munged only if we started it
   for _ in $(seq 1 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
   munge -n | unmunge >/dev/null
 fi
