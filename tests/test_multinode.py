@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_slurm import TINY, TRAIN_SH, job_env, job_info, job_log, logged_steps, status, write_tiny_shards
+from test_slurm import TINY, job_log, logged_steps, status, submit, wait_job_done, write_tiny_shards
 
 pytestmark = pytest.mark.slow
 
@@ -63,15 +63,12 @@ def two_node_slurm(slurm_cluster):
 def test_train_sh_on_two_slurm_nodes(two_node_slurm, tiny_shards, tmp_path):
     run_dir = tmp_path / "run"
     steps = 6
-    (tmp_path / "logs").mkdir()
-    r = two_node_slurm.run("sbatch", "--parsable", "--wait", "--nodes=2", "--cpus-per-task=1", "--time=5",
-                           str(TRAIN_SH), f"shards={tiny_shards}", f"run_dir={run_dir}", f"steps={steps}",
-                           "ckpt_every=3", *TINY, cwd=tmp_path, env=job_env(two_node_slurm), timeout=200, check=False)
-    job_id = int(r.stdout.strip().split(";")[0])
+    job_id = submit(two_node_slurm, tmp_path, [f"shards={tiny_shards}", f"run_dir={run_dir}", f"steps={steps}",
+                                               "ckpt_every=3", *TINY], "--nodes=2", "--cpus-per-task=1")
+    info = wait_job_done(two_node_slurm, job_id)
     log = job_log(tmp_path, job_id)
-    assert r.returncode == 0, (r.stderr, log)
-    info = job_info(two_node_slurm, job_id)
-    assert info["JobState"] == "COMPLETED" and info["NumNodes"] == "2" and info["NodeList"] == "n[1-2]", info
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log)
+    assert info["NumNodes"] == "2" and info["NodeList"] == "n[1-2]", info
     assert re.search(rf"job {job_id} restart 0 on 2 node\(s\) \[n\[1-2\]\]: 1 worker\(s\)/node", log), log
     assert "rendezvous: c10d at 127.0.0.1:" in log, log   # NodeAddr of n1
     st = status(run_dir)
@@ -121,16 +118,15 @@ def test_srun_tasks_as_ranks(slurm_cluster, tiny_shards, tmp_path):
     steps = 6
     train = [sys.executable, "-m", "hpcgan.train", f"shards={tiny_shards}", f"run_dir={run_dir}", f"steps={steps}",
              "ckpt_every=3", *TINY]
-    script = ("export MASTER_ADDR=127.0.0.1 MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))\n"
-              f"srun --ntasks=2 --cpus-per-task=1 {shlex.join(train)}\n")
-    r = slurm_cluster.run("sbatch", "--parsable", "--wait", "--ntasks=2", "--cpus-per-task=1", "--time=5",
-                          f"--output={tmp_path}/job-%j.out", f"--wrap={script}", cwd=tmp_path,
-                          env=job_env(slurm_cluster), timeout=200, check=False)
-    job_id = r.stdout.strip().split(";")[0]
+    script = tmp_path / "ranks.sh"
+    script.write_text("#!/bin/bash\n"
+                      "export MASTER_ADDR=127.0.0.1 MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))\n"
+                      f"srun --ntasks=2 --cpus-per-task=1 {shlex.join(train)}\n")
+    job_id = submit(slurm_cluster, tmp_path, [], "--ntasks=2", "--cpus-per-task=1", f"--output={tmp_path}/job-%j.out",
+                    script=script)
+    info = wait_job_done(slurm_cluster, job_id)
     out = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("job-*.out"))
-    assert r.returncode == 0, (r.stdout, r.stderr, out)
-    info = job_info(slurm_cluster, int(job_id))
-    assert info["JobState"] == "COMPLETED" and info["NumTasks"] == "2", info
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["NumTasks"] == "2", (info, out)
     st = status(run_dir)
     assert st["state"] == "finished" and st["step"] == steps and st["world_size"] == 2, (st, out)
     assert "rank 0/2 on cpu (gloo)" in out, out

@@ -65,15 +65,15 @@ def job_env(cluster) -> dict:
     return env
 
 
-def submit(cluster, workdir: Path, overrides: list[str], *sbatch_opts: str, wait: bool = False,
-           timeout: float = 240) -> tuple[int, subprocess.CompletedProcess]:
+def submit(cluster, workdir: Path, overrides: list[str], *sbatch_opts: str, script: Path = TRAIN_SH) -> int:
+    """sbatch the script from `workdir`; the job id. (Tests poll `scontrol` rather than `sbatch --wait`,
+    whose polling interval grows to 32 s.)"""
     (workdir / "logs").mkdir(parents=True, exist_ok=True)  # train.sh's --output=logs/%x-%j.out
-    cmd = ["sbatch", "--parsable", "--cpus-per-task=2", "--time=10", *sbatch_opts,
-           *(["--wait"] if wait else []), str(TRAIN_SH), *overrides]
-    r = cluster.run(*cmd, cwd=workdir, env=job_env(cluster), timeout=timeout, check=False)
+    cmd = ["sbatch", "--parsable", "--cpus-per-task=2", "--time=10", *sbatch_opts, str(script), *overrides]
+    r = cluster.run(*cmd, cwd=workdir, env=job_env(cluster), timeout=60, check=False)
     m = re.match(r"(\d+)", r.stdout.strip())
-    assert m, f"sbatch printed no job id: rc={r.returncode} {r.stdout!r} {r.stderr!r}"
-    return int(m.group(1)), r
+    assert r.returncode == 0 and m, f"sbatch failed: rc={r.returncode} {r.stdout!r} {r.stderr!r}"
+    return int(m.group(1))
 
 
 def job_info(cluster, job_id: int) -> dict:
@@ -121,11 +121,10 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 def test_train_sh_runs_to_completion(slurm_cluster, tiny_shards, tmp_path):
     run_dir = tmp_path / "run"
     steps = 8
-    job_id, r = submit(slurm_cluster, tmp_path, [f"shards={tiny_shards}", f"run_dir={run_dir}", f"steps={steps}",
-                                                 "ckpt_every=4", *TINY], wait=True)
+    job_id = submit(slurm_cluster, tmp_path, [f"shards={tiny_shards}", f"run_dir={run_dir}", f"steps={steps}",
+                                             "ckpt_every=4", *TINY])
+    info = wait_job_done(slurm_cluster, job_id)
     log = job_log(tmp_path, job_id)
-    assert r.returncode == 0, f"sbatch --wait rc={r.returncode}\n{r.stderr}\n{log}"
-    info = job_info(slurm_cluster, job_id)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log)
     assert info["JobName"] == "hpcgan-train" and info["Restarts"] == "0"
     assert status(run_dir)["state"] == "finished" and status(run_dir)["step"] == steps, log
@@ -142,8 +141,8 @@ def test_train_sh_runs_to_completion(slurm_cluster, tiny_shards, tmp_path):
 def test_requeued_job_resumes_from_checkpoint(slurm_cluster, tiny_shards, tmp_path):
     run_dir = tmp_path / "run"
     steps = 30
-    job_id, _ = submit(slurm_cluster, tmp_path, [f"shards={tiny_shards}", f"run_dir={run_dir}", f"steps={steps}",
-                                                 "ckpt_every=4", *TINY])
+    job_id = submit(slurm_cluster, tmp_path, [f"shards={tiny_shards}", f"run_dir={run_dir}", f"steps={steps}",
+                                             "ckpt_every=4", *TINY])
     first = wait_until(lambda: (run_dir / "checkpoints").is_dir() and checkpoint_steps(run_dir), 180,
                        "the first checkpoint")[0]
     slurm_cluster.run("scontrol", "requeue", str(job_id))
@@ -168,8 +167,8 @@ def test_time_limit_warning_checkpoints_requeues_and_finishes(slurm_cluster, tin
     workers checkpoint at the current step, requeues the job, and the second run finishes from there."""
     run_dir = tmp_path / "run"
     steps = 24
-    job_id, _ = submit(slurm_cluster, tmp_path, [f"shards={tiny_shards}", f"run_dir={run_dir}", f"steps={steps}",
-                                                 "ckpt_every=1000", *TINY])
+    job_id = submit(slurm_cluster, tmp_path, [f"shards={tiny_shards}", f"run_dir={run_dir}", f"steps={steps}",
+                                             "ckpt_every=1000", *TINY])
     wait_until(lambda: (run_dir / "log.csv").is_file() and logged_steps(run_dir), 180, "training to start")
     slurm_cluster.run("scancel", "--batch", "--signal=USR2", str(job_id))
     info = wait_job_done(slurm_cluster, job_id)
@@ -209,8 +208,8 @@ def test_real_time_limit_signal_requeues_and_resumes(slurm_cluster, tiny_shards,
     to finish, so it must checkpoint and requeue; once the second run has resumed from that checkpoint the
     test cancels it (finishing after a requeue is covered by the tests above)."""
     run_dir = tmp_path / "run"
-    job_id, _ = submit(slurm_cluster, tmp_path, [f"shards={tiny_shards}", f"run_dir={run_dir}", "steps=100000",
-                                                 "ckpt_every=100000", *TINY], "--time=2", "--signal=B:USR2@60")
+    job_id = submit(slurm_cluster, tmp_path, [f"shards={tiny_shards}", f"run_dir={run_dir}", "steps=100000",
+                                             "ckpt_every=100000", *TINY], "--time=2", "--signal=B:USR2@60")
     try:
         wait_until(lambda: f"requeueing job {job_id}" in job_log(tmp_path, job_id), 180, "the time-limit requeue")
         # give the second run room to start (a requeued job keeps its time limit)
