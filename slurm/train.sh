@@ -28,7 +28,6 @@
 #   HPCGAN_VENV   virtualenv to activate (default: $SLURM_SUBMIT_DIR/.venv if it exists)
 #   NPROC         workers per node (default: GPUs on the node, 1 without GPUs)
 #   MASTER_PORT   rendezvous port on the first node (default: 20000 + job id % 20000)
-#   HPCGAN_MODULE python module torchrun runs (default hpcgan.train)
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun waits for workers to save before SIGKILL (default 90)
 #
 #SBATCH --job-name=hpcgan-train
@@ -76,7 +75,6 @@ CPUS=${SLURM_CPUS_PER_TASK:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CPUS / NPROC > 0 ? CPUS / NPROC : 1 ))}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-90}
 NNODES=${SLURM_NNODES:-1}
-MODULE=${HPCGAN_MODULE:-hpcgan.train}
 
 # --- launcher ------------------------------------------------------------------------------------------
 if [ "$NNODES" -gt 1 ]; then
@@ -104,7 +102,7 @@ fi
 log "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $NNODES node(s) [${SLURM_JOB_NODELIST:-}]:" \
     "$NPROC worker(s)/node, GPUs/node=$GPUS, OMP_NUM_THREADS=$OMP_NUM_THREADS"
 [ "$NNODES" -gt 1 ] && log "rendezvous: c10d at $MASTER_ADDR:$MASTER_PORT"
-log "module $MODULE, overrides: $*"
+log "hpcgan.train overrides: $*"
 
 # --- run, with the time-limit warning handled ----------------------------------------------------------
 warned=0
@@ -129,7 +127,7 @@ trap on_term TERM
 
 # srun does not pass --cpus-per-task on from sbatch in every Slurm version: say it
 srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS" --kill-on-bad-exit=1 \
-  torchrun "${RDZV[@]}" --nproc_per_node="$NPROC" --max_restarts=0 "${SIGOPT[@]}" -m "$MODULE" "$@" &
+  torchrun "${RDZV[@]}" --nproc_per_node="$NPROC" --max_restarts=0 "${SIGOPT[@]}" -m hpcgan.train "$@" &
 srun_pid=$!
 while :; do
   wait "$srun_pid"; rc=$?
