@@ -1,8 +1,9 @@
 """slurm/train.sh on a real Slurm (slurm/local/up.sh brings up a one-node cluster when run as root).
 
-Each test submits the real script with `sbatch` and trains a tiny model (32 px, width 8) to the end:
-plain completion, `scontrol requeue` mid-run, and the time-limit warning (SIGUSR2 to the batch shell,
-which is exactly what `--signal=B:USR2@120` makes Slurm send) followed by checkpoint, requeue and resume.
+Each test submits the real script with `sbatch` and trains a tiny model (32 px, width 8): plain completion;
+`scontrol requeue` mid-run -> resume -> completion; the time-limit warning (SIGUSR2 to the batch shell, what
+`--signal=B:USR2@120` makes Slurm send) -> checkpoint, requeue, resume, completion; a real 2-minute time limit
+whose warning Slurm itself delivers; scancel -> checkpoint, no requeue.
 No accounting here (no sacct): job states come from `scontrol show job` (kept MinJobAge=300 s).
 """
 from __future__ import annotations
@@ -102,8 +103,8 @@ def job_log(workdir: Path, job_id: int) -> str:
 
 
 def logged_steps(run_dir: Path) -> list[int]:
-    with open(run_dir / "log.csv", newline="") as f:
-        return [int(r["step"]) for r in csv.DictReader(f)]
+    with open(run_dir / "log.csv", newline="") as f:   # (a row being written may be cut short: skip it)
+        return [int(r["step"]) for r in csv.DictReader(f) if (r.get("step") or "").isdigit()]
 
 
 def status(run_dir: Path) -> dict:
