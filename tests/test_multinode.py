@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_slurm import TINY, job_log, logged_steps, status, submit, wait_job_done, write_tiny_shards
+from test_slurm import TINY, job_log, logged_steps, status, submit, wait_job_done, wait_until, write_tiny_shards
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +75,30 @@ def test_train_sh_on_two_slurm_nodes(two_node_slurm, tiny_shards, tmp_path):
     assert st["state"] == "finished" and st["step"] == steps and st["world_size"] == 2, (st, log)
     assert logged_steps(run_dir) == list(range(1, steps + 1))
     assert "rank 0/2 on cpu (gloo)" in log, log
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+def test_time_limit_warning_on_two_nodes(two_node_slurm, tiny_shards, tmp_path):
+    """The warning reaches the torchrun agents on both nodes (via srun), both ranks stop at the same step, the
+    job requeues itself and the two-node rerun resumes from that step and finishes."""
+    run_dir = tmp_path / "run"
+    steps = 24
+    job_id = submit(two_node_slurm, tmp_path, [f"shards={tiny_shards}", f"run_dir={run_dir}", f"steps={steps}",
+                                               "ckpt_every=1000", *TINY], "--nodes=2", "--cpus-per-task=1")
+    wait_until(lambda: (run_dir / "log.csv").is_file() and logged_steps(run_dir), 180, "training to start")
+    two_node_slurm.run("scancel", "--batch", "--signal=USR2", str(job_id))
+    info = wait_job_done(two_node_slurm, job_id)
+    log = job_log(tmp_path, job_id)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
+    stopped = re.search(r"stopped by SIGUSR2 at step (\d+)/", log)
+    assert stopped and 0 < int(stopped.group(1)) < steps, log
+    assert f"requeueing job {job_id}" in log and f"job {job_id} restart 1 on 2 node(s)" in log, log
+    resumed = re.search(r"resuming from \S+ \(step (\d+)", log)
+    assert resumed and resumed.group(1) == stopped.group(1), log
+    st = status(run_dir)
+    assert st["state"] == "finished" and st["step"] == steps and st["world_size"] == 2, (st, log)
+    assert logged_steps(run_dir) == list(range(1, steps + 1))
 
 
 @pytest.mark.timeout(240)
