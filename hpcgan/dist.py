@@ -129,6 +129,8 @@ class StopFlag:
             self._previous[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: leave now, without the checkpoint
         if self.signum is None:
             logger.warning("received %s: will checkpoint and stop after the current step",
                            signal.Signals(signum).name)

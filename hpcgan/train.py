@@ -198,6 +198,14 @@ class Trainer:
                 update_ema(self.G_ema, unwrap(self.G), self.ema_decay)
         return stats, bad_d or bad_g, stop
 
+    @torch.no_grad()
+    def ranks_in_sync(self) -> bool:
+        """Whether every rank holds the same G and D parameters (DDP keeps them identical bit for bit)."""
+        params = [p for m in (self.G, self.D) for p in unwrap(m).parameters()]
+        digest = torch.stack([p.double().sum() for p in params]).sum()
+        both = dist.all_reduce_max(self.env, torch.stack([digest, -digest]))
+        return bool(both[0] == -both[1])
+
     # checkpoint state
     def state_dict(self) -> dict:
         scalers = None
@@ -325,6 +333,8 @@ def run(cfg: dict) -> int:
 
         probe = loader(0)
         classes, image_size, epoch_batches = list(probe.classes), int(probe.image_size), probe.epoch_batches
+        if epoch_batches < 1:
+            raise ValueError(f"{shards}: split {cfg.get('split', 'train')!r} has no samples to train on")
         total = int(cfg["steps"]) if cfg.get("steps") else int(cfg["epochs"]) * epoch_batches
         run_config = {**cfg, "shards": shards, "run_dir": str(run_dir), "model": asdict(spec), "classes": classes,
                       "num_classes": len(classes), "image_size": image_size, "steps": total,
@@ -376,6 +386,9 @@ def run(cfg: dict) -> int:
         dist.barrier(env)
 
         def checkpoint(step: int) -> Path | None:
+            if env.distributed and not trainer.ranks_in_sync():
+                logger.warning("step %d: G/D parameters differ between ranks (gradient sync broken?); "
+                               "the checkpoint holds rank 0's", step)
             path = None
             if env.is_main:
                 state = {"step": step, "epoch": epoch, "batch_in_epoch": in_epoch, "config": run_config,

@@ -213,6 +213,7 @@ def test_every_model_under_torchrun_two_ranks(shards, tmp_path, model):
     p = subprocess.run(cli(shards, rd, f"model={model}", "steps=6", "log_every=2", "ckpt_every=3",
                            "sample_every=3", nproc=2), env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "differ between ranks" not in p.stderr
     assert [c.name for c in list_checkpoints(rd)] == ["step-00000003.pt", "step-00000006.pt"]
     rows = read_log(rd)
     assert list(rows[0]) == list(LOG_COLUMNS) and [int(r["step"]) for r in rows] == [2, 4, 6]

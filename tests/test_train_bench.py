@@ -14,7 +14,7 @@ def test_bench_train_smoke(tmp_path):
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "bench_train.py"), "--out", str(out),
                         "--models", "wgan_gp_ac", "--precisions", "fp32", "--width", "8", "--batch", "8",
-                        "--images", "48", "--warmup", "1", "--steps", "2", "--backend", "webdataset"],
+                        "--images", "48", "--warmup", "1", "--steps", "2", "--backend", "webdataset", "--repeats", "1"],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(out.read_text())
