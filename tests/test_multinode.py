@@ -1,7 +1,8 @@
 """The cross-node path on one machine.
 
 0. slurm/train.sh on a real two-node Slurm: two slurmd ("n1", "n2") on this machine, started by
-   slurm/local/up.sh with SLURM_NODES=2 beside the main test cluster (own SLURM_BASE and ports).
+   slurm/local/up.sh with SLURM_NODES=2 beside the main test cluster (own SLURM_BASE and ports); the job is
+   interrupted by the time-limit warning, requeues itself and finishes on both nodes.
 1. Two torchrun agents, started as two processes exactly as slurm/train.sh starts one per node
    (--nnodes=2, c10d rendezvous on the "first node", 127.0.0.1 here), train one run together.
 2. Slurm tasks as ranks, no torchrun: `srun --ntasks=2 python -m hpcgan.train` inside an sbatch job
@@ -60,28 +61,10 @@ def two_node_slurm(slurm_cluster):
 
 @pytest.mark.slurm
 @pytest.mark.timeout(240)
-def test_train_sh_on_two_slurm_nodes(two_node_slurm, tiny_shards, tmp_path):
-    run_dir = tmp_path / "run"
-    steps = 6
-    job_id = submit(two_node_slurm, tmp_path, [f"shards={tiny_shards}", f"run_dir={run_dir}", f"steps={steps}",
-                                               "ckpt_every=3", *TINY], "--nodes=2", "--cpus-per-task=1")
-    info = wait_job_done(two_node_slurm, job_id)
-    log = job_log(tmp_path, job_id)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log)
-    assert info["NumNodes"] == "2" and info["NodeList"] == "n[1-2]", info
-    assert re.search(rf"job {job_id} restart 0 on 2 node\(s\) \[n\[1-2\]\]: 1 worker\(s\)/node", log), log
-    assert "rendezvous: c10d at 127.0.0.1:" in log, log   # NodeAddr of n1
-    st = status(run_dir)
-    assert st["state"] == "finished" and st["step"] == steps and st["world_size"] == 2, (st, log)
-    assert logged_steps(run_dir) == list(range(1, steps + 1))
-    assert "rank 0/2 on cpu (gloo)" in log, log
-
-
-@pytest.mark.slurm
-@pytest.mark.timeout(240)
 def test_time_limit_warning_on_two_nodes(two_node_slurm, tiny_shards, tmp_path):
-    """The warning reaches the torchrun agents on both nodes (via srun), both ranks stop at the same step, the
-    job requeues itself and the two-node rerun resumes from that step and finishes."""
+    """slurm/train.sh on two Slurm nodes: c10d rendezvous at n1's address, one rank per node. The time-limit
+    warning reaches the torchrun agents on both nodes (via srun), both ranks stop at the same step, the job
+    requeues itself and the two-node rerun resumes from that step and finishes."""
     run_dir = tmp_path / "run"
     steps = 24
     job_id = submit(two_node_slurm, tmp_path, [f"shards={tiny_shards}", f"run_dir={run_dir}", f"steps={steps}",
@@ -90,7 +73,11 @@ def test_time_limit_warning_on_two_nodes(two_node_slurm, tiny_shards, tmp_path):
     two_node_slurm.run("scancel", "--batch", "--signal=USR2", str(job_id))
     info = wait_job_done(two_node_slurm, job_id)
     log = job_log(tmp_path, job_id)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", (info, log)
+    assert info["NumNodes"] == "2" and info["NodeList"] == "n[1-2]", info
+    assert re.search(rf"job {job_id} restart 0 on 2 node\(s\) \[n\[1-2\]\]: 1 worker\(s\)/node", log), log
+    assert "rendezvous: c10d at 127.0.0.1:" in log, log   # NodeAddr of n1
+    assert "rank 0/2 on cpu (gloo)" in log, log
     stopped = re.search(r"stopped by SIGUSR2 at step (\d+)/", log)
     assert stopped and 0 < int(stopped.group(1)) < steps, log
     assert f"requeueing job {job_id}" in log and f"job {job_id} restart 1 on 2 node(s)" in log, log
