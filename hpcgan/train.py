@@ -407,7 +407,8 @@ def run(cfg: dict) -> int:
         pbar = None
         if env.is_main and cfg.get("progress", True):
             from tqdm import tqdm
-            pbar = tqdm(total=total, initial=start, desc=f"train {spec.name}", unit="step", dynamic_ncols=True)
+            pbar = tqdm(total=total, initial=start, desc=f"train {spec.name}", unit="step", dynamic_ncols=True,
+                        mininterval=0.5 if sys.stderr.isatty() else 30)  # Slurm logs: no flood of \r updates
 
         t0 = time.time()
         t_log, n_log = time.time(), 0
