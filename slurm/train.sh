@@ -2,7 +2,8 @@
 # Train a hpcgan GAN on Slurm: one node or many, GPUs or CPU only; continues by itself when preempted
 # or about to hit its time limit.
 #
-#   mkdir -p logs                 # Slurm writes logs/<job-name>-<jobid>.out there and will not create it
+#   (the job log is <job-name>-<jobid>.out in the submit directory; sbatch --output=DIR/%x-%j.out moves it,
+#    but Slurm will not create DIR)
 #   sbatch slurm/train.sh shards=data/shards run_dir=runs/wgan model=wgan_gp_ac steps=50000
 #   sbatch --nodes=2 --gpus-per-node=4 --cpus-per-task=32 --time=24:00:00 slurm/train.sh shards=... run_dir=...
 #   sbatch --partition=cpu --cpus-per-task=8 slurm/train.sh shards=... run_dir=... precision=fp32
@@ -38,7 +39,7 @@
 #SBATCH --signal=B:USR2@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --output=%x-%j.out
 
 set -uo pipefail   # no -e: the exit status of the training decides what happens next
 

@@ -69,7 +69,6 @@ def job_env(cluster) -> dict:
 def submit(cluster, workdir: Path, overrides: list[str], *sbatch_opts: str, script: Path = TRAIN_SH) -> int:
     """sbatch the script from `workdir`; the job id. (Tests poll `scontrol` rather than `sbatch --wait`,
     whose polling interval grows to 32 s.)"""
-    (workdir / "logs").mkdir(parents=True, exist_ok=True)  # train.sh's --output=logs/%x-%j.out
     cmd = ["sbatch", "--parsable", "--cpus-per-task=2", "--time=10", *sbatch_opts, str(script), *overrides]
     r = cluster.run(*cmd, cwd=workdir, env=job_env(cluster), timeout=60, check=False)
     m = re.match(r"(\d+)", r.stdout.strip())
@@ -98,7 +97,7 @@ def wait_job_done(cluster, job_id: int, timeout: float = 240) -> dict:
 
 
 def job_log(workdir: Path, job_id: int) -> str:
-    paths = list((workdir / "logs").glob(f"*-{job_id}.out"))
+    paths = list(workdir.glob(f"*-{job_id}.out"))  # train.sh's --output=%x-%j.out, in the submit dir
     return paths[0].read_text(errors="replace") if paths else "<no log>"
 
 
@@ -191,10 +190,8 @@ def test_time_limit_warning_checkpoints_requeues_and_finishes(slurm_cluster, tin
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("backend", [
     "auto",
-    pytest.param("webdataset", marks=pytest.mark.xfail(
-        reason="Slurm SIGTERMs every process of the step; torch DataLoader workers of the webdataset backend die "
-               "of it and the training fails instead of saving (hpcgan/data/loader.py: workers should ignore "
-               "SIGTERM/SIGINT/SIGUSR2 via worker_init_fn)", strict=True)),
+    # Slurm SIGTERMs every process of the step: the webdataset backend's DataLoader workers must ignore it
+    "webdataset",
 ])
 def test_scancel_checkpoints_and_does_not_requeue(slurm_cluster, tiny_shards, tmp_path, backend):
     """scancel (SIGTERM to the batch shell and every step process, then SIGKILL after KillWait) means stop: the

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -449,6 +450,13 @@ def _collate(items):
     return images, labels
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT/SIGUSR2 to the training process, which checkpoints and then
+    stops them: Slurm signals every process of a job step, and a worker dying of it would fail the run."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _iterate_torch(loader: ShardLoader):
     batches = [list(zip(idx.tolist(), fl.tolist())) for idx, fl in loader.planned_batches()]
     if not batches:
@@ -457,7 +465,7 @@ def _iterate_torch(loader: ShardLoader):
     cuda = loader.device == "cuda"
     samples = _PlannedSamples(loader.index)  # workers get copies and their own descriptors
     dl = torch.utils.data.DataLoader(samples, batch_sampler=batches, num_workers=workers,
-                                     collate_fn=_collate, pin_memory=cuda,
+                                     collate_fn=_collate, pin_memory=cuda, worker_init_fn=_ignore_stop_signals,
                                      persistent_workers=False, prefetch_factor=4 if workers else None)
     try:
         for images, labels in dl:
