@@ -265,11 +265,10 @@ def read_status(run_dir: Path) -> dict:
         return {}
 
 
-def save_grid(images: torch.Tensor, per_row: int, path: Path) -> None:
-    from torchvision.utils import save_image
-    buf = io.BytesIO()
-    save_image(images, buf, nrow=per_row, normalize=True, value_range=(-1, 1), format="png")
-    atomic_write_bytes(path, buf.getvalue())
+def save_grid(images: torch.Tensor, per_row: int, path: Path, row_labels: list[str] | None = None) -> None:
+    """Samples as they are ([-1, 1] -> 0..255, no per-grid rescaling), a row per class, the class named."""
+    from hpcgan.viz import image_grid, save_png
+    save_png(image_grid(images, per_row, labels=row_labels), path)
 
 
 class CsvLog:
@@ -402,7 +401,9 @@ def run(cfg: dict) -> int:
         def samples(step: int) -> None:
             if env.is_main:
                 k = int(cfg["samples_per_class"])
-                save_grid(trainer.sample_grid(k), k, run_dir / "samples" / f"step-{step:08d}.png")
+                labels = (list(classes) if spec.conditional else
+                          [f"code {i}" for i in range(trainer.num_classes)] if spec.info_cat else None)
+                save_grid(trainer.sample_grid(k), k, run_dir / "samples" / f"step-{step:08d}.png", labels)
 
         pbar = None
         if env.is_main and cfg.get("progress", True):
