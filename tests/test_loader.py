@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -320,3 +321,42 @@ def test_no_file_descriptors_leak_across_epochs(shards, backend):
         next(it)
         it.close()  # abandoned mid-epoch, as training does at its last step
     assert open_fds() <= before + 1
+
+
+STOP_SIGNAL_SCRIPT = r"""
+import os, signal, sys, time
+from hpcgan.data.loader import make_loader
+stopped = []
+signal.signal(signal.SIGTERM, lambda *_: stopped.append(1))
+print("ready", flush=True)
+n = 0
+for epoch in range(40):   # a fresh set of workers every epoch: signals land on starting workers too
+    for images, labels in make_loader(sys.argv[1], "train", 4, backend="webdataset", num_threads=2, epoch=epoch):
+        n += len(labels)
+        time.sleep(0.005)
+print("done", n, len(stopped) > 0, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_webdataset_workers_survive_stop_signals(shards):
+    """Slurm sends SIGTERM to every process of a job step (scancel, preemption); the DataLoader workers must
+    leave it to the training process, which checkpoints, instead of dying and failing the run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    proc = subprocess.Popen([sys.executable, "-c", STOP_SIGNAL_SCRIPT, str(shards)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.stdout.readline().strip() == "ready"
+    for _ in range(30):  # the whole process group, as Slurm does
+        time.sleep(0.1)
+        if proc.poll() is not None:
+            break
+        os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    done = out.split()
+    expected = 40 * make_loader(shards, "train", 4, backend="webdataset").epoch_batches * 4
+    assert done[0] == "done" and int(done[1]) == expected and done[2] == "True", out

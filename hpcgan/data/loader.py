@@ -450,11 +450,26 @@ def _collate(items):
     return images, labels
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+
+
 def _ignore_stop_signals(_worker_id: int) -> None:
     """DataLoader workers leave SIGTERM/SIGINT/SIGUSR2 to the training process, which checkpoints and then
-    stops them: Slurm signals every process of a job step, and a worker dying of it would fail the run."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+    stops them: Slurm signals every process of a job step, and a worker dying of it would fail the run.
+    The workers are forked with these signals blocked (see _start_workers), so one that arrives while a
+    worker starts is discarded here instead of killing it."""
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def _start_workers(dl: torch.utils.data.DataLoader):
+    """iter(dl) with the stop signals blocked while the workers fork; the parent gets any pending one after."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return iter(dl)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _iterate_torch(loader: ShardLoader):
@@ -468,7 +483,7 @@ def _iterate_torch(loader: ShardLoader):
                                      collate_fn=_collate, pin_memory=cuda, worker_init_fn=_ignore_stop_signals,
                                      persistent_workers=False, prefetch_factor=4 if workers else None)
     try:
-        for images, labels in dl:
+        for images, labels in _start_workers(dl):
             if cuda:
                 images = images.to("cuda", non_blocking=True)
                 labels = labels.to("cuda", non_blocking=True)
