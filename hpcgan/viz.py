@@ -142,3 +142,19 @@ def _resize(img: np.ndarray, size: int) -> np.ndarray:
     if img.shape[0] == size and img.shape[1] == size:
         return img
     return np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+
+
+def shard_contact_sheet(shard_dir: str | Path, split: str, path: str | Path, title: str | None = None,
+                        per_row: int = 8, min_tile: int = 64) -> Path:
+    """The first `per_row` images of every class of a shard set's split, one row per class (all classes of
+    the manifest, empty rows included, so a missing cell type shows). Small images are blown up to
+    `min_tile` px so people can see the cells."""
+    from hpcgan.data.shards import iter_samples, read_manifest
+    classes = read_manifest(shard_dir)["classes"]
+    rows: dict[str, list[np.ndarray]] = {c: [] for c in classes}
+    for _key, image, _ext, label, _meta in iter_samples(shard_dir, split):
+        if 0 <= label < len(classes) and len(rows[classes[label]]) < per_row:
+            with Image.open(io.BytesIO(image)) as im:
+                rows[classes[label]].append(np.asarray(im.convert("RGB")))
+    tile = max(min_tile, next((r[0].shape[0] for r in rows.values() if r), min_tile))
+    return contact_sheet(rows, path, title=title, per_row=per_row, tile=tile)

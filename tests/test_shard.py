@@ -589,3 +589,23 @@ def test_real_pbc_sample(tmp_path):
     assert m["duplicates"]["exact"] == 0
     assert m["rejected"]["bad"] == 0
     assert f"shard: {sum(got.values())} images" in r.stdout
+
+
+def test_contact_sheet_shows_every_class_of_the_train_split(built):
+    """contact_sheet.png: a row per class of the manifest (64 px tiles + 2 px padding, a title band on top),
+    and the first tile of each row is the first training image of that class, blown up from 32 px."""
+    out, manifest, _ = built
+    with Image.open(out / "contact_sheet.png") as im:
+        sheet = np.asarray(im.convert("RGB"))
+    rows = len(manifest["classes"])
+    title = sheet.shape[0] - (2 + rows * 66)
+    assert 0 < title <= 40, sheet.shape
+    firsts = {}
+    for _k, img, _e, label, _m in iter_samples(out, "train"):
+        firsts.setdefault(label, np.asarray(Image.open(io.BytesIO(img)).convert("RGB")))
+    assert firsts, "fixture has training images"
+    for label, first in firsts.items():
+        y0 = title + 2 + label * 66
+        tile = sheet[y0:y0 + 64, -(8 * 66):][:, :64]  # first of the 8 columns (66 px each) at the right
+        small = np.asarray(Image.fromarray(tile).resize((32, 32), Image.BOX), dtype=float)
+        assert np.abs(small - first).mean() < 12, manifest["classes"][label]

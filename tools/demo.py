@@ -8,7 +8,6 @@ training continues from its newest checkpoint, and a finished run is not trained
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 import subprocess
@@ -16,32 +15,18 @@ import sys
 from pathlib import Path
 
 import hydra
-import numpy as np
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
 from hpcgan import CONFIG_DIR, REPO_ROOT  # noqa: E402
 from hpcgan import viz  # noqa: E402
 from hpcgan.data.build import build, summary_line  # noqa: E402
-from hpcgan.data.shards import SPLITS, iter_samples, read_manifest  # noqa: E402
+from hpcgan.data.shards import SPLITS  # noqa: E402
 from hpcgan.data.simulate import simulate  # noqa: E402
 
 logger = logging.getLogger("demo")
-
-
-def contact_sheet_of(shard_dir: Path, split: str, path: Path, title: str, per_row: int = 8) -> Path:
-    """First `per_row` images of every class of a split, one row per class."""
-    classes = read_manifest(shard_dir)["classes"]
-    rows: dict[str, list[np.ndarray]] = {c: [] for c in classes}
-    for _key, image, _ext, label, _meta in iter_samples(shard_dir, split):
-        if len(rows[classes[label]]) < per_row:
-            rows[classes[label]].append(np.asarray(Image.open(io.BytesIO(image)).convert("RGB")))
-    # small shards are blown up to 64 px so people can see the cells
-    tile = max(64, next((r[0].shape[0] for r in rows.values() if r), 64))
-    return viz.contact_sheet(rows, path, title=title, per_row=per_row, tile=tile)
 
 
 def manifest_table(manifest: dict, synthetic: dict | None = None) -> str:
@@ -81,8 +66,8 @@ def main(cfg: DictConfig) -> None:
     manifest = build({s: str(sim / s) for s in ("pbc", "aml", "lab")}, shards, size=cfg.size, seed=cfg.seed)
     print(summary_line(manifest, shards))
 
-    sheet = contact_sheet_of(shards, "train", out / "contact_sheet.png", title="hpcgan demo: training images per class")
-    logger.info("3/5 contact sheet -> %s", sheet)
+    sheet = viz.shard_contact_sheet(shards, "train", out / "contact_sheet.png", title="hpcgan demo: training images per class")
+    logger.info("3/5 contact sheet -> %s", sheet)  # (the shard set also has its own, in shards/contact_sheet.png)
 
     synthetic = None
     if cfg.train.enabled:
@@ -93,7 +78,7 @@ def main(cfg: DictConfig) -> None:
         logger.info("5/5 generating synthetic images to balance the classes -> %s", synth)
         synthetic = generate(run_dir=run_dir, out=synth, balance=cfg.generate.balance, shards=shards, seed=cfg.seed)
         if sum(synthetic["counts"].get("train", {}).values()):
-            contact_sheet_of(synth, "train", out / "synthetic_sheet.png", title="hpcgan demo: synthetic images per class")
+            viz.shard_contact_sheet(synth, "train", out / "synthetic_sheet.png", title="hpcgan demo: synthetic images per class")
 
     print()
     print(f"Shards: {shards}  ({manifest['image_size']} px, {len(manifest['classes'])} classes)")

@@ -36,6 +36,7 @@ def main(cfg: DictConfig) -> None:
         manifest = build(sources, out, size=cfg.size, seed=cfg.seed, shard_size=cfg.shard_size,
                          stain=cfg.stain, encoding=cfg.encoding, quality=cfg.quality, near_dup=cfg.near_dup,
                          min_size=cfg.min_size, on_bad=cfg.on_bad, workers=cfg.workers, progress=cfg.progress,
+                         contact_sheet=cfg.contact_sheet,
                          taxonomy=to_absolute_path(str(cfg.taxonomy)) if cfg.taxonomy else None)
     except BuildError as e:
         print(f"shard: error: {e}", file=sys.stderr)

@@ -338,8 +338,11 @@ def _counts(splits, classes, sources):
 def build(sources: dict[str, str], out: str | Path, size: int = 128, seed: int = 0, shard_size: int = 1000,
           stain: str = "macenko", encoding: str = "png", quality: int = 95, near_dup: int = 4,
           min_size: int = 32, on_bad: str = "skip", workers: int | None = None, progress: bool = True,
-          taxonomy: str | Path | None = None) -> dict:
+          taxonomy: str | Path | None = None, contact_sheet: bool = True) -> dict:
     """Build a shard set in `out` (replaced atomically) and return its manifest.
+
+    contact_sheet: also write contact_sheet.png (the first training images of every class, a row each),
+    so a person can see at a glance what went in.
 
     sources: {"pbc"|"aml"|"lab": directory}, at least one. Raises BuildError with a clear message
     (nothing written, a previous `out` left as it was) for unusable input or, with on_bad="strict",
@@ -418,6 +421,10 @@ def build(sources: dict[str, str], out: str | Path, size: int = 128, seed: int =
         (stage / "duplicates.csv").write_bytes(
             _csv_bytes(dup_rows, ["kept", "dropped", "kind", "distance", "reason"]))
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        if contact_sheet:
+            from hpcgan.viz import shard_contact_sheet
+            shard_contact_sheet(stage, "train", stage / "contact_sheet.png",
+                                title="train split: the first images of every class")
     logger.info(summary_line(manifest, out))
     return manifest
 
