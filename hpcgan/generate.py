@@ -330,6 +330,10 @@ def generate(run_dir=None, out=None, per_class=None, balance=None, shards=None, 
                                   batch_size=batch_size, device=str(dev), png=png, split=split,
                                   truncation=truncation, shard_max_count=shard_max_count))
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        if shard_list:  # the same picture tools/shard.py leaves beside real shards
+            from hpcgan.viz import shard_contact_sheet
+            shard_contact_sheet(staging, split, staging / "contact_sheet.png",
+                                title=f"SYNTHETIC ({spec.name}, step {step}): the first images of every class")
     logger.info("wrote %d synthetic images to %s", total, out)
     return manifest
 

@@ -34,6 +34,7 @@ def test_demo_end_to_end(tmp_path):
 
     status = json.loads((out / "run" / "status.json").read_text())
     assert status["state"] == "finished" and status["step"] == 4
+    assert (out / "synthetic" / "contact_sheet.png").is_file()
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.width > 8 * 64 and sheet.height > 12 * 64  # 8 tiles per row, a row per class
     # the printed summary is a table with one line per class and a total

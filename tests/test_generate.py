@@ -115,6 +115,8 @@ def test_per_class_counts_labels_metadata_and_pngs(run_dir, tmp_path):
     assert on_disk == json.loads(json.dumps(manifest))
     assert on_disk["synthetic"] is True and on_disk["classes"] == CLASSES and on_disk["image_size"] == SIZE
     assert on_disk["counts"] == {"train": {c: 3 for c in CLASSES}}
+    with Image.open(out / "contact_sheet.png") as sheet:  # a row per class: 64 px tiles, 2 px padding, title
+        assert 0 < sheet.height - (2 + len(CLASSES) * 66) <= 40
     assert on_disk["checkpoint"] == {"path": str(ckpt.resolve()), "sha256": sha256_file(ckpt), "step": 10}
     assert on_disk["weights"] == "ema" and on_disk["seed"] == 1
     assert on_disk["taxonomy"] == Taxonomy.load().spec

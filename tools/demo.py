@@ -77,8 +77,6 @@ def main(cfg: DictConfig) -> None:
         from hpcgan.generate import generate  # torch is only needed from here on
         logger.info("5/5 generating synthetic images to balance the classes -> %s", synth)
         synthetic = generate(run_dir=run_dir, out=synth, balance=cfg.generate.balance, shards=shards, seed=cfg.seed)
-        if sum(synthetic["counts"].get("train", {}).values()):
-            viz.shard_contact_sheet(synth, "train", out / "synthetic_sheet.png", title="hpcgan demo: synthetic images per class")
 
     print()
     print(f"Shards: {shards}  ({manifest['image_size']} px, {len(manifest['classes'])} classes)")
@@ -90,8 +88,8 @@ def main(cfg: DictConfig) -> None:
         if grids:
             print(f"Training samples: {grids[-1]}")
         print(f"Training log:    {run_dir / 'log.csv'}")
-        if (out / "synthetic_sheet.png").exists():
-            print(f"Synthetic sheet: {out / 'synthetic_sheet.png'}")
+        if (synth / "contact_sheet.png").exists():
+            print(f"Synthetic sheet: {synth / 'contact_sheet.png'}")
         print(f"Synthetic shards: {synth}  (read them with the real ones: make_loader([shards, synthetic], 'train', ...))")
 
 
