@@ -32,6 +32,10 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CKPT_DIR / f"step-{step:08d}.pt"
 
 
+def _step_of(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Checkpoint files of a run, oldest first (by step number, not mtime)."""
     d = Path(run_dir) / CKPT_DIR
@@ -54,7 +58,10 @@ def save_checkpoint(run_dir: str | Path, state: dict, keep_last: int = 3) -> Pat
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
     if keep_last > 0:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
+        # Prune only checkpoints older than this one: a newer file can only be one load_latest skipped as
+        # unreadable (kept for inspection), and counting it would delete the checkpoint just written.
+        older = [p for p in list_checkpoints(run_dir) if _step_of(p) < int(state["step"])]
+        for old in older[:max(0, len(older) - (keep_last - 1))]:
             old.unlink(missing_ok=True)
     logger.info("saved checkpoint %s", path)
     return path
@@ -106,9 +113,10 @@ def capture_rng() -> dict:
 
 
 def restore_rng(rng: dict) -> None:
+    """Restore what capture_rng saved; its tensors may sit on a GPU (load_latest(map_location="cuda"))."""
     torch.set_rng_state(rng["torch"].cpu())
     n = rng["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), int(n["pos"]),
+    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), int(n["pos"]),
                          int(n["has_gauss"]), float(n["cached_gaussian"])))
     p = rng["python"]
     random.setstate((int(p["version"]), tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))

@@ -88,3 +88,30 @@ def test_rng_roundtrip_through_checkpoint(tmp_path):
     assert np.array_equal(expected[1], got[1])
     assert expected[2] == got[2]
     assert set(REQUIRED_KEYS) <= set(loaded)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to load a checkpoint onto")
+def test_rng_restores_from_a_checkpoint_loaded_onto_the_gpu(tmp_path):
+    """Training loads checkpoints with map_location=<its device>: on a GPU the RNG tensors arrive there."""
+    np.random.seed(2); random.seed(1)
+    state = _state(1)
+    state["rng"] = capture_rng()
+    expected = (np.random.rand(3), random.random())
+    save_checkpoint(tmp_path, state)
+    np.random.rand(7); random.random()
+    loaded, _ = load_latest(tmp_path, map_location="cuda")
+    assert loaded["rng"]["numpy"]["keys"].is_cuda
+    restore_rng(loaded["rng"])
+    assert np.array_equal(expected[0], np.random.rand(3)) and expected[1] == random.random()
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    """A newer, unreadable checkpoint (skipped on resume) must not push the fresh one out of keep_last."""
+    save_checkpoint(tmp_path, _state(2), keep_last=1)
+    corrupt = checkpoint_path(tmp_path, 4)
+    corrupt.write_bytes(b"\x00" * 100)  # e.g. copied half-way; the run resumes from step 2
+    written = save_checkpoint(tmp_path, _state(3), keep_last=1)  # stopped by a signal at step 3
+    assert written.exists()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003.pt", "step-00000004.pt"]
+    state, path = load_latest(tmp_path)
+    assert state["step"] == 3 and path == written

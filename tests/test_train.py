@@ -204,6 +204,16 @@ def test_fp16_gradscaler_penalty_on_cuda(shards, tmp_path):
         assert math.isfinite(float(r["d_loss"])) and math.isfinite(float(r["gp"]))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="resuming onto a GPU needs a CUDA GPU; none here")
+def test_fp16_run_resumes_on_cuda(shards, tmp_path):
+    """The checkpoint is loaded onto the GPU (RNG state included) and training goes on from it."""
+    rd = tmp_path / "run"
+    assert run(compose(shards, rd, "steps=4", "precision=fp16", "log_every=2", "device=cuda")) == EXIT_OK
+    assert run(compose(shards, rd, "steps=6", "precision=fp16", "log_every=2", "device=cuda")) == EXIT_OK
+    assert [int(r["step"]) for r in read_log(rd)] == [2, 4, 6]
+    assert status(rd)["state"] == "finished" and load_latest(rd)[0]["step"] == 6
+
+
 # ---- real subprocesses: torchrun, kills, signals (slow) -----------------------------------------------
 
 @pytest.mark.slow
