@@ -68,7 +68,14 @@ def class_seed(seed: int, cls: str) -> int:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise GenerateError(f"device={device!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise GenerateError(f"device={device!r} but torch sees {torch.cuda.device_count()} CUDA GPU(s); "
+                            "use device=auto or cpu")
+    return dev
 
 
 # ---------------------------------------------------------------- checkpoint

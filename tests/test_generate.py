@@ -310,6 +310,8 @@ def test_clear_errors(run_dir, real_shards, tmp_path):
         (dict(run_dir=run_dir, count=3), "count=N is for unconditional"),
         (dict(run_dir=run_dir, per_class=1, weights="best"), "weights="),
         (dict(run_dir=run_dir, per_class=1, truncation=-1.0), "truncation"),
+        (dict(run_dir=run_dir, per_class=1, device="gpu"), "device='gpu'"),
+        (dict(run_dir=run_dir, per_class=1, device=f"cuda:{torch.cuda.device_count()}"), "CUDA GPU"),
     ]
     for kwargs, message in cases:
         with pytest.raises(GenerateError, match=message):
