@@ -55,14 +55,28 @@ def launch_env() -> tuple[int, int, int]:
     """
     if _env_int("RANK") is not None and _env_int("WORLD_SIZE") is not None:
         return _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK") or 0
-    if _env_int("SLURM_PROCID") is not None and (_env_int("SLURM_NTASKS") or 1) > 1:
+    if _env_int("SLURM_PROCID") is not None and (_env_int("SLURM_NTASKS") or 1) > 1 and _in_slurm_step():
         return _env_int("SLURM_PROCID"), _env_int("SLURM_NTASKS"), _env_int("SLURM_LOCALID") or 0
     return 0, 1, 0
+
+
+_SLURM_BATCH_STEP = 4294967294  # the step id Slurm gives a batch script
+
+
+def _in_slurm_step() -> bool:
+    """Whether srun started this process. The batch script itself also sees SLURM_PROCID=0 and
+    SLURM_NTASKS=N (sbatch --ntasks=N), but no other rank will ever join it: it is one process."""
+    step = _env_int("SLURM_STEP_ID", "SLURM_STEPID")
+    return step is not None and step != _SLURM_BATCH_STEP
 
 
 def init(device: str = "auto") -> DistEnv:
     """Join the process group (if launched with several processes) and pick this process's device."""
     rank, world, local = launch_env()
+    if world == 1 and (_env_int("SLURM_NTASKS") or 1) > 1 and not _in_slurm_step():
+        logger.warning("SLURM_NTASKS=%s but this process was not started by srun: training as ONE process; "
+                       "for %s ranks launch with srun (or use slurm/train.sh)", os.environ["SLURM_NTASKS"],
+                       os.environ["SLURM_NTASKS"])
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":

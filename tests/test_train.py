@@ -117,6 +117,22 @@ def test_bf16_run_finite_on_cpu(shards, tmp_path):
     assert all(v.isfinite().all() for v in state["G"].values() if v.is_floating_point())
 
 
+def test_slurm_batch_script_is_one_process_not_rank_0_of_n(monkeypatch):
+    """`sbatch --ntasks=2 --wrap 'python -m hpcgan.train ...'` (no srun): the batch script sees SLURM_PROCID=0
+    and SLURM_NTASKS=2 but no SLURM_STEP_ID (as a real Slurm 22 showed); waiting for a rank 1 would hang."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_ID", "SLURM_STEPID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    assert dist.launch_env() == (0, 1, 0)
+    monkeypatch.setenv("SLURM_STEP_ID", "4294967294")  # the batch step's id, where Slurm sets one
+    assert dist.launch_env() == (0, 1, 0)
+    monkeypatch.setenv("SLURM_STEP_ID", "0")  # srun --ntasks=2: task 1 of step 0
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert dist.launch_env() == (1, 2, 0)
+
+
 def _trainer(spec_name="wgan_gp_ac"):
     spec = load_spec(spec_name)
     spec.width = 8
