@@ -87,7 +87,14 @@ def load_checkpoint(run_dir: str | Path | None, checkpoint: str | Path | None) -
         if not path.is_file():
             raise GenerateError(f"checkpoint {path} does not exist")
         data = path.read_bytes()  # hash exactly the bytes that are loaded
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, not a checkpoint, pickled code refused by weights_only
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise GenerateError(f"checkpoint {path} does not load ({type(e).__name__}: {first}); pass a "
+                                "checkpoints/step-*.pt file written by hpcgan.train") from None
+        if not isinstance(state, dict):
+            raise GenerateError(f"checkpoint {path} is not a training checkpoint (a {type(state).__name__})")
         return state, path.resolve(), hashlib.sha256(data).hexdigest()
     if run_dir is None:
         raise GenerateError("give run=RUN_DIR (a training run directory) or checkpoint=PATH")

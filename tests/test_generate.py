@@ -313,6 +313,9 @@ def test_clear_errors(run_dir, real_shards, tmp_path):
         (dict(run_dir=run_dir, per_class=1, device="gpu"), "device='gpu'"),
         (dict(run_dir=run_dir, per_class=1, device=f"cuda:{torch.cuda.device_count()}"), "CUDA GPU"),
     ]
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"PK\x03\x04 half a checkpoint")
+    cases.append((dict(checkpoint=broken, per_class=1), "broken.pt does not load"))
     for kwargs, message in cases:
         with pytest.raises(GenerateError, match=message):
             generate(out=tmp_path / "out", progress=False, **kwargs)
