@@ -46,7 +46,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: str | Path, state: dict, keep_last: int = 3) -> Path:
-    """Write `state` atomically as checkpoints/step-NNNNNNNN.pt and prune all but the newest `keep_last`.
+    """Write `state` atomically as checkpoints/step-NNNNNNNN.pt and prune all but the newest `keep_last`
+    up to and including it (newer, unreadable files are left alone).
 
     Call it on rank 0 only. `keep_last <= 0` keeps everything.
     """
