@@ -82,7 +82,12 @@ def init(device: str = "auto") -> DistEnv:
     if device == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("device=cuda requested but torch sees no CUDA device; use device=auto or cpu")
-        torch.cuda.set_device(local % torch.cuda.device_count())
+        n_gpus = torch.cuda.device_count()
+        if local >= n_gpus:  # NCCL refuses two ranks on one GPU ("Duplicate GPU detected") deep in a collective
+            raise RuntimeError(f"local rank {local} but this node has {n_gpus} GPU(s): start at most {n_gpus} "
+                               f"process(es) per node (torchrun --nproc_per_node={n_gpus}), or train on the "
+                               "CPU with device=cpu")
+        torch.cuda.set_device(local)
         dev = torch.device("cuda", torch.cuda.current_device())
     elif device == "cpu":
         dev = torch.device("cpu")

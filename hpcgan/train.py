@@ -123,7 +123,11 @@ class Trainer:
         self.ema_decay = ema
         if env.distributed:
             ids = [env.device.index] if env.device.type == "cuda" else None
-            G, D = DDP(G, device_ids=ids), DDP(D, device_ids=ids)
+            # No buffer broadcast: the critic runs forward twice (real, fake) before one backward, and DDP's
+            # in-place broadcast of batch-norm buffers at the second forward invalidates the first one's
+            # autograd graph (a RuntimeError on torch 2.11). Running stats are only used in eval mode (sample
+            # grids and generation, from rank 0); training itself uses batch statistics.
+            G, D = DDP(G, device_ids=ids, broadcast_buffers=False), DDP(D, device_ids=ids, broadcast_buffers=False)
         self.G, self.D = G, D
         self.n_critic = int(spec.optim.get("n_critic", 1))
         self.opt_G = make_optimizer(unwrap(G).parameters(), spec.optim)

@@ -58,9 +58,13 @@ def compose(shards: Path, run_dir: Path, *overrides: str) -> dict:
 
 
 def cli(shards, run_dir, *overrides, nproc=1) -> list[str]:
+    """A real `hpcgan.train` process (torchrun with nproc > 1), on the CPU (gloo) unless `device=` is given:
+    these tests are about CPU DDP, and a GPU machine with fewer GPUs than ranks would refuse them."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    return [*launcher, "-m", "hpcgan.train", f"shards={shards}", f"run_dir={run_dir}", *COMMON, *overrides]
+    device = [] if any(o.startswith("device=") for o in overrides) else ["device=cpu"]
+    return [*launcher, "-m", "hpcgan.train", f"shards={shards}", f"run_dir={run_dir}", *COMMON, *device,
+            *overrides]
 
 
 def read_log(run_dir: Path) -> list[dict]:
@@ -355,3 +359,12 @@ def test_signal_to_one_rank_stops_all_ranks_at_the_same_step(shards, tmp_path):
     p = subprocess.run(cli(shards, rd, *args, nproc=2), env=ENV, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     assert status(rd)["state"] == "finished" and load_latest(rd)[0]["step"] == 40
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() != 1, reason="needs exactly one CUDA GPU (more ranks than GPUs)")
+def test_more_ranks_than_gpus_is_a_clear_error(shards, tmp_path):
+    p = subprocess.run(cli(shards, tmp_path / "run", "steps=2", "device=cuda", nproc=2), env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "local rank 1 but this node has 1 GPU(s)" in p.stderr, p.stderr[-3000:]
