@@ -473,6 +473,7 @@ def run(cfg: dict) -> int:
                                                          **state_fields})
                     print(f"stopped by {name} at step {step}/{total}; checkpoint written; rerun to resume",
                           file=sys.stderr, flush=True)
+                dist.barrier(env)  # leave together (see the end of the run)
                 return EXIT_SIGNAL
             if step % int(cfg["ckpt_every"]) == 0 and bad_streak == 0 and step < total:
                 checkpoint(step)
@@ -486,6 +487,7 @@ def run(cfg: dict) -> int:
         if env.is_main:
             write_json(run_dir / "status.json", {"state": "finished", "step": step, **state_fields})
         logger.info("finished %d steps in %s", step, run_dir)
+        dist.barrier(env)  # leave together: a rank tearing gloo down while rank 0 still writes aborted (rc -6)
         return EXIT_OK
     except _Diverged as e:
         logger.error("%s", e)
