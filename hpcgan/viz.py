@@ -150,11 +150,17 @@ def shard_contact_sheet(shard_dir: str | Path, split: str, path: str | Path, tit
     the manifest, empty rows included, so a missing cell type shows). Small images are blown up to
     `min_tile` px so people can see the cells."""
     from hpcgan.data.shards import iter_samples, read_manifest
-    classes = read_manifest(shard_dir)["classes"]
+    manifest = read_manifest(shard_dir)
+    classes = manifest["classes"]
+    counts = manifest.get("counts", {}).get(split, {})
+    missing = sum(min(per_row, int(counts.get(c, 0))) for c in classes)  # stop reading once every row is full
     rows: dict[str, list[np.ndarray]] = {c: [] for c in classes}
     for _key, image, _ext, label, _meta in iter_samples(shard_dir, split):
         if 0 <= label < len(classes) and len(rows[classes[label]]) < per_row:
             with Image.open(io.BytesIO(image)) as im:
                 rows[classes[label]].append(np.asarray(im.convert("RGB")))
+            missing -= 1
+            if missing <= 0 and counts:
+                break
     tile = max(min_tile, next((r[0].shape[0] for r in rows.values() if r), min_tile))
     return contact_sheet(rows, path, title=title, per_row=per_row, tile=tile)
