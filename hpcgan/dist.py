@@ -70,6 +70,36 @@ def _in_slurm_step() -> bool:
     return step is not None and step != _SLURM_BATCH_STEP
 
 
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """The one rule that turns a `device=` setting into a torch.device, for training, loading and generating.
+
+    auto: this process's GPU when torch sees one, else the CPU; cuda: the GPU of this local rank
+    (cuda:<local_rank>); cuda:N and cpu as written. ValueError for a name that is none of these,
+    RuntimeError when the GPU asked for is not there (with what to do instead).
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r}: choose auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise ValueError(f"device={device!r}: choose auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"device={device} requested but torch sees no CUDA device; use device=auto or cpu")
+    n_gpus = torch.cuda.device_count()
+    if dev.index is None and local_rank >= n_gpus:
+        # NCCL would refuse two ranks on one GPU ("Duplicate GPU detected") deep inside a collective
+        raise RuntimeError(f"local rank {local_rank} but this node has {n_gpus} GPU(s): start at most {n_gpus} "
+                           f"process(es) per node (torchrun --nproc_per_node={n_gpus}), or run on the CPU with "
+                           "device=cpu")
+    if dev.index is not None and dev.index >= n_gpus:
+        raise RuntimeError(f"device={device} but torch sees {n_gpus} CUDA GPU(s); use device=auto, cuda or cpu")
+    return torch.device("cuda", local_rank if dev.index is None else dev.index)
+
+
 def init(device: str = "auto") -> DistEnv:
     """Join the process group (if launched with several processes) and pick this process's device."""
     rank, world, local = launch_env()
@@ -77,22 +107,9 @@ def init(device: str = "auto") -> DistEnv:
         logger.warning("SLURM_NTASKS=%s but this process was not started by srun: training as ONE process; "
                        "for %s ranks launch with srun (or use slurm/train.sh)", os.environ["SLURM_NTASKS"],
                        os.environ["SLURM_NTASKS"])
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda requested but torch sees no CUDA device; use device=auto or cpu")
-        n_gpus = torch.cuda.device_count()
-        if local >= n_gpus:  # NCCL refuses two ranks on one GPU ("Duplicate GPU detected") deep in a collective
-            raise RuntimeError(f"local rank {local} but this node has {n_gpus} GPU(s): start at most {n_gpus} "
-                               f"process(es) per node (torchrun --nproc_per_node={n_gpus}), or train on the "
-                               "CPU with device=cpu")
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", torch.cuda.current_device())
-    elif device == "cpu":
-        dev = torch.device("cpu")
-    else:
-        raise ValueError(f"device={device!r}: choose auto, cpu or cuda")
+    dev = resolve_device(device, local_rank=local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     env = DistEnv(rank, world, local, dev, None)
     if world > 1:
         if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:

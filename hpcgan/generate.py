@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from hpcgan import dist
 from hpcgan.data.shards import MANIFEST, ShardWriter, read_manifest, sha256_file
 from hpcgan.data.taxonomy import Taxonomy
 from hpcgan.fsutil import atomic_dir
@@ -66,16 +67,10 @@ def class_seed(seed: int, cls: str) -> int:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise GenerateError(f"device={device!r}: expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise GenerateError(f"device={device!r} but torch sees {torch.cuda.device_count()} CUDA GPU(s); "
-                            "use device=auto or cpu")
-    return dev
+        return dist.resolve_device(device)
+    except (ValueError, RuntimeError) as e:
+        raise GenerateError(str(e)) from None
 
 
 # ---------------------------------------------------------------- checkpoint

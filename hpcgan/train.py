@@ -31,6 +31,7 @@ import contextlib
 import copy
 import csv
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -68,6 +69,17 @@ def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | No
         raise ValueError("precision=fp16 needs a CUDA GPU (fp16 autocast + GradScaler); on CPU use "
                          "precision=bf16 or fp32")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name], name == "fp16"
+
+
+def configure_backends(device: torch.device, *, cudnn_benchmark: bool, tf32: bool) -> None:
+    """CUDA kernel choices (no effect on CPU). cudnn.benchmark times the conv algorithms once for the fixed
+    input shape and keeps the fastest (not bit-deterministic across runs); tf32 lets fp32 convs and matmuls
+    use TF32 tensor cores (PyTorch's default for convs, not for matmuls); tf32=false is strict fp32."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
+    torch.backends.cudnn.allow_tf32 = bool(tf32)
+    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
 
 
 def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
@@ -110,15 +122,18 @@ class Trainer:
     """G, D (DDP-wrapped when distributed), EMA, optimisers, scalers, and `step()`."""
 
     def __init__(self, spec: GANSpec, num_classes: int, image_size: int, env: dist.DistEnv, *, seed: int,
-                 precision: str = "fp32", ema: float = 0.0, diffaug: str = ""):
+                 precision: str = "fp32", ema: float = 0.0, diffaug: str = "", channels_last: bool = False):
         self.spec, self.env, self.seed = spec, env, seed
+        # NHWC: what tensor-core convs (cuDNN) and oneDNN want; NCHW makes them transpose around every conv.
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.num_classes, self.image_size = num_classes, image_size
         dtype, use_scaler = resolve_precision(precision, env.device)
         self.obj = GANObjective(spec, num_classes, diffaug=diffaug, device_type=env.device.type,
                                 autocast_dtype=dtype)
         torch.manual_seed(seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
         G, D = build_model(spec, num_classes, image_size)
-        G, D = G.to(env.device), D.to(env.device)
+        G = G.to(env.device, memory_format=self.memory_format)
+        D = D.to(env.device, memory_format=self.memory_format)
         self.G_ema = copy.deepcopy(G).eval().requires_grad_(False) if ema > 0 else None
         self.ema_decay = ema
         if env.distributed:
@@ -127,7 +142,10 @@ class Trainer:
             # in-place broadcast of batch-norm buffers at the second forward invalidates the first one's
             # autograd graph (a RuntimeError on torch 2.11). Running stats are only used in eval mode (sample
             # grids and generation, from rank 0); training itself uses batch statistics.
-            G, D = DDP(G, device_ids=ids, broadcast_buffers=False), DDP(D, device_ids=ids, broadcast_buffers=False)
+            # (torch >= 2.14 renames the switch forward_sync_buffers and deprecates broadcast_buffers)
+            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                       else {"broadcast_buffers": False})
+            G, D = DDP(G, device_ids=ids, **no_sync), DDP(D, device_ids=ids, **no_sync)
         self.G, self.D = G, D
         self.n_critic = int(spec.optim.get("n_critic", 1))
         self.opt_G = make_optimizer(unwrap(G).parameters(), spec.optim)
@@ -163,6 +181,7 @@ class Trainer:
         env, obj = self.env, self.obj
         gen = step_generator(self.seed, env.rank, step, env.device)
         n = real.shape[0]
+        real = real.contiguous(memory_format=self.memory_format)
 
         # critic: D(real), D(fake.detach()), gradient penalty -> one backward
         lat = obj.sample_latent(n, gen, env.device)
@@ -170,7 +189,7 @@ class Trainer:
             fake = self.G(lat.z, lat.y)
         self.opt_D.zero_grad(set_to_none=True)
         scale = self.scaler_D.get_scale() if self.scaler_D else None
-        d_loss, stats = obj.critic_loss(self.D, real, y, fake.float(), lat, gen, scale)
+        d_loss, stats = obj.critic_loss(self.D, real, y, fake.float(), lat, gen, scale, step=step)
         self._backward(d_loss, self.scaler_D)
         flags = torch.stack([self._local_bad(d_loss, self.D, self.opt_D, self.scaler_D).float(),
                              torch.tensor(float(stop_requested), device=d_loss.device)])
@@ -326,6 +345,7 @@ def run(cfg: dict) -> int:
     try:
         spec = GANSpec.from_config(cfg["model"])
         resolve_precision(cfg["precision"], env.device)  # fail early, before any work, on a bad precision
+        configure_backends(env.device, cudnn_benchmark=cfg.get("cudnn_benchmark", True), tf32=cfg.get("tf32", True))
         batch = int(cfg["batch_size"])
 
         def loader(epoch: int, skip: int = 0):
@@ -365,7 +385,8 @@ def run(cfg: dict) -> int:
             return EXIT_OK
 
         trainer = Trainer(spec, len(classes), image_size, env, seed=int(cfg["seed"]), precision=cfg["precision"],
-                          ema=float(cfg["ema"]), diffaug=cfg.get("diffaug") or ())
+                          ema=float(cfg["ema"]), diffaug=cfg.get("diffaug") or (),
+                          channels_last=bool(cfg.get("channels_last", False)))
         epoch, in_epoch, train_seconds = 0, 0, 0.0
         if ckpt is not None:
             trainer.load_state_dict(ckpt)

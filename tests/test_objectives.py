@@ -150,3 +150,26 @@ def test_diffaugment_deterministic_and_differentiable():
     assert parse_policy(["color", "cutout"]) == ("color", "cutout")
     with pytest.raises(ValueError, match="unknown policy"):
         parse_policy("colour")
+
+
+def test_lazy_penalty_every_k_steps_weighted_by_k():
+    """gp_every=k: no penalty on steps that are not multiples of k; k*lambda*penalty on those that are."""
+    D = LinearCritic(3.0)  # ||grad|| = 3 everywhere: penalty (3-1)^2 = 4
+    real, y = _batch()
+    fake, _ = _batch(seed=1)
+    every = GANObjective(_spec(), C)
+    lazy = GANObjective(_spec(gp_every=4), C)
+    lat = every.sample_latent(16, torch.Generator().manual_seed(0), "cpu")
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    _, s_every = every.critic_loss(D, real, y, fake, lat, g(), step=5)
+    assert s_every["gp"].item() == pytest.approx(10.0 * 4.0, rel=1e-4)
+    loss_skip, s_skip = lazy.critic_loss(D, real, y, fake, lat, g(), step=5)
+    assert "gp" not in s_skip
+    assert loss_skip.item() == pytest.approx(s_every["d_loss"].item() - s_every["gp"].item(), rel=1e-4, abs=1e-4)
+    _, s_due = lazy.critic_loss(D, real, y, fake, lat, g(), step=8)
+    assert s_due["gp"].item() == pytest.approx(4 * 10.0 * 4.0, rel=1e-4)
+
+
+def test_gp_every_must_be_positive():
+    with pytest.raises(ValueError, match="gp_every"):
+        GANSpec.from_config({"name": "t", "gp_lambda": 10.0, "gp_every": 0})

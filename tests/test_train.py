@@ -19,8 +19,8 @@ from PIL import Image
 from hpcgan import CONFIG_DIR
 from hpcgan.checkpoint import list_checkpoints, load_latest
 from hpcgan.data.shards import ShardWriter
-from hpcgan.models.registry import MODEL_NAMES, load_spec
-from hpcgan.train import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL, LOG_COLUMNS, Trainer, resolve_precision, run
+from hpcgan.models.registry import MODEL_NAMES, build_model, load_spec
+from hpcgan.train import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL, LOG_COLUMNS, Trainer, resolve_precision, run, unwrap
 from hpcgan import dist
 
 CLASSES = ["a", "b", "c"]
@@ -137,10 +137,58 @@ def test_slurm_batch_script_is_one_process_not_rank_0_of_n(monkeypatch):
     assert dist.launch_env() == (1, 2, 0)
 
 
+def test_one_device_rule_for_train_loader_and_generate():
+    from hpcgan.data.loader import resolve_device as loader_device
+    from hpcgan.generate import GenerateError, resolve_device as generate_device
+    assert dist.resolve_device("cpu") == torch.device("cpu")
+    assert dist.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert loader_device("auto") == dist.resolve_device("auto").type
+    for bad in ("gpu", "mps", "cuda:x"):
+        with pytest.raises(ValueError, match="choose auto, cpu, cuda"):
+            dist.resolve_device(bad)
+    with pytest.raises(GenerateError, match="choose auto, cpu, cuda"):
+        generate_device("gpu")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(RuntimeError, match="no CUDA device" if n == 0 else "CUDA GPU"):
+        dist.resolve_device(f"cuda:{n}")
+    if n == 0:
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            loader_device("cuda")
+    else:
+        with pytest.raises(RuntimeError, match="nproc_per_node"):
+            dist.resolve_device("cuda", local_rank=n)
+        assert dist.resolve_device("cuda", local_rank=n - 1) == torch.device("cuda", n - 1)
+
+
 def _trainer(spec_name="wgan_gp_ac"):
     spec = load_spec(spec_name)
     spec.width = 8
     return Trainer(spec, len(CLASSES), 32, dist.DistEnv(), seed=0, precision="fp32", ema=0.5)
+
+
+def test_channels_last_trainer_matches_nchw():
+    """NHWC weights and activations are a layout, not a different model: same initial weights, the same
+    first-step losses (to float rounding), and checkpoints that load into a plain NCHW model."""
+    spec = load_spec("wgan_gp_ac")
+    spec.width = 8
+    make = lambda cl: Trainer(spec, len(CLASSES), 32, dist.DistEnv(), seed=0, channels_last=cl)  # noqa: E731
+    nchw, nhwc = make(False), make(True)
+    conv = unwrap(nhwc.D).stem.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    real = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    y = torch.arange(8) % len(CLASSES)
+    a, _, _ = nchw.step(real, y, step=0)
+    b, _, _ = nhwc.step(real, y, step=0)
+    for k in ("d_loss", "g_loss", "gp", "wdist"):
+        assert a[k].item() == pytest.approx(b[k].item(), rel=1e-3, abs=1e-3), k
+    plain = load_spec("wgan_gp_ac")
+    plain.width = 8
+    G, _ = build_model(plain, len(CLASSES), 32)
+    G.load_state_dict(nhwc.state_dict()["G"])
+    G.eval()
+    z, yy = torch.randn(4, plain.latent_dim), torch.arange(4) % len(CLASSES)
+    with torch.no_grad():
+        assert torch.allclose(G(z, yy), unwrap(nhwc.G).eval()(z, yy), atol=1e-5)
 
 
 def test_nan_batch_is_skipped_without_touching_weights():

@@ -49,12 +49,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from hpcgan import dist
 from hpcgan.data.shards import IMAGE_EXTS, decode_label, read_manifest, shard_paths
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "dali", "webdataset")
-DEVICES = ("auto", "cpu", "cuda")
 _logged_once: set[str] = set()
 
 
@@ -301,13 +301,8 @@ def resolve_backend(backend: str) -> str:
 
 
 def resolve_device(device: str) -> str:
-    if device not in DEVICES:
-        raise ValueError(f"device={device!r}: choose one of {DEVICES}")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' requested but torch sees no CUDA device; use device='auto' or 'cpu'")
-    return device
+    """'cpu' or 'cuda': where decoded batches go (hpcgan.dist.resolve_device's rule; the GPU is the current one)."""
+    return dist.resolve_device(device, local_rank=torch.cuda.current_device() if torch.cuda.is_available() else 0).type
 
 
 def default_threads() -> int:

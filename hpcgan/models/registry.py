@@ -34,6 +34,7 @@ class GANSpec:
     critic_condition: str = "none"     # "none" | "projection" (label fed to the critic, CGAN)
     adversarial: str = "wasserstein"   # "wasserstein" | "bce"
     gp_lambda: float = 0.0             # gradient penalty weight (WGAN-GP: 10)
+    gp_every: int = 1                  # lazy penalty: every k-th critic step, weighted k*lambda (1 = every step)
     clip: float = 0.0                  # critic weight clipping (WGAN: 0.01)
     ac_weight: float = 0.0             # auxiliary classifier loss weight (AC-GAN, WGAN-GP-AC)
     info_cat: int = 0                  # InfoGAN categorical code size
@@ -57,6 +58,8 @@ class GANSpec:
             raise ValueError(f"model config {d.get('name')!r}: unknown keys {sorted(unknown)}")
         d["optim"] = dict(d.get("optim") or {})
         spec = cls(**d)
+        if int(spec.gp_every) < 1:
+            raise ValueError(f"{spec.name}: gp_every must be >= 1, got {spec.gp_every}")
         if spec.gp_lambda > 0 and spec.critic_norm == "batch":
             raise ValueError(f"{spec.name}: batch norm in the critic breaks the gradient penalty")
         return spec
