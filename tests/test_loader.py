@@ -223,6 +223,26 @@ def test_dali_decodes_on_cpu_and_logs_it(shards, caplog):
     assert any("decode on cpu" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.skipif(not (HAVE_DALI and torch.cuda.is_available()), reason="needs DALI and a CUDA GPU (mixed decode)")
+@pytest.mark.parametrize("source", ["index", "reader"])
+def test_dali_mixed_decode_on_gpu_matches_cpu(tmp_path, source):
+    """device=cuda: nvJPEG decodes on the GPU and batches arrive on the GPU, with the same samples in the same
+    order as the CPU decode and pixels within JPEG decoder rounding of it."""
+    jpg = write_shards(tmp_path / "jpg", {0: 20, 1: 12, 2: 8}, ext="jpg", seed=5)
+    kw = dict(seed=1, flip=True, num_threads=2, backend="dali", dali_source=source, shuffle=source == "index")
+    gpu = make_loader(jpg, "train", 8, device="cuda", **kw)
+    cpu = make_loader(jpg, "train", 8, device="cpu", **kw)
+    assert gpu.device == "cuda" and cpu.device == "cpu"
+    n = 0
+    for (xg, yg), (xc, yc) in zip(gpu, cpu):
+        assert xg.is_cuda and xg.dtype == torch.float32 and xg.shape == xc.shape
+        assert torch.equal(yg.cpu(), yc)
+        diff = (xg.cpu() - xc).abs()
+        assert diff.mean() < 0.02 and diff.max() <= 0.25  # nvJPEG vs libjpeg-turbo IDCT rounding
+        n += xg.shape[0]
+    assert n == 40
+
+
 def test_errors(shards, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         make_loader(tmp_path / "nope", "train", 4)

@@ -14,6 +14,9 @@ When CUDA is present, a GPU section: one rank on the GPU at fp32 vs bf16, and th
 
     python tools/bench_train.py [--out runs/bench/bench_train.json] [--models wgan_gp_ac wgan_gp dcgan]
                                 [--precisions fp32 bf16] [--size 32] [--batch 64] [--width 64]
+                                [--variant nchw=channels_last=false ...]
+Variants run every configuration again with extra hpcgan.train overrides, to measure one lever at a time
+(memory layout, lazy penalty, strict fp32 instead of TF32).
 """
 from __future__ import annotations
 
@@ -68,12 +71,13 @@ def best_run(repeats: int, run_dir: Path, **kw) -> dict:
 
 
 def train_run(shards: Path, run_dir: Path, *, model: str, precision: str, nproc: int, threads: int, batch: int,
-              width: int, warmup: int, steps: int, device: str = "cpu", backend: str = "auto") -> dict:
+              width: int, warmup: int, steps: int, device: str = "cpu", backend: str = "auto",
+              overrides: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "hpcgan.train", f"shards={shards}", f"run_dir={run_dir}", f"model={model}",
            f"precision={precision}", f"steps={warmup + steps}", f"batch_size={batch}", f"model.width={width}",
            "log_every=1", "ckpt_every=1000000", "sample_every=0", "progress=false", "tensorboard=false",
-           f"num_threads={threads}", f"device={device}", f"backend={backend}"]
+           f"num_threads={threads}", f"device={device}", f"backend={backend}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -117,15 +121,26 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--backend", default="auto", help="data loader backend")
     p.add_argument("--skip-cpu", action="store_true", help="only the GPU section (on a GPU machine)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDE[,OVERRIDE...]",
+                   help="also run every configuration with these hpcgan.train overrides, keyed MODEL/PRECISION+NAME, "
+                        "e.g. --variant nchw=channels_last=false --variant lazy4=model.gp_every=4 "
+                        "--variant strict=tf32=false (repeatable)")
     p.add_argument("--repeats", type=int, default=2,
                    help="runs per configuration; the fastest counts (other load only ever slows a run down)")
     args = p.parse_args(argv)
+    variants = {"": ()}
+    for v in args.variant:
+        name, sep, overrides = v.partition("=")
+        if not sep or not name or not overrides:
+            p.error(f"--variant {v!r}: expected NAME=OVERRIDE[,OVERRIDE...], e.g. nchw=channels_last=false")
+        variants["+" + name] = tuple(overrides.split(","))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     result = {"host": platform.node(), "torch": str(torch.__version__), "cpus": len(os.sched_getaffinity(0)),
               "load_avg_start": os.getloadavg(), "size": args.size, "batch_per_rank": args.batch,
               "width": args.width, "warmup_steps": args.warmup, "timed_steps": args.steps, "repeats": args.repeats,
-              "target_ddp_efficiency": TARGET_EFFICIENCY, "cpu": {}, "gpu": None}
+              "target_ddp_efficiency": TARGET_EFFICIENCY, "variants": {k: list(v) for k, v in variants.items() if k},
+              "cpu": {}, "gpu": None}
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
         tmp = Path(tmp)
         images = args.images or 2 * args.batch * (args.warmup + args.steps + 1)
@@ -135,34 +150,43 @@ def main(argv=None) -> dict:
                       backend=args.backend)
         for model in ([] if args.skip_cpu else args.models):
             for precision in args.precisions:
-                key = f"{model}/{precision}"
-                logger.info("%s: 1 rank x 2 threads", key)
-                one = best_run(args.repeats, tmp / f"{model}-{precision}-1x2", shards=shards, model=model,
-                               precision=precision, nproc=1, threads=2, **common)
-                logger.info("%s: 2 ranks x 1 thread", key)
-                two = best_run(args.repeats, tmp / f"{model}-{precision}-2x1", shards=shards, model=model,
-                               precision=precision, nproc=2, threads=1, **common)
-                row = {"1x2": one, "2x1": two}
-                if "images_per_s" in one and "images_per_s" in two:
-                    eff = two["images_per_s"] / one["images_per_s"]
-                    row |= {"ddp_efficiency": round(eff, 3), "pass": eff >= TARGET_EFFICIENCY}
-                result["cpu"][key] = row
-                logger.info("%s: %s", key, json.dumps(row))
+                for vname, overrides in variants.items():
+                    key = f"{model}/{precision}{vname}"
+                    run = dict(shards=shards, model=model, precision=precision, overrides=overrides, **common)
+                    logger.info("%s: 1 rank x 2 threads", key)
+                    one = best_run(args.repeats, tmp / f"{model}-{precision}{vname}-1x2", nproc=1, threads=2, **run)
+                    logger.info("%s: 2 ranks x 1 thread", key)
+                    two = best_run(args.repeats, tmp / f"{model}-{precision}{vname}-2x1", nproc=2, threads=1, **run)
+                    row = {"1x2": one, "2x1": two}
+                    if "images_per_s" in one and "images_per_s" in two:
+                        eff = two["images_per_s"] / one["images_per_s"]
+                        row |= {"ddp_efficiency": round(eff, 3), "pass": eff >= TARGET_EFFICIENCY}
+                    result["cpu"][key] = row
+                    logger.info("%s: %s", key, json.dumps(row))
+        for key, row in list(result["cpu"].items()):  # informative on CPUs (the bf16 target is a GPU one)
+            model, _, rest = key.partition("/")
+            if rest.startswith("bf16") and f"{model}/fp32{rest[4:]}" in result["cpu"]:
+                b, f = row["1x2"].get("images_per_s"), result["cpu"][f"{model}/fp32{rest[4:]}"]["1x2"].get("images_per_s")
+                if b and f:
+                    result[f"cpu_1x2/{model}/bf16_over_fp32{rest[4:]}"] = round(b / f, 2)
         result["cpu_loader"] = loader_throughput(shards, args.batch, "cpu", args.backend, 2)
         if torch.cuda.is_available():
             gpu = {"name": torch.cuda.get_device_name(0), "train": {},
                    "loader": loader_throughput(shards, args.batch, "cuda", args.backend, 4)}
             for model in args.models:
                 for precision in ("fp32", "bf16"):
-                    gpu["train"][f"{model}/{precision}"] = best_run(
-                        args.repeats, tmp / f"gpu-{model}-{precision}", shards=shards, model=model,
-                        precision=precision, nproc=1, threads=4, device="cuda", **common)
+                    for vname, overrides in variants.items():
+                        gpu["train"][f"{model}/{precision}{vname}"] = best_run(
+                            args.repeats, tmp / f"gpu-{model}-{precision}{vname}", shards=shards, model=model,
+                            precision=precision, nproc=1, threads=4, device="cuda", overrides=overrides, **common)
             for model in args.models:
-                tr = gpu["train"][f"{model}/fp32"]
-                b = gpu["train"][f"{model}/bf16"]
-                if "images_per_s" in tr and "images_per_s" in b:
-                    gpu[f"{model}/bf16_over_fp32"] = round(b["images_per_s"] / tr["images_per_s"], 2)
-                    gpu[f"{model}/loader_over_train_bf16"] = round(gpu["loader"]["images_per_s"] / b["images_per_s"], 2)
+                for vname in variants:
+                    tr = gpu["train"][f"{model}/fp32{vname}"]
+                    b = gpu["train"][f"{model}/bf16{vname}"]
+                    if "images_per_s" in tr and "images_per_s" in b:
+                        gpu[f"{model}/bf16_over_fp32{vname}"] = round(b["images_per_s"] / tr["images_per_s"], 2)
+                        gpu[f"{model}/loader_over_train_bf16{vname}"] = round(
+                            gpu["loader"]["images_per_s"] / b["images_per_s"], 2)
             result["gpu"] = gpu
     effs = [r.get("pass") for r in result["cpu"].values()]
     result["all_targets_pass"] = all(e is True for e in effs) if effs else None  # None: no CPU section run
