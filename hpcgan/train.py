@@ -363,6 +363,10 @@ def run(cfg: dict) -> int:
                       "num_classes": len(classes), "image_size": image_size, "steps": total,
                       "world_size": env.world_size}
         state_fields = {"steps": total, "model": spec.name, "world_size": env.world_size}
+        # what fixes the order of batches within an epoch; a resume with any of it changed restarts the epoch
+        data_order = {"shards": shards, "split": cfg.get("split", "train"), "batch_size": batch,
+                      "seed": int(cfg["seed"]), "world_size": env.world_size,
+                      "balance_classes": bool(cfg["balance_classes"])}
 
         ckpt, ckpt_path = load_latest(run_dir, map_location=env.device)
         if ckpt is None and list_checkpoints(run_dir):
@@ -393,9 +397,11 @@ def run(cfg: dict) -> int:
             restore_rng(ckpt["rng"])
             epoch, in_epoch = int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
             train_seconds = float(ckpt["meta"].get("train_seconds", 0.0))
-            if int(ckpt["meta"].get("world_size", env.world_size)) != env.world_size:
-                logger.warning("resuming a %s-rank run on %d ranks: the epoch is restarted from its first batch",
-                               ckpt["meta"].get("world_size"), env.world_size)
+            saved_order = ckpt["meta"].get("data_order") or {"world_size": ckpt["meta"].get("world_size", env.world_size)}
+            changed = {k: (v, data_order.get(k)) for k, v in saved_order.items() if data_order.get(k) != v}
+            if changed:  # the saved position counts batches of another order: it would land somewhere arbitrary
+                logger.warning("resuming with a different data order (%s): epoch %d is restarted from its first "
+                               "batch", "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()), epoch)
                 in_epoch = 0
             logger.info("resuming from %s (step %d, epoch %d, batch %d)", ckpt_path, start, epoch, in_epoch)
         del ckpt
@@ -417,7 +423,8 @@ def run(cfg: dict) -> int:
             if env.is_main:
                 state = {"step": step, "epoch": epoch, "batch_in_epoch": in_epoch, "config": run_config,
                          **trainer.state_dict(), "rng": capture_rng(),
-                         "meta": {"world_size": env.world_size, "train_seconds": train_seconds + time.time() - t0,
+                         "meta": {"world_size": env.world_size, "data_order": data_order,
+                                  "train_seconds": train_seconds + time.time() - t0,
                                   "torch": str(torch.__version__), "time": time.time()}}
                 path = save_checkpoint(run_dir, state, keep_last=int(cfg["keep_last"]))
             dist.barrier(env)  # nobody leaves before the checkpoint is on disk

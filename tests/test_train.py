@@ -3,6 +3,7 @@ checkpoint-and-exit, NaN skipping and divergence, precision choices, already-fin
 import csv
 import io
 import json
+import logging
 import math
 import os
 import signal
@@ -253,6 +254,24 @@ def test_already_finished_run_exits_immediately(shards, tmp_path, capsys):
     assert "already finished" in capsys.readouterr().out
     assert list_checkpoints(rd)[-1].stat().st_mtime_ns == mtime
     assert len(read_log(rd)) == 2
+
+
+def test_resume_with_a_different_batch_order_restarts_the_epoch(shards, tmp_path, caplog):
+    """The saved data position counts batches of one order (seed, batch size, ranks, shards); resuming with
+    another order says so and restarts the epoch instead of landing at an arbitrary place in it."""
+    rd = tmp_path / "run"
+    assert run(compose(shards, rd, "steps=3", "batch_size=4", "log_every=1")) == EXIT_OK
+    with caplog.at_level(logging.WARNING, logger="hpcgan.train"):
+        assert run(compose(shards, rd, "steps=4", "batch_size=4", "log_every=1")) == EXIT_OK
+    assert not [r for r in caplog.records if "data order" in r.getMessage()]
+    with caplog.at_level(logging.WARNING, logger="hpcgan.train"):
+        assert run(compose(shards, rd, "steps=6", "batch_size=2", "seed=5", "log_every=1")) == EXIT_OK
+    msgs = [r.getMessage() for r in caplog.records if "data order" in r.getMessage()]
+    assert len(msgs) == 1 and "batch_size: 4 -> 2" in msgs[0] and "seed: 0 -> 5" in msgs[0], msgs
+    assert "restarted from its first batch" in msgs[0]
+    ckpt, _ = load_latest(rd)
+    assert ckpt["step"] == 6 and ckpt["batch_in_epoch"] == 2  # two batches into the restarted epoch
+    assert ckpt["meta"]["data_order"]["batch_size"] == 2
 
 
 def test_resume_refuses_a_different_model(shards, tmp_path):
