@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def fsync_dir(path: Path) -> None:
@@ -35,16 +40,56 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale_staging(final: str | Path) -> list[Path]:
+    """Remove the `.name.staging-HOST@PID-*` / `.name.old-HOST@PID` siblings of `final` left by a run that was
+    killed (SIGKILL, node failure) on this host and is no longer alive. Returns the ones kept: another
+    host's (on a shared filesystem its process may still be running) or a live process's, with a warning."""
+    final = Path(final).resolve()
+    kept = []
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(?:staging|old)-(?P<host>[^@]+)@(?P<pid>\d+)(?:-[^-]+)?$")
+    host = socket.gethostname()
+    for p in sorted(final.parent.glob(f".{final.name}.*")):
+        m = pattern.match(p.name)
+        if not m:
+            if ".staging-" in p.name or ".old-" in p.name:
+                kept.append(p)  # an older naming without host/pid: cannot tell whether it is in use
+            continue
+        if m["host"] == host and not _pid_alive(int(m["pid"])):
+            logger.info("removing %s, left by an interrupted run (process %s is gone)", p, m["pid"])
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            kept.append(p)
+    if kept:
+        logger.warning("staging directories of another run (another host, a live process, or an older version; "
+                       "delete them if no run is writing %s): %s", final, ", ".join(map(str, kept)))
+    return kept
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str | Path):
+def atomic_dir(final: str | Path, sweep: bool = True):
     """Yield a fresh staging directory; on success it replaces `final` in one rename.
 
-    On any exception (or kill) the staging directory is removed, or at worst left as a hidden
-    `.name.staging-*` sibling; a previous `final` is never touched until the new one is complete.
+    On any exception the staging directory is removed; after a kill it stays as a hidden
+    `.name.staging-HOST@PID-*` sibling, which the next atomic_dir for the same `final` removes once that
+    process is gone (sweep=False: the caller has already swept). A previous `final` is never touched until
+    the new one is complete.
     """
     final = Path(final).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
+    if sweep:
+        sweep_stale_staging(final)
+    tag = f"{socket.gethostname()}@{os.getpid()}"  # host names never hold an @
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-{tag}-", dir=final.parent))
     try:
         yield staging
     except BaseException:
@@ -52,7 +97,7 @@ def atomic_dir(final: str | Path):
         raise
     old = None
     if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        old = final.parent / f".{final.name}.old-{tag}"
         os.replace(final, old)
     os.replace(staging, final)
     fsync_dir(final.parent)

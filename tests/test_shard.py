@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -452,9 +453,13 @@ def test_interrupted_run_leaves_previous_output_intact(built, tmp_path, sig, wor
         assert leftovers == []                         # cleaned up on Ctrl-C
     else:
         # SIGKILL cannot be caught: at worst a hidden staging sibling stays, never a half dataset at `out`
-        assert all(name.startswith(".shards.staging-") for name in leftovers)
-        assert "leftover staging" in run_cli(f"lab={src}", f"out={out}", "size=32", "on_bad=strict",
-                                             "min_size=1000", "progress=false", "workers=1").stderr
+        assert leftovers and all(name.startswith(f".shards.staging-{socket.gethostname()}@{proc.pid}-")
+                                 for name in leftovers)
+        # the next run (here one that fails validation) removes what the killed process left behind
+        err = run_cli(f"lab={src}", f"out={out}", "size=32", "on_bad=strict", "min_size=1000", "progress=false",
+                      "workers=1").stderr
+        assert "left by an interrupted run" in err
+        assert [p.name for p in parent.iterdir()] == ["shards"]
 
 
 @pytest.mark.skipif(not hasattr(os, "seteuid"), reason="needs POSIX users")

@@ -37,7 +37,7 @@ from hpcgan.data.clean import CleanSettings, process_file
 from hpcgan.data.shards import MANIFEST, SPLITS, ShardWriter
 from hpcgan.data.sources import Rejection, SourceError, SourceFile, walk_source
 from hpcgan.data.taxonomy import Taxonomy
-from hpcgan.fsutil import atomic_dir
+from hpcgan.fsutil import atomic_dir, sweep_stale_staging
 
 logger = logging.getLogger(__name__)
 
@@ -310,10 +310,7 @@ def _check_out(out: Path, sources: dict[str, str]) -> None:
         if any(out.iterdir()) and not (out / MANIFEST).is_file():
             raise BuildError(f"out={out} exists, is not empty and has no {MANIFEST}: refusing to replace "
                              "a directory that is not a shard set; choose another out or remove it yourself")
-    stale = sorted(out.parent.glob(f".{out.name}.staging-*"))
-    if stale:
-        logger.warning("leftover staging directories from an interrupted run (safe to delete): %s",
-                       ", ".join(map(str, stale)))
+    sweep_stale_staging(out)  # before any work: a killed earlier run's staging dir is removed (or named)
 
 
 def _bad_summary(bad: list[Rejection], limit: int | None = None) -> str:
@@ -361,7 +358,7 @@ def build(sources: dict[str, str], out: str | Path, size: int = 128, seed: int =
     workers = max(1, workers or len(os.sched_getaffinity(0)))
     logger.info("%d candidate files from %s; %d workers", len(files), ", ".join(sorted(sources)), workers)
 
-    with atomic_dir(out) as stage:
+    with atomic_dir(out, sweep=False) as stage:
         spool = stage / ".spool"
         spool.mkdir()
         results = _process_all(files, spool, settings, workers, progress)
