@@ -126,9 +126,10 @@ on_term() {     # scancel / preemption: Slurm signals the steps too; just wait f
 trap on_warning USR2
 trap on_term TERM
 
-# srun does not pass --cpus-per-task on from sbatch in every Slurm version: say it
+# srun does not pass --cpus-per-task on from sbatch in every Slurm version: say it.
+# ${SIGOPT[@]+"${SIGOPT[@]}"}: an empty array is an "unbound variable" under set -u in bash < 4.4
 srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS" --kill-on-bad-exit=1 \
-  torchrun "${RDZV[@]}" --nproc_per_node="$NPROC" --max_restarts=0 "${SIGOPT[@]}" -m hpcgan.train "$@" &
+  torchrun "${RDZV[@]}" --nproc_per_node="$NPROC" --max_restarts=0 ${SIGOPT[@]+"${SIGOPT[@]}"} -m hpcgan.train "$@" &
 srun_pid=$!
 while :; do
   wait "$srun_pid"; rc=$?
