@@ -6,7 +6,7 @@
   gp_lambda    gradient penalty  lambda * E[(||grad_x D(x_hat)||_2 - 1)^2] on x_hat = eps*real + (1-eps)*fake,
                taken with autograd.grad w.r.t. x_hat (create_graph=True), so the caller does ONE backward;
                gp_every=k > 1 takes it on every k-th critic step only, weighted k*lambda ("lazy
-               regularisation", Karras et al. 2020): the penalty is ~40% of a WGAN-GP-AC step's FLOPs
+               regularisation", Karras et al. 2020): the penalty is about half of a WGAN-GP-AC step's time
   clip         weight clipping of the critic after its optimiser step (WGAN)
   ac_weight    auxiliary classifier: CE(cls(real), y_real) + CE(cls(fake), y_fake) in the critic loss,
                CE(cls(fake), y_fake) in the generator loss
