@@ -10,6 +10,10 @@
   clip         weight clipping of the critic after its optimiser step (WGAN)
   ac_weight    auxiliary classifier: CE(cls(real), y_real) + CE(cls(fake), y_fake) in the critic loss,
                CE(cls(fake), y_fake) in the generator loss
+  ac_twin      TAC-GAN (Gong et al. 2019): cls is trained on real images only and a twin head cls_twin on
+               generated ones; the generator minimises CE(cls(fake), y) - CE(cls_twin(fake), y). Plain
+               AC-GAN rewards the easiest-to-classify image of each class, so the generator collapses onto
+               class prototypes; the twin term cancels that bias
   info_*       InfoGAN codes appended to z (one-hot categorical, then uniform(-1, 1) continuous); the
                critic's Q heads recover them: CE on the categorical, MSE (a unit-variance Gaussian NLL up
                to constants) on the continuous; in both the critic and the generator loss
@@ -115,8 +119,8 @@ class GANObjective:
             loss = loss + gp
             stats["gp"] = gp.detach()
         if s.ac_weight > 0:
-            loss = loss + s.ac_weight * (F.cross_entropy(out_r["cls"], y_real)
-                                         + F.cross_entropy(out_f["cls"], latent.y))
+            on_fakes = out_f["cls_twin"] if s.ac_twin else out_f["cls"]
+            loss = loss + s.ac_weight * (F.cross_entropy(out_r["cls"], y_real) + F.cross_entropy(on_fakes, latent.y))
             stats["ac_acc_real"] = (out_r["cls"].argmax(1) == y_real).float().mean()
             stats["ac_acc_fake"] = (out_f["cls"].argmax(1) == latent.y).float().mean()
         info = self._info_loss(out_f, latent)
@@ -152,7 +156,10 @@ class GANObjective:
             loss = F.binary_cross_entropy_with_logits(out["adv"], torch.ones_like(out["adv"]))
         stats = {}
         if s.ac_weight > 0:
-            loss = loss + s.ac_weight * F.cross_entropy(out["cls"], latent.y)
+            ac = F.cross_entropy(out["cls"], latent.y)
+            if s.ac_twin:
+                ac = ac - F.cross_entropy(out["cls_twin"], latent.y)
+            loss = loss + s.ac_weight * ac
         info = self._info_loss(out, latent)
         if info is not None:
             loss = loss + info

@@ -37,7 +37,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -541,12 +541,13 @@ def _mark_failed(env, run_dir: Path, err: Exception, fields: dict) -> None:
 
 
 _MUST_MATCH = ("name", "generator", "critic", "conditional", "critic_condition", "z_dim", "width", "info_cat",
-               "info_cont", "critic_norm")
+               "info_cont", "critic_norm", "ac_twin")
 
 
 def _check_compatible(saved: dict, now: dict, run_dir: Path) -> None:
-    diffs = [f"model.{k}: {saved['model'].get(k)!r} -> {now['model'].get(k)!r}" for k in _MUST_MATCH
-             if saved["model"].get(k) != now["model"].get(k)]
+    defaults = {f.name: f.default for f in fields(GANSpec)}  # a key newer than the checkpoint: its default
+    old, new = ({k: m.get(k, defaults.get(k)) for k in _MUST_MATCH} for m in (saved["model"], now["model"]))
+    diffs = [f"model.{k}: {old[k]!r} -> {new[k]!r}" for k in _MUST_MATCH if old[k] != new[k]]
     diffs += [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in ("classes", "image_size") if saved.get(k) != now.get(k)]
     if diffs:
         raise ValueError(f"{run_dir} holds checkpoints of a different model/data ({'; '.join(diffs)}); "

@@ -13,18 +13,19 @@ C, S = 3, 8
 class LinearCritic(nn.Module):
     """D(x) = <w, x> (+ heads): its input gradient is w everywhere, so ||grad|| = ||w||."""
 
-    def __init__(self, scale: float, cls: bool = False, q_cat: int = 0, q_cont: int = 0):
+    def __init__(self, scale: float, cls: bool = False, q_cat: int = 0, q_cont: int = 0, twin: bool = False):
         super().__init__()
         w = torch.randn(3 * S * S)
         self.w = nn.Parameter(w / w.norm() * scale)
         self.cls = nn.Linear(3 * S * S, C) if cls else None
+        self.cls_twin = nn.Linear(3 * S * S, C) if twin else None
         self.q_cat = nn.Linear(3 * S * S, q_cat) if q_cat else None
         self.q_cont = nn.Linear(3 * S * S, q_cont) if q_cont else None
 
     def forward(self, x, y=None):
         f = x.flatten(1)
         out = {"adv": f @ self.w}
-        for name in ("cls", "q_cat", "q_cont"):
+        for name in ("cls", "cls_twin", "q_cat", "q_cont"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)(f)
         return out
@@ -173,3 +174,31 @@ def test_lazy_penalty_every_k_steps_weighted_by_k():
 def test_gp_every_must_be_positive():
     with pytest.raises(ValueError, match="gp_every"):
         GANSpec.from_config({"name": "t", "gp_lambda": 10.0, "gp_every": 0})
+
+
+def test_twin_classifier_losses():
+    """TAC-GAN: the critic trains cls on real images and cls_twin on generated ones; the generator minimises
+    CE(cls(fake), y) - CE(cls_twin(fake), y)."""
+    import torch.nn.functional as F
+    spec = _spec(gp_lambda=0.0, ac_weight=1.0, ac_twin=True)
+    obj = GANObjective(spec, C)
+    D = LinearCritic(1.0, cls=True, twin=True)
+    real, y = _batch()
+    fake, _ = _batch(seed=1)
+    lat = obj.sample_latent(16, torch.Generator().manual_seed(0), "cpu")
+    loss, stats = obj.critic_loss(D, real, y, fake, lat, torch.Generator().manual_seed(1))
+    adv = (fake.flatten(1) @ D.w).mean() - (real.flatten(1) @ D.w).mean()
+    expect = adv + F.cross_entropy(D.cls(real.flatten(1)), y) + F.cross_entropy(D.cls_twin(fake.flatten(1)), lat.y)
+    assert loss.item() == pytest.approx(expect.item(), rel=1e-5)
+    # the accuracy on generated images is the real-image classifier's (does it recognise the asked class?)
+    assert stats["ac_acc_fake"].item() == pytest.approx(
+        (D.cls(fake.flatten(1)).argmax(1) == lat.y).float().mean().item())
+    g_loss, _ = obj.generator_loss(D, fake, lat, torch.Generator().manual_seed(2))
+    f = fake.flatten(1)
+    expect_g = -(f @ D.w).mean() + F.cross_entropy(D.cls(f), lat.y) - F.cross_entropy(D.cls_twin(f), lat.y)
+    assert g_loss.item() == pytest.approx(expect_g.item(), rel=1e-5)
+
+
+def test_twin_needs_a_classifier():
+    with pytest.raises(ValueError, match="ac_twin needs an auxiliary classifier"):
+        GANSpec.from_config({"name": "t", "ac_twin": True})

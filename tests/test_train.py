@@ -274,6 +274,17 @@ def test_resume_with_a_different_batch_order_restarts_the_epoch(shards, tmp_path
     assert ckpt["meta"]["data_order"]["batch_size"] == 2
 
 
+def test_twin_classifier_option_trains(shards, tmp_path):
+    rd = tmp_path / "run"
+    assert run(compose(shards, rd, "steps=3", "log_every=1", "model.ac_twin=true")) == EXIT_OK
+    ckpt, _ = load_latest(rd)
+    assert "heads.cls_twin.weight" in ckpt["D"] and ckpt["config"]["model"]["ac_twin"] is True
+    rows = read_log(rd)
+    assert len(rows) == 3 and all(math.isfinite(float(r["d_loss"])) and math.isfinite(float(r["g_loss"])) for r in rows)
+    with pytest.raises(ValueError, match="model.ac_twin: True -> False"):  # another critic: no silent resume
+        run(compose(shards, rd, "steps=5"))
+
+
 def test_resume_refuses_a_different_model(shards, tmp_path):
     rd = tmp_path / "run"
     assert run(compose(shards, rd, "steps=2")) == EXIT_OK

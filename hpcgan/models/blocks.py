@@ -101,6 +101,7 @@ class CriticHeads(nn.Module):
     unused parameters:
       adv    (always)                       linear -> 1, plus <embed(y), h> under projection (CGAN)
       cls    (spec.ac_weight > 0)           linear -> num_classes
+      cls_twin (spec.ac_twin)               linear -> num_classes (TAC-GAN's classifier of generated images)
       q_cat  (spec.info_cat > 0)            linear -> info_cat
       q_cont (spec.info_cont > 0)           linear -> info_cont
     """
@@ -113,6 +114,7 @@ class CriticHeads(nn.Module):
         self.adv = nn.Linear(features, 1)
         self.project = nn.Embedding(num_classes, features) if spec.critic_condition == "projection" else None
         self.cls = nn.Linear(features, num_classes) if spec.ac_weight > 0 else None
+        self.cls_twin = nn.Linear(features, num_classes) if getattr(spec, "ac_twin", False) else None
         self.q_cat = nn.Linear(features, spec.info_cat) if spec.info_cat > 0 else None
         self.q_cont = nn.Linear(features, spec.info_cont) if spec.info_cont > 0 else None
 
@@ -123,7 +125,7 @@ class CriticHeads(nn.Module):
                 raise ValueError("this critic is conditioned by projection: call D(x, y) with labels y")
             adv = adv + (self.project(y) * h).sum(dim=1)
         out = {"adv": adv}
-        for name in ("cls", "q_cat", "q_cont"):
+        for name in ("cls", "cls_twin", "q_cat", "q_cont"):
             head = getattr(self, name)
             if head is not None:
                 out[name] = head(h)

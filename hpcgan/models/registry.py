@@ -9,6 +9,7 @@ Contract (every architecture honours it):
   D(x, y) -> dict of tensors
       "adv":    [B]     critic score (wasserstein) or logit (bce)
       "cls":    [B, C]  class logits         (only when spec.ac_weight > 0)
+      "cls_twin": [B, C] twin classifier of generated images (only when spec.ac_twin, TAC-GAN)
       "q_cat":  [B, K]  categorical-code logits (only when spec.info_cat > 0)
       "q_cont": [B, M]  continuous-code means   (only when spec.info_cont > 0)
       y is used only when spec.critic_condition == "projection" (CGAN); otherwise ignored.
@@ -37,6 +38,7 @@ class GANSpec:
     gp_every: int = 1                  # lazy penalty: every k-th critic step, weighted k*lambda (1 = every step)
     clip: float = 0.0                  # critic weight clipping (WGAN: 0.01)
     ac_weight: float = 0.0             # auxiliary classifier loss weight (AC-GAN, WGAN-GP-AC)
+    ac_twin: bool = False              # TAC-GAN twin classifier: unbiased conditioning, no class prototypes
     info_cat: int = 0                  # InfoGAN categorical code size
     info_cont: int = 0                 # InfoGAN continuous codes
     info_weight: float = 0.0
@@ -60,6 +62,8 @@ class GANSpec:
         spec = cls(**d)
         if int(spec.gp_every) < 1:
             raise ValueError(f"{spec.name}: gp_every must be >= 1, got {spec.gp_every}")
+        if spec.ac_twin and spec.ac_weight <= 0:
+            raise ValueError(f"{spec.name}: ac_twin needs an auxiliary classifier (ac_weight > 0)")
         if spec.gp_lambda > 0 and spec.critic_norm == "batch":
             raise ValueError(f"{spec.name}: batch norm in the critic breaks the gradient penalty")
         return spec
@@ -117,6 +121,8 @@ def critic_heads(spec: GANSpec, num_classes: int) -> dict[str, int | None]:
     heads: dict[str, int | None] = {"adv": None}
     if spec.ac_weight > 0:
         heads["cls"] = num_classes
+    if spec.ac_twin:
+        heads["cls_twin"] = num_classes
     if spec.info_cat > 0:
         heads["q_cat"] = spec.info_cat
     if spec.info_cont > 0:
