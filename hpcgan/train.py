@@ -108,8 +108,11 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def grads_finite(module: nn.Module) -> torch.Tensor:
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.stack(norms).sum().isfinite() if norms else torch.tensor(True)
+    """Whether every gradient is finite, as a device tensor (one fused norm: no per-parameter kernels)."""
+    grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.tensor(True)
+    return torch.nn.utils.get_total_norm(grads, foreach=True).isfinite()
 
 
 def unwrap(m: nn.Module) -> nn.Module:
@@ -294,24 +297,36 @@ def save_grid(images: torch.Tensor, per_row: int, path: Path, row_labels: list[s
     save_png(image_grid(images, per_row, labels=row_labels), path)
 
 
-class CsvLog:
-    """log.csv with fixed columns; on resume, rows after the resumed step are dropped (they will be redone)."""
+def grid_diversity(images: torch.Tensor, per_row: int) -> dict[str, float]:
+    """Mode-collapse gauge of a sample grid (one row per class, a different noise vector per column):
+    within_row_std = per-pixel std over the noise, averaged (near 0: the generator ignores its noise);
+    between_row_std = per-pixel std of the row means (near 0: it ignores the class)."""
+    x = images.float().reshape(-1, per_row, *images.shape[1:])
+    return {"within_row_std": x.std(1).mean().item() if per_row > 1 else float("nan"),
+            "between_row_std": x.mean(1).std(0).mean().item() if x.shape[0] > 1 else float("nan")}
 
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
+
+DIVERSITY_COLUMNS = ("step", "within_row_std", "between_row_std")
+
+
+class CsvLog:
+    """A CSV with fixed columns; on resume, rows after the resumed step are dropped (they will be redone)."""
+
+    def __init__(self, path: Path, resume_step: int, columns: tuple[str, ...] = LOG_COLUMNS):
+        self.path, self.columns = path, columns
         rows = []
         if path.is_file() and resume_step > 0:
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= resume_step]
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=LOG_COLUMNS)
+        w = csv.DictWriter(buf, fieldnames=self.columns)
         w.writeheader()
-        w.writerows({k: r.get(k, "") for k in LOG_COLUMNS} for r in rows)
+        w.writerows({k: r.get(k, "") for k in self.columns} for r in rows)
         atomic_write_bytes(path, buf.getvalue().encode())
 
     def write(self, row: dict) -> None:
         with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=LOG_COLUMNS).writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+            csv.DictWriter(f, fieldnames=self.columns).writerow({k: row.get(k, "") for k in self.columns})
 
 
 def _fmt(v) -> str:
@@ -412,6 +427,7 @@ def run(cfg: dict) -> int:
             atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(run_config).encode())
             write_json(run_dir / "status.json", {"state": "running", "step": start, **state_fields})
         log = CsvLog(run_dir / "log.csv", start) if env.is_main else None
+        diversity_log = CsvLog(run_dir / "samples" / "diversity.csv", start, DIVERSITY_COLUMNS) if env.is_main else None
         tb = _tensorboard(cfg.get("tensorboard", "auto"), run_dir) if env.is_main else None
         dist.barrier(env)
 
@@ -435,7 +451,13 @@ def run(cfg: dict) -> int:
                 k = int(cfg["samples_per_class"])
                 labels = (list(classes) if spec.conditional else
                           [f"code {i}" for i in range(trainer.num_classes)] if spec.info_cat else None)
-                save_grid(trainer.sample_grid(k), k, run_dir / "samples" / f"step-{step:08d}.png", labels)
+                grid = trainer.sample_grid(k)
+                save_grid(grid, k, run_dir / "samples" / f"step-{step:08d}.png", labels)
+                div = grid_diversity(grid, k)
+                diversity_log.write({"step": step, **{c: _fmt(v) for c, v in div.items()}})
+                if tb is not None:
+                    for c, v in div.items():
+                        tb.add_scalar(f"samples/{c}", v, step)
 
         pbar = None
         if env.is_main and cfg.get("progress", True):

@@ -192,6 +192,19 @@ def test_channels_last_trainer_matches_nchw():
         assert torch.allclose(G(z, yy), unwrap(nhwc.G).eval()(z, yy), atol=1e-5)
 
 
+def test_grid_diversity_gauges_noise_and_class_dependence():
+    from hpcgan.train import grid_diversity
+    g = torch.Generator().manual_seed(0)
+    rows, k = 3, 4
+    protos = torch.rand(rows, 1, 3, 8, 8, generator=g) * 2 - 1
+    collapsed = protos.expand(rows, k, 3, 8, 8).reshape(rows * k, 3, 8, 8)   # same image across the noise
+    d = grid_diversity(collapsed, k)
+    assert d["within_row_std"] == pytest.approx(0.0, abs=1e-6) and d["between_row_std"] > 0.3
+    noisy = torch.rand(1, k, 3, 8, 8, generator=g).expand(rows, k, 3, 8, 8).reshape(rows * k, 3, 8, 8)
+    d = grid_diversity(noisy, k)                                               # ignores the class
+    assert d["within_row_std"] > 0.15 and d["between_row_std"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_nan_batch_is_skipped_without_touching_weights():
     tr = _trainer()
     before_d = {k: v.clone() for k, v in tr.state_dict()["D"].items()}
@@ -333,6 +346,10 @@ def test_every_model_under_torchrun_two_ranks(shards, tmp_path, model):
         assert im.height == 2 + len(CLASSES) * 34
         assert im.width > 2 + 2 * 34 if model in ("wgan_gp_ac", "acgan", "cgan", "infogan", "wgan_gp_info") \
             else im.width == 2 + 2 * 34
+    with open(rd / "samples" / "diversity.csv", newline="") as f:  # a collapse gauge per sample grid
+        div = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in div] == [3, 6]
+    assert all(0 <= float(r[c]) < 2 for r in div for c in ("within_row_std", "between_row_std"))
     st = status(rd)
     assert st["state"] == "finished" and st["step"] == st["steps"] == 6 and st["world_size"] == 2
     state, _ = load_latest(rd)
