@@ -146,9 +146,9 @@ class Trainer:
             # autograd graph (a RuntimeError on torch 2.11). Running stats are only used in eval mode (sample
             # grids and generation, from rank 0); training itself uses batch statistics.
             # (torch >= 2.14 renames the switch forward_sync_buffers and deprecates broadcast_buffers)
-            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                       else {"broadcast_buffers": False})
-            G, D = DDP(G, device_ids=ids, **no_sync), DDP(D, device_ids=ids, **no_sync)
+            buffers_off = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                           else {"broadcast_buffers": False})
+            G, D = DDP(G, device_ids=ids, **buffers_off), DDP(D, device_ids=ids, **buffers_off)
         self.G, self.D = G, D
         self.n_critic = int(spec.optim.get("n_critic", 1))
         self.opt_G = make_optimizer(unwrap(G).parameters(), spec.optim)
