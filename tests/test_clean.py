@@ -120,6 +120,21 @@ def test_macenko_normalises_colour_and_is_deterministic():
     assert after < before / 3
 
 
+def test_macenko_white_balances_a_tinted_background():
+    """The same smear under yellowish (PBC's CellaVision) and bluish illumination: the normalised
+    backgrounds are neutral and the two results nearly the same (a fixed white point tinted them)."""
+    smear = stained(np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]]).T, 1.0).astype(float) / 240
+    background = (smear.min(axis=2) > 0.93)          # the unstained pixels of the synthetic smear
+    outs = []
+    for light in ((255, 230, 204), (205, 225, 255)):
+        img = np.clip(smear * np.array(light), 0, 255).astype(np.uint8)
+        out = macenko(img).astype(int)
+        bg = out[background].mean(axis=0)
+        assert bg.max() - bg.min() < 6, (light, bg)   # neutral grey-white, not pink or violet
+        outs.append(out)
+    assert np.abs(outs[0] - outs[1]).mean() < 4
+
+
 def test_macenko_refuses_blank_images():
     with pytest.raises(DegenerateStain):
         macenko(np.full((64, 64, 3), 240, np.uint8))

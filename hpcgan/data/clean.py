@@ -1,7 +1,7 @@
 """Turn one source file into one clean square RGB image, or say exactly why not.
 
 decode_rgb      bytes -> RGB uint8 array (mode conversions where they are sound, `BadImage` where not)
-macenko         Macenko et al. 2009 stain normalisation in numpy, standard H&E reference
+macenko         Macenko et al. 2009 stain normalisation in numpy, standard H&E reference, white-balanced
 square_resize   centre crop to a square, antialiased resize
 process_file    all of the above for one file (runs in worker processes), spooling the encoded image
 
@@ -26,7 +26,9 @@ HE_REF = np.array([[0.5626, 0.2159],
                    [0.7201, 0.8012],
                    [0.4062, 0.5581]])
 MAX_C_REF = np.array([1.9705, 1.0308])
-IO = 240.0          # transmitted light intensity (background)
+IO = 240.0          # transmitted light intensity of the normalised output's background
+BG_PERCENTILE = 99  # per-channel background (illumination) estimate of an input: its brightest pixels
+BG_FLOOR = 128.0    # ... never below this (an image with no background at all)
 BETA = 0.15         # OD threshold below which a pixel is background
 ALPHA = 1.0         # percentile for the robust extreme angles
 MIN_STAIN_FRACTION = 0.01  # fewer stained pixels than this: estimation is degenerate
@@ -143,14 +145,20 @@ def _unit_sign(v: np.ndarray) -> np.ndarray:
 
 
 def macenko(rgb: np.ndarray) -> np.ndarray:
-    """Macenko stain normalisation of an RGB uint8 image to the standard H&E reference.
+    """Macenko stain normalisation of an RGB uint8 image to the standard H&E reference, with the optical
+    density taken against the image's own background (white balance) rather than a fixed white point.
 
     Raises DegenerateStain when the image has too few stained pixels or the estimate is not finite.
     Romanowsky-stained smears are not H&E; the reference is used as the field's common convention
     for bringing all sources to one colour appearance.
     """
     h, w, _ = rgb.shape
-    od = -np.log((rgb.reshape(-1, 3).astype(np.float64) + 1.0) / IO)
+    flat = rgb.reshape(-1, 3).astype(np.float64)
+    # Optical density relative to this image's own background, per channel. A fixed white point (IO) reads
+    # a tinted illumination (PBC's CellaVision smears: about (255, 230, 204)) as stain, and the concentration
+    # rescaling below then paints whole backgrounds pink or violet, differently for every image.
+    io_in = np.maximum(np.percentile(flat, BG_PERCENTILE, axis=0), BG_FLOOR) + 1.0
+    od = -np.log(np.minimum(flat + 1.0, io_in) / io_in)
     tissue = od[~np.any(od < BETA, axis=1)]
     if len(tissue) < max(MIN_STAIN_PIXELS, MIN_STAIN_FRACTION * len(od)):
         raise DegenerateStain(f"only {len(tissue)} of {len(od)} pixels stained (OD >= {BETA} in all channels)")
