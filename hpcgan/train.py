@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import gc
 import hashlib
 import inspect
 import io
@@ -357,6 +358,7 @@ def run(cfg: dict) -> int:
     shards = cfg["shards"]
     shards = [str(Path(s).resolve()) for s in shards] if isinstance(shards, (list, tuple)) else str(Path(shards).resolve())
     state_fields = {}
+    trainer = probe = batches = None
     try:
         spec = GANSpec.from_config(cfg["model"])
         resolve_precision(cfg["precision"], env.device)  # fail early, before any work, on a bad precision
@@ -548,6 +550,12 @@ def run(cfg: dict) -> int:
         raise
     finally:
         stop_flag.restore()
+        # Tear down in a fixed order: DDP wrappers (which hold the process group) and loader iterators go
+        # before the process group, not whenever the garbage collector or interpreter exit gets to them
+        # (a gloo group freed during interpreter shutdown aborted a rank now and then: rc -6, "terminate
+        # called without an active exception").
+        trainer = probe = batches = None  # noqa: F841
+        gc.collect()
         dist.cleanup(env)
 
 
