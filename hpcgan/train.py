@@ -307,6 +307,16 @@ def grid_diversity(images: torch.Tensor, per_row: int) -> dict[str, float]:
             "between_row_std": x.mean(1).std(0).mean().item() if x.shape[0] > 1 else float("nan")}
 
 
+def data_diversity(images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The same gauge for real images: per-pixel std within each class (classes with >= 2 images), averaged,
+    and the std of the class means, to read a sample grid's numbers against."""
+    groups = [images[labels == c].float() for c in labels.unique()]
+    within = [g.std(0).mean().item() for g in groups if len(g) > 1]
+    means = torch.stack([g.mean(0) for g in groups])
+    return {"within_row_std": sum(within) / len(within) if within else float("nan"),
+            "between_row_std": means.std(0).mean().item() if len(groups) > 1 else float("nan")}
+
+
 DIVERSITY_COLUMNS = ("step", "within_row_std", "between_row_std")
 
 

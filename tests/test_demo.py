@@ -41,6 +41,7 @@ def test_demo_end_to_end(tmp_path):
     for cls in real["classes"]:
         assert cls in res.stdout
     assert "total" in res.stdout
+    assert "Sample diversity (samples/diversity.csv, step 4): within a class" in res.stdout
 
     # re-running resumes: training is already finished and is not repeated
     res2 = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

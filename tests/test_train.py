@@ -203,6 +203,10 @@ def test_grid_diversity_gauges_noise_and_class_dependence():
     noisy = torch.rand(1, k, 3, 8, 8, generator=g).expand(rows, k, 3, 8, 8).reshape(rows * k, 3, 8, 8)
     d = grid_diversity(noisy, k)                                               # ignores the class
     assert d["within_row_std"] > 0.15 and d["between_row_std"] == pytest.approx(0.0, abs=1e-6)
+    from hpcgan.train import data_diversity  # the same numbers for labelled real images
+    labels = torch.arange(rows).repeat_interleave(k)
+    assert data_diversity(collapsed, labels) == pytest.approx(grid_diversity(collapsed, k), abs=1e-6)
+    assert data_diversity(noisy, labels) == pytest.approx(grid_diversity(noisy, k), abs=1e-6)
 
 
 def test_nan_batch_is_skipped_without_touching_weights():

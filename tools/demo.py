@@ -53,6 +53,33 @@ def train(cfg: DictConfig, shards: Path, run_dir: Path) -> None:
     subprocess.run(cmd, check=True, env=env, cwd=REPO_ROOT)
 
 
+def diversity_report(run_dir: Path, shards: Path) -> str:
+    """The last sample grid's collapse gauge next to the same numbers for the training images."""
+    import csv
+
+    import torch
+
+    from hpcgan.data.loader import make_loader
+    from hpcgan.train import data_diversity
+    with open(run_dir / "samples" / "diversity.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return "Sample diversity: no sample grid yet"
+    last = rows[-1]
+    images, labels = zip(*make_loader(shards, "train", 1, backend="webdataset", num_threads=1, shuffle=False))
+    real = data_diversity(torch.cat(images), torch.cat(labels))
+    gen = {k: float(last[k]) for k in real}
+    lines = [f"Sample diversity (samples/diversity.csv, step {last['step']}): within a class {gen['within_row_std']:.3f} "
+             f"(training images {real['within_row_std']:.3f}), across classes {gen['between_row_std']:.3f} "
+             f"(training images {real['between_row_std']:.3f})"]
+    ignored = [what for what, k in (("its noise", "within_row_std"), ("the class", "between_row_std"))
+               if gen[k] < 0.25 * real[k]]
+    if ignored:
+        lines.append(f"  the generator ignores {' and '.join(ignored)}: a collapse that short runs often show "
+                     "(README, Known limitations); train longer or try model.ac_twin=true")
+    return "\n".join(lines)
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="demo", version_base=None)
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -88,6 +115,7 @@ def main(cfg: DictConfig) -> None:
         if grids:
             print(f"Training samples: {grids[-1]}")
         print(f"Training log:    {run_dir / 'log.csv'}")
+        print(diversity_report(run_dir, shards))
         if (synth / "contact_sheet.png").exists():
             print(f"Synthetic sheet: {synth / 'contact_sheet.png'}")
         print(f"Synthetic shards: {synth}  (read them with the real ones: make_loader([shards, synthetic], 'train', ...))")
