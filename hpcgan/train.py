@@ -298,23 +298,22 @@ def save_grid(images: torch.Tensor, per_row: int, path: Path, row_labels: list[s
     save_png(image_grid(images, per_row, labels=row_labels), path)
 
 
-def grid_diversity(images: torch.Tensor, per_row: int) -> dict[str, float]:
-    """Mode-collapse gauge of a sample grid (one row per class, a different noise vector per column):
-    within_row_std = per-pixel std over the noise, averaged (near 0: the generator ignores its noise);
-    between_row_std = per-pixel std of the row means (near 0: it ignores the class)."""
-    x = images.float().reshape(-1, per_row, *images.shape[1:])
-    return {"within_row_std": x.std(1).mean().item() if per_row > 1 else float("nan"),
-            "between_row_std": x.mean(1).std(0).mean().item() if x.shape[0] > 1 else float("nan")}
-
-
 def data_diversity(images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """The same gauge for real images: per-pixel std within each class (classes with >= 2 images), averaged,
-    and the std of the class means, to read a sample grid's numbers against."""
+    """Mode-collapse gauge of labelled images: within_row_std = per-pixel std within each class (classes with
+    >= 2 images), averaged; between_row_std = per-pixel std of the class means. For real images it is the
+    reference to read a sample grid's numbers against."""
     groups = [images[labels == c].float() for c in labels.unique()]
     within = [g.std(0).mean().item() for g in groups if len(g) > 1]
     means = torch.stack([g.mean(0) for g in groups])
     return {"within_row_std": sum(within) / len(within) if within else float("nan"),
             "between_row_std": means.std(0).mean().item() if len(groups) > 1 else float("nan")}
+
+
+def grid_diversity(images: torch.Tensor, per_row: int) -> dict[str, float]:
+    """The gauge of a sample grid (one row per class, a different noise vector per column): near 0 within
+    rows, the generator ignores its noise; near 0 between rows, it ignores the class."""
+    rows = torch.arange(images.shape[0] // per_row).repeat_interleave(per_row)
+    return data_diversity(images, rows)
 
 
 DIVERSITY_COLUMNS = ("step", "within_row_std", "between_row_std")
@@ -417,7 +416,7 @@ def run(cfg: dict) -> int:
 
         trainer = Trainer(spec, len(classes), image_size, env, seed=int(cfg["seed"]), precision=cfg["precision"],
                           ema=float(cfg["ema"]), diffaug=cfg.get("diffaug") or (),
-                          channels_last=bool(cfg.get("channels_last", False)))
+                          channels_last=bool(cfg.get("channels_last", True)))
         epoch, in_epoch, train_seconds = 0, 0, 0.0
         if ckpt is not None:
             trainer.load_state_dict(ckpt)

@@ -302,7 +302,7 @@ def resolve_backend(backend: str) -> str:
 
 def resolve_device(device: str) -> str:
     """'cpu' or 'cuda': where decoded batches go (hpcgan.dist.resolve_device's rule; the GPU is the current one)."""
-    return dist.resolve_device(device, local_rank=torch.cuda.current_device() if torch.cuda.is_available() else 0).type
+    return dist.resolve_device(device).type
 
 
 def default_threads() -> int:

@@ -114,7 +114,7 @@ class CriticHeads(nn.Module):
         self.adv = nn.Linear(features, 1)
         self.project = nn.Embedding(num_classes, features) if spec.critic_condition == "projection" else None
         self.cls = nn.Linear(features, num_classes) if spec.ac_weight > 0 else None
-        self.cls_twin = nn.Linear(features, num_classes) if getattr(spec, "ac_twin", False) else None
+        self.cls_twin = nn.Linear(features, num_classes) if spec.ac_twin else None
         self.q_cat = nn.Linear(features, spec.info_cat) if spec.info_cat > 0 else None
         self.q_cont = nn.Linear(features, spec.info_cont) if spec.info_cont > 0 else None
 
