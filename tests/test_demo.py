@@ -1,4 +1,6 @@
 """The README's `make demo` flow, end to end on a tiny simulated set (simulate -> shard -> train -> generate)."""
+import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +11,7 @@ import pytest
 from PIL import Image
 
 from hpcgan.data.shards import iter_samples, read_manifest
+from hpcgan.train import LOG_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,8 +45,43 @@ def test_demo_end_to_end(tmp_path):
         assert cls in res.stdout
     assert "total" in res.stdout
     assert "Sample diversity (samples/diversity.csv, step 4): within a class" in res.stdout
+    assert "Auxiliary classifier on real images (log.csv, last 2 rows): accuracy" in res.stdout
 
     # re-running resumes: training is already finished and is not repeated
     res2 = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res2.returncode == 0, res2.stderr[-3000:]
     assert "already finished" in (res2.stderr + res2.stdout).lower()
+
+
+def load_demo():
+    spec = importlib.util.spec_from_file_location("demo", REPO / "tools" / "demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def write_run(run_dir: Path, acc_real: list, balance_classes: bool = False) -> None:
+    (run_dir / "config.yaml").write_text(f"balance_classes: {str(balance_classes).lower()}\n")
+    with open(run_dir / "log.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, LOG_COLUMNS)
+        w.writeheader()
+        for i, acc in enumerate(acc_real):
+            w.writerow({"step": 50 * (i + 1), "ac_acc_real": "" if acc is None else acc})
+
+
+def test_class_signal_report_warns_near_chance_only(tmp_path):
+    report = load_demo().class_signal_report
+    counts = {"neutrophil": 60, "basophil": 20, "platelet": 20}  # always "neutrophil": 0.60
+    write_run(tmp_path, [0.9, 0.9, 0.60, 0.62, 0.58, 0.60])
+    lines = report(tmp_path, counts)
+    assert lines[0] == "Auxiliary classifier on real images (log.csv, last 4 rows): accuracy 0.60 (chance 0.60)"
+    assert "does not tell the classes apart" in lines[1]
+    write_run(tmp_path, [0.1, 0.1, 0.80, 0.85, 0.75, 0.80])
+    lines = report(tmp_path, counts)
+    assert len(lines) == 1 and "accuracy 0.80 (chance 0.60)" in lines[0]
+    # balanced sampling: chance is one in three, and 0.6 is well above it
+    write_run(tmp_path, [0.60, 0.62, 0.58, 0.60], balance_classes=True)
+    assert report(tmp_path, counts) == [
+        "Auxiliary classifier on real images (log.csv, last 4 rows): accuracy 0.60 (chance 0.33)"]
+    write_run(tmp_path, [None, None])  # a model without an auxiliary classifier logs the column empty
+    assert report(tmp_path, counts) == []

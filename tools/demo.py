@@ -76,8 +76,31 @@ def diversity_report(run_dir: Path, shards: Path) -> str:
                if gen[k] < 0.25 * real[k]]
     if ignored:
         lines.append(f"  the generator ignores {' and '.join(ignored)}: a collapse that short runs often show "
-                     "(README, Known limitations); train longer or try model.ac_twin=true")
+                     "(README, Known limitations); train longer (train.steps=...)")
     return "\n".join(lines)
+
+
+def class_signal_report(run_dir: Path, train_counts: dict[str, int], last_rows: int = 4) -> list[str]:
+    """The critic's auxiliary classifier on real images (log.csv, mean of the last rows) against chance, i.e.
+    always naming the largest class (1/classes when training balanced the classes): the generator can only
+    learn the classes from a critic that tells them apart."""
+    import csv
+
+    from omegaconf import OmegaConf
+    with open(run_dir / "log.csv", newline="") as f:
+        acc = [float(r["ac_acc_real"]) for r in csv.DictReader(f) if r.get("ac_acc_real")]
+    if not acc:
+        return []  # a model without an auxiliary classifier
+    balanced = OmegaConf.load(run_dir / "config.yaml").get("balance_classes", False)
+    chance = 1 / len(train_counts) if balanced else max(train_counts.values()) / sum(train_counts.values())
+    tail = acc[-last_rows:]
+    mean = sum(tail) / len(tail)
+    lines = [f"Auxiliary classifier on real images (log.csv, last {len(tail)} rows): accuracy {mean:.2f} "
+             f"(chance {chance:.2f})"]
+    if mean < chance + 0.25 * (1 - chance):
+        lines.append("  the critic does not tell the classes apart yet, so the generator gets no class signal; "
+                     "train longer or raise model.ac_weight (README, Known limitations)")
+    return lines
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="demo", version_base=None)
@@ -116,6 +139,8 @@ def main(cfg: DictConfig) -> None:
             print(f"Training samples: {grids[-1]}")
         print(f"Training log:    {run_dir / 'log.csv'}")
         print(diversity_report(run_dir, shards))
+        for line in class_signal_report(run_dir, manifest["counts"]["train"]):
+            print(line)
         if (synth / "contact_sheet.png").exists():
             print(f"Synthetic sheet: {synth / 'contact_sheet.png'}")
         print(f"Synthetic shards: {synth}  (read them with the real ones: make_loader([shards, synthetic], 'train', ...))")
