@@ -10,7 +10,8 @@ All randomness of step s on rank r (noise, labels, codes, penalty interpolation,
 generator seeded by (seed, r, s), and the loader's order is a function of (seed, epoch, rank), so a run
 resumed from a checkpoint repeats exactly what the uninterrupted run would have done.
 
-Run directory: config.yaml, log.csv, samples/step-N.png, checkpoints/step-N.pt, status.json
+Run directory: config.yaml, log.csv, curves.png (log.csv and the sample diversity drawn, at every sample
+grid), samples/step-N.png, samples/diversity.csv, checkpoints/step-N.pt, status.json
 ({"state": "running" | "finished" | "failed" | "interrupted", "step", "steps", ...}).
 
 Exit codes (every rank):
@@ -469,6 +470,11 @@ def run(cfg: dict) -> int:
                 if tb is not None:
                     for c, v in div.items():
                         tb.add_scalar(f"samples/{c}", v, step)
+                try:  # a picture is not worth a failed run
+                    from hpcgan.viz import training_curves
+                    training_curves(run_dir, run_dir / "curves.png", f"{spec.name}: {run_dir.name}")
+                except Exception as e:  # noqa: BLE001
+                    logger.warning("curves.png not drawn: %s: %s", type(e).__name__, e)
 
         pbar = None
         if env.is_main and cfg.get("progress", True):

@@ -1,4 +1,5 @@
-"""Pictures people look at: image grids and per-class contact sheets, written as PNG atomically."""
+"""Pictures people look at: image grids, per-class contact sheets and training curves, written as PNG
+atomically."""
 from __future__ import annotations
 
 import io
@@ -164,3 +165,72 @@ def shard_contact_sheet(shard_dir: str | Path, split: str, path: str | Path, tit
                 break
     tile = max(min_tile, next((r[0].shape[0] for r in rows.values() if r), min_tile))
     return contact_sheet(rows, path, title=title, per_row=per_row, tile=tile)
+
+
+# Panels of training_curves(): (title, [(csv, column, legend)], y label). csv "log" = run_dir/log.csv,
+# "div" = run_dir/samples/diversity.csv. A panel whose columns are all empty (e.g. no auxiliary
+# classifier) is left out.
+CURVE_PANELS = (
+    ("losses", [("log", "d_loss", "critic"), ("log", "g_loss", "generator")], "loss"),
+    ("critic", [("log", "wdist", "E[D(real)] - E[D(fake)]"), ("log", "gp", "gradient penalty")], ""),
+    ("auxiliary classifier (paper Figs. 7-8)", [("log", "ac_acc_real", "on real images"),
+                                                ("log", "ac_acc_fake", "on generated images")], "accuracy"),
+    ("InfoGAN codes", [("log", "info_loss", "info loss")], "loss"),
+    ("sample diversity (near 0: collapse)", [("div", "within_row_std", "within a class row"),
+                                             ("div", "between_row_std", "across class rows")], "pixel std"),
+)
+
+
+def _read_columns(path: Path) -> dict[str, list[tuple[float, float]]]:
+    """{column: [(step, value), ...]} of a CSV with a `step` column, skipping empty and non-finite cells."""
+    import csv
+    import math
+    out: dict[str, list[tuple[float, float]]] = {}
+    if not path.is_file():
+        return out
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            for k, v in row.items():
+                try:
+                    x, y = float(row["step"]), float(v)
+                except (TypeError, ValueError):
+                    continue
+                if k != "step" and math.isfinite(y):
+                    out.setdefault(k, []).append((x, y))
+    return out
+
+
+def training_curves(run_dir: str | Path, path: str | Path, title: str | None = None) -> Path | None:
+    """One PNG of a run's log.csv and samples/diversity.csv against the step, a panel per quantity that
+    the run logs. None (and nothing written) while there is nothing to draw."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display on compute nodes
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    data = {"log": _read_columns(run_dir / "log.csv"),
+            "div": _read_columns(run_dir / "samples" / "diversity.csv")}
+    panels = [(t, [(data[src][col], leg) for src, col, leg in lines if data[src].get(col)], ylabel)
+              for t, lines, ylabel in CURVE_PANELS]
+    panels = [p for p in panels if p[1]]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.3 * len(panels)), sharex=True, squeeze=False)
+    for ax, (panel_title, lines, ylabel) in zip(axes[:, 0], panels):
+        for points, legend in lines:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, label=legend, lw=1.2, marker="." if len(xs) < 30 else None)
+        ax.set_title(panel_title, fontsize=9, loc="left")
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    axes[-1, 0].set_xlabel("step", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)

@@ -354,6 +354,8 @@ def test_every_model_under_torchrun_two_ranks(shards, tmp_path, model):
         div = list(csv.DictReader(f))
     assert [int(r["step"]) for r in div] == [3, 6]
     assert all(0 <= float(r[c]) < 2 for r in div for c in ("within_row_std", "between_row_std"))
+    with Image.open(rd / "curves.png") as im:  # a 230 px panel each: losses, critic, [classifier | codes], diversity
+        assert im.size == (700, 230 * (3 if model in ("dcgan", "cgan", "wgan", "wgan_gp") else 4))
     st = status(rd)
     assert st["state"] == "finished" and st["step"] == st["steps"] == 6 and st["world_size"] == 2
     state, _ = load_latest(rd)

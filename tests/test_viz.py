@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hpcgan.viz import class_grid, contact_sheet, image_grid, to_uint8
+from hpcgan.viz import _read_columns, class_grid, contact_sheet, image_grid, to_uint8, training_curves
 
 TILE, PAD = 32, 2
 
@@ -92,3 +92,29 @@ def test_class_grid_puts_each_label_in_its_row(tmp_path):
     assert (_tile_at(grid, 2, 1, left) == 191).all() and (_tile_at(grid, 2, 2, left) == 255).all()
     with pytest.raises(ValueError, match="labels"):
         class_grid(images, labels[:3], classes, tmp_path / "bad.png")
+
+
+def _write_csv(path, header, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([",".join(header)] + [",".join(map(str, r)) for r in rows]) + "\n")
+
+
+def test_training_curves_draw_a_panel_per_logged_quantity(tmp_path):
+    run = tmp_path / "run"
+    assert training_curves(run, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+    # no auxiliary classifier, no codes: losses and critic only; empty, nan and inf cells are skipped
+    _write_csv(run / "log.csv", ["step", "d_loss", "g_loss", "wdist", "gp", "ac_acc_real", "ac_acc_fake", "info_loss"],
+               [[2, 1.0, "", 0.5, 0.1, "", "", ""], [4, 0.8, 0.3, "nan", 0.1, "", "", ""], [6, 0.7, 0.2, 0.6, "inf", "", "", ""]])
+    cols = _read_columns(run / "log.csv")
+    assert cols["g_loss"] == [(4.0, 0.3), (6.0, 0.2)] and cols["wdist"] == [(2.0, 0.5), (6.0, 0.6)]
+    assert "ac_acc_real" not in cols
+    out = training_curves(run, tmp_path / "curves.png", title="wgan_gp")
+    with Image.open(out) as im:
+        assert im.size == (700, 2 * 230)
+    # + classifier accuracies and the sample-diversity gauge: four panels
+    _write_csv(run / "log.csv", ["step", "d_loss", "g_loss", "wdist", "gp", "ac_acc_real", "ac_acc_fake"],
+               [[2, 1.0, 0.5, 0.5, 0.1, 0.2, 0.1], [4, 0.8, 0.3, 0.6, 0.1, 0.5, 0.4]])
+    _write_csv(run / "samples" / "diversity.csv", ["step", "within_row_std", "between_row_std"], [[4, 0.1, 0.2]])
+    with Image.open(training_curves(run, tmp_path / "curves.png")) as im:
+        assert im.size == (700, 4 * 230)
+        assert np.asarray(im.convert("L")).std() > 10  # something drawn, not a blank canvas

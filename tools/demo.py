@@ -137,7 +137,7 @@ def main(cfg: DictConfig) -> None:
         grids = sorted((run_dir / "samples").glob("step-*.png"))
         if grids:
             print(f"Training samples: {grids[-1]}")
-        print(f"Training log:    {run_dir / 'log.csv'}")
+        print(f"Training log:    {run_dir / 'log.csv'}  (drawn: {run_dir / 'curves.png'})")
         print(diversity_report(run_dir, shards))
         for line in class_signal_report(run_dir, manifest["counts"]["train"]):
             print(line)
