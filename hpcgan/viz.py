@@ -181,7 +181,7 @@ CURVE_PANELS = (
 )
 
 
-def _read_columns(path: Path) -> dict[str, list[tuple[float, float]]]:
+def read_columns(path: Path) -> dict[str, list[tuple[float, float]]]:
     """{column: [(step, value), ...]} of a CSV with a `step` column, skipping empty and non-finite cells."""
     import csv
     import math
@@ -208,8 +208,8 @@ def training_curves(run_dir: str | Path, path: str | Path, title: str | None = N
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    data = {"log": _read_columns(run_dir / "log.csv"),
-            "div": _read_columns(run_dir / "samples" / "diversity.csv")}
+    data = {"log": read_columns(run_dir / "log.csv"),
+            "div": read_columns(run_dir / "samples" / "diversity.csv")}
     panels = [(t, [(data[src][col], leg) for src, col, leg in lines if data[src].get(col)], ylabel)
               for t, lines, ylabel in CURVE_PANELS]
     panels = [p for p in panels if p[1]]

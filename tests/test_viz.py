@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hpcgan.viz import _read_columns, class_grid, contact_sheet, image_grid, to_uint8, training_curves
+from hpcgan.viz import class_grid, contact_sheet, image_grid, read_columns, to_uint8, training_curves
 
 TILE, PAD = 32, 2
 
@@ -105,7 +105,7 @@ def test_training_curves_draw_a_panel_per_logged_quantity(tmp_path):
     # no auxiliary classifier, no codes: losses and critic only; empty, nan and inf cells are skipped
     _write_csv(run / "log.csv", ["step", "d_loss", "g_loss", "wdist", "gp", "ac_acc_real", "ac_acc_fake", "info_loss"],
                [[2, 1.0, "", 0.5, 0.1, "", "", ""], [4, 0.8, 0.3, "nan", 0.1, "", "", ""], [6, 0.7, 0.2, 0.6, "inf", "", "", ""]])
-    cols = _read_columns(run / "log.csv")
+    cols = read_columns(run / "log.csv")
     assert cols["g_loss"] == [(4.0, 0.3), (6.0, 0.2)] and cols["wdist"] == [(2.0, 0.5), (6.0, 0.6)]
     assert "ac_acc_real" not in cols
     out = training_curves(run, tmp_path / "curves.png", title="wgan_gp")

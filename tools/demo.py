@@ -84,11 +84,10 @@ def class_signal_report(run_dir: Path, train_counts: dict[str, int], last_rows: 
     """The critic's auxiliary classifier on real images (log.csv, mean of the last rows) against chance, i.e.
     always naming the largest class (1/classes when training balanced the classes): the generator can only
     learn the classes from a critic that tells them apart."""
-    import csv
-
     from omegaconf import OmegaConf
-    with open(run_dir / "log.csv", newline="") as f:
-        acc = [float(r["ac_acc_real"]) for r in csv.DictReader(f) if r.get("ac_acc_real")]
+
+    from hpcgan.viz import read_columns
+    acc = [v for _, v in read_columns(run_dir / "log.csv").get("ac_acc_real", [])]
     if not acc:
         return []  # a model without an auxiliary classifier
     balanced = OmegaConf.load(run_dir / "config.yaml").get("balance_classes", False)
