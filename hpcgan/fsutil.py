@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -22,6 +23,19 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it; put it back at once (once)
+    os.umask(mask)
+    return mask
+
+
+def _as_created(mode: int) -> int:
+    """The permissions open()/mkdir() would give (mode & ~umask), for mkstemp/mkdtemp results, which are
+    private (0600/0700): results on a cluster's shared project space must stay readable by the group."""
+    return mode & ~_umask()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to a temp file beside `path`, fsync, then rename over it."""
     path = Path(path)
@@ -29,6 +43,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _as_created(0o666))
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -91,6 +106,7 @@ def atomic_dir(final: str | Path, sweep: bool = True):
     tag = f"{socket.gethostname()}@{os.getpid()}"  # host names never hold an @
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-{tag}-", dir=final.parent))
     try:
+        os.chmod(staging, _as_created(0o777))
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -55,3 +55,22 @@ def test_atomic_dir_replaces_whole_and_cleans_up_on_error(tmp_path):
         (stage / "b").write_text("3")
     assert sorted(p.name for p in final.iterdir()) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_atomic_outputs_get_the_umask_permissions_not_private_temp_ones(tmp_path, umask, file_mode, dir_mode):
+    """mkstemp/mkdtemp make 0600/0700 files: a lab's shards, checkpoints and logs on shared project space
+    would be unreadable to the rest of the group. Atomic outputs get what open()/mkdir() would give."""
+    code = f"""
+import os
+os.umask({umask:#o})
+from pathlib import Path
+from hpcgan.fsutil import atomic_dir, atomic_write_bytes
+atomic_write_bytes(Path({str(tmp_path)!r}) / "log.csv", b"step\\n")
+with atomic_dir(Path({str(tmp_path)!r}) / "shards") as d:
+    (d / "train-000000.tar").write_bytes(b"x")
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert (tmp_path / "log.csv").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "shards").stat().st_mode & 0o777 == dir_mode
+    assert (tmp_path / "shards" / "train-000000.tar").stat().st_mode & 0o777 == file_mode
