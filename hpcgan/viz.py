@@ -190,12 +190,13 @@ def read_columns(path: Path) -> dict[str, list[tuple[float, float]]]:
         return out
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
+            x = float(row.pop("step"))
             for k, v in row.items():
                 try:
-                    x, y = float(row["step"]), float(v)
-                except (TypeError, ValueError):
+                    y = float(v)
+                except (TypeError, ValueError):  # empty cell
                     continue
-                if k != "step" and math.isfinite(y):
+                if math.isfinite(y):
                     out.setdefault(k, []).append((x, y))
     return out
 
@@ -203,9 +204,7 @@ def read_columns(path: Path) -> dict[str, list[tuple[float, float]]]:
 def training_curves(run_dir: str | Path, path: str | Path, title: str | None = None) -> Path | None:
     """One PNG of a run's log.csv and samples/diversity.csv against the step, a panel per quantity that
     the run logs. None (and nothing written) while there is nothing to draw."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display on compute nodes
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend or global state, no display needed
 
     run_dir = Path(run_dir)
     data = {"log": read_columns(run_dir / "log.csv"),
@@ -215,7 +214,8 @@ def training_curves(run_dir: str | Path, path: str | Path, title: str | None = N
     panels = [p for p in panels if p[1]]
     if not panels:
         return None
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.3 * len(panels)), sharex=True, squeeze=False)
+    fig = Figure(figsize=(7, 2.3 * len(panels)))
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)
     for ax, (panel_title, lines, ylabel) in zip(axes[:, 0], panels):
         for points, legend in lines:
             xs, ys = zip(*points)
@@ -231,6 +231,5 @@ def training_curves(run_dir: str | Path, path: str | Path, title: str | None = N
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
