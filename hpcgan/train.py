@@ -42,6 +42,7 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -317,6 +318,24 @@ def grid_diversity(images: torch.Tensor, per_row: int) -> dict[str, float]:
     return data_diversity(images, rows)
 
 
+def class_signal(acc_real: list[float], class_counts: list[int], balanced: bool, last_rows: int = 4) -> dict | None:
+    """Whether the critic's auxiliary classifier tells the classes of real images apart: the mean of the last
+    logged accuracies against chance, i.e. always naming the largest class (1/classes under balanced
+    sampling). Without it the generator gets no class signal. None for a model without a classifier."""
+    if not acc_real:
+        return None
+    present = [c for c in class_counts if c > 0]
+    chance = 1 / len(present) if balanced else max(present) / sum(present)
+    tail = acc_real[-last_rows:]
+    accuracy = sum(tail) / len(tail)
+    return {"accuracy": accuracy, "chance": chance, "rows": len(tail),
+            "learnt": accuracy >= chance + 0.25 * (1 - chance)}
+
+
+CLASS_SIGNAL_ADVICE = ("the critic does not tell the classes apart yet, so the generator gets no class signal; "
+                       "train longer or raise model.ac_weight (README, Known limitations)")
+
+
 DIVERSITY_COLUMNS = ("step", "within_row_std", "between_row_std")
 
 
@@ -553,6 +572,14 @@ def run(cfg: dict) -> int:
             samples(step)
         if env.is_main:
             write_json(run_dir / "status.json", {"state": "finished", "step": step, **state_fields})
+            from hpcgan.viz import read_columns
+            signal = class_signal([v for _, v in read_columns(run_dir / "log.csv").get("ac_acc_real", [])],
+                                  np.bincount(probe.index.labels, minlength=len(classes)).tolist(),
+                                  bool(cfg["balance_classes"]))
+            if signal is not None and not signal["learnt"]:
+                logger.warning("auxiliary classifier on real images: accuracy %.2f over the last %d log rows "
+                               "(chance %.2f): %s", signal["accuracy"], signal["rows"], signal["chance"],
+                               CLASS_SIGNAL_ADVICE)
         logger.info("finished %d steps in %s", step, run_dir)
         dist.barrier(env)  # leave together: a rank tearing gloo down while rank 0 still writes aborted (rc -6)
         return EXIT_OK

@@ -61,7 +61,7 @@ def load_demo():
 
 
 def write_run(run_dir: Path, acc_real: list, balance_classes: bool = False) -> None:
-    (run_dir / "config.yaml").write_text(f"balance_classes: {str(balance_classes).lower()}\n")
+    (run_dir / "config.yaml").write_text(f"split: train\nbalance_classes: {str(balance_classes).lower()}\n")
     with open(run_dir / "log.csv", "w", newline="") as f:
         w = csv.DictWriter(f, LOG_COLUMNS)
         w.writeheader()
@@ -71,17 +71,19 @@ def write_run(run_dir: Path, acc_real: list, balance_classes: bool = False) -> N
 
 def test_class_signal_report_warns_near_chance_only(tmp_path):
     report = load_demo().class_signal_report
-    counts = {"neutrophil": 60, "basophil": 20, "platelet": 20}  # always "neutrophil": 0.60
+    # always "neutrophil": 0.60 (a class absent from the split does not count under balanced sampling)
+    manifest = {"classes": ["basophil", "monoblast", "neutrophil", "platelet"],
+                "counts": {"train": {"neutrophil": 60, "basophil": 20, "platelet": 20}}}
     write_run(tmp_path, [0.9, 0.9, 0.60, 0.62, 0.58, 0.60])
-    lines = report(tmp_path, counts)
+    lines = report(tmp_path, manifest)
     assert lines[0] == "Auxiliary classifier on real images (log.csv, last 4 rows): accuracy 0.60 (chance 0.60)"
     assert "does not tell the classes apart" in lines[1]
     write_run(tmp_path, [0.1, 0.1, 0.80, 0.85, 0.75, 0.80])
-    lines = report(tmp_path, counts)
+    lines = report(tmp_path, manifest)
     assert len(lines) == 1 and "accuracy 0.80 (chance 0.60)" in lines[0]
     # balanced sampling: chance is one in three, and 0.6 is well above it
     write_run(tmp_path, [0.60, 0.62, 0.58, 0.60], balance_classes=True)
-    assert report(tmp_path, counts) == [
+    assert report(tmp_path, manifest) == [
         "Auxiliary classifier on real images (log.csv, last 4 rows): accuracy 0.60 (chance 0.33)"]
     write_run(tmp_path, [None, None])  # a model without an auxiliary classifier logs the column empty
-    assert report(tmp_path, counts) == []
+    assert report(tmp_path, manifest) == []

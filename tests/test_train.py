@@ -21,7 +21,8 @@ from hpcgan import CONFIG_DIR
 from hpcgan.checkpoint import list_checkpoints, load_latest
 from hpcgan.data.shards import ShardWriter
 from hpcgan.models.registry import MODEL_NAMES, build_model, load_spec
-from hpcgan.train import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL, LOG_COLUMNS, Trainer, resolve_precision, run, unwrap
+from hpcgan.train import (EXIT_FAILED, EXIT_OK, EXIT_SIGNAL, LOG_COLUMNS, Trainer, class_signal, resolve_precision,
+                          run, unwrap)
 from hpcgan import dist
 
 CLASSES = ["a", "b", "c"]
@@ -271,6 +272,34 @@ def test_already_finished_run_exits_immediately(shards, tmp_path, capsys):
     assert "already finished" in capsys.readouterr().out
     assert list_checkpoints(rd)[-1].stat().st_mtime_ns == mtime
     assert len(read_log(rd)) == 2
+
+
+def test_class_signal_against_chance():
+    # unbalanced sampling: chance is always naming the largest class present; balanced: one in the classes present
+    sig = class_signal([0.9, 0.5, 0.5, 0.6, 0.6], [60, 0, 20, 20], balanced=False)
+    assert sig["rows"] == 4 and sig["accuracy"] == pytest.approx(0.55) and sig["chance"] == pytest.approx(0.6)
+    assert not sig["learnt"]
+    sig = class_signal([0.5, 0.5, 0.6, 0.6], [60, 0, 20, 20], balanced=True)
+    assert sig["chance"] == pytest.approx(1 / 3) and sig["learnt"]
+    assert class_signal([], [1, 2], balanced=False) is None  # no auxiliary classifier
+
+
+@pytest.mark.parametrize("model", ["wgan_gp_ac", "dcgan"])
+def test_finished_run_warns_when_its_critic_does_not_know_the_classes(shards, tmp_path, caplog, model):
+    """The end-of-run check agrees with log.csv: a warning exactly when the last rows' accuracy on real images
+    is not clearly above chance (16 of 48 images per class: 1/3); none for a model without a classifier."""
+    rd = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="hpcgan.train"):
+        assert run(compose(shards, rd, f"model={model}", "steps=6", "log_every=1")) == EXIT_OK
+    warned = [r.getMessage() for r in caplog.records if "auxiliary classifier on real images" in r.getMessage()]
+    acc = [float(r["ac_acc_real"]) for r in read_log(rd) if r["ac_acc_real"]]
+    if model == "dcgan":
+        assert not acc and not warned
+        return
+    mean = sum(acc[-4:]) / 4
+    assert len(acc) == 6 and len(warned) == (mean < 1 / 3 + 0.25 * 2 / 3)
+    if warned:
+        assert f"accuracy {mean:.2f} over the last 4 log rows (chance 0.33)" in warned[0]
 
 
 def test_resume_with_a_different_batch_order_restarts_the_epoch(shards, tmp_path, caplog):

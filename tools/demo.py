@@ -80,25 +80,22 @@ def diversity_report(run_dir: Path, shards: Path) -> str:
     return "\n".join(lines)
 
 
-def class_signal_report(run_dir: Path, train_counts: dict[str, int], last_rows: int = 4) -> list[str]:
-    """The critic's auxiliary classifier on real images (log.csv, mean of the last rows) against chance, i.e.
-    always naming the largest class (1/classes when training balanced the classes): the generator can only
-    learn the classes from a critic that tells them apart."""
+def class_signal_report(run_dir: Path, manifest: dict) -> list[str]:
+    """The critic's auxiliary classifier on real images against chance (hpcgan.train.class_signal)."""
     from omegaconf import OmegaConf
 
+    from hpcgan.train import CLASS_SIGNAL_ADVICE, class_signal
     from hpcgan.viz import read_columns
-    acc = [v for _, v in read_columns(run_dir / "log.csv").get("ac_acc_real", [])]
-    if not acc:
+    config = OmegaConf.load(run_dir / "config.yaml")
+    counts = manifest["counts"][config.get("split", "train")]
+    signal = class_signal([v for _, v in read_columns(run_dir / "log.csv").get("ac_acc_real", [])],
+                          [counts.get(c, 0) for c in manifest["classes"]], bool(config.get("balance_classes")))
+    if signal is None:
         return []  # a model without an auxiliary classifier
-    balanced = OmegaConf.load(run_dir / "config.yaml").get("balance_classes", False)
-    chance = 1 / len(train_counts) if balanced else max(train_counts.values()) / sum(train_counts.values())
-    tail = acc[-last_rows:]
-    mean = sum(tail) / len(tail)
-    lines = [f"Auxiliary classifier on real images (log.csv, last {len(tail)} rows): accuracy {mean:.2f} "
-             f"(chance {chance:.2f})"]
-    if mean < chance + 0.25 * (1 - chance):
-        lines.append("  the critic does not tell the classes apart yet, so the generator gets no class signal; "
-                     "train longer or raise model.ac_weight (README, Known limitations)")
+    lines = [f"Auxiliary classifier on real images (log.csv, last {signal['rows']} rows): accuracy "
+             f"{signal['accuracy']:.2f} (chance {signal['chance']:.2f})"]
+    if not signal["learnt"]:
+        lines.append(f"  {CLASS_SIGNAL_ADVICE}")
     return lines
 
 
@@ -138,7 +135,7 @@ def main(cfg: DictConfig) -> None:
             print(f"Training samples: {grids[-1]}")
         print(f"Training log:    {run_dir / 'log.csv'}  (drawn: {run_dir / 'curves.png'})")
         print(diversity_report(run_dir, shards))
-        for line in class_signal_report(run_dir, manifest["counts"]["train"]):
+        for line in class_signal_report(run_dir, manifest):
             print(line)
         if (synth / "contact_sheet.png").exists():
             print(f"Synthetic sheet: {synth / 'contact_sheet.png'}")
