@@ -12,7 +12,8 @@ resumed from a checkpoint repeats exactly what the uninterrupted run would have 
 
 Run directory: config.yaml, log.csv, curves.png (log.csv and the sample diversity drawn, at every sample
 grid), samples/step-N.png, samples/diversity.csv, checkpoints/step-N.pt, status.json
-({"state": "running" | "finished" | "failed" | "interrupted", "step", "steps", ...}).
+({"state": "running" | "finished" | "failed" | "interrupted", "step", "steps", ...; a finished run with an
+auxiliary classifier adds "class_signal", see class_signal()}).
 
 Exit codes (every rank):
   0  finished (or was already finished)
@@ -571,7 +572,6 @@ def run(cfg: dict) -> int:
         if not (cfg["sample_every"] and step % int(cfg["sample_every"]) == 0):
             samples(step)
         if env.is_main:
-            write_json(run_dir / "status.json", {"state": "finished", "step": step, **state_fields})
             from hpcgan.viz import read_columns
             signal = class_signal([v for _, v in read_columns(run_dir / "log.csv").get("ac_acc_real", [])],
                                   np.bincount(probe.index.labels, minlength=len(classes)).tolist(),
@@ -580,6 +580,8 @@ def run(cfg: dict) -> int:
                 logger.warning("auxiliary classifier on real images: accuracy %.2f over the last %d log rows "
                                "(chance %.2f): %s", signal["accuracy"], signal["rows"], signal["chance"],
                                CLASS_SIGNAL_ADVICE)
+            write_json(run_dir / "status.json", {"state": "finished", "step": step, **state_fields,
+                                                 **({"class_signal": signal} if signal is not None else {})})
         logger.info("finished %d steps in %s", step, run_dir)
         dist.barrier(env)  # leave together: a rank tearing gloo down while rank 0 still writes aborted (rc -6)
         return EXIT_OK

@@ -1,5 +1,4 @@
 """The README's `make demo` flow, end to end on a tiny simulated set (simulate -> shard -> train -> generate)."""
-import csv
 import importlib.util
 import json
 import os
@@ -11,7 +10,7 @@ import pytest
 from PIL import Image
 
 from hpcgan.data.shards import iter_samples, read_manifest
-from hpcgan.train import LOG_COLUMNS
+from hpcgan.train import class_signal
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,30 +59,26 @@ def load_demo():
     return mod
 
 
-def write_run(run_dir: Path, acc_real: list, balance_classes: bool = False) -> None:
-    (run_dir / "config.yaml").write_text(f"split: train\nbalance_classes: {str(balance_classes).lower()}\n")
-    with open(run_dir / "log.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, LOG_COLUMNS)
-        w.writeheader()
-        for i, acc in enumerate(acc_real):
-            w.writerow({"step": 50 * (i + 1), "ac_acc_real": "" if acc is None else acc})
+def write_status(run_dir: Path, acc_real: list, class_counts: list, balanced: bool = False) -> None:
+    """status.json as a finished run writes it (class_signal of its log)."""
+    signal = class_signal(acc_real, class_counts, balanced)
+    (run_dir / "status.json").write_text(json.dumps({"state": "finished", "step": 50 * len(acc_real),
+                                                     **({"class_signal": signal} if signal else {})}))
 
 
 def test_class_signal_report_warns_near_chance_only(tmp_path):
     report = load_demo().class_signal_report
-    # always "neutrophil": 0.60 (a class absent from the split does not count under balanced sampling)
-    manifest = {"classes": ["basophil", "monoblast", "neutrophil", "platelet"],
-                "counts": {"train": {"neutrophil": 60, "basophil": 20, "platelet": 20}}}
-    write_run(tmp_path, [0.9, 0.9, 0.60, 0.62, 0.58, 0.60])
-    lines = report(tmp_path, manifest)
+    counts = [20, 0, 60, 20]  # always the largest class: 0.60 (an absent class does not count when balanced)
+    write_status(tmp_path, [0.9, 0.9, 0.60, 0.62, 0.58, 0.60], counts)
+    lines = report(tmp_path)
     assert lines[0] == "Auxiliary classifier on real images (log.csv, last 4 rows): accuracy 0.60 (chance 0.60)"
     assert "does not tell the classes apart" in lines[1]
-    write_run(tmp_path, [0.1, 0.1, 0.80, 0.85, 0.75, 0.80])
-    lines = report(tmp_path, manifest)
+    write_status(tmp_path, [0.1, 0.1, 0.80, 0.85, 0.75, 0.80], counts)
+    lines = report(tmp_path)
     assert len(lines) == 1 and "accuracy 0.80 (chance 0.60)" in lines[0]
     # balanced sampling: chance is one in three, and 0.6 is well above it
-    write_run(tmp_path, [0.60, 0.62, 0.58, 0.60], balance_classes=True)
-    assert report(tmp_path, manifest) == [
+    write_status(tmp_path, [0.60, 0.62, 0.58, 0.60], counts, balanced=True)
+    assert report(tmp_path) == [
         "Auxiliary classifier on real images (log.csv, last 4 rows): accuracy 0.60 (chance 0.33)"]
-    write_run(tmp_path, [None, None])  # a model without an auxiliary classifier logs the column empty
-    assert report(tmp_path, manifest) == []
+    write_status(tmp_path, [], counts)  # a model without an auxiliary classifier
+    assert report(tmp_path) == []

@@ -294,12 +294,14 @@ def test_finished_run_warns_when_its_critic_does_not_know_the_classes(shards, tm
     warned = [r.getMessage() for r in caplog.records if "auxiliary classifier on real images" in r.getMessage()]
     acc = [float(r["ac_acc_real"]) for r in read_log(rd) if r["ac_acc_real"]]
     if model == "dcgan":
-        assert not acc and not warned
+        assert not acc and not warned and "class_signal" not in status(rd)
         return
     mean = sum(acc[-4:]) / 4
     assert len(acc) == 6 and len(warned) == (mean < 1 / 3 + 0.25 * 2 / 3)
     if warned:
         assert f"accuracy {mean:.2f} over the last 4 log rows (chance 0.33)" in warned[0]
+    assert status(rd)["class_signal"] == pytest.approx(
+        {"accuracy": mean, "chance": 1 / 3, "rows": 4, "learnt": not warned})
 
 
 def test_resume_with_a_different_batch_order_restarts_the_epoch(shards, tmp_path, caplog):

@@ -80,18 +80,13 @@ def diversity_report(run_dir: Path, shards: Path) -> str:
     return "\n".join(lines)
 
 
-def class_signal_report(run_dir: Path, manifest: dict) -> list[str]:
-    """The critic's auxiliary classifier on real images against chance (hpcgan.train.class_signal)."""
-    from omegaconf import OmegaConf
-
-    from hpcgan.train import CLASS_SIGNAL_ADVICE, class_signal
-    from hpcgan.viz import read_columns
-    config = OmegaConf.load(run_dir / "config.yaml")
-    counts = manifest["counts"][config.get("split", "train")]
-    signal = class_signal([v for _, v in read_columns(run_dir / "log.csv").get("ac_acc_real", [])],
-                          [counts.get(c, 0) for c in manifest["classes"]], bool(config.get("balance_classes")))
+def class_signal_report(run_dir: Path) -> list[str]:
+    """The critic's auxiliary classifier on real images against chance, as the finished run judged it
+    (status.json's class_signal, from hpcgan.train.class_signal); nothing for a model without a classifier."""
+    from hpcgan.train import CLASS_SIGNAL_ADVICE, read_status
+    signal = read_status(run_dir).get("class_signal")
     if signal is None:
-        return []  # a model without an auxiliary classifier
+        return []
     lines = [f"Auxiliary classifier on real images (log.csv, last {signal['rows']} rows): accuracy "
              f"{signal['accuracy']:.2f} (chance {signal['chance']:.2f})"]
     if not signal["learnt"]:
@@ -135,7 +130,7 @@ def main(cfg: DictConfig) -> None:
             print(f"Training samples: {grids[-1]}")
         print(f"Training log:    {run_dir / 'log.csv'}  (drawn: {run_dir / 'curves.png'})")
         print(diversity_report(run_dir, shards))
-        for line in class_signal_report(run_dir, manifest):
+        for line in class_signal_report(run_dir):
             print(line)
         if (synth / "contact_sheet.png").exists():
             print(f"Synthetic sheet: {synth / 'contact_sheet.png'}")
