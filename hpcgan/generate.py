@@ -14,7 +14,10 @@ generate a chosen class; for them `count=N` writes unlabelled images (label -1, 
 into png/unlabelled/ and the manifest only: no shards, since every shard sample needs a class label.
 
 Same checkpoint + seed (+ batch size and device) -> byte-identical output: each class draws its latents
-from its own generator seeded from (seed, class name), independent of the other classes chosen.
+from its own generator seeded by class_seed(seed, label), independent of the other classes chosen.
+
+For the evaluation stage: `load_generator` (a checkpoint -> G in eval mode and what it was trained on) and
+`class_images` (the uint8 images generate() writes for one class and seed, batch by batch).
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ import io
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -32,10 +37,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from hpcgan import dist
-from hpcgan.data.shards import MANIFEST, ShardWriter, read_manifest, sha256_file
+from hpcgan.data.shards import MANIFEST, ShardWriter, read_manifest, sha256_file, write_manifest
 from hpcgan.data.taxonomy import Taxonomy
 from hpcgan.fsutil import atomic_dir
+from hpcgan.images import check_image_size, to_uint8
+from hpcgan.latent import sample_latent
 from hpcgan.models.registry import GANSpec, build_model
+from hpcgan.settings import MISSING
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +54,54 @@ CONDITIONAL_EXAMPLES = "wgan_gp_ac, acgan, cgan"
 
 class GenerateError(ValueError):
     """Bad input to generate(); the message says what was wrong and what to do."""
+
+
+@dataclass
+class GenerateSettings:
+    """What generate() and tools/generate.py take; these defaults are the ones (configs/generate.yaml
+    documents the same values and what each means)."""
+    run: str | None = None          # training run directory (its newest valid checkpoint)
+    checkpoint: str | None = None   # or an explicit checkpoint file
+    out: str = MISSING
+    per_class: int | None = None    # how many: exactly one of per_class, balance, count
+    balance: Any = None             # N or "max"
+    count: int | None = None
+    shards: str | None = None       # real shard set (balance)
+    real_split: str = "train"
+    classes: Any = None             # None / "all", a list, or "a,b"
+    weights: str = "auto"
+    seed: int = 0
+    batch_size: int = 64
+    device: str = "auto"
+    png: bool = True
+    split: str = "train"
+    shard_size: int = 1000
+    truncation: float | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.out in (None, MISSING):
+            raise GenerateError("give out=DIR for the synthetic data")
+        modes = [k for k in ("per_class", "balance", "count") if getattr(self, k) is not None]
+        if len(modes) != 1:
+            raise GenerateError("give exactly one of per_class=N, balance=TARGET|max (with shards=DIR) or "
+                                f"count=N (unconditional models); got {modes or 'none'}")
+        if self.per_class is not None:
+            self.per_class = _check_count("per_class", self.per_class)
+        if self.count is not None:
+            self.count = _check_count("count", self.count)
+            if not self.png:
+                raise GenerateError("unlabelled images (count=N) go only to the PNG folder; png=false would "
+                                    "write nothing")
+        if self.balance is not None:
+            self.balance = _parse_balance(self.balance)
+        for name in ("batch_size", "shard_size"):
+            if _check_count(name, getattr(self, name)) == 0:
+                raise GenerateError(f"{name} must be > 0")
+        self.seed = _check_count("seed", self.seed)
+        t = self.truncation
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
+            raise GenerateError(f"truncation={t!r} must be a number > 0 (or null for none)")
 
 
 # ---------------------------------------------------------------- names and seeds
@@ -60,9 +116,12 @@ def sample_key(cls: str, index: int) -> str:
     return f"syn_{slug(cls)}_{index:06d}"
 
 
-def class_seed(seed: int, cls: str) -> int:
-    """Seed of one class's latent stream: a function of (seed, class name) only."""
-    digest = hashlib.sha256(f"hpcgan.generate:{seed}:{cls}".encode()).digest()
+def class_seed(seed: int, label: int | str | None) -> int:
+    """Seed of one class's latent stream: a function of (seed, label) only, so a class's images do not depend
+    on which other classes are generated. label: the class label (3 and "3" alike), None or "unlabelled"
+    for an unconditional model's one stream."""
+    key = UNLABELLED if label is None else str(label)
+    digest = hashlib.sha256(f"hpcgan.generate:{seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
@@ -114,7 +173,10 @@ def checkpoint_model(state: dict, path: Path) -> tuple[GANSpec, list[str], int]:
     missing = [k for k in ("model", "classes", "image_size") if k not in config]
     if missing or "G" not in state:
         raise GenerateError(f"{path}: not a training checkpoint (config lacks {missing or ['G']})")
-    return GANSpec.from_config(config["model"]), list(config["classes"]), int(config["image_size"])
+    try:
+        return GANSpec.from_config(config["model"]), list(config["classes"]), check_image_size(config["image_size"])
+    except ValueError as e:
+        raise GenerateError(f"{path}: {e}") from None
 
 
 def select_weights(state: dict, weights: str, path: Path) -> tuple[dict, str]:
@@ -134,6 +196,22 @@ def build_generator(spec: GANSpec, classes: list[str], image_size: int, weights:
     G, _ = build_model(spec, len(classes), image_size)
     G.load_state_dict(weights)
     return G.to(device).eval()
+
+
+def load_generator(run_dir=None, checkpoint=None, weights: str = "auto", device: str = "auto"
+                   ) -> tuple[torch.nn.Module, GANSpec, list[str], int, dict]:
+    """(G in eval mode on `device`, its spec, its classes in label order, image size, info) of an explicit
+    checkpoint file, else of run_dir's newest valid one; info = {"path", "sha256", "step", "weights", "config"}
+    ("ema" or "raw": weights="auto" takes the EMA generator when the checkpoint has one)."""
+    state, path, sha = load_checkpoint(run_dir, checkpoint)
+    spec, classes, image_size = checkpoint_model(state, path)
+    g_weights, used = select_weights(state, weights, path)
+    step = int(state.get("step", -1))
+    logger.info("checkpoint %s (step %d, model %s): using %s generator weights",
+                path, step, spec.name, "EMA" if used == "ema" else "raw (non-EMA)")
+    G = build_generator(spec, classes, image_size, g_weights, resolve_device(device))
+    return G, spec, classes, image_size, {"path": str(path), "sha256": sha, "step": step, "weights": used,
+                                          "config": state.get("config") or {}}
 
 
 # ---------------------------------------------------------------- how many of each class
@@ -197,46 +275,43 @@ def balance_counts(classes: list[str], chosen: list[str], balance, shards, real_
 
 # ---------------------------------------------------------------- sampling
 
-def sample_latent(spec: GANSpec, n: int, gen: torch.Generator, truncation: float | None = None) -> torch.Tensor:
-    """[n, spec.latent_dim] on the CPU: normal noise (optionally truncated: values beyond +-t drawn
-    again), then the InfoGAN codes the spec asks for (one-hot categorical, uniform(-1, 1) continuous)."""
-    z = torch.randn(n, spec.z_dim, generator=gen)
-    if truncation is not None:
-        out = z.abs() > truncation
-        while out.any():
-            z[out] = torch.randn(int(out.sum()), generator=gen)
-            out = z.abs() > truncation
-    parts = [z]
-    if spec.info_cat > 0:
-        cat = torch.randint(spec.info_cat, (n,), generator=gen)
-        parts.append(torch.nn.functional.one_hot(cat, spec.info_cat).float())
-    if spec.info_cont > 0:
-        parts.append(torch.rand(n, spec.info_cont, generator=gen) * 2 - 1)
-    return torch.cat(parts, dim=1)
+@torch.inference_mode()
+def class_images(G, spec: GANSpec, label: int | None, n: int, seed: int, batch_size: int, device,
+                 truncation: float | None = None) -> Iterator[torch.Tensor]:
+    """n images of class `label` (None: an unconditional model) as uint8 [B, 3, S, S] CPU batches of at most
+    batch_size, in index order. `seed` seeds the class's latent stream: with class_seed(S, label) these are
+    the images generate(seed=S) writes for that class. The latents are drawn at once, so they do not
+    depend on batch_size."""
+    if (label is None) == spec.conditional:
+        raise GenerateError(f"{spec.name} is {'' if spec.conditional else 'un'}conditional: "
+                            + ("give a class label" if spec.conditional else "give label=None"))
+    gen = torch.Generator().manual_seed(seed)
+    y = None if label is None else torch.full((n,), label, dtype=torch.int64)
+    latent = sample_latent(spec, n, gen, y=y, truncation=truncation)
+    for start in range(0, n, batch_size):
+        batch = slice(start, start + batch_size)
+        y_batch = None if latent.y is None else latent.y[batch].to(device)
+        yield to_uint8(G(latent.z[batch].to(device), y_batch)).cpu()
 
 
 def to_png(images: torch.Tensor) -> list[bytes]:
-    """[B, 3, S, S] in [-1, 1] -> PNG bytes (deterministic encoder settings, no metadata)."""
-    arr = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    arr = arr.permute(0, 2, 3, 1).numpy()
+    """uint8 [B, 3, S, S] (float in [-1, 1]: converted by to_uint8) -> PNG bytes (deterministic encoder
+    settings, no metadata)."""
+    if images.is_floating_point():
+        images = to_uint8(images)
     out = []
-    for a in arr:
+    for a in images.cpu().permute(0, 2, 3, 1).numpy():
         buf = io.BytesIO()
         Image.fromarray(a, "RGB").save(buf, format="PNG", compress_level=6)
         out.append(buf.getvalue())
     return out
 
 
-@torch.inference_mode()
 def generate_class(G, spec: GANSpec, label: int | None, n: int, seed: int, batch_size: int,
-                   device: torch.device, truncation: float | None):
-    """Yield PNG bytes of n images of one class (label None: unconditional), in index order."""
-    gen = torch.Generator().manual_seed(seed)
-    z_all = sample_latent(spec, n, gen, truncation)  # drawn at once: the stream does not depend on batch size
-    for start in range(0, n, batch_size):
-        z = z_all[start:start + batch_size].to(device)
-        y = None if label is None else torch.full((z.shape[0],), label, dtype=torch.int64, device=device)
-        yield from to_png(G(z, y))
+                   device, truncation: float | None = None) -> Iterator[bytes]:
+    """PNG bytes of class_images(...), one image at a time, in index order."""
+    for batch in class_images(G, spec, label, n, seed, batch_size, device, truncation):
+        yield from to_png(batch)
 
 
 # ---------------------------------------------------------------- output
@@ -257,111 +332,80 @@ def _check_out(out: Path, shards) -> None:
     logger.info("replacing the earlier output in %s", out)
 
 
-def generate(run_dir=None, out=None, per_class=None, balance=None, shards=None, *, count=None,
-             classes=None, checkpoint=None, weights="auto", seed=0, batch_size=64, device="auto",
-             png=True, split="train", real_split="train", shard_max_count=1000, truncation=None,
-             progress=True) -> dict:
+def generate(run_dir=None, out=None, per_class=None, balance=None, shards=None, **options) -> dict:
     """Write synthetic images from a training run's checkpoint to `out`; return the manifest.
 
     Exactly one of per_class=N, balance=TARGET|"max" (with shards=REAL_SHARD_DIR), or count=N
-    (unconditional models only) says how many. See the module docstring for the layout.
+    (unconditional models only) says how many; options: the other GenerateSettings fields. See the
+    module docstring for the layout.
     """
-    if out is None:
-        raise GenerateError("give out=DIR for the synthetic data")
-    modes = {k: v for k, v in (("per_class", per_class), ("balance", balance), ("count", count)) if v is not None}
-    if len(modes) != 1:
-        raise GenerateError("give exactly one of per_class=N, balance=TARGET|max (with shards=DIR) or "
-                            f"count=N (unconditional models); got {sorted(modes) or 'none'}")
-    if per_class is not None:
-        per_class = _check_count("per_class", per_class)
-    if count is not None:
-        count = _check_count("count", count)
-    if balance is not None:
-        balance = _parse_balance(balance)
-    batch_size = _check_count("batch_size", batch_size)
-    if batch_size == 0:
-        raise GenerateError("batch_size must be > 0")
-    seed = _check_count("seed", seed)
-    if truncation is not None and (isinstance(truncation, bool) or not isinstance(truncation, (int, float))
-                                   or truncation <= 0):
-        raise GenerateError(f"truncation={truncation!r} must be a number > 0 (or null for none)")
-    out = Path(out)
-    _check_out(out, shards)
+    return write_synthetic(GenerateSettings(run=run_dir, out=out, per_class=per_class, balance=balance,
+                                            shards=shards, **options))
 
-    state, ckpt_path, ckpt_sha = load_checkpoint(run_dir, checkpoint)
-    spec, all_classes, image_size = checkpoint_model(state, ckpt_path)
-    step = int(state.get("step", -1))
-    g_weights, weights_used = select_weights(state, weights, ckpt_path)
-    logger.info("checkpoint %s (step %d, model %s): using %s generator weights",
-                ckpt_path, step, spec.name, "EMA" if weights_used == "ema" else "raw (non-EMA)")
 
-    if count is not None and spec.conditional:
-        raise GenerateError(f"count=N is for unconditional models; {spec.name} is conditional: "
-                            "use per_class=N or balance=TARGET")
-    if count is None and not spec.conditional:
-        raise GenerateError(f"this model ({spec.name}) is unconditional and cannot generate a chosen class; "
-                            f"use a conditional one ({CONDITIONAL_EXAMPLES}), or count=N for unlabelled "
-                            "images (PNG folder and manifest only)")
-    if count is not None and not png:
-        raise GenerateError("unlabelled images (count=N) go only to the PNG folder; png=false would write nothing")
-
-    if count is not None and classes not in (None, "all"):
-        raise GenerateError(f"classes={classes!r}: an unconditional model ({spec.name}) cannot generate chosen classes")
-
-    balance_info = real_taxonomy = None
-    if count is not None:
-        plan = {UNLABELLED: count}
-    else:
-        chosen = select_classes(all_classes, classes)
-        if balance is not None:
-            plan, balance_info = balance_counts(all_classes, chosen, balance, shards, real_split, image_size)
-            real_taxonomy = balance_info.pop("taxonomy")
-        else:
-            plan = {c: per_class for c in chosen}
+def write_synthetic(s: GenerateSettings) -> dict:
+    """generate() for checked settings (tools/generate.py parses them from the command line)."""
+    out = Path(s.out)
+    _check_out(out, s.shards)
+    G, spec, classes, image_size, ckpt = load_generator(s.run, s.checkpoint, s.weights, s.device)
+    plan, balance_info, real_taxonomy = _plan(s, spec, classes, image_size)
     total = sum(plan.values())
     logger.info("generating %d images: %s", total, {c: n for c, n in plan.items() if n})
-    if total == 0 and count is None:
+    if total == 0 and s.count is None:
         logger.warning("nothing to generate (every chosen class already has enough images): %s will hold a "
-                       "manifest but no '%s' shards, so do not pass it to the loader", out, split)
-
-    dev = resolve_device(device)
-    G = build_generator(spec, all_classes, image_size, g_weights, dev)
-    common = {"synthetic": True, "source": "synthetic", "source_label": "synthetic", "model": spec.name,
-              "checkpoint_sha256": ckpt_sha, "checkpoint_step": step, "seed": seed, "weights": weights_used}
+                       "manifest but no '%s' shards, so do not pass it to the loader", out, s.split)
     with atomic_dir(out) as staging:
-        shard_list, images = _write_images(staging, G, spec, all_classes, plan, common, labelled=count is None,
-                                           png=png, split=split, shard_max_count=shard_max_count, seed=seed,
-                                           batch_size=batch_size, device=dev, truncation=truncation,
-                                           progress=progress)
-        manifest = _manifest(all_classes, image_size, split, plan, shard_list, count is not None, images,
-                             spec, ckpt_path, ckpt_sha, step, seed, weights_used, balance_info, real_taxonomy,
-                             dict(per_class=per_class, balance=balance, count=count, classes=classes,
-                                  batch_size=batch_size, device=str(dev), png=png, split=split,
-                                  truncation=truncation, shard_max_count=shard_max_count))
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        shard_list, images = _write_images(staging, G, spec, classes, plan, s, ckpt)
+        manifest = write_manifest(staging, _manifest(s, spec, classes, image_size, plan, shard_list, images, ckpt,
+                                                     balance_info, real_taxonomy, str(next(G.parameters()).device)))
         if shard_list:  # the same picture tools/shard.py leaves beside real shards
             from hpcgan.viz import shard_contact_sheet
-            shard_contact_sheet(staging, split, staging / "contact_sheet.png",
-                                title=f"SYNTHETIC ({spec.name}, step {step}): the first images of every class")
+            shard_contact_sheet(staging, s.split, staging / "contact_sheet.png",
+                                title=f"SYNTHETIC ({spec.name}, step {ckpt['step']}): the first images of every class")
     logger.info("wrote %d synthetic images to %s", total, out)
     return manifest
 
 
-def _write_images(staging: Path, G, spec: GANSpec, classes: list[str], plan: dict[str, int], common: dict, *,
-                  labelled: bool, png: bool, split: str, shard_max_count: int, seed: int, batch_size: int,
-                  device: torch.device, truncation: float | None, progress: bool) -> tuple[list[dict], list[dict]]:
+def _plan(s: GenerateSettings, spec: GANSpec, classes: list[str], image_size: int):
+    """({class: images to generate}, balance info or None, the real shards' taxonomy or None)."""
+    if s.count is not None:
+        if spec.conditional:
+            raise GenerateError(f"count=N is for unconditional models; {spec.name} is conditional: "
+                                "use per_class=N or balance=TARGET")
+        if s.classes not in (None, "all"):
+            raise GenerateError(f"classes={s.classes!r}: an unconditional model ({spec.name}) cannot generate "
+                                "chosen classes")
+        return {UNLABELLED: s.count}, None, None
+    if not spec.conditional:
+        raise GenerateError(f"this model ({spec.name}) is unconditional and cannot generate a chosen class; "
+                            f"use a conditional one ({CONDITIONAL_EXAMPLES}), or count=N for unlabelled "
+                            "images (PNG folder and manifest only)")
+    chosen = select_classes(classes, s.classes)
+    if s.balance is None:
+        return {c: s.per_class for c in chosen}, None, None
+    plan, info = balance_counts(classes, chosen, s.balance, s.shards, s.real_split, image_size)
+    return plan, info, info.pop("taxonomy")
+
+
+def _write_images(staging: Path, G, spec: GANSpec, classes: list[str], plan: dict[str, int], s: GenerateSettings,
+                  ckpt: dict) -> tuple[list[dict], list[dict]]:
     """Generate every planned image into shards (labelled) and/or the PNG folder; (shard dicts, image list)."""
+    labelled = s.count is None
+    device = next(G.parameters()).device
+    common = {"synthetic": True, "source": "synthetic", "source_label": "synthetic", "model": spec.name,
+              "checkpoint_sha256": ckpt["sha256"], "checkpoint_step": ckpt["step"], "seed": s.seed,
+              "weights": ckpt["weights"]}
     images: list[dict] = []
     with contextlib.ExitStack() as stack:
-        writer = stack.enter_context(ShardWriter(staging, split, shard_max_count)) if labelled else None
-        bar = stack.enter_context(tqdm(total=sum(plan.values()), unit="img", desc="generate", disable=not progress))
+        writer = stack.enter_context(ShardWriter(staging, s.split, s.shard_size)) if labelled else None
+        bar = stack.enter_context(tqdm(total=sum(plan.values()), unit="img", desc="generate", disable=not s.progress))
         for cls, n in plan.items():
             label = classes.index(cls) if labelled else -1
-            pngs = generate_class(G, spec, label if labelled else None, n, class_seed(seed, cls),
-                                  batch_size, device, truncation)
+            g_label = label if labelled else None
+            pngs = generate_class(G, spec, g_label, n, class_seed(s.seed, g_label), s.batch_size, device, s.truncation)
             for index, data in enumerate(pngs):
                 key = sample_key(cls, index)
-                rel = f"png/{slug(cls)}/{key}.png" if png else None
+                rel = f"png/{slug(cls)}/{key}.png" if s.png else None
                 if rel is not None:
                     (staging / rel).parent.mkdir(parents=True, exist_ok=True)
                     (staging / rel).write_bytes(data)
@@ -374,30 +418,31 @@ def _write_images(staging: Path, G, spec: GANSpec, classes: list[str], plan: dic
     return (writer.shards if writer is not None else []), images
 
 
-def _manifest(classes, image_size, split, plan, shard_list, unlabelled, images, spec, ckpt_path, ckpt_sha,
-              step, seed, weights_used, balance_info, real_taxonomy, settings) -> dict:
+def _manifest(s: GenerateSettings, spec: GANSpec, classes, image_size, plan, shard_list, images, ckpt,
+              balance_info, real_taxonomy, device: str) -> dict:
     """The shard-set manifest (hpcgan.data.shards contract) plus provenance. Nothing in it depends on
     where `out` is, so the same inputs give the same bytes."""
-    if unlabelled:
+    if s.count is not None:
         counts, by_source, shards = {}, {}, {}
     else:
         per = {c: plan.get(c, 0) for c in classes}
-        counts, by_source, shards = {split: per}, {split: {"synthetic": per}}, {split: shard_list}
+        counts, by_source, shards = {s.split: per}, {s.split: {"synthetic": per}}, {s.split: shard_list}
+    settings = {k: getattr(s, k) for k in ("per_class", "balance", "count", "classes", "batch_size", "png",
+                                            "split", "truncation", "shard_size")}
     return {
-        "format": 1,
         "synthetic": True,
         "classes": classes,
         "image_size": image_size,
         "counts": counts,
         "counts_by_source": by_source,
         "shards": shards,
-        "unlabelled": plan.get(UNLABELLED, 0) if unlabelled else 0,
-        "settings": settings,
+        "unlabelled": plan.get(UNLABELLED, 0) if s.count is not None else 0,
+        "settings": settings | {"device": device},
         "taxonomy": _taxonomy(classes, real_taxonomy),
         "model": spec.name,
-        "weights": weights_used,
-        "seed": seed,
-        "checkpoint": {"path": str(ckpt_path), "sha256": ckpt_sha, "step": step},
+        "weights": ckpt["weights"],
+        "seed": s.seed,
+        "checkpoint": {k: ckpt[k] for k in ("path", "sha256", "step")},
         "balance": balance_info,
         "images": images,
     }

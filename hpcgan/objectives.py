@@ -14,9 +14,9 @@
                generated ones; the generator minimises CE(cls(fake), y) - CE(cls_twin(fake), y). Plain
                AC-GAN rewards the easiest-to-classify image of each class, so the generator collapses onto
                class prototypes; the twin term cancels that bias
-  info_*       InfoGAN codes appended to z (one-hot categorical, then uniform(-1, 1) continuous); the
-               critic's Q heads recover them: CE on the categorical, MSE (a unit-variance Gaussian NLL up
-               to constants) on the continuous; in both the critic and the generator loss
+  info_*       InfoGAN codes appended to z (hpcgan/latent.py: one-hot categorical, then uniform(-1, 1)
+               continuous); the critic's Q heads recover them: CE on the categorical, MSE (a unit-variance
+               Gaussian NLL up to constants) on the continuous; in both the critic and the generator loss
 Stats (detached tensors, averaged and logged by the loop): d_loss, g_loss, gp, wdist (E[D(real)] -
 E[D(fake)]), ac_acc_real / ac_acc_fake (the auxiliary classifier's accuracy on real and on generated
 images, the paper's Figs. 7-8), info_loss.
@@ -24,24 +24,16 @@ images, the paper's Figs. 7-8), info_loss.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from hpcgan.augment import diff_augment, parse_policy
+from hpcgan.latent import Latent
 from hpcgan.models.registry import GANSpec
 
 STAT_KEYS = ("d_loss", "g_loss", "gp", "wdist", "ac_acc_real", "ac_acc_fake", "info_loss")
-
-
-@dataclass
-class Latent:
-    z: torch.Tensor                 # [B, latent_dim]: noise, then one-hot cat code, then continuous codes
-    y: torch.Tensor | None          # [B] labels the generator is conditioned on (None: unconditional)
-    cat: torch.Tensor | None = None   # [B] categorical code indices
-    cont: torch.Tensor | None = None  # [B, info_cont] continuous codes
 
 
 class GANObjective:
@@ -71,20 +63,6 @@ class GANObjective:
         with self.autocast():
             out = D(x, y)
         return {k: v.float() for k, v in out.items()}
-
-    def sample_latent(self, n: int, gen: torch.Generator, device) -> Latent:
-        s = self.spec
-        z = torch.randn(n, s.z_dim, generator=gen, device=gen.device)
-        parts, cat, cont = [z], None, None
-        if s.info_cat > 0:
-            cat = torch.randint(0, s.info_cat, (n,), generator=gen, device=gen.device)
-            parts.append(F.one_hot(cat, s.info_cat).float())
-        if s.info_cont > 0:
-            cont = torch.rand(n, s.info_cont, generator=gen, device=gen.device) * 2 - 1
-            parts.append(cont)
-        y = torch.randint(0, self.num_classes, (n,), generator=gen, device=gen.device) if s.conditional else None
-        to = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Latent(z=torch.cat(parts, 1).to(device), y=to(y), cat=to(cat), cont=to(cont))
 
     def _info_loss(self, out: dict, latent: Latent) -> torch.Tensor | None:
         s = self.spec

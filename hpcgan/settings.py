@@ -20,14 +20,16 @@ import sys
 from typing import Any, Iterator, Mapping, TypeVar
 
 T = TypeVar("T")
+MISSING = "???"   # the default of a required setting (OmegaConf's marker): `out: str = MISSING`
 
 
 class SettingsError(ValueError):
     """A bad setting; the message is one line that names the key."""
 
 
-def parse(cls: type[T], cfg: Mapping[str, Any] | Any, *, drop: tuple[str, ...] = ("hydra",)) -> T:
-    """`cfg` (DictConfig or dict) checked against dataclass `cls`; returns a `cls` instance."""
+def parse(cls: type[T], cfg: Mapping[str, Any] | Any, *, drop: tuple[str, ...] = ("hydra",), prefix: str = "") -> T:
+    """`cfg` (DictConfig or dict) checked against dataclass `cls`; returns a `cls` instance. `prefix`
+    goes before the key in error messages (e.g. "model." for a nested group parsed on its own)."""
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -38,20 +40,20 @@ def parse(cls: type[T], cfg: Mapping[str, Any] | Any, *, drop: tuple[str, ...] =
         merged = OmegaConf.merge(OmegaConf.structured(cls), cfg)
         return OmegaConf.to_object(merged)
     except MissingMandatoryValue as e:
-        key = getattr(e, "full_key", None) or str(e).split(":")[-1].strip()
+        key = prefix + (getattr(e, "full_key", None) or str(e).split(":")[-1].strip())
         raise SettingsError(f"{key} is required: pass {key}=...") from None
     except OmegaConfBaseException as e:
-        raise SettingsError(_one_line(e, cls)) from None
+        raise SettingsError(_one_line(e, cls, prefix)) from None
 
 
-def _one_line(e: Exception, cls: type) -> str:
+def _one_line(e: Exception, cls: type, prefix: str = "") -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     key = getattr(e, "full_key", None)
     if type(e).__name__ == "ConfigKeyError" and "not in" in msg:
         import dataclasses
         known = ", ".join(f.name for f in dataclasses.fields(cls))
-        return f"{msg}: unknown setting (known: {known})"
-    return f"{key}: {msg}" if key and not msg.startswith(str(key)) else msg
+        return f"{prefix}{key}: unknown setting (known: {known})" if key else f"{msg}: unknown setting (known: {known})"
+    return f"{prefix}{key}: {msg}" if key and not msg.startswith(str(key)) else prefix + msg
 
 
 def check_choice(name: str, value: Any, choices: tuple) -> None:

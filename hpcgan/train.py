@@ -13,7 +13,9 @@ resumed from a checkpoint repeats exactly what the uninterrupted run would have 
 Run directory: config.yaml, log.csv, curves.png (log.csv and the sample diversity drawn, at every sample
 grid), samples/step-N.png, samples/diversity.csv, checkpoints/step-N.pt, status.json
 ({"state": "running" | "finished" | "failed" | "interrupted", "step", "steps", ...; a finished run with an
-auxiliary classifier adds "class_signal", see class_signal()}).
+auxiliary classifier adds "class_signal", see hpcgan.gauges.class_signal}), written by hpcgan.rundir.
+Settings: TrainSettings (configs/train.yaml documents the same defaults); a bad value is a one-line error
+and exit code 2. The run reads top to bottom in TrainingRun.run(): setup, resume, loop, finish.
 
 Exit codes (every rank):
   0  finished (or was already finished)
@@ -31,17 +33,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import gc
 import hashlib
 import inspect
-import io
-import json
 import logging
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,16 +49,75 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hpcgan import dist
+from hpcgan.augment import parse_policy
 from hpcgan.checkpoint import capture_rng, list_checkpoints, load_latest, restore_rng, save_checkpoint
-from hpcgan.fsutil import atomic_write_bytes
-from hpcgan.objectives import STAT_KEYS, GANObjective
+from hpcgan.data.loader import BACKENDS
+from hpcgan.gauges import CLASS_SIGNAL_ADVICE, DIVERSITY_COLUMNS, class_signal, grid_diversity
+from hpcgan.latent import sample_latent
 from hpcgan.models.registry import GANSpec, build_model
+from hpcgan.objectives import STAT_KEYS, GANObjective
+from hpcgan.rundir import LOG, CsvLog, read_status, write_config, write_status
+from hpcgan.settings import MISSING, SettingsError, check_choice, check_range, exit_on_error, parse
 
 logger = logging.getLogger("hpcgan.train")
 
 EXIT_OK, EXIT_FAILED, EXIT_SIGNAL = 0, 1, 3
 LOG_COLUMNS = ("step", "epoch", "time", *STAT_KEYS, "images_per_s", "lr", "bad_steps")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+
+
+@dataclass
+class TrainSettings:
+    """What a training run takes; these defaults are the ones (configs/train.yaml documents the same values
+    and what each means; `model` comes from configs/model/<name>.yaml)."""
+    shards: Any = MISSING                      # a shard dir or a list of them
+    run_dir: str = MISSING
+    model: dict[str, Any] = MISSING            # GANSpec fields (checked by GANSpec.from_config)
+    split: str = "train"
+    steps: int | None = None                   # wins over epochs when set
+    epochs: int = 50
+    batch_size: int = 64                       # per rank
+    ema: float = 0.0
+    diffaug: Any = field(default_factory=list)  # a list of DiffAugment policies or "color,translation"
+    balance_classes: bool = False
+    flip: bool = False
+    precision: str = "auto"
+    device: str = "auto"
+    channels_last: bool = True
+    cudnn_benchmark: bool = True
+    tf32: bool = True
+    backend: str = "auto"
+    num_threads: int | None = None
+    seed: int = 0
+    log_every: int = 50
+    sample_every: int = 1000                   # 0: only at the end
+    samples_per_class: int = 8
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    max_bad_steps: int = 20
+    progress: bool = True
+    tensorboard: str = "auto"                  # auto | true | false
+
+    def __post_init__(self) -> None:
+        self.model = asdict(GANSpec.from_config(self.model))
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("backend", self.backend, BACKENDS)
+        for name in ("batch_size", "epochs", "log_every", "samples_per_class", "ckpt_every", "max_bad_steps"):
+            check_range(name, getattr(self, name), 1)
+        for name in ("steps", "sample_every", "keep_last", "seed"):
+            if getattr(self, name) is not None:
+                check_range(name, getattr(self, name), 0)
+        if self.num_threads is not None:
+            check_range("num_threads", self.num_threads, 1)
+        check_range("ema", self.ema, 0, 1)
+        try:
+            parse_policy(self.diffaug)
+        except ValueError as e:
+            raise SettingsError(f"diffaug={self.diffaug!r}: {e}") from None
+
+    @property
+    def spec(self) -> GANSpec:
+        return GANSpec.from_config(self.model)
 
 
 # ---- small pieces ----------------------------------------------------------------------------------
@@ -95,12 +154,10 @@ def step_generator(seed: int, rank: int, step: int, device: torch.device) -> tor
 
 
 def make_optimizer(params, optim: dict) -> torch.optim.Optimizer:
-    name = optim.get("name", "adam")
-    if name == "adam":
-        return torch.optim.Adam(params, lr=optim["lr"], betas=tuple(optim.get("betas", (0.5, 0.999))))
-    if name == "rmsprop":
+    """The optimiser of a spec's `optim` (OptimSpec's fields, filled in by GANSpec.from_config)."""
+    if optim["name"] == "rmsprop":
         return torch.optim.RMSprop(params, lr=optim["lr"])
-    raise ValueError(f"model.optim.name={name!r}: choose adam or rmsprop")
+    return torch.optim.Adam(params, lr=optim["lr"], betas=tuple(optim["betas"]))
 
 
 @torch.no_grad()
@@ -154,7 +211,7 @@ class Trainer:
                            else {"broadcast_buffers": False})
             G, D = DDP(G, device_ids=ids, **buffers_off), DDP(D, device_ids=ids, **buffers_off)
         self.G, self.D = G, D
-        self.n_critic = int(spec.optim.get("n_critic", 1))
+        self.n_critic = int(spec.optim["n_critic"])
         self.opt_G = make_optimizer(unwrap(G).parameters(), spec.optim)
         self.opt_D = make_optimizer(unwrap(D).parameters(), spec.optim)
         scaler = lambda: torch.amp.GradScaler("cuda") if use_scaler else None  # noqa: E731
@@ -191,7 +248,7 @@ class Trainer:
         real = real.contiguous(memory_format=self.memory_format)
 
         # critic: D(real), D(fake.detach()), gradient penalty -> one backward
-        lat = obj.sample_latent(n, gen, env.device)
+        lat = sample_latent(self.spec, n, gen, num_classes=self.num_classes, device=env.device)
         with torch.no_grad(), obj.autocast():
             fake = self.G(lat.z, lat.y)
         self.opt_D.zero_grad(set_to_none=True)
@@ -208,7 +265,7 @@ class Trainer:
         # generator: D's parameters frozen and its DDP sync off (its gradients are not wanted here)
         bad_g = False
         if (step + 1) % self.n_critic == 0:
-            lat = obj.sample_latent(n, gen, env.device)
+            lat = sample_latent(self.spec, n, gen, num_classes=self.num_classes, device=env.device)
             self.opt_G.zero_grad(set_to_none=True)
             unwrap(self.D).requires_grad_(False)
             no_sync = self.D.no_sync() if isinstance(self.D, DDP) else contextlib.nullcontext()
@@ -262,102 +319,25 @@ class Trainer:
     @torch.no_grad()
     def sample_grid(self, per_class: int) -> torch.Tensor:
         """Fixed-noise samples, one row per class (per categorical code for InfoGAN-style models)."""
-        spec, rows = self.spec, self.num_classes
-        g = torch.Generator().manual_seed(self.seed)
-        n = rows * per_class
-        row = torch.arange(rows).repeat_interleave(per_class)
-        parts = [torch.randn(n, spec.z_dim, generator=g)]
-        if spec.info_cat > 0:
-            parts.append(nn.functional.one_hot(row % spec.info_cat, spec.info_cat).float())
-        if spec.info_cont > 0:
-            parts.append(torch.rand(n, spec.info_cont, generator=g) * 2 - 1)
-        z = torch.cat(parts, 1).to(self.env.device)
-        y = row.to(self.env.device) if spec.conditional else None
+        spec = self.spec
+        row = torch.arange(self.num_classes).repeat_interleave(per_class)
+        latent = sample_latent(spec, len(row), torch.Generator().manual_seed(self.seed), device=self.env.device,
+                               y=row if spec.conditional else None, cat=row % spec.info_cat if spec.info_cat else None)
         G = self.G_ema if self.G_ema is not None else unwrap(self.G)
         was_training = G.training
         G.eval()
         try:
-            return G(z, y).float().cpu()
+            return G(latent.z, latent.y).float().cpu()
         finally:
             G.train(was_training)
 
 
-# ---- run directory: status, log, samples, config -----------------------------------------------------
-
-def write_json(path: Path, obj: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def read_status(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "status.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
+# ---- pictures and tensorboard --------------------------------------------------------------------------
 
 def save_grid(images: torch.Tensor, per_row: int, path: Path, row_labels: list[str] | None = None) -> None:
     """Samples as they are ([-1, 1] -> 0..255, no per-grid rescaling), a row per class, the class named."""
     from hpcgan.viz import image_grid, save_png
     save_png(image_grid(images, per_row, labels=row_labels), path)
-
-
-def data_diversity(images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Mode-collapse gauge of labelled images: within_row_std = per-pixel std within each class (classes with
-    >= 2 images), averaged; between_row_std = per-pixel std of the class means. For real images it is the
-    reference to read a sample grid's numbers against."""
-    groups = [images[labels == c].float() for c in labels.unique()]
-    within = [g.std(0).mean().item() for g in groups if len(g) > 1]
-    means = torch.stack([g.mean(0) for g in groups])
-    return {"within_row_std": sum(within) / len(within) if within else float("nan"),
-            "between_row_std": means.std(0).mean().item() if len(groups) > 1 else float("nan")}
-
-
-def grid_diversity(images: torch.Tensor, per_row: int) -> dict[str, float]:
-    """The gauge of a sample grid (one row per class, a different noise vector per column): near 0 within
-    rows, the generator ignores its noise; near 0 between rows, it ignores the class."""
-    rows = torch.arange(images.shape[0] // per_row).repeat_interleave(per_row)
-    return data_diversity(images, rows)
-
-
-def class_signal(acc_real: list[float], class_counts: list[int], balanced: bool, last_rows: int = 4) -> dict | None:
-    """Whether the critic's auxiliary classifier tells the classes of real images apart: the mean of the last
-    logged accuracies against chance, i.e. always naming the largest class (1/classes under balanced
-    sampling). Without it the generator gets no class signal. None for a model without a classifier."""
-    if not acc_real:
-        return None
-    present = [c for c in class_counts if c > 0]
-    chance = 1 / len(present) if balanced else max(present) / sum(present)
-    tail = acc_real[-last_rows:]
-    accuracy = sum(tail) / len(tail)
-    return {"accuracy": accuracy, "chance": chance, "rows": len(tail),
-            "learnt": accuracy >= chance + 0.25 * (1 - chance)}
-
-
-CLASS_SIGNAL_ADVICE = ("the critic does not tell the classes apart yet, so the generator gets no class signal; "
-                       "train longer or raise model.ac_weight (README, Known limitations)")
-
-
-DIVERSITY_COLUMNS = ("step", "within_row_std", "between_row_std")
-
-
-class CsvLog:
-    """A CSV with fixed columns; on resume, rows after the resumed step are dropped (they will be redone)."""
-
-    def __init__(self, path: Path, resume_step: int, columns: tuple[str, ...] = LOG_COLUMNS):
-        self.path, self.columns = path, columns
-        rows = []
-        if path.is_file() and resume_step > 0:
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= resume_step]
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=self.columns)
-        w.writeheader()
-        w.writerows({k: r.get(k, "") for k in self.columns} for r in rows)
-        atomic_write_bytes(path, buf.getvalue().encode())
-
-    def write(self, row: dict) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.columns).writerow({k: row.get(k, "") for k in self.columns})
 
 
 def _fmt(v) -> str:
@@ -378,228 +358,23 @@ def _tensorboard(mode, run_dir: Path):
 
 # ---- the training run --------------------------------------------------------------------------------
 
-def run(cfg: dict) -> int:
-    """Train per `cfg` (a plain dict: configs/train.yaml resolved). Returns the exit code (see module doc)."""
-    from hpcgan.data.loader import make_loader
-
-    env = dist.init(cfg.get("device", "auto"))
-    stop_flag = dist.StopFlag()
-    run_dir = Path(cfg["run_dir"]).resolve()
-    shards = cfg["shards"]
-    shards = [str(Path(s).resolve()) for s in shards] if isinstance(shards, (list, tuple)) else str(Path(shards).resolve())
-    state_fields = {}
-    trainer = probe = batches = None
+def run(cfg: TrainSettings | dict) -> int:
+    """Train per `cfg` (TrainSettings, or a mapping of configs/train.yaml's keys). Returns the exit code
+    (see the module docstring)."""
+    settings = cfg if isinstance(cfg, TrainSettings) else parse(TrainSettings, cfg)
+    env = dist.init(settings.device)
+    job = TrainingRun(settings, env)
     try:
-        spec = GANSpec.from_config(cfg["model"])
-        resolve_precision(cfg["precision"], env.device)  # fail early, before any work, on a bad precision
-        configure_backends(env.device, cudnn_benchmark=cfg.get("cudnn_benchmark", True), tf32=cfg.get("tf32", True))
-        batch = int(cfg["batch_size"])
-
-        def loader(epoch: int, skip: int = 0):
-            return make_loader(shards, cfg.get("split", "train"), batch, env.rank, env.world_size,
-                               seed=cfg["seed"], epoch=epoch, shuffle=True, flip=cfg["flip"],
-                               balance_classes=cfg["balance_classes"], backend=cfg["backend"],
-                               device=env.device.type, num_threads=cfg.get("num_threads"), skip_batches=skip)
-
-        probe = loader(0)
-        classes, image_size, epoch_batches = list(probe.classes), int(probe.image_size), probe.epoch_batches
-        if epoch_batches < 1:
-            raise ValueError(f"{shards}: split {cfg.get('split', 'train')!r} has no samples to train on")
-        total = int(cfg["steps"]) if cfg.get("steps") else int(cfg["epochs"]) * epoch_batches
-        run_config = {**cfg, "shards": shards, "run_dir": str(run_dir), "model": asdict(spec), "classes": classes,
-                      "num_classes": len(classes), "image_size": image_size, "steps": total,
-                      "world_size": env.world_size}
-        state_fields = {"steps": total, "model": spec.name, "world_size": env.world_size}
-        # what fixes the order of batches within an epoch; a resume with any of it changed restarts the epoch
-        data_order = {"shards": shards, "split": cfg.get("split", "train"), "batch_size": batch,
-                      "seed": int(cfg["seed"]), "world_size": env.world_size,
-                      "balance_classes": bool(cfg["balance_classes"])}
-
-        ckpt, ckpt_path = load_latest(run_dir, map_location=env.device)
-        if ckpt is None and list_checkpoints(run_dir):
-            raise RuntimeError(f"{run_dir / 'checkpoints'} has checkpoints but none loads (see the warnings); "
-                               "refusing to start over and overwrite them: move them away or use a new run_dir")
-        start = int(ckpt["step"]) if ckpt else 0
-        lo = dist.all_reduce_max(env, torch.tensor([float(start), -float(start)], device=env.device)).tolist()
-        if lo[0] != -lo[1]:
-            raise RuntimeError(f"ranks found different newest checkpoints in {run_dir / 'checkpoints'} "
-                               "(a shared filesystem lagging?); restart the job")
-        if ckpt is not None:
-            _check_compatible(ckpt["config"], run_config, run_dir)
-        if start >= total:
-            msg = f"{run_dir} already finished ({start}/{total} steps); nothing to do"
-            if env.is_main:
-                print(msg, flush=True)
-                write_json(run_dir / "status.json", {**read_status(run_dir), "state": "finished", "step": start,
-                                                     "steps": total})
-            logger.info(msg)
-            return EXIT_OK
-
-        trainer = Trainer(spec, len(classes), image_size, env, seed=int(cfg["seed"]), precision=cfg["precision"],
-                          ema=float(cfg["ema"]), diffaug=cfg.get("diffaug") or (),
-                          channels_last=bool(cfg.get("channels_last", True)))
-        epoch, in_epoch, train_seconds = 0, 0, 0.0
-        if ckpt is not None:
-            trainer.load_state_dict(ckpt)
-            restore_rng(ckpt["rng"])
-            epoch, in_epoch = int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
-            train_seconds = float(ckpt["meta"].get("train_seconds", 0.0))
-            saved_order = ckpt["meta"].get("data_order") or {"world_size": ckpt["meta"].get("world_size", env.world_size)}
-            changed = {k: (v, data_order.get(k)) for k, v in saved_order.items() if data_order.get(k) != v}
-            if changed:  # the saved position counts batches of another order: it would land somewhere arbitrary
-                logger.warning("resuming with a different data order (%s): epoch %d is restarted from its first "
-                               "batch", "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()), epoch)
-                in_epoch = 0
-            logger.info("resuming from %s (step %d, epoch %d, batch %d)", ckpt_path, start, epoch, in_epoch)
-        del ckpt
-
-        if env.is_main:
-            (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-            from omegaconf import OmegaConf
-            atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(run_config).encode())
-            write_json(run_dir / "status.json", {"state": "running", "step": start, **state_fields})
-        log = CsvLog(run_dir / "log.csv", start) if env.is_main else None
-        diversity_log = CsvLog(run_dir / "samples" / "diversity.csv", start, DIVERSITY_COLUMNS) if env.is_main else None
-        tb = _tensorboard(cfg.get("tensorboard", "auto"), run_dir) if env.is_main else None
-        dist.barrier(env)
-
-        def checkpoint(step: int) -> Path | None:
-            if env.distributed and not trainer.ranks_in_sync():
-                logger.warning("step %d: G/D parameters differ between ranks (gradient sync broken?); "
-                               "the checkpoint holds rank 0's", step)
-            path = None
-            if env.is_main:
-                state = {"step": step, "epoch": epoch, "batch_in_epoch": in_epoch, "config": run_config,
-                         **trainer.state_dict(), "rng": capture_rng(),
-                         "meta": {"world_size": env.world_size, "data_order": data_order,
-                                  "train_seconds": train_seconds + time.time() - t0,
-                                  "torch": str(torch.__version__), "time": time.time()}}
-                path = save_checkpoint(run_dir, state, keep_last=int(cfg["keep_last"]))
-            dist.barrier(env)  # nobody leaves before the checkpoint is on disk
-            return path
-
-        def samples(step: int) -> None:
-            if env.is_main:
-                k = int(cfg["samples_per_class"])
-                labels = (list(classes) if spec.conditional else
-                          [f"code {i}" for i in range(trainer.num_classes)] if spec.info_cat else None)
-                grid = trainer.sample_grid(k)
-                save_grid(grid, k, run_dir / "samples" / f"step-{step:08d}.png", labels)
-                div = grid_diversity(grid, k)
-                diversity_log.write({"step": step, **{c: _fmt(v) for c, v in div.items()}})
-                if tb is not None:
-                    for c, v in div.items():
-                        tb.add_scalar(f"samples/{c}", v, step)
-                try:  # a picture is not worth a failed run
-                    from hpcgan.viz import training_curves
-                    training_curves(run_dir, run_dir / "curves.png", f"{spec.name}: {run_dir.name}")
-                except Exception as e:  # noqa: BLE001
-                    logger.warning("curves.png not drawn: %s: %s", type(e).__name__, e)
-
-        pbar = None
-        if env.is_main and cfg.get("progress", True):
-            from tqdm import tqdm
-            pbar = tqdm(total=total, initial=start, desc=f"train {spec.name}", unit="step", dynamic_ncols=True,
-                        mininterval=0.5 if sys.stderr.isatty() else 30)  # Slurm logs: no flood of \r updates
-
-        t0 = time.time()
-        t_log, n_log = time.time(), 0
-        bad_streak, last_ckpt, stats = 0, start if start > 0 else -1, {}
-        batches = iter(loader(epoch, min(in_epoch, epoch_batches)))
-        step = start
-        while step < total:
-            try:
-                real, y = next(batches)
-            except StopIteration:  # same len on every rank: all ranks turn the epoch together
-                epoch, in_epoch = epoch + 1, 0
-                batches = iter(loader(epoch))
-                continue
-            step_stats, bad, stop = trainer.step(real, y, step, stop_flag.requested)
-            in_epoch += 1
-            step += 1
-            n_log += real.shape[0]
-            stats.update(step_stats)
-            bad_streak = bad_streak + 1 if bad else 0
-            if bad:
-                logger.warning("step %d: non-finite loss or gradient on some rank; update skipped (%d in a row)",
-                               step, bad_streak)
-            diverged = bad_streak >= int(cfg["max_bad_steps"])
-            if pbar is not None:
-                pbar.update(1)
-
-            if step % int(cfg["log_every"]) == 0 or step == total or diverged:
-                keys = sorted(stats)
-                vals = dist.all_reduce_mean(env, torch.stack([stats[k].float() for k in keys])).tolist()
-                row = {k: _fmt(v) for k, v in zip(keys, vals)}
-                dt = time.time() - t_log
-                row.update(step=step, epoch=epoch, time=_fmt(train_seconds + time.time() - t0),
-                           images_per_s=_fmt(n_log * env.world_size / max(dt, 1e-9)),
-                           lr=_fmt(trainer.opt_D.param_groups[0]["lr"]), bad_steps=bad_streak)
-                t_log, n_log = time.time(), 0
-                if env.is_main:
-                    log.write(row)
-                    if tb is not None:
-                        for k, v in zip(keys, vals):
-                            tb.add_scalar(f"train/{k}", v, step)
-                    if pbar is not None:
-                        pbar.set_postfix(d=row.get("d_loss"), g=row.get("g_loss"), refresh=False)
-                    write_json(run_dir / "status.json", {"state": "running", "step": step, **state_fields})
-            if diverged:
-                raise _Diverged(f"{bad_streak} consecutive non-finite steps (max_bad_steps={cfg['max_bad_steps']}) "
-                                f"at step {step}: the run diverged. "
-                                + (f"Checkpoints up to step {last_ckpt} are intact; " if last_ckpt > 0 else "")
-                                + "lower model.optim.lr or use precision=fp32")
-            if cfg["sample_every"] and step % int(cfg["sample_every"]) == 0:
-                samples(step)
-            if stop:
-                checkpoint(step)
-                samples(step)
-                name = stop_flag.name or "a stop signal (on another rank)"
-                if env.is_main:
-                    write_json(run_dir / "status.json", {"state": "interrupted", "step": step, "signal": name,
-                                                         **state_fields})
-                    print(f"stopped by {name} at step {step}/{total}; checkpoint written; rerun to resume",
-                          file=sys.stderr, flush=True)
-                dist.barrier(env)  # leave together (see the end of the run)
-                return EXIT_SIGNAL
-            if step % int(cfg["ckpt_every"]) == 0 and bad_streak == 0 and step < total:
-                checkpoint(step)
-                last_ckpt = step
-
-        if pbar is not None:
-            pbar.close()
-        checkpoint(step)
-        if not (cfg["sample_every"] and step % int(cfg["sample_every"]) == 0):
-            samples(step)
-        if env.is_main:
-            from hpcgan.viz import read_columns
-            signal = class_signal([v for _, v in read_columns(run_dir / "log.csv").get("ac_acc_real", [])],
-                                  np.bincount(probe.index.labels, minlength=len(classes)).tolist(),
-                                  bool(cfg["balance_classes"]))
-            if signal is not None and not signal["learnt"]:
-                logger.warning("auxiliary classifier on real images: accuracy %.2f over the last %d log rows "
-                               "(chance %.2f): %s", signal["accuracy"], signal["rows"], signal["chance"],
-                               CLASS_SIGNAL_ADVICE)
-            write_json(run_dir / "status.json", {"state": "finished", "step": step, **state_fields,
-                                                 **({"class_signal": signal} if signal is not None else {})})
-        logger.info("finished %d steps in %s", step, run_dir)
-        dist.barrier(env)  # leave together: a rank tearing gloo down while rank 0 still writes aborted (rc -6)
-        return EXIT_OK
+        return job.run()
     except _Diverged as e:
         logger.error("%s", e)
-        _mark_failed(env, run_dir, e, state_fields)
+        job.mark_failed(e)
         return EXIT_FAILED
     except Exception as e:
-        _mark_failed(env, run_dir, e, state_fields)
+        job.mark_failed(e)
         raise
     finally:
-        stop_flag.restore()
-        # Tear down in a fixed order: DDP wrappers (which hold the process group) and loader iterators go
-        # before the process group, not whenever the garbage collector or interpreter exit gets to them
-        # (a gloo group freed during interpreter shutdown aborted a rank now and then: rc -6, "terminate
-        # called without an active exception").
-        trainer = probe = batches = None  # noqa: F841
-        gc.collect()
+        job.close()
         dist.cleanup(env)
 
 
@@ -607,11 +382,293 @@ class _Diverged(RuntimeError):
     pass
 
 
-def _mark_failed(env, run_dir: Path, err: Exception, fields: dict) -> None:
-    if env.is_main and run_dir.is_dir():
-        st = read_status(run_dir)
-        write_json(run_dir / "status.json", {**st, **fields, "state": "failed",
-                                             "error": f"{type(err).__name__}: {err}"})
+class TrainingRun:
+    """One run of run() in its run directory: setup, resume, the loop, the finish. Rank 0 writes the run
+    directory (hpcgan.rundir); every rank trains and checkpoints at the same steps."""
+
+    def __init__(self, settings: TrainSettings, env: dist.DistEnv):
+        self.s, self.env = settings, env
+        self.stop_flag = dist.StopFlag()
+        self.run_dir = Path(settings.run_dir).resolve()
+        self.shards = _resolved(settings.shards)
+        self.status_fields: dict = {}
+        self.trainer = self.probe = self.batches = self.pbar = self.log = self.diversity_log = self.tb = None
+
+    def run(self) -> int:
+        self.setup()
+        ckpt = self.newest_checkpoint()
+        if self.step >= self.total:
+            return self.already_finished()
+        self.resume(ckpt)
+        del ckpt
+        self.open_outputs()
+        if self.loop():
+            return self.interrupted()
+        self.finish()
+        return EXIT_OK
+
+    # ---- setup: what this run is, before any work
+    def setup(self) -> None:
+        s, env = self.s, self.env
+        self.spec = s.spec
+        resolve_precision(s.precision, env.device)  # fail early, before any work, on a precision the device lacks
+        configure_backends(env.device, cudnn_benchmark=s.cudnn_benchmark, tf32=s.tf32)
+        self.probe = self.loader(0)
+        self.classes, self.image_size = list(self.probe.classes), int(self.probe.image_size)
+        self.epoch_batches = self.probe.epoch_batches
+        if self.epoch_batches < 1:
+            raise ValueError(f"{self.shards}: split {s.split!r} has no samples to train on")
+        self.total = s.steps or s.epochs * self.epoch_batches
+        self.run_config = {**asdict(s), "shards": self.shards, "run_dir": str(self.run_dir), "model": asdict(self.spec),
+                           "classes": self.classes, "num_classes": len(self.classes), "image_size": self.image_size,
+                           "steps": self.total, "world_size": env.world_size}
+        self.status_fields = {"steps": self.total, "model": self.spec.name, "world_size": env.world_size}
+        # what fixes the order of batches within an epoch; a resume with any of it changed restarts the epoch
+        self.data_order = {"shards": self.shards, "split": s.split, "batch_size": s.batch_size, "seed": s.seed,
+                           "world_size": env.world_size, "balance_classes": s.balance_classes}
+
+    def loader(self, epoch: int, skip: int = 0):
+        from hpcgan.data.loader import make_loader
+        s, env = self.s, self.env
+        return make_loader(self.shards, s.split, s.batch_size, env.rank, env.world_size, seed=s.seed, epoch=epoch,
+                           shuffle=True, flip=s.flip, balance_classes=s.balance_classes, backend=s.backend,
+                           device=env.device.type, num_threads=s.num_threads, skip_batches=skip)
+
+    # ---- resume: the newest valid checkpoint, if any, on every rank
+    def newest_checkpoint(self) -> dict | None:
+        run_dir = self.run_dir
+        ckpt, self.ckpt_path = load_latest(run_dir, map_location=self.env.device)
+        if ckpt is None and list_checkpoints(run_dir):
+            raise RuntimeError(f"{run_dir / 'checkpoints'} has checkpoints but none loads (see the warnings); "
+                               "refusing to start over and overwrite them: move them away or use a new run_dir")
+        self.step = int(ckpt["step"]) if ckpt else 0
+        lo = dist.all_reduce_max(self.env, torch.tensor([float(self.step), -float(self.step)],
+                                                        device=self.env.device)).tolist()
+        if lo[0] != -lo[1]:
+            raise RuntimeError(f"ranks found different newest checkpoints in {run_dir / 'checkpoints'} "
+                               "(a shared filesystem lagging?); restart the job")
+        if ckpt is not None:
+            _check_compatible(ckpt["config"], self.run_config, run_dir)
+        return ckpt
+
+    def already_finished(self) -> int:
+        msg = f"{self.run_dir} already finished ({self.step}/{self.total} steps); nothing to do"
+        if self.env.is_main:
+            print(msg, flush=True)
+            write_status(self.run_dir, {**read_status(self.run_dir), "state": "finished", "step": self.step,
+                                        "steps": self.total})
+        logger.info(msg)
+        return EXIT_OK
+
+    def resume(self, ckpt: dict | None) -> None:
+        s = self.s
+        self.trainer = Trainer(self.spec, len(self.classes), self.image_size, self.env, seed=s.seed,
+                               precision=s.precision, ema=s.ema, diffaug=s.diffaug or (), channels_last=s.channels_last)
+        self.epoch, self.in_epoch, self.train_seconds = 0, 0, 0.0
+        if ckpt is None:
+            return
+        self.trainer.load_state_dict(ckpt)
+        restore_rng(ckpt["rng"])
+        self.epoch, self.in_epoch = int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
+        self.train_seconds = float(ckpt["meta"].get("train_seconds", 0.0))
+        saved = ckpt["meta"].get("data_order") or {"world_size": ckpt["meta"].get("world_size", self.env.world_size)}
+        changed = {k: (v, self.data_order.get(k)) for k, v in saved.items() if self.data_order.get(k) != v}
+        if changed:  # the saved position counts batches of another order: it would land somewhere arbitrary
+            logger.warning("resuming with a different data order (%s): epoch %d is restarted from its first batch",
+                           "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()), self.epoch)
+            self.in_epoch = 0
+        logger.info("resuming from %s (step %d, epoch %d, batch %d)", self.ckpt_path, self.step, self.epoch,
+                    self.in_epoch)
+
+    def open_outputs(self) -> None:
+        s, run_dir = self.s, self.run_dir
+        if self.env.is_main:
+            (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            write_config(run_dir, self.run_config)
+            self.write_status("running")
+            self.log = CsvLog(run_dir / LOG, LOG_COLUMNS, self.step)
+            self.diversity_log = CsvLog(run_dir / "samples" / "diversity.csv", DIVERSITY_COLUMNS, self.step)
+            self.tb = _tensorboard(s.tensorboard, run_dir)
+            if s.progress:
+                from tqdm import tqdm
+                self.pbar = tqdm(total=self.total, initial=self.step, desc=f"train {self.spec.name}", unit="step",
+                                 dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)  # Slurm logs
+        dist.barrier(self.env)
+
+    # ---- the loop
+    def loop(self) -> bool:
+        """Train to `total` steps; True when a stop signal ended it early."""
+        s = self.s
+        self.t0 = self.t_log = time.time()
+        self.n_log, self.bad_streak, self.stats = 0, 0, {}
+        self.last_ckpt = self.step if self.step > 0 else -1
+        self.batches = iter(self.loader(self.epoch, min(self.in_epoch, self.epoch_batches)))
+        while self.step < self.total:
+            stop = self.train_step(*self.next_batch())
+            diverged = self.bad_streak >= s.max_bad_steps
+            if self.step % s.log_every == 0 or self.step == self.total or diverged:
+                self.log_row()
+            if diverged:
+                intact = f"Checkpoints up to step {self.last_ckpt} are intact; " if self.last_ckpt > 0 else ""
+                raise _Diverged(f"{self.bad_streak} consecutive non-finite steps (max_bad_steps={s.max_bad_steps}) "
+                                f"at step {self.step}: the run diverged. {intact}lower model.optim.lr or use "
+                                "precision=fp32")
+            if s.sample_every and self.step % s.sample_every == 0:
+                self.samples()
+            if stop:
+                return True
+            if self.step % s.ckpt_every == 0 and self.bad_streak == 0 and self.step < self.total:
+                self.checkpoint()
+                self.last_ckpt = self.step
+        return False
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        while True:
+            try:
+                return next(self.batches)
+            except StopIteration:  # same len on every rank: all ranks turn the epoch together
+                self.epoch, self.in_epoch = self.epoch + 1, 0
+                self.batches = iter(self.loader(self.epoch))
+
+    def train_step(self, real: torch.Tensor, y: torch.Tensor) -> bool:
+        """One step; whether the ranks agreed to stop after it."""
+        step_stats, bad, stop = self.trainer.step(real, y, self.step, self.stop_flag.requested)
+        self.in_epoch += 1
+        self.step += 1
+        self.n_log += real.shape[0]
+        self.stats.update(step_stats)
+        self.bad_streak = self.bad_streak + 1 if bad else 0
+        if bad:
+            logger.warning("step %d: non-finite loss or gradient on some rank; update skipped (%d in a row)",
+                           self.step, self.bad_streak)
+        if self.pbar is not None:
+            self.pbar.update(1)
+        return stop
+
+    def elapsed(self) -> float:
+        """Training seconds of the whole run, across resumes."""
+        return self.train_seconds + time.time() - self.t0
+
+    def log_row(self) -> None:
+        """The ranks' mean statistics since the last row -> log.csv (and tensorboard, the bar, status.json)."""
+        env, keys = self.env, sorted(self.stats)
+        vals = dist.all_reduce_mean(env, torch.stack([self.stats[k].float() for k in keys])).tolist()
+        row = {k: _fmt(v) for k, v in zip(keys, vals)}
+        dt = time.time() - self.t_log
+        row.update(step=self.step, epoch=self.epoch, time=_fmt(self.elapsed()),
+                   images_per_s=_fmt(self.n_log * env.world_size / max(dt, 1e-9)),
+                   lr=_fmt(self.trainer.opt_D.param_groups[0]["lr"]), bad_steps=self.bad_streak)
+        self.t_log, self.n_log = time.time(), 0
+        if not env.is_main:
+            return
+        self.log.write(row)
+        if self.tb is not None:
+            for k, v in zip(keys, vals):
+                self.tb.add_scalar(f"train/{k}", v, self.step)
+        if self.pbar is not None:
+            self.pbar.set_postfix(d=row.get("d_loss"), g=row.get("g_loss"), refresh=False)
+        self.write_status("running")
+
+    # ---- outputs at a step
+    def checkpoint(self) -> Path | None:
+        env, step = self.env, self.step
+        if env.distributed and not self.trainer.ranks_in_sync():
+            logger.warning("step %d: G/D parameters differ between ranks (gradient sync broken?); "
+                           "the checkpoint holds rank 0's", step)
+        path = None
+        if env.is_main:
+            state = {"step": step, "epoch": self.epoch, "batch_in_epoch": self.in_epoch, "config": self.run_config,
+                     **self.trainer.state_dict(), "rng": capture_rng(),
+                     "meta": {"world_size": env.world_size, "data_order": self.data_order,
+                              "train_seconds": self.elapsed(), "torch": str(torch.__version__), "time": time.time()}}
+            path = save_checkpoint(self.run_dir, state, keep_last=self.s.keep_last)
+        dist.barrier(env)  # nobody leaves before the checkpoint is on disk
+        return path
+
+    def samples(self) -> None:
+        """samples/step-N.png, its diversity gauge (samples/diversity.csv) and curves.png, on rank 0."""
+        if not self.env.is_main:
+            return
+        spec, k, step, run_dir = self.spec, self.s.samples_per_class, self.step, self.run_dir
+        labels = (list(self.classes) if spec.conditional else
+                  [f"code {i}" for i in range(self.trainer.num_classes)] if spec.info_cat else None)
+        grid = self.trainer.sample_grid(k)
+        save_grid(grid, k, run_dir / "samples" / f"step-{step:08d}.png", labels)
+        div = grid_diversity(grid, k)
+        self.diversity_log.write({"step": step, **{c: _fmt(v) for c, v in div.items()}})
+        if self.tb is not None:
+            for c, v in div.items():
+                self.tb.add_scalar(f"samples/{c}", v, step)
+        try:  # a picture is not worth a failed run
+            from hpcgan.viz import training_curves
+            training_curves(run_dir, run_dir / "curves.png", f"{spec.name}: {run_dir.name}")
+        except Exception as e:  # noqa: BLE001
+            logger.warning("curves.png not drawn: %s: %s", type(e).__name__, e)
+
+    def write_status(self, state: str, **extra) -> None:
+        write_status(self.run_dir, {"state": state, "step": self.step, **self.status_fields, **extra})
+
+    # ---- the ends of a run
+    def interrupted(self) -> int:
+        """Stopped by a signal: checkpoint and samples at this step, status "interrupted"."""
+        self.checkpoint()
+        self.samples()
+        name = self.stop_flag.name or "a stop signal (on another rank)"
+        if self.env.is_main:
+            self.write_status("interrupted", signal=name)
+            print(f"stopped by {name} at step {self.step}/{self.total}; checkpoint written; rerun to resume",
+                  file=sys.stderr, flush=True)
+        dist.barrier(self.env)  # leave together (see finish)
+        return EXIT_SIGNAL
+
+    def finish(self) -> None:
+        """The last checkpoint and samples, the class check, status "finished"."""
+        s = self.s
+        if self.pbar is not None:
+            self.pbar.close()
+            self.pbar = None
+        self.checkpoint()
+        if not (s.sample_every and self.step % s.sample_every == 0):
+            self.samples()
+        if self.env.is_main:
+            signal = self.class_signal()
+            self.write_status("finished", **({"class_signal": signal} if signal is not None else {}))
+        logger.info("finished %d steps in %s", self.step, self.run_dir)
+        dist.barrier(self.env)  # leave together: a rank tearing gloo down while rank 0 still writes aborted (rc -6)
+
+    def class_signal(self) -> dict | None:
+        """gauges.class_signal of log.csv, with a warning when the critic does not know the classes."""
+        from hpcgan.viz import read_columns
+        signal = class_signal([v for _, v in read_columns(self.run_dir / LOG).get("ac_acc_real", [])],
+                              np.bincount(self.probe.index.labels, minlength=len(self.classes)).tolist(),
+                              self.s.balance_classes)
+        if signal is not None and not signal["learnt"]:
+            logger.warning("auxiliary classifier on real images: accuracy %.2f over the last %d log rows "
+                           "(chance %.2f): %s", signal["accuracy"], signal["rows"], signal["chance"],
+                           CLASS_SIGNAL_ADVICE)
+        return signal
+
+    def mark_failed(self, err: Exception) -> None:
+        if self.env.is_main and self.run_dir.is_dir():
+            write_status(self.run_dir, {**read_status(self.run_dir), **self.status_fields, "state": "failed",
+                                        "error": f"{type(err).__name__}: {err}"})
+
+    def close(self) -> None:
+        self.stop_flag.restore()
+        if self.pbar is not None:
+            self.pbar.close()
+        # Tear down in a fixed order: DDP wrappers (which hold the process group) and loader iterators go
+        # before the process group, not whenever the garbage collector or interpreter exit gets to them
+        # (a gloo group freed during interpreter shutdown aborted a rank now and then: rc -6, "terminate
+        # called without an active exception").
+        self.trainer = self.probe = self.batches = None
+        gc.collect()
+
+
+def _resolved(shards) -> str | list[str]:
+    if isinstance(shards, (list, tuple)):
+        return [str(Path(p).resolve()) for p in shards]
+    return str(Path(shards).resolve())
 
 
 _MUST_MATCH = ("name", "generator", "critic", "conditional", "critic_condition", "z_dim", "width", "info_cat",
@@ -636,14 +693,15 @@ def _setup_logging() -> None:
 
 def _hydra_main():
     import hydra
-    from omegaconf import OmegaConf
 
     from hpcgan import CONFIG_DIR
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
     def main(cfg) -> None:
         _setup_logging()
-        code = run(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+        with exit_on_error("hpcgan.train"):
+            settings = parse(TrainSettings, cfg)
+        code = run(settings)
         if code != EXIT_OK:
             sys.exit(code)
 

@@ -15,30 +15,39 @@ BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
 
 
-def to_uint8(images) -> np.ndarray:
-    """Images as uint8 [N, H, W, 3].
+def hwc_uint8(images) -> np.ndarray:
+    """Images as uint8 tiles [N, H, W, 3] for drawing.
 
-    Accepts uint8 [N, H, W, 3] (or [N, H, W] grey), or float [N, 3, H, W] / [N, H, W, 3] in [-1, 1]
-    as numpy or torch (any device).
+    Accepts uint8 [N, H, W, 3] (or [N, H, W] grey) as they are, or float [N, 3, H, W] / [N, H, W, 3] in
+    [-1, 1], numpy or torch (any device), converted by hpcgan.images.to_uint8.
     """
-    if hasattr(images, "detach"):  # torch tensor, without importing torch here
-        images = images.detach().float().cpu().numpy()
-    arr = np.asarray(images)
+    arr, converted = _uint8_array(images)
     if arr.ndim == 3:
         arr = arr[..., None]
     if arr.ndim != 4:
         raise ValueError(f"expected a batch of images [N,H,W,3] or [N,3,H,W], got shape {arr.shape}")
-    if arr.dtype == np.uint8:
-        hwc = arr
-    else:
-        if arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
-            arr = arr.transpose(0, 2, 3, 1)
-        hwc = np.clip((arr.astype(np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-    if hwc.shape[-1] == 1:
-        hwc = np.repeat(hwc, 3, axis=-1)
-    if hwc.shape[-1] != 3:
-        raise ValueError(f"expected 1 or 3 colour channels, got shape {hwc.shape}")
-    return hwc
+    if converted and arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(0, 2, 3, 1)
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    if arr.shape[-1] != 3:
+        raise ValueError(f"expected 1 or 3 colour channels, got shape {arr.shape}")
+    return arr
+
+
+def _uint8_array(images) -> tuple[np.ndarray, bool]:
+    """(uint8 numpy array, whether it was converted from floats); torch is imported only for floats."""
+    is_torch = hasattr(images, "detach")
+    if not is_torch:
+        images = np.asarray(images)
+        if images.dtype == np.uint8:
+            return images, False
+    elif not images.is_floating_point():
+        return images.detach().cpu().numpy(), False
+    import torch
+
+    from hpcgan.images import to_uint8
+    return to_uint8(images if is_torch else torch.from_numpy(images.astype(np.float32))).cpu().numpy(), True
 
 
 def _font() -> ImageFont.ImageFont:
@@ -54,7 +63,7 @@ def image_grid(images, nrow: int, labels: Sequence[str] | None = None, pad: int 
     """Tile images `nrow` per row; with `labels`, one text label per row written at the left."""
     if nrow < 1:
         raise ValueError(f"nrow must be >= 1, got {nrow}")
-    tiles = to_uint8(images)
+    tiles = hwc_uint8(images)
     n, h, w, _ = tiles.shape
     rows = max(1, -(-n // nrow))
     if labels is not None and len(labels) != rows:
@@ -83,7 +92,7 @@ def contact_sheet(rows: Mapping[str, Sequence], path: str | Path, title: str | N
                   per_row: int = 8, tile: int | None = None) -> Path:
     """One row per class, the class name at the left, up to `per_row` images each; saved as PNG.
 
-    `rows` maps a class name to its images (a batch as accepted by `to_uint8`, or a list of single
+    `rows` maps a class name to its images (a batch as accepted by `hwc_uint8`, or a list of single
     images [H,W,3] uint8 / [3,H,W] float). Tiles are resized to `tile` px (default: the first image's
     height) so sources of different sizes line up. Classes without images get an empty row.
     """
@@ -114,7 +123,7 @@ def contact_sheet(rows: Mapping[str, Sequence], path: str | Path, title: str | N
 def class_grid(images, labels, class_names: Sequence[str], path: str | Path, per_row: int = 8,
                title: str | None = None) -> Path:
     """A row per class of a labelled batch (e.g. generator samples [N,3,H,W] in [-1,1])."""
-    tiles = to_uint8(images)
+    tiles = hwc_uint8(images)
     if hasattr(labels, "detach"):
         labels = labels.detach().cpu().numpy()
     labels = np.asarray(labels).reshape(-1)
@@ -128,8 +137,8 @@ def _as_batch(imgs) -> np.ndarray:
     if isinstance(imgs, (list, tuple)):
         if not imgs:
             return np.zeros((0, 1, 1, 3), np.uint8)
-        return np.concatenate([to_uint8(_with_batch_dim(x)) for x in imgs])
-    return to_uint8(imgs)
+        return np.concatenate([hwc_uint8(_with_batch_dim(x)) for x in imgs])
+    return hwc_uint8(imgs)
 
 
 def _with_batch_dim(x):

@@ -21,9 +21,9 @@ from PIL import Image
 
 from hpcgan import REPO_ROOT
 from hpcgan.checkpoint import save_checkpoint
-from hpcgan.data.shards import ShardWriter, iter_samples, read_manifest, sha256_file, shard_paths
+from hpcgan.data.shards import ShardWriter, iter_samples, read_manifest, sha256_file, shard_paths, write_manifest
 from hpcgan.data.taxonomy import Taxonomy
-from hpcgan.generate import GenerateError, generate, sample_key, sample_latent
+from hpcgan.generate import GenerateError, class_images, class_seed, generate, load_generator, sample_key
 from hpcgan.models.registry import MODEL_NAMES, build_model, load_spec
 
 CLASSES = Taxonomy.load().classes
@@ -61,17 +61,16 @@ def run_dir(tmp_path_factory) -> Path:
 def write_real_shards(out: Path, counts: dict[str, int], classes=CLASSES, size=SIZE) -> Path:
     """A small real-looking shard set (random RGB images) with the given train counts per class."""
     rng = np.random.default_rng(0)
-    with ShardWriter(out, "train", max_count=7) as w:
+    with ShardWriter(out, "train", shard_size=7) as w:
         for label, cls in enumerate(classes):
             for i in range(counts.get(cls, 0)):
                 buf = io.BytesIO()
                 Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
                 w.write(f"real_{label:02d}_{i:04d}", buf.getvalue(), "png", label,
                         {"source": "pbc", "class": cls, "fine": cls, "synthetic": False})
-    manifest = {"format": 1, "classes": list(classes), "image_size": size,
-                "counts": {"train": {c: counts.get(c, 0) for c in classes}},
-                "shards": {"train": w.shards}, "synthetic": False}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(out, {"classes": list(classes), "image_size": size,
+                         "counts": {"train": {c: counts.get(c, 0) for c in classes}},
+                         "shards": {"train": w.shards}, "synthetic": False})
     return out
 
 
@@ -186,20 +185,10 @@ def test_every_model_family(model, tmp_path):
     assert m["model"] == model
 
 
-def test_truncation_bounds_the_noise():
-    spec = dataclasses.replace(tiny_spec("infogan"), z_dim=64)
-    z = sample_latent(spec, 200, torch.Generator().manual_seed(0), truncation=0.5)
-    assert z.shape == (200, spec.latent_dim)
-    assert z[:, :64].abs().max() <= 0.5 and z[:, :64].std() > 0.1
-    cat = z[:, 64:64 + spec.info_cat]
-    assert torch.equal(cat.sum(1), torch.ones(200)) and set(cat.unique().tolist()) == {0.0, 1.0}
-    assert z[:, 64 + spec.info_cat:].abs().max() <= 1
-
-
 def test_same_seed_same_bytes_other_seed_other_bytes(run_dir, tmp_path):
-    a = generate(run_dir, tmp_path / "a", per_class=2, seed=7, shard_max_count=10, progress=False)
-    generate(run_dir, tmp_path / "b", per_class=2, seed=7, shard_max_count=10, progress=False)
-    generate(run_dir, tmp_path / "c", per_class=2, seed=8, shard_max_count=10, progress=False)
+    a = generate(run_dir, tmp_path / "a", per_class=2, seed=7, shard_size=10, progress=False)
+    generate(run_dir, tmp_path / "b", per_class=2, seed=7, shard_size=10, progress=False)
+    generate(run_dir, tmp_path / "c", per_class=2, seed=8, shard_size=10, progress=False)
     assert len(a["shards"]["train"]) == 3  # 24 samples, 10 per shard
     assert tar_hashes(tmp_path / "a") == tar_hashes(tmp_path / "b")
     assert (tmp_path / "a/manifest.json").read_bytes() == (tmp_path / "b/manifest.json").read_bytes()
@@ -208,6 +197,30 @@ def test_same_seed_same_bytes_other_seed_other_bytes(run_dir, tmp_path):
     generate(run_dir, tmp_path / "d", per_class=2, seed=7, classes=["monocyte"], progress=False)
     key = "png/monocyte/syn_monocyte_000001.png"
     assert (tmp_path / "a" / key).read_bytes() == (tmp_path / "d" / key).read_bytes()
+
+
+def test_load_generator_and_class_images_are_what_generate_writes(run_dir, tmp_path):
+    """The evaluation stage's entry points: a checkpoint -> G and what it was trained on; class_images gives
+    the images generate() writes for a class and seed, in index order, as uint8 batches."""
+    G, spec, classes, size, info = load_generator(run_dir)
+    ckpt = run_dir / "checkpoints/step-00000010.pt"
+    assert not G.training and next(G.parameters()).device.type == "cpu"
+    assert spec.name == "wgan_gp_ac" and classes == CLASSES and size == SIZE
+    assert {k: info[k] for k in ("path", "sha256", "step", "weights")} == {
+        "path": str(ckpt.resolve()), "sha256": sha256_file(ckpt), "step": 10, "weights": "ema"}
+    assert load_generator(checkpoint=ckpt, weights="raw")[4]["weights"] == "raw"
+    generate(run_dir, tmp_path / "syn", per_class=5, seed=3, classes=["monocyte"], batch_size=2, progress=False)
+    label = CLASSES.index("monocyte")
+    assert class_seed(3, label) == class_seed(3, str(label)) != class_seed(3, None) == class_seed(3, "unlabelled")
+    batches = list(class_images(G, spec, label, 5, class_seed(3, label), batch_size=2, device="cpu"))
+    assert [tuple(b.shape) for b in batches] == [(2, 3, SIZE, SIZE)] * 2 + [(1, 3, SIZE, SIZE)]
+    assert all(b.dtype == torch.uint8 and b.device.type == "cpu" for b in batches)
+    written = [np.asarray(Image.open(tmp_path / f"syn/png/monocyte/syn_monocyte_{i:06d}.png")) for i in range(5)]
+    assert np.array_equal(torch.cat(batches).permute(0, 2, 3, 1).numpy(), np.stack(written))
+    other = torch.cat(list(class_images(G, spec, label, 5, class_seed(4, label), batch_size=2, device="cpu")))
+    assert not torch.equal(other, torch.cat(batches))
+    with pytest.raises(GenerateError, match="give a class label"):
+        next(class_images(G, spec, None, 1, seed=0, batch_size=1, device="cpu"))
 
 
 def test_ema_or_raw_weights(run_dir, tmp_path):
@@ -367,6 +380,14 @@ def test_cli(run_dir, real_shards, tmp_path):
     r = _cli(f"run={tmp_path}", "out=syn2", "per_class=2", cwd=tmp_path)
     assert r.returncode == 2 and "has no checkpoint" in r.stderr
     assert not (tmp_path / "syn2").exists()
+
+
+def test_cli_bad_value_is_one_line_exit_2(run_dir, tmp_path):
+    for arg, key in (("per_class=abc", "per_class"), ("shard_size=x", "shard_size"), ("seed=-1", "seed")):
+        r = _cli(f"run={run_dir}", "out=syn", *(["per_class=1"] if key != "per_class" else []), arg, cwd=tmp_path)
+        assert r.returncode == 2, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and key in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "syn").exists()
 
 
 PBC_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared/data/pbc-sample"

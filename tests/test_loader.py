@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 from collections import Counter
@@ -20,7 +19,7 @@ from PIL import Image
 
 from hpcgan.data import loader as loader_mod
 from hpcgan.data.loader import make_loader
-from hpcgan.data.shards import ShardWriter
+from hpcgan.data.shards import ShardWriter, write_manifest
 
 CLASSES = [f"class{i}" for i in range(12)]
 HAVE_DALI = loader_mod.dali_available()[0]
@@ -29,9 +28,9 @@ DALI_MODES = ["index", "reader"]
 
 
 def write_shards(out: Path, counts: dict[int, int], *, size=32, ext="png", seed=0, split="train",
-                 max_count=17, classes=CLASSES) -> Path:
+                 shard_size=17, classes=CLASSES) -> Path:
     rng = np.random.default_rng(seed)
-    with ShardWriter(out, split, max_count) as w:
+    with ShardWriter(out, split, shard_size) as w:
         k = 0
         for label, n in counts.items():
             for _ in range(n):
@@ -40,10 +39,9 @@ def write_shards(out: Path, counts: dict[int, int], *, size=32, ext="png", seed=
                 Image.fromarray(arr).save(buf, format="PNG" if ext == "png" else "JPEG", quality=95)
                 w.write(f"s{seed}x{k:05d}", buf.getvalue(), ext, label, {"class": classes[label], "synthetic": False})
                 k += 1
-    manifest = {"format": 1, "classes": classes, "image_size": size,
-                "counts": {split: {classes[c]: n for c, n in counts.items()}},
-                "shards": {split: w.shards}, "settings": {"ext": ext}, "synthetic": False}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(out, {"classes": classes, "image_size": size,
+                         "counts": {split: {classes[c]: n for c, n in counts.items()}},
+                         "shards": {split: w.shards}, "settings": {"ext": ext}, "synthetic": False})
     return out
 
 
@@ -266,12 +264,12 @@ def test_errors(shards, tmp_path):
 
 
 def test_stale_or_incomplete_shard_set_is_refused(tmp_path):
-    d = write_shards(tmp_path / "s", {0: 10, 1: 10}, max_count=8)  # 3 shards
+    d = write_shards(tmp_path / "s", {0: 10, 1: 10}, shard_size=8)  # 3 shards
     assert make_loader(d, "train", 4, backend="webdataset").num_samples == 20
     (d / "train-000002.tar").unlink()
     with pytest.raises(ValueError, match="manifest lists train shards.*incomplete"):
         make_loader(d, "train", 4)
-    write_shards(d, {0: 10, 1: 13}, max_count=8)  # rewritten in place: the index cache must notice
+    write_shards(d, {0: 10, 1: 13}, shard_size=8)  # rewritten in place: the index cache must notice
     assert make_loader(d, "train", 4, backend="webdataset").num_samples == 23
 
 

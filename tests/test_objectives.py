@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from hpcgan.augment import diff_augment, parse_policy
+from hpcgan.latent import sample_latent
 from hpcgan.models.registry import GANSpec
 from hpcgan.objectives import GANObjective
 
@@ -66,7 +67,7 @@ def test_critic_loss_backward_reaches_critic_through_penalty():
     D = LinearCritic(2.0)
     real, y = _batch()
     fake, _ = _batch(seed=1)
-    lat = obj.sample_latent(16, torch.Generator().manual_seed(0), "cpu")
+    lat = sample_latent(obj.spec, 16, torch.Generator().manual_seed(0), num_classes=C)
     loss, stats = obj.critic_loss(D, real, y, fake, lat, torch.Generator().manual_seed(1))
     loss.backward()
     assert D.w.grad is not None and D.w.grad.abs().sum() > 0
@@ -79,7 +80,7 @@ def test_ac_accuracy_stats_in_unit_interval_and_correct():
     D = LinearCritic(1.0, cls=True)
     real, y = _batch()
     fake, _ = _batch(seed=1)
-    lat = obj.sample_latent(16, torch.Generator().manual_seed(0), "cpu")
+    lat = sample_latent(obj.spec, 16, torch.Generator().manual_seed(0), num_classes=C)
     _, stats = obj.critic_loss(D, real, y, fake, lat, torch.Generator().manual_seed(1))
     for k in ("ac_acc_real", "ac_acc_fake"):
         assert 0.0 <= stats[k].item() <= 1.0
@@ -96,7 +97,7 @@ def test_ac_needs_conditional_generator():
 def test_info_codes_shapes_and_loss():
     spec = _spec(info_cat=5, info_cont=2, info_weight=1.0, conditional=False, gp_lambda=0.0)
     obj = GANObjective(spec, C)
-    lat = obj.sample_latent(16, torch.Generator().manual_seed(0), "cpu")
+    lat = sample_latent(obj.spec, 16, torch.Generator().manual_seed(0), num_classes=C)
     assert lat.z.shape == (16, spec.latent_dim) == (16, 4 + 5 + 2)
     assert lat.y is None and lat.cat.shape == (16,) and lat.cont.shape == (16, 2)
     onehot = lat.z[:, 4:9]
@@ -113,7 +114,7 @@ def test_info_codes_shapes_and_loss():
 
 def test_conditional_labels_uniform_over_classes():
     obj = GANObjective(_spec(conditional=True), C)
-    lat = obj.sample_latent(3000, torch.Generator().manual_seed(0), "cpu")
+    lat = sample_latent(obj.spec, 3000, torch.Generator().manual_seed(0), num_classes=C)
     counts = torch.bincount(lat.y, minlength=C)
     assert counts.min() > 900 and lat.y.max() < C
 
@@ -122,7 +123,7 @@ def test_conditional_labels_uniform_over_classes():
 def test_generator_loss_signs(adversarial):
     """A critic that scores fakes higher gives the generator a lower loss."""
     obj = GANObjective(_spec(adversarial=adversarial, gp_lambda=0.0), C)
-    lat = obj.sample_latent(16, torch.Generator().manual_seed(0), "cpu")
+    lat = sample_latent(obj.spec, 16, torch.Generator().manual_seed(0), num_classes=C)
     fake = torch.ones(16, 3, S, S)
     hi, lo = LinearCritic(1.0), LinearCritic(1.0)
     with torch.no_grad():
@@ -160,7 +161,7 @@ def test_lazy_penalty_every_k_steps_weighted_by_k():
     fake, _ = _batch(seed=1)
     every = GANObjective(_spec(), C)
     lazy = GANObjective(_spec(gp_every=4), C)
-    lat = every.sample_latent(16, torch.Generator().manual_seed(0), "cpu")
+    lat = sample_latent(every.spec, 16, torch.Generator().manual_seed(0), num_classes=C)
     g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     _, s_every = every.critic_loss(D, real, y, fake, lat, g(), step=5)
     assert s_every["gp"].item() == pytest.approx(10.0 * 4.0, rel=1e-4)
@@ -185,7 +186,7 @@ def test_twin_classifier_losses():
     D = LinearCritic(1.0, cls=True, twin=True)
     real, y = _batch()
     fake, _ = _batch(seed=1)
-    lat = obj.sample_latent(16, torch.Generator().manual_seed(0), "cpu")
+    lat = sample_latent(obj.spec, 16, torch.Generator().manual_seed(0), num_classes=C)
     loss, stats = obj.critic_loss(D, real, y, fake, lat, torch.Generator().manual_seed(1))
     adv = (fake.flatten(1) @ D.w).mean() - (real.flatten(1) @ D.w).mean()
     expect = adv + F.cross_entropy(D.cls(real.flatten(1)), y) + F.cross_entropy(D.cls_twin(fake.flatten(1)), lat.y)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import os
 import shutil
 import signal
@@ -407,11 +406,31 @@ def test_cli_builds_and_prints_summary(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "shard: 3 images" in r.stdout
     r = run_cli(f"lab={src}", cwd=tmp_path)
-    assert r.returncode == 2 and "out=DIR" in r.stderr
+    assert r.returncode == 2 and "out is required: pass out=" in r.stderr
     m = read_manifest(tmp_path / "rel_out")   # relative out resolved against the caller's cwd
     assert m["settings"]["encoding"] == "jpg" and m["counts"]["test"]["eosinophil"] == 1
     assert {ext for *_, ext, _, _ in iter_samples(tmp_path / "rel_out", "train")} == {"jpg"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lab", "rel_out"]   # Hydra left no litter
+
+
+def test_cli_bad_setting_is_one_line_exit_2(tmp_path):
+    """A bad value ends in one line naming the setting and exit code 2, before anything is read or written."""
+    cases = [("size=abc", "size"), ("size=256", "size=256: the GANs are built for 32, 64 or 128 px"),
+             ("shard_size=0", "shard_size=0"), ("stain=reinhard", "stain='reinhard'")]
+    for arg, words in cases:
+        r = run_cli(f"lab={tmp_path / 'nope'}", "out=out", arg, cwd=tmp_path)
+        assert r.returncode == 2, (arg, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("shard: error: ") and words in lines[0], (arg, r.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_image_size_the_gans_cannot_train_on_is_refused_at_shard_time(corpus, tmp_path):
+    root, _ = corpus
+    for size in (256, 48):
+        with pytest.raises(BuildError, match=f"size={size}: the GANs are built for 32, 64 or 128 px"):
+            build(sources_of(root), tmp_path / "out", size=size, workers=1, progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def big_corpus(root: Path, n: int = 120) -> Path:

@@ -220,6 +220,9 @@ def test_tool_writes_the_dataset_without_littering(tmp_path):
     assert len(list((out / "lab").rglob("*.png"))) == len(sim.CATALOG["lab"])
     assert "smudge cell" in proc.stdout
 
-    bad = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "simulate.py"), f"out={out}", "scale=0"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "scale" in bad.stderr
+    for arg in ("scale=0", "scale=abc", "layouts=[nope]"):
+        bad = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "simulate.py"), f"out={out}", arg],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("simulate: error: "), bad.stderr
+        assert arg.split("=")[0].rstrip("s") in lines[0]

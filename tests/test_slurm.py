@@ -32,22 +32,21 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 def write_tiny_shards(out: Path, n: int = 48, size: int = 32) -> Path:
     """A valid shard set of random-noise images, labels cycling over the 12 classes."""
-    from hpcgan.data.shards import ShardWriter
+    from hpcgan.data.shards import ShardWriter, write_manifest
     from hpcgan.data.taxonomy import Taxonomy
 
     classes = list(Taxonomy.load().classes)
     rng = np.random.default_rng(0)
-    with ShardWriter(out, "train", max_count=1000) as w:
+    with ShardWriter(out, "train", shard_size=1000) as w:
         for i in range(n):
             buf = io.BytesIO()
             Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
             w.write(f"s{i:04d}", buf.getvalue(), "png", i % len(classes), {"synthetic": True})
         shards = w.shards
     counts = {c: sum(1 for i in range(n) if i % len(classes) == k) for k, c in enumerate(classes)}
-    manifest = {"format": 1, "classes": classes, "image_size": size, "counts": {"train": counts},
-                "counts_by_source": {}, "shards": {"train": shards}, "settings": {}, "taxonomy": {},
-                "synthetic": True}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(out, {"classes": classes, "image_size": size, "counts": {"train": counts},
+                         "counts_by_source": {}, "shards": {"train": shards}, "settings": {}, "taxonomy": {},
+                         "synthetic": True})
     return out
 
 

@@ -19,11 +19,12 @@ from PIL import Image
 
 from hpcgan import CONFIG_DIR
 from hpcgan.checkpoint import list_checkpoints, load_latest
-from hpcgan.data.shards import ShardWriter
+from hpcgan.data.shards import ShardWriter, write_manifest
+from hpcgan.gauges import class_signal, data_diversity, grid_diversity
 from hpcgan.models.registry import MODEL_NAMES, build_model, load_spec
-from hpcgan.train import (EXIT_FAILED, EXIT_OK, EXIT_SIGNAL, LOG_COLUMNS, Trainer, class_signal, resolve_precision,
-                          run, unwrap)
+from hpcgan.train import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL, LOG_COLUMNS, Trainer, resolve_precision, run, unwrap
 from hpcgan import dist
+from hpcgan.settings import SettingsError
 
 CLASSES = ["a", "b", "c"]
 # tiny and fast: width-8 networks, 8-image batches, webdataset backend without worker processes
@@ -37,16 +38,15 @@ def shards(tmp_path_factory) -> Path:
     """48 PNGs of 32 px, 3 classes (each a different brightness), one shard set with a manifest."""
     out = tmp_path_factory.mktemp("train_shards")
     rng = np.random.default_rng(0)
-    with ShardWriter(out, "train", max_count=20) as w:
+    with ShardWriter(out, "train", shard_size=20) as w:
         for i in range(48):
             label = i % 3
             arr = (rng.random((32, 32, 3)) * 60 + label * 80).astype(np.uint8)
             buf = io.BytesIO()
             Image.fromarray(arr).save(buf, format="PNG")
             w.write(f"s{i:05d}", buf.getvalue(), "png", label, {"class": CLASSES[label], "synthetic": True})
-    (out / "manifest.json").write_text(json.dumps({
-        "format": 1, "classes": CLASSES, "image_size": 32, "counts": {"train": {c: 16 for c in CLASSES}},
-        "shards": {"train": w.shards}, "synthetic": True}))
+    write_manifest(out, {"classes": CLASSES, "image_size": 32, "counts": {"train": {c: 16 for c in CLASSES}},
+                         "shards": {"train": w.shards}, "synthetic": True})
     return out
 
 
@@ -102,6 +102,23 @@ def test_precision_choices():
         resolve_precision("fp16", cpu)
     with pytest.raises(ValueError, match="precision='fp8'"):
         resolve_precision("fp8", cpu)
+
+
+def test_bad_setting_is_one_line_exit_2(shards, tmp_path):
+    """`python -m hpcgan.train batch_size=abc`: one line naming the setting, exit code 2, nothing written."""
+    for arg, words in (("batch_size=abc", "batch_size"), ("model.optim.lr=abc", "model.optim.lr")):
+        p = subprocess.run(cli(shards, tmp_path / "run", arg), env=ENV, capture_output=True, text=True, timeout=120)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1, (arg, p.stderr[-2000:])
+        assert lines[0].startswith("hpcgan.train: error: ") and words in lines[0], (arg, lines)
+    cases = [("batch_size=0", "batch_size=0: must be >= 1"), ("model.width=abc", "model.width"),
+             ("precision=fp8", "precision='fp8'"), ("diffaug=[colour]", "diffaug"), ("ema=2", "ema=2.0"),
+             ("model.optim.name=sgd", "model.optim.name='sgd'")]
+    for arg, words in cases:   # in-process: the same checks, as a SettingsError before any work
+        with pytest.raises(SettingsError) as e:
+            run(compose(shards, tmp_path / "run", arg))
+        assert words in str(e.value) and "\n" not in str(e.value), (arg, str(e.value))
+    assert not (tmp_path / "run").exists()
 
 
 def test_fp16_on_cpu_rejected_by_the_run(shards, tmp_path):
@@ -194,7 +211,6 @@ def test_channels_last_trainer_matches_nchw():
 
 
 def test_grid_diversity_gauges_noise_and_class_dependence():
-    from hpcgan.train import grid_diversity
     g = torch.Generator().manual_seed(0)
     rows, k = 3, 4
     protos = torch.rand(rows, 1, 3, 8, 8, generator=g) * 2 - 1
@@ -204,7 +220,7 @@ def test_grid_diversity_gauges_noise_and_class_dependence():
     noisy = torch.rand(1, k, 3, 8, 8, generator=g).expand(rows, k, 3, 8, 8).reshape(rows * k, 3, 8, 8)
     d = grid_diversity(noisy, k)                                               # ignores the class
     assert d["within_row_std"] > 0.15 and d["between_row_std"] == pytest.approx(0.0, abs=1e-6)
-    from hpcgan.train import data_diversity  # the same numbers for labelled real images
+    # the same numbers for labelled real images
     labels = torch.arange(rows).repeat_interleave(k)
     assert data_diversity(collapsed, labels) == pytest.approx(grid_diversity(collapsed, k), abs=1e-6)
     assert data_diversity(noisy, labels) == pytest.approx(grid_diversity(noisy, k), abs=1e-6)

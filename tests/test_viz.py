@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hpcgan.viz import class_grid, contact_sheet, image_grid, read_columns, to_uint8, training_curves
+from hpcgan.viz import class_grid, contact_sheet, hwc_uint8, image_grid, read_columns, training_curves
 
 TILE, PAD = 32, 2
 
@@ -20,16 +20,19 @@ def _tile_at(img: Image.Image, row: int, col: int, left: int, top: int = 0) -> n
     return np.asarray(img)[y:y + TILE, x:x + TILE]
 
 
-def test_to_uint8_accepts_uint8_and_float_tensors_in_either_layout():
+def test_hwc_uint8_accepts_uint8_and_float_tensors_in_either_layout():
     u8 = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-    assert to_uint8(u8) is u8 or np.array_equal(to_uint8(u8), u8)
+    assert hwc_uint8(u8) is u8 or np.array_equal(hwc_uint8(u8), u8)
+    assert np.array_equal(hwc_uint8(torch.from_numpy(u8)), u8)  # uint8 tensors are taken as they are
     x = torch.linspace(-1, 1, 2 * 3 * 8 * 8).reshape(2, 3, 8, 8)
-    out = to_uint8(x)
+    out = hwc_uint8(x)
     assert out.shape == (2, 8, 8, 3) and out.dtype == np.uint8
     assert out[0, 0, 0, 0] == 0 and out[1, 7, 7, 2] == 255
-    assert np.array_equal(out, to_uint8(x.numpy().transpose(0, 2, 3, 1)))
+    assert np.array_equal(out, hwc_uint8(x.numpy().transpose(0, 2, 3, 1)))
+    xb = x.to(torch.bfloat16)  # what a bf16 autocast generator returns: no numpy dtype of its own
+    assert np.array_equal(hwc_uint8(xb), hwc_uint8(xb.float()))
     with pytest.raises(ValueError, match="batch"):
-        to_uint8(np.zeros((8, 8)))
+        hwc_uint8(np.zeros((8, 8)))
 
 
 def test_image_grid_tiles_images_in_rows():

@@ -46,18 +46,18 @@ def make_shards(out: Path, n: int, size: int, classes: int = 12) -> Path:
     """Random-texture PNGs in the shard format (throughput does not depend on what the cells look like)."""
     from PIL import Image
 
-    from hpcgan.data.shards import ShardWriter
+    from hpcgan.data.shards import ShardWriter, write_manifest
     rng = np.random.default_rng(0)
     names = [f"class{i}" for i in range(classes)]
-    with ShardWriter(out, "train", max_count=500) as w:
+    with ShardWriter(out, "train", shard_size=500) as w:
         for i in range(n):
             arr = (rng.random((size, size, 3)) * 255).astype(np.uint8)
             buf = io.BytesIO()
             Image.fromarray(arr).save(buf, format="PNG")
             w.write(f"b{i:06d}", buf.getvalue(), "png", i % classes, {"class": names[i % classes]})
-    (out / "manifest.json").write_text(json.dumps({
-        "format": 1, "classes": names, "image_size": size, "counts": {"train": {c: n // classes for c in names}},
-        "shards": {"train": w.shards}, "synthetic": True}))
+    counts = np.bincount(np.arange(n) % classes, minlength=classes).tolist()
+    write_manifest(out, {"classes": names, "image_size": size, "counts": {"train": dict(zip(names, counts))},
+                         "shards": {"train": w.shards}, "synthetic": True})
     return out
 
 

@@ -8,40 +8,31 @@ Settings and what they mean: configs/shard.yaml. Exit status: 0 built, 2 bad inp
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
 from hpcgan import CONFIG_DIR  # noqa: E402
-from hpcgan.data.build import BuildError, build, summary_line  # noqa: E402
-
-logger = logging.getLogger("shard")
+from hpcgan.data.build import BuildError, ShardSettings, build_shards, summary_line  # noqa: E402
+from hpcgan.settings import exit_on_error, parse  # noqa: E402
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="shard", version_base=None)
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=cfg.log_level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    sources = {name: to_absolute_path(str(cfg[name])) for name in ("pbc", "aml", "lab") if cfg[name]}
-    if OmegaConf.is_missing(cfg, "out"):
-        print("shard: error: no output directory: pass out=DIR", file=sys.stderr)
-        sys.exit(2)
-    out = to_absolute_path(str(cfg.out))
-    try:
-        manifest = build(sources, out, size=cfg.size, seed=cfg.seed, shard_size=cfg.shard_size,
-                         stain=cfg.stain, encoding=cfg.encoding, quality=cfg.quality, near_dup=cfg.near_dup,
-                         min_size=cfg.min_size, on_bad=cfg.on_bad, workers=cfg.workers, progress=cfg.progress,
-                         contact_sheet=cfg.contact_sheet,
-                         taxonomy=to_absolute_path(str(cfg.taxonomy)) if cfg.taxonomy else None)
-    except BuildError as e:
-        print(f"shard: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(summary_line(manifest, out))
+    with exit_on_error("shard", BuildError):
+        s = parse(ShardSettings, cfg)
+        logging.basicConfig(level=s.log_level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        paths = {k: to_absolute_path(getattr(s, k)) for k in ("pbc", "aml", "lab", "out", "taxonomy") if getattr(s, k)}
+        s = dataclasses.replace(s, **paths)   # relative to where the command was run
+        manifest = build_shards(s)
+    print(summary_line(manifest, s.out))
 
 
 if __name__ == "__main__":

@@ -4,29 +4,23 @@
   python tools/simulate.py out=data/sim
   python tools/simulate.py out=data/sim seed=1 scale=0.1 layouts=[pbc,aml]
 """
+import dataclasses
 import json
 import logging
-import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from hpcgan import CONFIG_DIR
-from hpcgan.data.simulate import simulate
-
-logger = logging.getLogger("hpcgan.simulate")
+from hpcgan.data.simulate import SimulateSettings, simulate
+from hpcgan.settings import exit_on_error, parse
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="simulate", version_base=None)
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = OmegaConf.to_container(cfg, resolve=True)
-    try:
-        summary = simulate(args["out"], seed=int(args["seed"]), scale=float(args["scale"]),
-                           layouts=tuple(args["layouts"]), progress=bool(args["progress"]))
-    except ValueError as e:
-        logger.error("%s", e)
-        sys.exit(2)
+    with exit_on_error("simulate", ValueError):
+        summary = simulate(**dataclasses.asdict(parse(SimulateSettings, cfg)))
     width = max(len(f) for c in summary["counts"].values() for f in c)
     for source, counts in summary["counts"].items():
         print(f"{source}: {sum(counts.values())} images")

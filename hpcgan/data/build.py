@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import multiprocessing
 import os
 import signal
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -34,16 +33,17 @@ from tqdm import tqdm
 
 import hpcgan
 from hpcgan.data.clean import CleanSettings, process_file
-from hpcgan.data.shards import MANIFEST, SPLITS, ShardWriter
+from hpcgan.data.shards import MANIFEST, SPLITS, ShardWriter, write_manifest
 from hpcgan.data.sources import Rejection, SourceError, SourceFile, walk_source
-from hpcgan.data.taxonomy import Taxonomy
+from hpcgan.data.taxonomy import SOURCES, Taxonomy
 from hpcgan.fsutil import atomic_dir, sweep_stale_staging
+from hpcgan.images import check_image_size
+from hpcgan.settings import MISSING, SettingsError, check_choice, check_range
 
 logger = logging.getLogger(__name__)
 
 TEST_FRACTION = 0.3
 VAL_FRACTION = 0.2   # of what is left after test
-FORMAT = 1
 
 
 class BuildError(RuntimeError):
@@ -52,6 +52,8 @@ class BuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class BuildSettings:
+    """How source images become shards; recorded as the manifest's `settings`. The defaults are these
+    (configs/shard.yaml documents the same values, tests/test_settings_files.py keeps them equal)."""
     size: int = 128
     seed: int = 0
     shard_size: int = 1000
@@ -62,26 +64,46 @@ class BuildSettings:
     min_size: int = 32
     on_bad: str = "skip"
 
-    def validate(self) -> None:
-        if self.size < 8:
-            raise BuildError(f"size={self.size}: must be at least 8")
-        if self.shard_size < 1:
-            raise BuildError(f"shard_size={self.shard_size}: must be >= 1")
-        if self.stain not in ("macenko", "none"):
-            raise BuildError(f"stain={self.stain!r}: expected 'macenko' or 'none'")
-        if self.encoding not in ("png", "jpg"):
-            raise BuildError(f"encoding={self.encoding!r}: expected 'png' or 'jpg'")
-        if not 1 <= self.quality <= 100:
-            raise BuildError(f"quality={self.quality}: expected 1..100")
-        if not -1 <= self.near_dup <= 64:
-            raise BuildError(f"near_dup={self.near_dup}: expected -1 (off) or a Hamming distance 0..64")
-        if self.min_size < 1:
-            raise BuildError(f"min_size={self.min_size}: must be >= 1")
-        if self.on_bad not in ("skip", "strict"):
-            raise BuildError(f"on_bad={self.on_bad!r}: expected 'skip' or 'strict'")
+    def __post_init__(self) -> None:
+        check_image_size(self.size, "size")
+        check_range("seed", self.seed, 0)
+        check_range("shard_size", self.shard_size, 1)
+        check_choice("stain", self.stain, ("macenko", "none"))
+        check_choice("encoding", self.encoding, ("png", "jpg"))
+        check_range("quality", self.quality, 1, 100)
+        check_range("near_dup", self.near_dup, -1, 64)   # -1: near-duplicate detection off
+        check_range("min_size", self.min_size, 1)
+        check_choice("on_bad", self.on_bad, ("skip", "strict"))
 
     def clean(self) -> CleanSettings:
         return CleanSettings(self.size, self.stain, self.encoding, self.quality, self.min_size)
+
+
+@dataclass(frozen=True)
+class ShardSettings(BuildSettings):
+    """Everything tools/shard.py takes (configs/shard.yaml): the sources, the output and how to run."""
+    pbc: str | None = None
+    aml: str | None = None
+    lab: str | None = None
+    out: str = MISSING
+    workers: int | None = None      # None: all cores
+    progress: bool = True
+    contact_sheet: bool = True
+    taxonomy: str | None = None     # None: configs/data/taxonomy.yaml
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.workers is not None:
+            check_range("workers", self.workers, 1)
+        check_choice("log_level", self.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    @property
+    def sources(self) -> dict[str, str]:
+        return {k: str(getattr(self, k)) for k in SOURCES if getattr(self, k) not in (None, "")}
+
+    def build_settings(self) -> BuildSettings:
+        return BuildSettings(**{f.name: getattr(self, f.name) for f in fields(BuildSettings)})
 
 
 # ---------------------------------------------------------------- small pure helpers
@@ -332,36 +354,43 @@ def _counts(splits, classes, sources):
 
 # ---------------------------------------------------------------- entry point
 
-def build(sources: dict[str, str], out: str | Path, size: int = 128, seed: int = 0, shard_size: int = 1000,
-          stain: str = "macenko", encoding: str = "png", quality: int = 95, near_dup: int = 4,
-          min_size: int = 32, on_bad: str = "skip", workers: int | None = None, progress: bool = True,
-          taxonomy: str | Path | None = None, contact_sheet: bool = True) -> dict:
+def build(sources: dict[str, str], out: str | Path, **options) -> dict:
     """Build a shard set in `out` (replaced atomically) and return its manifest.
 
-    contact_sheet: also write contact_sheet.png (the first training images of every class, a row each),
-    so a person can see at a glance what went in.
-
-    sources: {"pbc"|"aml"|"lab": directory}, at least one. Raises BuildError with a clear message
-    (nothing written, a previous `out` left as it was) for unusable input or, with on_bad="strict",
-    any bad file.
+    sources: {"pbc"|"aml"|"lab": directory}, at least one. options: the other ShardSettings fields
+    (size=128, seed=0, shard_size=1000, stain, encoding, quality, near_dup, min_size, on_bad, workers,
+    progress, contact_sheet, taxonomy; configs/shard.yaml says what each means). Raises BuildError with a
+    clear message (nothing written, a previous `out` left as it was) for a bad setting, unusable input
+    or, with on_bad="strict", any bad file.
     """
-    settings = BuildSettings(size, seed, shard_size, stain, encoding, quality, near_dup, min_size, on_bad)
-    settings.validate()
-    sources = {k: str(v) for k, v in sources.items() if v not in (None, "")}
+    unknown = sorted(set(sources) - set(SOURCES))
+    if unknown:
+        raise BuildError(f"unknown source(s) {unknown}: give pbc=DIR, aml=DIR and/or lab=DIR")
+    try:
+        settings = ShardSettings(**{k: None if v in (None, "") else str(v) for k, v in sources.items()},
+                                 out=str(out), **options)
+    except SettingsError as e:
+        raise BuildError(str(e)) from None
+    return build_shards(settings)
+
+
+def build_shards(s: ShardSettings) -> dict:
+    """build() for checked settings (tools/shard.py parses them from the command line)."""
+    sources = s.sources
     if not sources:
         raise BuildError("no sources given: pass at least one of pbc=DIR aml=DIR lab=DIR")
-    out = Path(out).expanduser()
+    out = Path(s.out).expanduser()
     _check_out(out, sources)
-    tax = Taxonomy.load(taxonomy)
-    files, rejected = _walk_all(sources, tax, on_bad)
+    tax = Taxonomy.load(s.taxonomy)
+    files, rejected = _walk_all(sources, tax, s.on_bad)
     n_walk_rejected = len(rejected)
-    workers = max(1, workers or len(os.sched_getaffinity(0)))
+    workers = max(1, s.workers or len(os.sched_getaffinity(0)))
     logger.info("%d candidate files from %s; %d workers", len(files), ", ".join(sorted(sources)), workers)
 
     with atomic_dir(out, sweep=False) as stage:
         spool = stage / ".spool"
         spool.mkdir()
-        results = _process_all(files, spool, settings, workers, progress)
+        results = _process_all(files, spool, s.build_settings(), workers, s.progress)
         items = []
         for f, r in zip(files, results):
             if not r["ok"]:
@@ -372,58 +401,62 @@ def build(sources: dict[str, str], out: str | Path, size: int = 128, seed: int =
                           "fine": rs.fine, "class": rs.cls, "label": rs.label})
         rejected.sort(key=lambda r: r.path)
         bad = [r for r in rejected if not r.ignored]
-        if bad and on_bad == "strict":
+        if bad and s.on_bad == "strict":
             raise BuildError(f"{len(bad)} bad input file(s), on_bad=strict, nothing written:\n" + _bad_summary(bad))
         if bad:
             logger.warning("%d file(s) rejected (listed in %s/rejected.csv):\n%s", len(bad), out, _bad_summary(bad, 20))
-        kept, dup_rows, conflicts = _dedupe(items, near_dup)
+        kept, dup_rows, conflicts = _dedupe(items, s.near_dup)
         if not kept:
             raise BuildError("no usable images left after rejecting bad files and duplicates")
-        splits = _split(kept, seed)
-        shards = _write_shards(stage, splits, spool, settings)
+        splits = _split(kept, s.seed)
+        shards = _write_shards(stage, splits, spool, s)
         for p in spool.iterdir():
             p.unlink()
         spool.rmdir()
 
-        counts, by_source = _counts(splits, tax.classes, sources)
-        manifest = {
-            "format": FORMAT,
-            "classes": tax.classes,
-            "image_size": size,
-            "counts": counts,
-            "counts_by_source": by_source,
-            "totals": {s: len(splits[s]) for s in SPLITS} | {"all": len(kept)},
-            "shards": shards,
-            "settings": asdict(settings) | {
-                "sources": {k: str(Path(v).expanduser().resolve()) for k, v in sorted(sources.items())},
-                "split": {"test": TEST_FRACTION, "val_of_rest": VAL_FRACTION, "by": "class", "seed": seed},
-                "exact_duplicates": "identical decoded RGB pixels",
-                "near_duplicates": "imagehash.phash Hamming distance <= near_dup (-1: off)",
-            },
-            "taxonomy": tax.spec,
-            "synthetic": False,
-            "files_seen": len(files) + n_walk_rejected,
-            "rejected": {"total": len(rejected), "bad": len(bad), "ignored": len(rejected) - len(bad),
-                         "by_reason": dict(sorted(Counter(r.reason.split(":")[0] for r in rejected).items()))},
-            "duplicates": {"dropped": len(dup_rows),
-                           "exact": sum(r["kind"] == "exact" for r in dup_rows),
-                           "near": sum(r["kind"] == "near" for r in dup_rows),
-                           "conflicting_label_groups": conflicts},
-            "stain_skipped": sum(1 for it in kept if settings.stain == "macenko" and it["stain"] != "macenko"),
-            "hpcgan_version": hpcgan.__version__,
-        }
         (stage / "rejected.csv").write_bytes(
             _csv_bytes([{"path": r.path, "source": r.source, "reason": r.reason} for r in rejected],
                        ["path", "source", "reason"]))
         (stage / "duplicates.csv").write_bytes(
             _csv_bytes(dup_rows, ["kept", "dropped", "kind", "distance", "reason"]))
-        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-        if contact_sheet:
+        manifest = write_manifest(stage, _manifest(s, tax, splits, kept, shards, rejected, bad, dup_rows, conflicts,
+                                                   files_seen=len(files) + n_walk_rejected))
+        if s.contact_sheet:
             from hpcgan.viz import shard_contact_sheet
             shard_contact_sheet(stage, "train", stage / "contact_sheet.png",
                                 title="train split: the first images of every class")
     logger.info(summary_line(manifest, out))
     return manifest
+
+
+def _manifest(s: ShardSettings, tax: Taxonomy, splits, kept, shards, rejected, bad, dup_rows, conflicts,
+              files_seen: int) -> dict:
+    counts, by_source = _counts(splits, tax.classes, s.sources)
+    return {
+        "classes": tax.classes,
+        "image_size": s.size,
+        "counts": counts,
+        "counts_by_source": by_source,
+        "totals": {k: len(splits[k]) for k in SPLITS} | {"all": len(kept)},
+        "shards": shards,
+        "settings": asdict(s.build_settings()) | {
+            "sources": {k: str(Path(v).expanduser().resolve()) for k, v in sorted(s.sources.items())},
+            "split": {"test": TEST_FRACTION, "val_of_rest": VAL_FRACTION, "by": "class", "seed": s.seed},
+            "exact_duplicates": "identical decoded RGB pixels",
+            "near_duplicates": "imagehash.phash Hamming distance <= near_dup (-1: off)",
+        },
+        "taxonomy": tax.spec,
+        "synthetic": False,
+        "files_seen": files_seen,
+        "rejected": {"total": len(rejected), "bad": len(bad), "ignored": len(rejected) - len(bad),
+                     "by_reason": dict(sorted(Counter(r.reason.split(":")[0] for r in rejected).items()))},
+        "duplicates": {"dropped": len(dup_rows),
+                       "exact": sum(r["kind"] == "exact" for r in dup_rows),
+                       "near": sum(r["kind"] == "near" for r in dup_rows),
+                       "conflicting_label_groups": conflicts},
+        "stain_skipped": sum(1 for it in kept if s.stain == "macenko" and it["stain"] != "macenko"),
+        "hpcgan_version": hpcgan.__version__,
+    }
 
 
 def summary_line(manifest: dict, out: str | Path) -> str:

@@ -8,7 +8,9 @@ A shard set is a directory with
                            {key}.json      metadata: source, source_label, fine, class, path, sha256,
                                            synthetic (bool), and whatever the producer adds
   {split}-{NNNNNN}.idx   DALI index beside each tar (wds2idx format v1.2)
-  manifest.json          classes (label order), counts, shards with checksums, settings
+  manifest.json          format, classes (label order), image_size, counts per split and class, shards
+                         per split with checksums (checked by write_manifest), plus what the producer adds
+                         (synthetic, settings, taxonomy, provenance)
 Tar members carry fixed mtime/owner/mode so the same samples give byte-identical tars.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = ("png", "jpg")
 MANIFEST = "manifest.json"
+FORMAT = 1                    # manifest format; bump when a reader could misread an older one
 
 
 def encode_label(label: int) -> bytes:
@@ -75,11 +78,11 @@ def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 
 @dataclass
 class ShardWriter:
-    """Writes one split's samples into `{split}-NNNNNN.tar` (+ .idx) of at most `max_count` samples."""
+    """Writes one split's samples into `{split}-NNNNNN.tar` (+ .idx) of at most `shard_size` samples."""
 
     out_dir: Path
     split: str
-    max_count: int = 1000
+    shard_size: int = 1000
     shards: list[dict] = field(default_factory=list)
     _tf: tarfile.TarFile | None = None
     _n_in_shard: int = 0
@@ -113,7 +116,7 @@ class ShardWriter:
             raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
         if ext not in IMAGE_EXTS:
             raise ValueError(f"image extension {ext!r} not in {IMAGE_EXTS}")
-        if self._tf is None or self._n_in_shard >= self.max_count:
+        if self._tf is None or self._n_in_shard >= self.shard_size:
             self._finish()
             self._open()
         _add_member(self._tf, f"{key}.{ext}", image)
@@ -138,6 +141,48 @@ class ShardWriter:
 def shard_paths(shard_dir: str | Path, split: str) -> list[Path]:
     paths = sorted(Path(shard_dir).glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
     return paths
+
+
+class ManifestError(ValueError):
+    """A manifest that breaks the shard-set contract; the message names the field."""
+
+
+def write_manifest(shard_dir: str | Path, manifest: dict) -> dict:
+    """Check the contract fields of `manifest`, fill in `format`, write `shard_dir`/manifest.json atomically
+    and return what was written. Contract: classes (unique names, label order), image_size (one of
+    hpcgan.images.IMAGE_SIZES), counts {split: {class: n}} and shards {split: [{"name", "count", ...}]}
+    whose counts add up to the split's. Other fields are the producer's (e.g. synthetic, settings)."""
+    from hpcgan.fsutil import atomic_write_bytes
+    manifest = {"format": FORMAT, **manifest}
+    _check_manifest(manifest)
+    atomic_write_bytes(Path(shard_dir) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
+
+
+def _check_manifest(m: dict) -> None:
+    from hpcgan.images import check_image_size
+    if m["format"] != FORMAT:
+        raise ManifestError(f"format={m['format']!r}: this version writes format {FORMAT}")
+    missing = [k for k in ("classes", "image_size", "counts", "shards") if k not in m]
+    if missing:
+        raise ManifestError(f"manifest lacks {', '.join(missing)}")
+    classes = m["classes"]
+    if not classes or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
+        raise ManifestError(f"classes={classes!r}: give a non-empty list of unique class names in label order")
+    try:
+        check_image_size(m["image_size"])
+    except ValueError as e:
+        raise ManifestError(str(e)) from None
+    for split, per_class in m["counts"].items():
+        unknown = sorted(set(per_class) - set(classes))
+        if unknown or any(not isinstance(n, int) or n < 0 for n in per_class.values()):
+            raise ManifestError(f"counts[{split!r}]={per_class!r}: give a count >= 0 per class of `classes`")
+    for split, shards in m["shards"].items():
+        if any(not {"name", "count"} <= set(s) for s in shards):
+            raise ManifestError(f"shards[{split!r}]: every shard needs a name and a count")
+        listed, counted = sum(s["count"] for s in shards), sum(m["counts"].get(split, {}).values())
+        if listed != counted:
+            raise ManifestError(f"shards[{split!r}] hold {listed} samples but counts[{split!r}] add up to {counted}")
 
 
 def read_manifest(shard_dir: str | Path) -> dict:

@@ -1,6 +1,6 @@
 """Procedural blood/bone-marrow cell images: the data everything runs on when no real data is at hand.
 
-`simulate(out_dir)` writes a small dataset in the three source layouts configs/data/taxonomy.yaml
+`simulate(out)` writes a small dataset in the three source layouts configs/data/taxonomy.yaml
 understands (PBC JPEGs, AML-Cytomorphology TIFFs, a lab's PNG folders), with the class imbalance of the
 public datasets scaled down. Each image is a field of red blood cells on a pale background with one
 centred white cell drawn from its type's morphology: cell and nucleus size, nucleus shape (round,
@@ -17,7 +17,7 @@ import io
 import json
 import logging
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from hpcgan.fsutil import atomic_dir, atomic_write_bytes
+from hpcgan.settings import MISSING, SettingsError, check_range
 
 logger = logging.getLogger(__name__)
 
@@ -657,23 +658,42 @@ def make_image(seed: int, source: str, fine: str, index: int) -> np.ndarray:
     return render_cell(fine, rng, source, slide)
 
 
-def simulate(out_dir: str | Path, *, seed: int = 0, scale: float = 1.0, layouts=LAYOUTS,
-             progress: bool = True) -> dict:
-    """Write a simulated dataset to out_dir/{pbc,aml,lab}/... atomically and return its summary.
+@dataclass
+class SimulateSettings:
+    """What simulate() and tools/simulate.py take; these defaults are the ones (configs/simulate.yaml
+    documents the same values)."""
+    out: str = MISSING
+    seed: int = 0
+    scale: float = 1.0
+    layouts: list[str] = field(default_factory=lambda: list(LAYOUTS))
+    progress: bool = True
 
-    The summary (also written to out_dir/simulation.json) gives counts per source x fine type.
-    An existing out_dir is replaced only if it is empty or an earlier simulator output.
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise SettingsError(f"seed={self.seed!r}: must be a non-negative integer")
+        check_range("seed", self.seed, 0)
+        try:
+            plan(self.scale, self.layouts)   # the scale and layout rules
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
+
+
+def simulate(out: str | Path, **options) -> dict:
+    """Write a simulated dataset to out/{pbc,aml,lab}/... atomically and return its summary.
+
+    options: the other SimulateSettings fields (seed, scale, layouts, progress).
+    The summary (also written to out/simulation.json) gives counts per source x fine type.
+    An existing `out` is replaced only if it is empty or an earlier simulator output.
     """
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer (got {seed!r})")
-    layouts = tuple(layouts)
+    settings = SimulateSettings(out=str(out), **options)
+    seed, scale, layouts, progress = settings.seed, settings.scale, tuple(settings.layouts), settings.progress
     jobs = list(iter_images(seed, scale, layouts))
-    out = Path(out_dir)
+    out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SUMMARY).is_file())):
         raise ValueError(f"{out} exists and is not an earlier simulator output (no {SUMMARY}); "
                          "refusing to replace it: choose a new or empty directory")
     counts: dict[str, dict[str, int]] = {s: {} for s in layouts}
-    with atomic_dir(out_dir) as staging:
+    with atomic_dir(out) as staging:
         for source, rel, fine, index in tqdm(jobs, desc="simulate", unit="img", disable=not progress):
             data = encode(make_image(seed, source, fine, index), LOOKS[source].ext)
             path = staging / source / rel

@@ -13,15 +13,14 @@ import math
 import torch
 import torch.nn as nn
 
+from hpcgan.images import check_image_size
+
 NORMS = ("none", "batch")
 
 
 def num_resamples(image_size: int) -> int:
     """Up/down-sampling stages between 4x4 and the image: 32 -> 3, 64 -> 4, 128 -> 5."""
-    n = int(math.log2(image_size)) - 2
-    if image_size != 4 * 2 ** n or n < 1:
-        raise ValueError(f"image_size must be a power of two >= 8, got {image_size}")
-    return n
+    return int(math.log2(check_image_size(image_size))) - 2
 
 
 def channels_at(resolution: int, image_size: int, width: int, max_mult: int = 8) -> int:

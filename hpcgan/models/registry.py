@@ -16,14 +16,33 @@ Contract (every architecture honours it):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 import torch.nn as nn
 
 from hpcgan import CONFIG_DIR
+from hpcgan.images import check_image_size
+from hpcgan.settings import SettingsError, check_choice, check_range, parse
 
 MODEL_NAMES = ("wgan_gp_ac", "acgan", "wgan", "wgan_gp", "infogan", "wgan_gp_info", "dcgan", "cgan")
+
+
+@dataclass
+class OptimSpec:
+    """A model's optimiser (the same for G and D): configs/model/<name>.yaml `optim:`."""
+    name: str = "adam"                 # "adam" | "rmsprop"
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])   # Adam only
+    n_critic: int = 1                  # critic steps per generator step
+
+    def __post_init__(self) -> None:
+        check_choice("model.optim.name", self.name, ("adam", "rmsprop"))
+        if not self.lr > 0:
+            raise SettingsError(f"model.optim.lr={self.lr!r}: must be > 0")
+        if len(self.betas) != 2:
+            raise SettingsError(f"model.optim.betas={self.betas!r}: give two numbers, e.g. [0.5, 0.999]")
+        check_range("model.optim.n_critic", self.n_critic, 1)
 
 
 @dataclass
@@ -45,7 +64,7 @@ class GANSpec:
     z_dim: int = 128
     width: int = 64                    # base channel count
     critic_norm: str = "none"          # "none" | "batch" (never with a gradient penalty)
-    optim: dict = field(default_factory=lambda: {"name": "adam", "lr": 1e-3, "betas": [0.5, 0.999], "n_critic": 1})
+    optim: dict = field(default_factory=lambda: asdict(OptimSpec()))   # OptimSpec's fields
 
     @property
     def latent_dim(self) -> int:
@@ -53,19 +72,22 @@ class GANSpec:
 
     @classmethod
     def from_config(cls, cfg) -> "GANSpec":
+        """A spec from a mapping (configs/model/<name>.yaml, a checkpoint's config["model"]): values
+        type-checked and converted, the optimiser's missing keys filled from OptimSpec; a bad key, value
+        or combination is a one-line SettingsError (a ValueError) naming model.<key>."""
         d = dict(cfg)
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"model config {d.get('name')!r}: unknown keys {sorted(unknown)}")
-        d["optim"] = dict(d.get("optim") or {})
-        spec = cls(**d)
+            raise SettingsError(f"model config {d.get('name')!r}: unknown keys {sorted(unknown)}")
+        optim = d.pop("optim", None) or {}
+        spec = parse(cls, d, prefix="model.")
+        spec.optim = asdict(parse(OptimSpec, optim, prefix="model.optim."))
         if int(spec.gp_every) < 1:
-            raise ValueError(f"{spec.name}: gp_every must be >= 1, got {spec.gp_every}")
+            raise SettingsError(f"{spec.name}: gp_every must be >= 1, got {spec.gp_every}")
         if spec.ac_twin and spec.ac_weight <= 0:
-            raise ValueError(f"{spec.name}: ac_twin needs an auxiliary classifier (ac_weight > 0)")
+            raise SettingsError(f"{spec.name}: ac_twin needs an auxiliary classifier (ac_weight > 0)")
         if spec.gp_lambda > 0 and spec.critic_norm == "batch":
-            raise ValueError(f"{spec.name}: batch norm in the critic breaks the gradient penalty")
+            raise SettingsError(f"{spec.name}: batch norm in the critic breaks the gradient penalty")
         return spec
 
 
@@ -98,10 +120,9 @@ def load_spec(name: str) -> GANSpec:
 
 
 def build_model(spec: GANSpec, num_classes: int, image_size: int) -> tuple[nn.Module, nn.Module]:
-    """(generator, critic) for a spec; image_size in {32, 64, 128}."""
+    """(generator, critic) for a spec; image_size one of hpcgan.images.IMAGE_SIZES."""
     from hpcgan.models import architectures  # noqa: F401  (registers the builders)
-    if image_size not in (32, 64, 128):
-        raise ValueError(f"image_size must be 32, 64 or 128, got {image_size}")
+    check_image_size(image_size)
     if spec.generator not in GENERATORS:
         raise ValueError(f"{spec.name}: unknown generator architecture {spec.generator!r}; "
                          f"known: {', '.join(sorted(GENERATORS))}")

@@ -1,0 +1,58 @@
+"""The one latent layout every generator input follows (models/registry.py's contract):
+
+    z = [ noise: z_dim x N(0, 1) | one-hot categorical code: info_cat | continuous codes: info_cont x U(-1, 1) ]
+
+plus the class labels y a conditional generator takes beside z. `sample_latent` draws all of it from one
+torch.Generator in a fixed order (noise, with truncation redraws right after it; the categorical code;
+the continuous codes; the labels), so a seed means the same latents in training, sample grids and
+generation. Codes or labels given by the caller are not drawn (a sample grid fixes both per row).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Latent:
+    z: torch.Tensor                 # [B, latent_dim]: noise, then one-hot cat code, then continuous codes
+    y: torch.Tensor | None          # [B] labels the generator is conditioned on (None: unconditional)
+    cat: torch.Tensor | None = None   # [B] categorical code indices
+    cont: torch.Tensor | None = None  # [B, info_cont] continuous codes
+
+
+def sample_latent(spec, n: int, gen: torch.Generator, *, num_classes: int | None = None,
+                  y: torch.Tensor | None = None, cat: torch.Tensor | None = None,
+                  truncation: float | None = None, device=None) -> Latent:
+    """n latents for `spec` (a GANSpec), drawn on `gen`'s device and returned on `device` (default: the same).
+
+    y:   labels for a conditional spec; drawn uniformly from range(num_classes) when not given.
+    cat: categorical code indices for an InfoGAN spec; drawn uniformly when not given.
+    truncation: noise values beyond +-truncation are drawn again (fidelity over diversity).
+    """
+    draw = {"generator": gen, "device": gen.device}
+    z = torch.randn(n, spec.z_dim, **draw)
+    if truncation is not None:
+        out = z.abs() > truncation
+        while out.any():
+            z[out] = torch.randn(int(out.sum()), **draw)
+            out = z.abs() > truncation
+    parts, cont = [z], None
+    if spec.info_cat > 0:
+        cat = torch.randint(0, spec.info_cat, (n,), **draw) if cat is None else cat.to(gen.device)
+        parts.append(F.one_hot(cat, spec.info_cat).float())
+    if spec.info_cont > 0:
+        cont = torch.rand(n, spec.info_cont, **draw) * 2 - 1
+        parts.append(cont)
+    if spec.conditional and y is None:
+        if num_classes is None:
+            raise ValueError(f"{spec.name} is conditional: give labels y or num_classes to draw them from")
+        y = torch.randint(0, num_classes, (n,), **draw)
+    cat = cat if spec.info_cat > 0 else None
+    return Latent(z=_to(torch.cat(parts, 1), device), y=_to(y, device), cat=_to(cat, device), cont=_to(cont, device))
+
+
+def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    return t if t is None or device is None else t.to(device)
