@@ -4,7 +4,8 @@ Each test submits the real script with `sbatch` and trains a tiny model (32 px, 
 `scontrol requeue` mid-run -> resume -> completion; the time-limit warning (SIGUSR2 to the batch shell, what
 `--signal=B:USR2@120` makes Slurm send) -> checkpoint, requeue, resume, completion; a real 2-minute time limit
 whose warning Slurm itself delivers; scancel -> checkpoint, no requeue.
-No accounting here (no sacct): job states come from `scontrol show job` (kept MinJobAge=300 s).
+Job states come from `scontrol show job` (kept MinJobAge=300 s), which works with or without accounting (sacct:
+tests/test_slurm_accounting.py).
 """
 from __future__ import annotations
 

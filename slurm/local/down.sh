@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stop what slurm/local/up.sh started, by PID: jobs, slurmd, slurmctld, and munged if up.sh started it
+# Stop what slurm/local/up.sh started, by PID: jobs, slurmd, slurmctld, slurmdbd and its MariaDB (pid files
+# under SLURM_BASE), and munged if up.sh started it
 # (STOP_MUNGE=1 / 0 forces stopping / keeping it; another cluster on this machine may share it).
 set -u
 BASE=${SLURM_BASE:-/tmp/hpcgan-slurm}
@@ -20,6 +21,9 @@ pid_in() { [ -s "$1" ] && cat "$1"; }
 [ -s "$SLURM_CONF" ] && timeout 10 scancel --user="$(id -un)" --quiet 2>/dev/null
 p=(); for f in "$BASE"/run/slurmd-*.pid "$BASE"/run/slurmctld.pid; do x=$(pid_in "$f") && p+=("$x"); done
 stop "${p[@]}"
+x=$(pid_in "$BASE/run/slurmdbd.pid") && stop "$x"     # after slurmctld: it sends its last records there
+x=$(pid_in "$BASE/mysql/mysqld.pid") && stop "$x"
+rm -f "$BASE"/run/*.pid "$BASE/mysql/mysqld.pid"
 STOP_MUNGE=${STOP_MUNGE:-$([ -e "$BASE/run/munged.ours" ] && echo 1 || echo 0)}
 if [ "$STOP_MUNGE" = 1 ] && x=$(pid_in /run/munge/munged.pid); then stop "$x"; fi
 rm -f "$BASE/run/munged.ours"
