@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from hpcgan.data.shards import iter_samples, read_manifest
-from hpcgan.train import class_signal
+from hpcgan.gauges import class_signal
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,6 +45,15 @@ def test_demo_end_to_end(tmp_path):
     assert "total" in res.stdout
     assert "Sample diversity (samples/diversity.csv, step 4): within a class" in res.stdout
     assert "Auxiliary classifier on real images (log.csv, last 2 rows): accuracy" in res.stdout
+    # the evaluation: the run between real-vs-real (floor) and the untrained generator (ceiling)
+    assert "Evaluation against the real train split (cell features" in res.stdout
+    header = next(line for line in res.stdout.splitlines() if line.startswith("metric "))
+    assert "real val (floor)" in header and "wgan_gp_ac (this run)" in header and "untrained (ceiling)" in header
+    fid_row = next(line for line in res.stdout.splitlines() if line.startswith("fid "))
+    floor, run, ceiling = (float(x) for x in fid_row.split()[1:])
+    assert floor < ceiling and floor < run
+    for name in ("eval/floor.json", "eval/ceiling.json", "run/eval/step-00000004-cell.json", "run/eval/results.jsonl"):
+        assert (out / name).is_file(), name
 
     # re-running resumes: training is already finished and is not repeated
     res2 = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -52,9 +61,22 @@ def test_demo_end_to_end(tmp_path):
     assert "already finished" in (res2.stderr + res2.stdout).lower()
 
 
+def test_bad_setting_is_one_line_exit_2(tmp_path):
+    """Checked before anything is simulated, sharded or trained."""
+    for arg, words in (("size=256", "size=256: the GANs are built for 32, 64 or 128 px"),
+                       ("train.steps=abc", "train.steps")):
+        r = subprocess.run([sys.executable, "tools/demo.py", f"out={tmp_path / 'demo'}", arg], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("demo: error: "), r.stderr
+        assert words in lines[0]
+    assert not (tmp_path / "demo").exists()
+
+
 def load_demo():
     spec = importlib.util.spec_from_file_location("demo", REPO / "tools" / "demo.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
