@@ -36,15 +36,18 @@ def _as_created(mode: int) -> int:
     return mode & ~_umask()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to a temp file beside `path`, fsync, then rename over it."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path):
+    """A binary file object that becomes `path` only when the block ends without an error: written to a temp
+    file beside it, fsynced, renamed over it; on any error (raise inside the block to refuse what was
+    written) the temp file is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), _as_created(0o666))
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -53,6 +56,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to a temp file beside `path`, fsync, then rename over it."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def _pid_alive(pid: int) -> bool:

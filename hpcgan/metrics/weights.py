@@ -15,7 +15,6 @@ publisher put in the file name (torch.hub's `name-<first 8 hex of sha256>.pth` c
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -23,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from hpcgan.data.shards import sha256_file
-from hpcgan.fsutil import fsync_dir
+from hpcgan.fsutil import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -170,26 +169,15 @@ def stage(name: str, weights_dir: str | os.PathLike | None = None, *, source: st
 
 def _install(name: str, stream, total: int | None, dest: Path, origin: str, progress: bool) -> None:
     from tqdm import tqdm
-    tmp = dest.parent / f".{dest.name}.{os.getpid()}.tmp"
     h = hashlib.sha256()
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # umask applies: readable by the group
-        with os.fdopen(fd, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=name,
-                                              disable=not progress) as bar:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                h.update(block)
-                out.write(block)
-                bar.update(len(block))
-            out.flush()
-            os.fsync(out.fileno())
+    with atomic_file(dest) as out, tqdm(total=total, unit="B", unit_scale=True, desc=name,
+                                        disable=not progress) as bar:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            h.update(block)
+            out.write(block)
+            bar.update(len(block))
         problem = hash_problem(name, h.hexdigest())
-        if problem:
+        if problem:  # raised inside the block: the temp file goes, nothing is staged
             raise ValueError(f"{origin} is not the {name} weights file ({problem}); nothing was staged")
-        os.replace(tmp, dest)
-        fsync_dir(dest.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
