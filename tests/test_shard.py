@@ -314,6 +314,22 @@ def test_split_rule():
         assert tr + va + te == n and te >= 1 and (tr >= 1 or n == 1)
         assert abs(te - 0.3 * n) <= 1 and abs(va - 0.2 * (n - te)) <= 1
 
+    # the fractions are settings: no test split for a GAN-only shard set, another val share
+    assert split_counts(10, test_fraction=0.0) == (8, 2, 0)
+    assert split_counts(1, test_fraction=0.0) == (1, 0, 0)
+    assert split_counts(10, test_fraction=0.0, val_fraction=0.0) == (10, 0, 0)
+    assert split_counts(100, test_fraction=0.1, val_fraction=0.1) == (81, 9, 10)
+
+
+def test_split_fractions_are_settings(corpus, tmp_path):
+    root, _ = corpus
+    m = build(sources_of(root), tmp_path / "all", size=32, test_fraction=0, val_fraction=0, workers=1,
+              progress=False, contact_sheet=False)
+    assert sum(m["counts"]["test"].values()) == sum(m["counts"]["val"].values()) == 0
+    assert m["settings"]["test_fraction"] == 0 and m["settings"]["val_fraction"] == 0
+    r = run_cli(f"lab={root / 'lab'}", f"out={tmp_path / 'bad'}", "test_fraction=1.5")
+    assert r.returncode == 2 and "test_fraction=1.5" in r.stderr and not (tmp_path / "bad").exists()
+
 
 def test_split_is_stratified_and_disjoint(built):
     out, manifest, _ = built

@@ -9,9 +9,10 @@ Decisions (also in configs/shard.yaml):
   Hamming distance (-1 disables). Duplicates form groups (connected components); the first member
   by sorted path is kept. A group whose members carry different 12-class labels is dropped entirely:
   we cannot know which label is right.
-- Split per 12-class, deterministic by seed: test = round(30%) but at least 1 when the class has any
-  image and at most n-1 when it has 2 or more (so 1 image -> test, 2 -> 1 train + 1 test);
-  val = round(20% of the rest) but at most rest-1 (train keeps at least one).
+- Split per 12-class, deterministic by seed: test = round(test_fraction * n) (default 30%) but at least 1
+  when the class has any image (unless test_fraction = 0) and at most n-1 when it has 2 or more (so 1 image
+  -> test, 2 -> 1 train + 1 test); val = round(val_fraction * the rest) (default 20%) but at most rest-1
+  (train keeps at least one).
 - Output appears atomically (hpcgan.fsutil.atomic_dir); with on_bad=strict any bad file aborts
   the run before anything is written.
 """
@@ -42,9 +43,6 @@ from hpcgan.settings import MISSING, SettingsError, check_choice, check_range
 
 logger = logging.getLogger(__name__)
 
-TEST_FRACTION = 0.3
-VAL_FRACTION = 0.2   # of what is left after test
-
 
 class BuildError(RuntimeError):
     """The dataset cannot be built as asked; the message says what to fix. Nothing was written."""
@@ -63,9 +61,13 @@ class BuildSettings:
     near_dup: int = 4
     min_size: int = 32
     on_bad: str = "skip"
+    test_fraction: float = 0.3      # per class; 0 = no test split (e.g. shards only a GAN will ever read)
+    val_fraction: float = 0.2       # of what is left after test; 0 = no val split
 
     def __post_init__(self) -> None:
         check_image_size(self.size, "size")
+        check_range("test_fraction", self.test_fraction, 0.0, 0.9)
+        check_range("val_fraction", self.val_fraction, 0.0, 0.9)
         check_range("seed", self.seed, 0)
         check_range("shard_size", self.shard_size, 1)
         check_choice("stain", self.stain, ("macenko", "none"))
@@ -112,15 +114,15 @@ def round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def split_counts(n: int) -> tuple[int, int, int]:
+def split_counts(n: int, test_fraction: float = 0.3, val_fraction: float = 0.2) -> tuple[int, int, int]:
     """(train, val, test) sizes for a class of n images (rule in the module docstring)."""
     if n <= 0:
         return 0, 0, 0
-    n_test = max(1, round_half_up(TEST_FRACTION * n))
+    n_test = max(1, round_half_up(test_fraction * n)) if test_fraction > 0 else 0
     if n >= 2:
         n_test = min(n_test, n - 1)
     rest = n - n_test
-    n_val = min(round_half_up(VAL_FRACTION * rest), max(rest - 1, 0))
+    n_val = min(round_half_up(val_fraction * rest), max(rest - 1, 0))
     return rest - n_val, n_val, n_test
 
 
@@ -274,7 +276,8 @@ def _dedupe(items: list[dict], threshold: int) -> tuple[list[dict], list[dict], 
     return kept, rows, conflicts
 
 
-def _split(items: list[dict], seed: int) -> dict[str, list[dict]]:
+def _split(items: list[dict], s: BuildSettings) -> dict[str, list[dict]]:
+    seed = s.seed
     by_class: dict[int, list[dict]] = defaultdict(list)
     for it in items:
         by_class[it["label"]].append(it)
@@ -282,7 +285,7 @@ def _split(items: list[dict], seed: int) -> dict[str, list[dict]]:
     for label in sorted(by_class):
         members = sorted(by_class[label], key=lambda it: it["path"])
         order = np.random.default_rng([seed, label]).permutation(len(members))
-        n_train, n_val, n_test = split_counts(len(members))
+        n_train, n_val, n_test = split_counts(len(members), s.test_fraction, s.val_fraction)
         shuffled = [members[k] for k in order]
         out["test"] += shuffled[:n_test]
         out["val"] += shuffled[n_test:n_test + n_val]
@@ -408,7 +411,7 @@ def build_shards(s: ShardSettings) -> dict:
         kept, dup_rows, conflicts = _dedupe(items, s.near_dup)
         if not kept:
             raise BuildError("no usable images left after rejecting bad files and duplicates")
-        splits = _split(kept, s.seed)
+        splits = _split(kept, s)
         shards = _write_shards(stage, splits, spool, s)
         for p in spool.iterdir():
             p.unlink()
@@ -441,7 +444,7 @@ def _manifest(s: ShardSettings, tax: Taxonomy, splits, kept, shards, rejected, b
         "shards": shards,
         "settings": asdict(s.build_settings()) | {
             "sources": {k: str(Path(v).expanduser().resolve()) for k, v in sorted(s.sources.items())},
-            "split": {"test": TEST_FRACTION, "val_of_rest": VAL_FRACTION, "by": "class", "seed": s.seed},
+            "split": {"test": s.test_fraction, "val_of_rest": s.val_fraction, "by": "class", "seed": s.seed},
             "exact_duplicates": "identical decoded RGB pixels",
             "near_duplicates": "imagehash.phash Hamming distance <= near_dup (-1: off)",
         },
