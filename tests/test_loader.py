@@ -378,3 +378,29 @@ def test_webdataset_workers_survive_stop_signals(shards):
     done = out.split()
     expected = 40 * make_loader(shards, "train", 4, backend="webdataset").epoch_batches * 4
     assert done[0] == "done" and int(done[1]) == expected and done[2] == "True", out
+
+
+def test_several_splits_read_as_one(tmp_path):
+    """split=[train, val]: e.g. a GAN that no classifier will be scored with sees val too (issue 10 §2)."""
+    d = tmp_path / "two"
+    rng = np.random.default_rng(0)
+    written = {}
+    for split, (label, n) in (("train", (0, 6)), ("val", (1, 4))):
+        with ShardWriter(d, split, 5) as w:
+            for k in range(n):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+                w.write(f"{split}{k:03d}", buf.getvalue(), "png", label, {"class": CLASSES[label]})
+        written[split] = w.shards
+    write_manifest(d, {"classes": CLASSES, "image_size": 32, "shards": written,
+                       "counts": {"train": {CLASSES[0]: 6}, "val": {CLASSES[1]: 4}}})
+    syn = write_shards(tmp_path / "syn", {2: 3}, seed=5)  # a synthetic set has only a train split
+    for backend in ["webdataset"] + (["dali"] if HAVE_DALI else []):
+        both = make_loader(d, ["train", "val"], 1, backend=backend, num_threads=1, shuffle=False)
+        assert both.num_samples == 10 and Counter(y for _, y in epoch_samples(both)) == {0: 6, 1: 4}
+        mixed = make_loader([d, syn], ["train", "val"], 1, backend=backend, num_threads=1, shuffle=False)
+        assert Counter(y for _, y in epoch_samples(mixed)) == {0: 6, 1: 4, 2: 3}
+    with pytest.raises(FileNotFoundError, match=r"no shards for split \['val', 'test'\]"):
+        make_loader(syn, ["val", "test"], 1, backend="webdataset")
+    with pytest.raises(ValueError, match="distinct"):
+        make_loader(d, ["train", "train"], 1, backend="webdataset")

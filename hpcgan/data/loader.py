@@ -129,17 +129,27 @@ def _as_dirs(shards) -> list[Path]:
 _INDEX_CACHE: dict[tuple, ShardIndex] = {}
 
 
-def load_index(shards, split: str) -> ShardIndex:
-    """Read manifests and .idx files of `split` in every dir; check they agree on classes and size.
+def as_splits(split: str | Sequence[str]) -> tuple[str, ...]:
+    """One split name or several (e.g. ["train", "val"] for a GAN that no classifier will be scored with)."""
+    splits = (split,) if isinstance(split, str) else tuple(split)
+    if not splits or len(set(splits)) != len(splits):
+        raise ValueError(f"split={split!r}: give a split name or a list of distinct names")
+    return splits
+
+
+def load_index(shards, split: str | Sequence[str]) -> ShardIndex:
+    """Read manifests and .idx files of `split` (one name or several) in every dir; check they agree on
+    classes and size. With several splits a dir contributes those it has (a synthetic set has only train),
+    in the order given; a dir with none of them is an error.
 
     Cached per process (training builds a loader every epoch): the key includes every tar's and
     index's size and mtime, so a rebuilt shard set is read again.
     """
-    dirs = _as_dirs(shards)
-    key = (split, *(_dir_state(d, split) for d in dirs))
+    dirs, splits = _as_dirs(shards), as_splits(split)
+    key = (splits, *(_dir_state(d, sp) for d in dirs for sp in splits))
     if key not in _INDEX_CACHE:
         _INDEX_CACHE.clear()  # keep one entry per process: the split in use
-        _INDEX_CACHE[key] = _load_index(dirs, split)
+        _INDEX_CACHE[key] = _load_index(dirs, splits)
     return _INDEX_CACHE[key]
 
 
@@ -157,7 +167,7 @@ def _stat(f: Path):
         return None
 
 
-def _load_index(dirs: list[Path], split: str) -> ShardIndex:
+def _load_index(dirs: list[Path], splits: tuple[str, ...]) -> ShardIndex:
     classes = image_size = None
     tars: list[Path] = []
     tar_of, offs, sizes, exts, label_locs = [], [], [], [], []
@@ -173,14 +183,7 @@ def _load_index(dirs: list[Path], split: str) -> ShardIndex:
         elif int(man["image_size"]) != image_size:
             raise ValueError(f"shard dirs disagree on image size: {first} is {image_size}px, {d} is "
                              f"{man['image_size']}px; shard both at the same size")
-        paths = shard_paths(d, split)
-        if not paths:
-            have = sorted({p.name.split("-")[0] for p in d.glob("*-[0-9]*.tar")})
-            raise FileNotFoundError(f"{d}: no shards for split {split!r} (found splits: {have or 'none'})")
-        listed = {s["name"]: s.get("count") for s in (man.get("shards") or {}).get(split, [])}
-        if listed and sorted(listed) != [p.name for p in paths]:
-            raise ValueError(f"{d}: manifest lists {split} shards {sorted(listed)} but the directory has "
-                             f"{[p.name for p in paths]}; the shard set is incomplete or mixed, rebuild it")
+        paths, listed = _split_tars(d, man, splits)
         for tar in paths:
             idx = tar.with_suffix(".idx")
             if not idx.is_file():
@@ -207,6 +210,24 @@ def _load_index(dirs: list[Path], split: str) -> ShardIndex:
         raise ValueError(f"{int(bad.sum())} samples have labels outside 0..{len(classes) - 1}")
     return ShardIndex(tars, np.asarray(tar_of, np.int32), np.asarray(offs, np.int64),
                       np.asarray(sizes, np.int64), exts, labels, classes, image_size)
+
+
+def _split_tars(d: Path, man: dict, splits: tuple[str, ...]) -> tuple[list[Path], dict]:
+    """The tars of the wanted splits in `d` (checked against its manifest) and their listed counts."""
+    paths, listed = [], {}
+    for split in splits:
+        found = shard_paths(d, split)
+        names = {s["name"]: s.get("count") for s in (man.get("shards") or {}).get(split, [])}
+        if names and sorted(names) != [p.name for p in found]:
+            raise ValueError(f"{d}: manifest lists {split} shards {sorted(names)} but the directory has "
+                             f"{[p.name for p in found]}; the shard set is incomplete or mixed, rebuild it")
+        paths += found
+        listed.update(names)
+    if not paths:
+        have = sorted({p.name.split("-")[0] for p in d.glob("*-[0-9]*.tar")})
+        wanted = splits[0] if len(splits) == 1 else list(splits)
+        raise FileNotFoundError(f"{d}: no shards for split {wanted!r} (found splits: {have or 'none'})")
+    return paths, listed
 
 
 def _read_labels(tars: list[Path], tar_of: np.ndarray, locs: np.ndarray) -> np.ndarray:
@@ -362,12 +383,13 @@ class ShardLoader:
                 f"rank={self.rank}/{self.world_size})")
 
 
-def make_loader(shards: str | os.PathLike | Sequence[str | os.PathLike], split: str, batch_size: int,
+def make_loader(shards: str | os.PathLike | Sequence[str | os.PathLike], split: str | Sequence[str], batch_size: int,
                 rank: int = 0, world_size: int = 1, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
                 flip: bool = False, balance_classes: bool = False, backend: str = "auto",
                 device: str = "auto", num_threads: int | None = None, skip_batches: int = 0,
                 dali_source: str = "index") -> ShardLoader:
-    """One epoch of `split` for `rank` of `world_size` (see the module docstring for the exact semantics).
+    """One epoch of `split` (a name, or several read as one: ["train", "val"]) for `rank` of `world_size`
+    (see the module docstring for the exact semantics).
 
     dali_source: "index" (default; exact plan, skip without decode, balance_classes) or "reader"
     (fn.readers.webdataset; order decided by DALI, see dali_pipeline.py).
