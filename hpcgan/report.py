@@ -1,0 +1,318 @@
+"""Results rows -> the paper's tables (CSV and Markdown) and figures.
+
+    python tools/report.py studies/paper            # or any folder holding runs with results.jsonl files
+
+Reads every `results.jsonl` below the folder (the rows hpcgan.evaluate and the classifier stage append;
+hpcgan/results.py) and nothing else. A row appended again by a re-run replaces the earlier one with the same
+key (run, stage, metric, class, extractor, weights, steps, tag, split): the last one counts. Writes to
+`<folder>/report/` (or `out=`):
+
+  results.csv           the tidy table: one row per run x metric (x class), with the config columns
+  table3_<ext>_<px>.csv/.md   per GAN model: IS, FID, LPIPS, P, R, F1 (+ KID, intra-FID, density, coverage,
+                        class accuracy, memorisation) - the paper's Table 3
+  table4_<ext>_<px>.csv/.md   per GAN model: l1, l2, PSNR, SSIM (nearest same-class real image) - Table 4
+  table5_<px>.csv/.md   per classifier architecture x data regime: accuracy, macro P/R/F1 - Table 5
+  table6_<px>.csv/.md   per class (for each architecture x regime): accuracy, specificity, sensitivity - Table 6
+  sources.csv           for every table cell, the run directories its number comes from
+  fig_ac_accuracy.png   the auxiliary classifier's accuracy on real and generated images against the step, a
+                        line per GAN run (the paper's Figs. 7-8), from the runs' log.csv
+  fig_samples.png       the newest sample grid of every GAN run, side by side
+  fig_per_class_<px>.png  per-class sensitivity of every architecture x regime (bars)
+Each number is "mean ± std (n)" over seeds in Markdown and three columns (mean, std, n) in CSV. Numbers from
+different feature extractors or image sizes are never averaged together (a table per extractor and size);
+a run that is missing shows as missing ("–" / empty), never as zero.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hpcgan.fsutil import atomic_write_bytes
+from hpcgan.results import read_rows
+from hpcgan.settings import MISSING
+
+logger = logging.getLogger("hpcgan.report")
+
+# the paper's columns first, then what a GAN researcher now also expects
+TABLE3 = ("is", "fid", "lpips", "precision", "recall", "f1", "kid", "intra_fid", "density", "coverage",
+          "class_accuracy", "memorisation")
+TABLE4 = ("l1", "l2", "psnr", "ssim")
+TABLE5 = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "balanced_accuracy")
+TABLE6 = ("accuracy", "specificity", "sensitivity")
+KEY = ("run_dir", "stage", "metric", "class", "extractor", "weights", "steps", "tag", "real_split")
+CONFIG = ("stage", "model", "arch", "regime", "seed", "steps", "image_size", "extractor", "extractor_sha256",
+          "weights", "tag", "manifest_sha256", "real_split", "run_dir")
+
+
+@dataclass
+class ReportSettings:
+    study: str = MISSING        # a folder: every results.jsonl below it is read
+    out: str | None = None      # default <study>/report
+    figures: bool = True
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+
+def load_rows(folder: str | Path) -> pd.DataFrame:
+    """Every row of every results.jsonl below `folder`, de-duplicated (the last appended row of a key wins)."""
+    files = sorted(Path(folder).rglob("results.jsonl"))
+    rows = [dict(r, _file=str(f), _order=i) for f in files for i, r in enumerate(read_rows(f))]
+    if not rows:
+        return pd.DataFrame(columns=[*KEY, "value"])
+    df = pd.DataFrame(rows)
+    for col in (*KEY, *CONFIG, "value", "skipped", "source"):
+        if col not in df:
+            df[col] = None
+    df["regime"] = df["regime"].map(_regime_name)
+    key = df[list(KEY)].astype(object).map(str).agg("|".join, axis=1)
+    df = df.assign(_key=key).drop_duplicates("_key", keep="last").drop(columns=["_key", "_order"])
+    df["value"] = pd.to_numeric(df["value"], errors="coerce")
+    for col in ("seed", "steps", "image_size"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
+    return df.reset_index(drop=True)
+
+
+def _regime_name(regime) -> str | None:
+    """A classifier's regime is a name; a GAN's training regime a dict (balance, diffaug, split): one string."""
+    if regime is None or isinstance(regime, str):
+        return regime
+    if isinstance(regime, dict):
+        return ",".join(f"{k}={v}" for k, v in sorted(regime.items()) if v not in (None, False, [], "")) or "default"
+    return str(regime)
+
+
+def tidy(df: pd.DataFrame) -> pd.DataFrame:
+    cols = [c for c in (*CONFIG, "metric", "class", "value", "skipped", "n_real", "n_fake", "n_train", "n_test")
+            if c in df]
+    return df[cols].sort_values([c for c in ("stage", "model", "arch", "regime", "seed", "metric", "class")
+                                 if c in df], na_position="first", kind="stable")
+
+
+# ---- aggregating ------------------------------------------------------------------------------------
+
+def summarise(df: pd.DataFrame, by: list[str], metrics: tuple[str, ...]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(mean/std/n per `by` group and metric, wide; the run directories behind each cell, long).
+    std is over seeds (ddof 1; empty for a single seed); n counts the finite values."""
+    df = df[df["metric"].isin(metrics)].copy()
+    if df.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    df[by] = df[by].astype(object).where(df[by].notna(), "–")  # a missing grouping value is a group of its own
+    g = df.groupby([*by, "metric"])
+    stats = g["value"].agg(mean="mean", std="std", n="count").unstack("metric")
+    cols = [(stat, m) for m in metrics if m in set(df["metric"]) for stat in ("mean", "std", "n")]
+    wide = stats.reindex(columns=pd.MultiIndex.from_tuples(cols))
+    wide.columns = [f"{m}_{stat}" for stat, m in cols]
+    sources = g["run_dir"].agg(lambda s: ";".join(sorted({str(x) for x in s}))).reset_index(name="run_dirs")
+    return wide.reset_index(), sources
+
+
+def markdown(wide: pd.DataFrame, by: list[str], metrics: tuple[str, ...]) -> str:
+    """'mean ± std (n)' cells; '–' where a number is missing."""
+    shown = pd.DataFrame({c: wide[c] for c in by})
+    for m in metrics:
+        if f"{m}_mean" in wide:
+            shown[m] = [_cell(a, b, n) for a, b, n in zip(wide[f"{m}_mean"], wide[f"{m}_std"], wide[f"{m}_n"])]
+    return shown.to_markdown(index=False)
+
+
+def _cell(mean, std, n) -> str:
+    if n is None or not np.isfinite(n) or n == 0 or not np.isfinite(mean):
+        return "–"
+    if n > 1 and np.isfinite(std):
+        return f"{mean:.4g} ± {std:.2g} ({int(n)})"
+    return f"{mean:.4g} ({int(n)})"
+
+
+# ---- the tables -------------------------------------------------------------------------------------
+
+def gan_tables(df: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, pd.DataFrame, list[str], tuple]]:
+    """Tables 3 and 4, one per (extractor, image size): name -> (wide, sources, by, metrics)."""
+    ev = df[(df["stage"] == "evaluate") & df["class"].isna()]
+    out = {}
+    for (ext, size), part in ev.groupby(["extractor", "image_size"], dropna=False):
+        by = ["model", "weights", "tag"] + (["steps"] if part["steps"].nunique() > 1 else [])
+        for name, metrics in (("table3", TABLE3), ("table4", TABLE4)):
+            # pixel metrics (Table 4) do not depend on the extractor: they carry the evaluation's anyway
+            wide, sources = summarise(part, by, metrics)
+            if not wide.empty:
+                out[f"{name}_{ext}_{_px(size)}"] = (wide, sources, by, metrics)
+    return out
+
+
+def classifier_tables(df: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, pd.DataFrame, list[str], tuple]]:
+    """Tables 5 (whole test set) and 6 (per class), one per image size."""
+    cl = df[df["stage"] == "classify"]
+    out = {}
+    for size, part in cl.groupby("image_size", dropna=False):
+        wide, sources = summarise(part[part["class"].isna()], ["arch", "regime"], TABLE5)
+        if not wide.empty:
+            out[f"table5_{_px(size)}"] = (wide, sources, ["arch", "regime"], TABLE5)
+        per = part[part["class"].notna()]
+        wide, sources = summarise(per, ["arch", "regime", "class"], TABLE6)
+        if not wide.empty:
+            out[f"table6_{_px(size)}"] = (wide, sources, ["arch", "regime", "class"], TABLE6)
+    return out
+
+
+def _px(size) -> str:
+    return f"{int(size)}px" if size is not None and np.isfinite(float(size)) else "unknown"
+
+
+# ---- figures ----------------------------------------------------------------------------------------
+
+def gan_runs(df: pd.DataFrame) -> list[Path]:
+    """GAN run directories the rows name (evaluations of a generator)."""
+    ev = df[(df["stage"] == "evaluate") & (df["source"] == "generator") & (df["weights"] != "init")]
+    return sorted({Path(r) for r in ev["run_dir"].dropna()})
+
+
+def fig_ac_accuracy(runs: list[Path], path: Path) -> Path | None:
+    """The auxiliary classifier's accuracy on real and generated images against the step (Figs. 7-8)."""
+    from matplotlib.figure import Figure
+
+    from hpcgan.viz import read_columns
+    curves = [(r, read_columns(r / "log.csv")) for r in runs]
+    curves = [(r, c) for r, c in curves if c.get("ac_acc_real")]
+    if not curves:
+        return None
+    fig = Figure(figsize=(9, 3.2))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, col, title in zip(axes, ("ac_acc_real", "ac_acc_fake"), ("real images", "generated images")):
+        for run, c in curves:
+            if c.get(col):
+                xs, ys = zip(*c[col])
+                ax.plot(xs, ys, lw=1.2, label=run.name)
+        ax.set_title(f"auxiliary classifier accuracy: {title}", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def fig_samples(runs: list[Path], path: Path) -> Path | None:
+    """The newest sample grid of every GAN run, side by side, each titled with its run name."""
+    from PIL import Image
+
+    from hpcgan.viz import save_png
+    grids = [(r, sorted((r / "samples").glob("step-*.png"))) for r in runs]
+    grids = [(r, g[-1]) for r, g in grids if g]
+    if not grids:
+        return None
+    from PIL import ImageDraw
+    ims = [Image.open(p).convert("RGB") for _, p in grids]
+    labels = [f"{run.name} ({grid.stem})" for run, grid in grids]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widths = [max(im.width, int(measure.textlength(t)) + 4) for im, t in zip(ims, labels)]
+    canvas = Image.new("RGB", (sum(widths) + 8 * len(ims), max(i.height for i in ims) + 16), (255, 255, 255))
+    draw, x = ImageDraw.Draw(canvas), 0
+    for im, label, w in zip(ims, labels, widths):
+        canvas.paste(im, (x, 16))
+        draw.text((x + 2, 2), label, fill=(20, 20, 20))
+        x += w + 8
+    return save_png(canvas, path)
+
+
+def fig_per_class(wide: pd.DataFrame, path: Path, metric: str = "sensitivity") -> Path | None:
+    """Bars of a per-class metric (Table 6) for every architecture x regime."""
+    from matplotlib.figure import Figure
+    col = f"{metric}_mean"
+    if wide.empty or col not in wide:
+        return None
+    classes = list(dict.fromkeys(wide["class"]))
+    groups = list(dict.fromkeys(zip(wide["arch"], wide["regime"])))
+    fig = Figure(figsize=(max(6, 0.6 * len(classes) * max(1, len(groups)) ** 0.5), 3.5))
+    ax = fig.subplots()
+    width = 0.8 / len(groups)
+    for k, (arch, regime) in enumerate(groups):
+        part = wide[(wide["arch"] == arch) & (wide["regime"] == regime)].set_index("class")
+        ys = [part[col].get(c, np.nan) for c in classes]
+        ax.bar(np.arange(len(classes)) + k * width, ys, width, label=f"{arch} / {regime}")
+    ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel(metric, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+# ---- the report -------------------------------------------------------------------------------------
+
+def report(study: str | Path, out: str | Path | None = None, figures: bool = True) -> dict[str, Path]:
+    """Write the tables and figures of every results row below `study`; returns name -> path."""
+    study = Path(study)
+    if not study.is_dir():
+        raise FileNotFoundError(f"{study} is not a folder")
+    out = Path(out) if out else study / "report"
+    df = load_rows(study)
+    if df.empty:
+        raise ValueError(f"no results rows below {study} (results.jsonl files, written by tools/evaluate.py "
+                         "and tools/classify.py)")
+    written = {"results": _csv(tidy(df), out / "results.csv")}
+    sources = []
+    tables = {**gan_tables(df), **classifier_tables(df)}
+    for name, (wide, src, by, metrics) in tables.items():
+        written[name] = _csv(wide, out / f"{name}.csv")
+        atomic_write_bytes(out / f"{name}.md", (markdown(wide, by, metrics) + "\n").encode())
+        sources.append(src.assign(table=name))
+    if sources:
+        written["sources"] = _csv(pd.concat(sources, ignore_index=True), out / "sources.csv")
+    if figures:
+        runs = gan_runs(df)
+        for name, path in (("fig_ac_accuracy", fig_ac_accuracy(runs, out / "fig_ac_accuracy.png")),
+                           ("fig_samples", fig_samples(runs, out / "fig_samples.png"))):
+            if path is not None:
+                written[name] = path
+        for name, (wide, *_rest) in tables.items():
+            if name.startswith("table6_"):
+                path = fig_per_class(wide, out / f"fig_per_class_{name.split('_', 1)[1]}.png")
+                if path is not None:
+                    written[f"fig_per_class_{name.split('_', 1)[1]}"] = path
+    atomic_write_bytes(out / "index.json", (json.dumps({k: str(v) for k, v in written.items()}, indent=1)
+                                            + "\n").encode())
+    return written
+
+
+def _csv(df: pd.DataFrame, path: Path) -> Path:
+    atomic_write_bytes(path, df.to_csv(index=False).encode())
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    from hydra import compose, initialize_config_dir
+
+    from hpcgan import CONFIG_DIR
+    from hpcgan.settings import SettingsError, parse
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = list(sys.argv[1:] if argv is None else argv)
+    args = [f"study={a}" if "=" not in a else a for a in args]  # `report.py DIR` works too
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose("report", overrides=args)
+    try:
+        s = parse(ReportSettings, cfg)
+        written = report(s.study, s.out, s.figures)
+    except (SettingsError, FileNotFoundError, ValueError) as e:
+        print(f"report: error: {e}", file=sys.stderr)
+        return 2
+    for name, path in written.items():
+        print(f"{name:<24}{path}")
+    for name in sorted(written):
+        if name.startswith("table") and (Path(written[name]).with_suffix(".md")).is_file():
+            print(f"\n{name}\n" + Path(written[name]).with_suffix(".md").read_text())
+    return 0

@@ -1,0 +1,99 @@
+"""hpcgan.report / tools/report.py: results rows -> the paper's tables, numbers checked by hand."""
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from hpcgan import REPO_ROOT
+from hpcgan.report import load_rows, report
+from hpcgan.results import append_rows
+
+
+def ev(run, model, seed, metric, value, extractor="cell", size=32, cls=None, **kw):
+    return {"stage": "evaluate", "run_dir": run, "source": "generator", "model": model, "seed": seed,
+            "steps": 100, "weights": "raw", "tag": None, "image_size": size, "extractor": extractor,
+            "extractor_sha256": extractor * 8, "real_split": "train", "metric": metric, "class": cls,
+            "value": value, **kw}
+
+
+def cl(run, arch, regime, seed, metric, value, cls=None):
+    return {"stage": "classify", "run_dir": run, "arch": arch, "regime": regime, "seed": seed, "image_size": 32,
+            "metric": metric, "class": cls, "value": value}
+
+
+@pytest.fixture
+def study(tmp_path):
+    s = tmp_path / "study"
+    for seed, fid in ((0, 10.0), (1, 14.0), (2, 12.0)):
+        run = str(s / f"gan/a-s{seed}")
+        append_rows(s / f"gan/a-s{seed}/eval/results.jsonl",
+                    [ev(run, "acgan", seed, "fid", fid), ev(run, "acgan", seed, "precision", 0.5 + 0.1 * seed),
+                     ev(run, "acgan", seed, "fid", 99.0, extractor="inception"),  # another extractor: own table
+                     ev(run, "acgan", seed, "psnr", 20.0 + seed)])
+    run = str(s / "gan/b-s0")
+    append_rows(s / "gan/b-s0/eval/results.jsonl",
+                [ev(run, "cgan", 0, "fid", 50.0), ev(run, "cgan", 0, "precision", None, skipped="why"),
+                 ev(run, "cgan", 0, "fid", 30.0)])  # appended again by a re-run: the last one counts
+    rows = []
+    for seed in (0, 1):
+        run = str(s / f"cls/small-orig-s{seed}")
+        rows += [cl(run, "small_cnn", "original", seed, "accuracy", 0.8 + 0.1 * seed),
+                 cl(run, "small_cnn", "original", seed, "sensitivity", 0.5, cls="basophil"),
+                 cl(run, "small_cnn", "original", seed, "specificity", 0.9, cls="basophil")]
+    append_rows(s / "cls/results.jsonl", rows)
+    return s
+
+
+def test_mean_std_and_count_over_seeds(study):
+    written = report(study, figures=False)
+    t3 = pd.read_csv(written["table3_cell_32px"]).set_index("model")
+    assert t3.loc["acgan", "fid_mean"] == pytest.approx(12.0) and t3.loc["acgan", "fid_std"] == pytest.approx(2.0)
+    assert t3.loc["acgan", "fid_n"] == 3
+    assert t3.loc["cgan", "fid_mean"] == 30.0 and t3.loc["cgan", "fid_n"] == 1  # re-run replaced, not averaged
+    assert pd.isna(t3.loc["cgan", "precision_mean"]) and t3.loc["cgan", "precision_n"] == 0  # missing, not 0
+    md = (study / "report" / "table3_cell_32px.md").read_text()
+    assert "12 ± 2 (3)" in md and "–" in md
+    # the inception numbers never enter the cell table
+    t3i = pd.read_csv(written["table3_inception_32px"]).set_index("model")
+    assert t3i.loc["acgan", "fid_mean"] == 99.0
+    t4 = pd.read_csv(written["table4_cell_32px"]).set_index("model")
+    assert t4.loc["acgan", "psnr_mean"] == pytest.approx(21.0)
+    t5 = pd.read_csv(written["table5_32px"])
+    assert t5.loc[0, "accuracy_mean"] == pytest.approx(0.85) and t5.loc[0, "accuracy_n"] == 2
+    t6 = pd.read_csv(written["table6_32px"])
+    assert t6.loc[0, "class"] == "basophil" and t6.loc[0, "sensitivity_mean"] == 0.5
+
+
+def test_every_cell_names_its_runs(study):
+    written = report(study, figures=False)
+    src = pd.read_csv(written["sources"])
+    cell = src[(src["table"] == "table3_cell_32px") & (src["model"] == "acgan") & (src["metric"] == "fid")]
+    assert cell["run_dirs"].item().split(";") == sorted(str(study / f"gan/a-s{s}") for s in range(3))
+    tidy = pd.read_csv(written["results"])
+    assert len(tidy) == len(load_rows(study)) == 12 + 2 + 6
+
+
+def test_cli_prints_tables_and_refuses_an_empty_folder(study, tmp_path):
+    r = subprocess.run([sys.executable, "tools/report.py", str(study), "figures=false"], cwd=REPO_ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "table3_cell_32px" in r.stdout and "12 ± 2 (3)" in r.stdout
+    (tmp_path / "empty").mkdir()
+    r = subprocess.run([sys.executable, "tools/report.py", str(tmp_path / "empty")], cwd=REPO_ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no results rows" in r.stderr
+
+
+def test_figures_from_the_runs_logs_and_samples(study):
+    from PIL import Image
+    run = study / "gan" / "a-s0"
+    (run / "samples").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 0, 0)).save(run / "samples" / "step-00000100.png")
+    (run / "log.csv").write_text("step,ac_acc_real,ac_acc_fake\n50,0.2,0.5\n100,0.4,0.9\n")
+    written = report(study)
+    for name in ("fig_ac_accuracy", "fig_samples", "fig_per_class_32px"):
+        im = Image.open(written[name])
+        assert im.width > 100 and im.height > 30, name
+    side = Image.open(written["fig_samples"]).convert("RGB")
+    assert side.getpixel((10, 30)) == (200, 0, 0)  # the run's newest grid is in it
