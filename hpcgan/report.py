@@ -301,9 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     from hpcgan.settings import SettingsError, parse
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
-    args = [f"study={a}" if "=" not in a else a for a in args]  # `report.py DIR` works too
+    # `report.py DIR` or study=DIR: taken out before Hydra, whose `study` is the sweep's config group
+    study = [a.split("=", 1)[1] if "=" in a else a for a in args if "=" not in a or a.startswith("study=")]
+    args = [a for a in args if "=" in a and not a.startswith("study=")]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = compose("report", overrides=args)
+    if study:
+        cfg.study = study[-1]
     try:
         s = parse(ReportSettings, cfg)
         written = report(s.study, s.out, s.figures)
