@@ -5,6 +5,9 @@ A checkpoint is a plain dict (see the shared brief, "Checkpoint"):
 saved as `run_dir/checkpoints/step-NNNNNNNN.pt`. Saving is atomic (temp file + fsync + rename), so a
 kill mid-save leaves the previous checkpoints untouched; `load_latest` still guards against a newest
 file that is corrupt or truncated (disk full, copied half-way) by falling back to the one before it.
+
+Other runs (a classifier: hpcgan.classify) use the same files and guarantees with their own keys: they pass
+`required=` to save_checkpoint and load_latest (a GAN reader then skips such a checkpoint as lacking keys).
 """
 from __future__ import annotations
 
@@ -45,13 +48,15 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(run_dir: str | Path, state: dict, keep_last: int = 3) -> Path:
+def save_checkpoint(run_dir: str | Path, state: dict, keep_last: int = 3, *,
+                    required: tuple[str, ...] = REQUIRED_KEYS) -> Path:
     """Write `state` atomically as checkpoints/step-NNNNNNNN.pt and prune all but the newest `keep_last`
     up to and including it (newer, unreadable files are left alone).
 
-    Call it on rank 0 only. `keep_last <= 0` keeps everything.
+    Call it on rank 0 only. `keep_last <= 0` keeps everything. `required`: the keys `state` must have (the
+    GAN checkpoint's by default; "step" is always needed, it names the file).
     """
-    missing = [k for k in REQUIRED_KEYS if k not in state]
+    missing = [k for k in dict.fromkeys(("step", *required)) if k not in state]
     if missing:
         raise ValueError(f"checkpoint state is missing keys {missing}")
     path = checkpoint_path(run_dir, int(state["step"]))
@@ -73,8 +78,10 @@ def _warn_loudly(msg: str) -> None:
     print(f"WARNING: {msg}", file=sys.stderr, flush=True)
 
 
-def load_latest(run_dir: str | Path, map_location="cpu") -> tuple[dict | None, Path | None]:
-    """(state, path) of the newest checkpoint that loads and has every expected key, else (None, None).
+def load_latest(run_dir: str | Path, map_location="cpu", *,
+                required: tuple[str, ...] = REQUIRED_KEYS) -> tuple[dict | None, Path | None]:
+    """(state, path) of the newest checkpoint that loads and has every key of `required` (default: the GAN
+    checkpoint's), else (None, None).
 
     Loads with weights_only=True: a checkpoint is data, never code. Unreadable newer files are skipped
     with a loud warning (they are kept on disk for inspection, not deleted).
@@ -87,7 +94,7 @@ def load_latest(run_dir: str | Path, map_location="cpu") -> tuple[dict | None, P
             _warn_loudly(f"checkpoint {path} is unreadable ({type(e).__name__}: {first}); "
                          f"falling back to an older one")
             continue
-        missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
+        missing = [k for k in required if not isinstance(state, dict) or k not in state]
         if missing:
             _warn_loudly(f"checkpoint {path} lacks keys {missing}; falling back to an older one")
             continue

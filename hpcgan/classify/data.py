@@ -1,0 +1,168 @@
+"""What a classifier trains on (one index over real and synthetic shards) and the splits it is judged on.
+
+Training set of a regime (hpcgan.classify.regimes):
+  real part       the real shard set's `train` split, whole, or with the scarce cut (hpcgan.classify.scarce:
+                  named classes reduced to N images) when `scarce` is given
+  synthetic part  from a synthetic shard set's `train` split, the first n images of each class in generation
+                  order (tools/generate.py draws each class from its own stream, so the first n are exactly
+                  what `per_class=n` would have written: the choice does not depend on the classifier seed):
+                    original+synthetic  n_c = (largest real class) - (real images of c): real topped up to
+                                        balance; a synthetic set with fewer is an error naming the fix
+                    synthetic           n = synthetic_per_class, default the smallest class of the set: every
+                                        class equally; a class with none is an error
+The result is one ShardIndex (hpcgan.data.loader) over the chosen samples, read with the loader's own epoch
+plan (seeded by seed, epoch, rank; resumable mid-epoch with skip_batches; DALI or webdataset).
+The `val` split selects the model; the `test` split is decoded only for the final score (`decode_split`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hpcgan.classify.regimes import Regime
+from hpcgan.data.loader import (ShardIndex, ShardLoader, default_threads, epoch_plan, load_index, resolve_backend,
+                                resolve_device)
+from hpcgan.data.shards import MANIFEST, read_manifest, sha256_file
+
+TRAIN_SPLIT = "train"
+
+
+class DataError(ValueError):
+    """The shards cannot make this regime's training set; the message says what to do."""
+
+
+@dataclass
+class TrainingSet:
+    index: ShardIndex
+    classes: list[str]
+    image_size: int
+    counts: dict[str, dict[str, int]]    # {"real": {class: n}, "synthetic": {class: n}}
+    balanced_sampling: bool
+    scarce: dict = field(default_factory=dict)   # the cut record (hpcgan.classify.scarce), {} without a cut
+
+    @property
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.index.labels, minlength=len(self.classes))
+
+    def describe(self) -> dict:
+        """Images per class and source (the cut's content hashes go to their own file: scarce_record)."""
+        cut = {c: {k: v for k, v in r.items() if k != "sha256"} for c, r in self.scarce.get("classes", {}).items()}
+        return {"counts": self.counts, "n_train": len(self.index), "balanced_sampling": self.balanced_sampling,
+                "per_class": dict(zip(self.classes, self.class_counts.tolist())),
+                "scarce": {"seed": self.scarce["seed"], "classes": cut} if self.scarce else None}
+
+
+def manifest_sha256(shards: str | Path) -> str:
+    return sha256_file(Path(shards) / MANIFEST)
+
+
+def subset(index: ShardIndex, keep: np.ndarray) -> ShardIndex:
+    """The samples `keep` (positions, in this order) of an index."""
+    keep = np.asarray(keep, np.int64)
+    return ShardIndex(index.tars, index.tar_of[keep], index.offset[keep], index.size[keep],
+                      [index.ext[i] for i in keep], index.labels[keep], index.classes, index.image_size)
+
+
+def concat(a: ShardIndex, b: ShardIndex) -> ShardIndex:
+    if a.classes != b.classes or a.image_size != b.image_size:
+        raise DataError(f"shard sets disagree: classes {a.classes} / {b.classes}, size {a.image_size} / "
+                        f"{b.image_size}; use a synthetic set generated for these real shards")
+    return ShardIndex(a.tars + b.tars, np.concatenate([a.tar_of, b.tar_of + len(a.tars)]).astype(np.int32),
+                      np.concatenate([a.offset, b.offset]), np.concatenate([a.size, b.size]), a.ext + b.ext,
+                      np.concatenate([a.labels, b.labels]), a.classes, a.image_size)
+
+
+def first_per_class(labels: np.ndarray, wanted: dict[int, int]) -> np.ndarray:
+    """Positions of the first wanted[c] samples of each class c (file order = generation order)."""
+    return np.sort(np.concatenate([np.nonzero(labels == c)[0][:n] for c, n in wanted.items()] or [np.zeros(0, int)]))
+
+
+def _counts(classes: list[str], labels: np.ndarray) -> dict[str, int]:
+    return dict(zip(classes, np.bincount(labels, minlength=len(classes)).tolist()))
+
+
+def synthetic_wanted(regime: Regime, real_counts: np.ndarray, syn_counts: np.ndarray, classes: list[str],
+                     per_class: int | None) -> dict[int, int]:
+    """How many synthetic images of each class (label -> n) the regime takes."""
+    if regime.data == "real+synthetic":
+        target = int(real_counts.max())
+        need = {c: target - int(real_counts[c]) for c in range(len(classes))}
+        short = {classes[c]: f"{int(syn_counts[c])} < {n}" for c, n in need.items() if syn_counts[c] < n}
+        if short:
+            raise DataError(f"the synthetic set is too small to top every class up to {target} (the largest real "
+                            f"class): {short}; generate it with `tools/generate.py balance=max shards=REAL`")
+        return {c: n for c, n in need.items() if n > 0}
+    empty = [classes[c] for c in range(len(classes)) if syn_counts[c] == 0]
+    if empty:
+        raise DataError(f"regime {regime.name} trains on synthetic images of every class but the synthetic set has "
+                        f"none of {empty}; generate one with `tools/generate.py per_class=N` (balance=max leaves "
+                        "the largest class out)")
+    n = int(syn_counts.min()) if per_class is None else int(per_class)
+    if syn_counts.min() < n:
+        raise DataError(f"synthetic_per_class={n} but the synthetic set has only {int(syn_counts.min())} images of "
+                        f"some class; lower it or generate more")
+    return {c: n for c in range(len(classes))}
+
+
+def training_set(regime: Regime, shards: str | Path, synthetic: str | Path | None = None,
+                 synthetic_per_class: int | None = None, scarce: dict[str, int] | None = None,
+                 scarce_seed: int = 0) -> TrainingSet:
+    """The regime's training samples as one index (see the module docstring)."""
+    from hpcgan.classify.scarce import ScarceError, sample_hashes, scarce_keep
+    real = load_index(shards, TRAIN_SPLIT)
+    classes = list(real.classes)
+    cut = {}
+    if scarce:
+        try:
+            keep, cut = scarce_keep(real.labels, sample_hashes(shards, TRAIN_SPLIT), classes, scarce, scarce_seed)
+        except ScarceError as e:
+            raise DataError(str(e)) from None
+        real = subset(real, keep)
+    real_counts = np.bincount(real.labels, minlength=len(classes))
+    counts = {"real": _counts(classes, real.labels) if "real" in regime.data else {},
+              "synthetic": {}}
+    index = real if "real" in regime.data else None
+    if regime.reads_synthetic:
+        if synthetic is None:
+            raise DataError(f"regime {regime.name} needs synthetic=DIR (a synthetic shard set from tools/generate.py)")
+        syn = load_index(synthetic, TRAIN_SPLIT)
+        if list(syn.classes) != classes or syn.image_size != real.image_size:
+            raise DataError(f"synthetic set {synthetic} has classes {syn.classes} at {syn.image_size} px, the real "
+                            f"shards {classes} at {real.image_size} px: generate it for these shards")
+        syn_counts = np.bincount(syn.labels, minlength=len(classes))
+        chosen = subset(syn, first_per_class(syn.labels, synthetic_wanted(regime, real_counts, syn_counts, classes,
+                                                                          synthetic_per_class)))
+        counts["synthetic"] = _counts(classes, chosen.labels)
+        index = chosen if index is None else concat(index, chosen)
+    elif synthetic is not None:
+        raise DataError(f"regime {regime.name} does not read a synthetic set: drop synthetic=")
+    return TrainingSet(index, classes, int(real.image_size), counts, regime.balanced_sampling, cut)
+
+
+def epoch_loader(ts: TrainingSet, batch_size: int, rank: int, world_size: int, *, seed: int, epoch: int,
+                 skip_batches: int = 0, backend: str = "auto", device: str = "auto",
+                 num_threads: int | None = None) -> ShardLoader:
+    """One epoch of the training set, as make_loader would give it for a whole split (same plan, backends)."""
+    plan = epoch_plan(ts.index.labels, batch_size, rank, world_size, seed=seed, epoch=epoch, shuffle=True,
+                      flip=False, balance_classes=ts.balanced_sampling)
+    if not 0 <= skip_batches <= plan.epoch_batches:
+        raise ValueError(f"skip_batches={skip_batches} outside [0, {plan.epoch_batches}]")
+    return ShardLoader(ts.index, plan, split=TRAIN_SPLIT, batch_size=batch_size, rank=rank, world_size=world_size,
+                       seed=seed, epoch=epoch, shuffle=True, flip=False, balance_classes=ts.balanced_sampling,
+                       backend=resolve_backend(backend), device=resolve_device(device),
+                       num_threads=default_threads() if num_threads is None else int(num_threads),
+                       skip_batches=skip_batches, dali_source="index")
+
+
+def decode_split(shards: str | Path, split: str, device: torch.device, backend: str = "auto",
+                 num_threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole split decoded once through the loader: (uint8 [N, 3, S, S], int64 [N]) on `device`."""
+    from hpcgan.metrics.cell import CellTrainSettings, load_split
+    man = read_manifest(shards)
+    if not sum((man.get("counts") or {}).get(split, {}).values()):
+        raise DataError(f"{shards}: the {split} split is empty; the classifier selects on val and scores on test "
+                        "(shard with val_fraction > 0 and test_fraction > 0)")
+    return load_split(shards, split, CellTrainSettings(backend=backend, num_threads=num_threads), device)

@@ -1,0 +1,574 @@
+"""Train one classifier (architecture x data regime x seed) and score it on the real test split.
+
+    python tools/classify.py shards=REAL [synthetic=SYN] arch=small_cnn regime=original out=RUN_DIR
+    torchrun --standalone --nproc_per_node=N -m hpcgan.classify shards=... arch=resnet50 regime=aug2 out=...
+
+Settings: ClassifySettings (configs/classify.yaml documents the same defaults). The run reads top to bottom
+in ClassifierRun.run(): setup (regime, leakage guard, training set, val split), resume, loop, finish.
+
+Training: `steps` optimisation steps for every regime (one batch per rank each; AdamW, linear warm-up then
+cosine decay, a pure function of the step). All randomness of step s on rank r (augmentation, dropout) comes
+from the global torch RNG seeded by (seed, r, s), and the data order is the loader's plan of (seed, epoch,
+rank), so a run killed and resumed from a checkpoint ends with the same weights as an uninterrupted one.
+Model selection: the val split is scored every `eval_every` steps and at the end; the weights with the best
+val `select_on` (default macro-F1: with scarce classes, accuracy rewards ignoring them; the first step on a
+tie) are kept, in the checkpoint, and are the ones scored. The test split is decoded only after training.
+
+Run directory (hpcgan.rundir): config.yaml, status.json, log.csv, checkpoints/ (hpcgan.checkpoint, with the
+best weights inside), training_set.json (images per class and source, the synthetic set's provenance),
+scarce.json (with scarce=: the content hashes of the real images the cut kept),
+results.json + results.jsonl (hpcgan.results rows), confusion_matrix.csv/.png.
+
+Exit codes: 0 finished (or already), 1 failed, 2 bad input (settings, data, leakage guard: nothing trained),
+3 stopped by SIGTERM/SIGUSR2/SIGINT after a checkpoint (rerun to resume).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from hpcgan import dist
+from hpcgan.checkpoint import (capture_rng, checkpoint_path, list_checkpoints, load_latest, restore_rng,
+                               save_checkpoint)
+from hpcgan.classify.archs import build_classifier, get_arch, load_pretrained
+from hpcgan.classify.augment import RECIPES, augment_batch, build_recipe
+from hpcgan.classify.data import DataError, decode_split, epoch_loader, manifest_sha256, training_set
+from hpcgan.classify.metrics import confusion_csv, confusion_png, scores
+from hpcgan.classify.provenance import LeakageError, check_synthetic
+from hpcgan.classify.regimes import RegimeLoss, get_regime
+from hpcgan.data.loader import BACKENDS
+from hpcgan.fsutil import atomic_write_bytes
+from hpcgan.results import append_rows, number, write_result
+from hpcgan.rundir import LOG, CsvLog, read_json, read_status, write_config, write_json, write_status
+from hpcgan.settings import MISSING, SettingsError, check_choice, check_range, parse
+
+logger = logging.getLogger("hpcgan.classify")
+
+FORMAT = 1
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_SIGNAL = 0, 1, 2, 3
+PRECISIONS = ("auto", "fp32", "bf16")
+SELECT_ON = ("macro_f1", "accuracy")
+CKPT_KEYS = ("step", "epoch", "batch_in_epoch", "config", "model", "opt", "best", "rng", "meta")
+LOG_COLUMNS = ("step", "epoch", "time", "loss", "train_accuracy", "lr", "images_per_s", "bad_steps",
+               "val_accuracy", "val_macro_f1", "best_step")
+RESULT, RESULTS, TRAINING_SET, SCARCE = "results.json", "results.jsonl", "training_set.json", "scarce.json"
+# a checkpoint from other values of these cannot be continued (another model, data or schedule)
+MUST_MATCH = ("arch", "regime", "seed", "steps", "batch_size", "lr", "weight_decay", "warmup", "synthetic_per_class",
+              "logit_adjust_tau", "augment", "scarce", "scarce_seed", "classes", "image_size", "manifest_sha256",
+              "synthetic_manifest_sha256", "pretrained_sha256")
+
+
+@dataclass
+class ClassifySettings:
+    """What a classifier run takes; these defaults are the ones (configs/classify.yaml documents them)."""
+    shards: str = MISSING                   # the real shard set: train (training), val (selection), test (score)
+    out: str = MISSING                      # the run directory (re-running it resumes)
+    synthetic: str | None = None            # a synthetic shard set (tools/generate.py), for the synthetic regimes
+    arch: str = "small_cnn"                 # small_cnn | inception_v3 | resnet50 | vgg16 | vgg19 | xception | timm:NAME
+    regime: str = "original"                # see hpcgan.classify.regimes
+    seed: int = 0
+    steps: int = 2000                       # optimisation steps, the same for every regime
+    batch_size: int = 64                    # per rank
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: float = 0.05                    # share of the steps with a linear learning-rate warm-up
+    eval_every: int = 250                   # val scoring (and model selection) every N steps and at the end
+    select_on: str = "macro_f1"             # macro_f1 | accuracy (on val)
+    logit_adjust_tau: float = 1.0           # regime logit_adjust: tau of Menon et al. (2021)
+    synthetic_per_class: int | None = None  # regime synthetic: images per class (null: the set's smallest class)
+    scarce: dict[str, int] | None = None    # scarcity study: {class: N} cuts the real train split (classify.scarce)
+    scarce_seed: int | None = None          # which cut (null: seed); a GAN for it must use the same
+    augment: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: copy.deepcopy(RECIPES))
+    pretrained_file: str | None = None      # ImageNet weights staged as a file (never downloaded); null: from scratch
+    allow_unknown_provenance: bool = False  # accept a synthetic set whose GAN's training data cannot be checked
+    precision: str = "auto"                 # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16
+    device: str = "auto"
+    channels_last: bool = True
+    backend: str = "auto"                   # data loader: auto | dali | webdataset
+    num_threads: int | None = None
+    eval_batch_size: int = 256
+    log_every: int = 50
+    ckpt_every: int = 500
+    keep_last: int = 2
+    max_bad_steps: int = 20
+    results: str | None = None              # JSON-lines file the rows are appended to (default OUT/results.jsonl)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        try:
+            get_arch(self.arch)
+            regime = get_regime(self.regime)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
+        if regime.reads_synthetic and not self.synthetic:
+            raise SettingsError(f"regime={self.regime} trains on synthetic images: pass synthetic=DIR")
+        if not regime.reads_synthetic and self.synthetic:
+            raise SettingsError(f"regime={self.regime} does not read a synthetic set: drop synthetic=")
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("select_on", self.select_on, SELECT_ON)
+        check_choice("backend", self.backend, BACKENDS)
+        for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "log_every", "ckpt_every",
+                     "max_bad_steps"):
+            check_range(name, getattr(self, name), 1)
+        check_range("keep_last", self.keep_last, 0)
+        check_range("seed", self.seed, 0)
+        check_range("lr", self.lr, 0)
+        check_range("weight_decay", self.weight_decay, 0)
+        check_range("warmup", self.warmup, 0, 1)
+        check_range("logit_adjust_tau", self.logit_adjust_tau, 0)
+        if self.synthetic_per_class is not None:
+            check_range("synthetic_per_class", self.synthetic_per_class, 1)
+        if self.num_threads is not None:
+            check_range("num_threads", self.num_threads, 1)
+        for name, n in (self.scarce or {}).items():
+            check_range(f"scarce.{name}", n, 1)
+        if self.scarce_seed is not None:
+            check_range("scarce_seed", self.scarce_seed, 0)
+        if regime.augment and regime.augment not in self.augment:
+            raise SettingsError(f"regime={self.regime} needs augment.{regime.augment} (a recipe)")
+        for name, steps in self.augment.items():
+            try:
+                build_recipe(steps, 32)
+            except ValueError as e:
+                raise SettingsError(f"augment.{name}: {e}") from None
+
+
+# ---- small pieces ----------------------------------------------------------------------------------
+
+def lr_at(step: int, total: int, lr: float, warmup: float) -> float:
+    """Linear warm-up over the first warmup * total steps, then cosine decay to 0 at `total`."""
+    w = int(round(warmup * total))
+    if step < w:
+        return lr * (step + 1) / w
+    t = (step - w) / max(1, total - w)
+    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    from hpcgan.train import step_generator
+    return step_generator(seed, rank, step, torch.device("cpu")).initial_seed()
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.6g}"
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    from hpcgan.train import resolve_precision as gan_rule
+    return gan_rule(name, device)[0]
+
+
+@torch.no_grad()
+def confusion_on(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 env: dist.DistEnv, batch_size: int, autocast_dtype=None) -> np.ndarray:
+    """Confusion matrix of `model` on uint8 images; batches shared round robin by the ranks and summed."""
+    net = model.module if isinstance(model, DDP) else model
+    was = net.training
+    net.eval()
+    cm = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=env.device)
+    for b, start in enumerate(range(0, len(images), batch_size)):
+        if b % env.world_size != env.rank:
+            continue
+        x = images[start:start + batch_size].to(env.device).float().sub_(127.5).div_(127.5)
+        y = labels[start:start + batch_size].to(env.device)
+        with torch.autocast(env.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            pred = net(x).argmax(1)
+        cm += torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes)
+    if env.distributed:
+        torch.distributed.all_reduce(cm)
+    net.train(was)
+    return cm.reshape(num_classes, num_classes).cpu().numpy()
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+class ClassifierRun:
+    """One run in its run directory: rank 0 writes the files, every rank trains and scores its share."""
+
+    def __init__(self, settings: ClassifySettings, env: dist.DistEnv):
+        self.s, self.env = settings, env
+        self.stop_flag = dist.StopFlag()
+        self.run_dir = Path(settings.out).resolve()
+        self.model = self.pbar = self.log = self.batches = None
+        self.best: dict = {"step": -1, "score": -1.0, "val": None, "model": None}
+
+    def run(self) -> int:
+        self.setup()
+        ckpt = self.newest_checkpoint()
+        if self.step >= self.total and read_json(self.run_dir / RESULT) is not None:
+            return self.already_finished()
+        self.build(ckpt)
+        del ckpt
+        self.open_outputs()
+        if self.step < self.total and self.loop():
+            return self.interrupted()
+        self.finish()
+        return EXIT_OK
+
+    # ---- setup: what this run is, before any work
+    def setup(self) -> None:
+        s, env = self.s, self.env
+        self.regime, self.arch = get_regime(s.regime), get_arch(s.arch)
+        self.autocast = resolve_precision(s.precision, env.device)
+        self.scarce_seed = s.seed if s.scarce_seed is None else s.scarce_seed
+        self.provenance = (check_synthetic(s.shards, s.synthetic, s.allow_unknown_provenance, s.scarce,
+                                           self.scarce_seed) if self.regime.reads_synthetic else None)
+        self.data = training_set(self.regime, s.shards, s.synthetic, s.synthetic_per_class, s.scarce,
+                                 self.scarce_seed)
+        self.classes, self.image_size = self.data.classes, self.data.image_size
+        try:
+            self.epoch_batches = self.loader(0).epoch_batches
+        except ValueError as e:  # e.g. a batch larger than the training set
+            raise DataError(f"regime {s.regime}: {e}") from None
+        self.total = s.steps
+        self.aug = (build_recipe(s.augment[self.regime.augment], self.image_size) if self.regime.augment else None)
+        self.loss_fn = RegimeLoss(self.regime, self.data.class_counts, s.logit_adjust_tau, env.device)
+        sha = manifest_sha256(s.shards)
+        syn_sha = manifest_sha256(s.synthetic) if s.synthetic else None
+        pre_sha = None
+        if s.pretrained_file:
+            from hpcgan.data.shards import sha256_file
+            pre_sha = sha256_file(Path(s.pretrained_file).expanduser())
+        self.run_config = {**asdict(s), "shards": str(Path(s.shards).resolve()), "out": str(self.run_dir),
+                           "synthetic": str(Path(s.synthetic).resolve()) if s.synthetic else None,
+                           "classes": self.classes, "image_size": self.image_size, "world_size": env.world_size,
+                           "manifest_sha256": sha, "synthetic_manifest_sha256": syn_sha, "pretrained_sha256": pre_sha,
+                           "timm": self.arch.timm, "training_set": self.data.describe(),
+                           "scarce_seed": self.scarce_seed if s.scarce else None}
+        self.data_order = {"world_size": env.world_size}
+        self.status_fields = {"steps": self.total, "arch": s.arch, "regime": s.regime, "seed": s.seed,
+                              "world_size": env.world_size}
+
+    def loader(self, epoch: int, skip: int = 0):
+        s, env = self.s, self.env
+        return epoch_loader(self.data, s.batch_size, env.rank, env.world_size, seed=s.seed, epoch=epoch,
+                            skip_batches=skip, backend=s.backend, device=env.device.type, num_threads=s.num_threads)
+
+    def newest_checkpoint(self) -> dict | None:
+        ckpt, path = load_latest(self.run_dir, map_location="cpu", required=CKPT_KEYS)
+        if ckpt is None and list_checkpoints(self.run_dir):
+            raise RuntimeError(f"{self.run_dir / 'checkpoints'} has checkpoints but none is a classifier checkpoint "
+                               "that loads (see the warnings); move them away or use a new out=")
+        self.step = int(ckpt["step"]) if ckpt else 0
+        agreed = dist.all_reduce_max(self.env, torch.tensor([float(self.step), -float(self.step)],
+                                                            device=self.env.device)).tolist()
+        if agreed[0] != -agreed[1]:
+            raise RuntimeError(f"ranks found different newest checkpoints in {self.run_dir / 'checkpoints'}; "
+                               "restart the job")
+        if ckpt is not None:
+            diffs = [f"{k}: {ckpt['config'].get(k)!r} -> {self.run_config.get(k)!r}" for k in MUST_MATCH
+                     if ckpt["config"].get(k) != self.run_config.get(k)]
+            if diffs:
+                raise DataError(f"{self.run_dir} holds a classifier of other settings or data ({'; '.join(diffs)}); "
+                                "use a new out= or the original settings")
+            logger.info("resuming from %s (step %d)", path, self.step)
+        return ckpt
+
+    def already_finished(self) -> int:
+        if self.env.is_main:
+            print(f"{self.run_dir} already finished ({self.step}/{self.total} steps, results in "
+                  f"{self.run_dir / RESULT}); nothing to do", flush=True)
+            write_status(self.run_dir, {**read_status(self.run_dir), "state": "finished"})
+        return EXIT_OK
+
+    def build(self, ckpt: dict | None) -> None:
+        s, env = self.s, self.env
+        torch.manual_seed(s.seed)  # the same initial weights on every rank
+        model, self.arch_info = build_classifier(s.arch, len(self.classes), self.image_size)
+        if s.pretrained_file:
+            self.arch_info["pretrained"] = load_pretrained(model, s.pretrained_file)
+        self.memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
+        model = model.to(env.device, memory_format=self.memory_format)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+        self.epoch, self.in_epoch, self.train_seconds = 0, 0, 0.0
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["opt"])
+            self.best = ckpt["best"]
+            restore_rng(ckpt["rng"])
+            self.epoch, self.in_epoch = int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
+            self.train_seconds = float(ckpt["meta"].get("train_seconds", 0.0))
+            if ckpt["meta"].get("data_order") != self.data_order:
+                logger.warning("resuming with another number of ranks (%s -> %s): epoch %d restarts from its first "
+                               "batch", ckpt["meta"].get("data_order"), self.data_order, self.epoch)
+                self.in_epoch = 0
+        if env.distributed:
+            model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        self.model = model
+        self.val_x, self.val_y = decode_split(s.shards, "val", env.device, s.backend, s.num_threads)
+
+    def open_outputs(self) -> None:
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_config(self.run_dir, self.run_config)
+            write_json(self.run_dir / TRAINING_SET, {**self.data.describe(), "regime": asdict(self.regime),
+                                                     "provenance": self.provenance})
+            if self.data.scarce:  # the cut's content hashes: which real images this run was allowed
+                write_json(self.run_dir / SCARCE, self.data.scarce)
+            self.write_status("running")
+            self.log = CsvLog(self.run_dir / LOG, LOG_COLUMNS, self.step)
+            if self.s.progress and self.step < self.total:
+                from tqdm import tqdm
+                self.pbar = tqdm(total=self.total, initial=self.step, unit="step", dynamic_ncols=True,
+                                 desc=f"classify {self.s.arch} {self.s.regime}",
+                                 mininterval=0.5 if sys.stderr.isatty() else 30)
+        dist.barrier(self.env)
+
+    # ---- the loop
+    def loop(self) -> bool:
+        """Train to `total` steps; True when a stop signal ended it early."""
+        s = self.s
+        self.t0 = self.t_log = time.time()
+        self.n_log, self.bad_streak, self.stats = 0, 0, torch.zeros(3, dtype=torch.float64)
+        self.batches = iter(self.loader(self.epoch, min(self.in_epoch, self.epoch_batches)))
+        while self.step < self.total:
+            x, y = self.next_batch()
+            stop = self.train_step(x, y)
+            if self.bad_streak >= s.max_bad_steps:
+                raise RuntimeError(f"{self.bad_streak} consecutive non-finite steps at step {self.step}: the run "
+                                   "diverged; lower lr or use precision=fp32")
+            evaluated = self.step % s.eval_every == 0 or self.step == self.total
+            if evaluated:
+                self.validate()
+            if self.step % s.log_every == 0 or evaluated:
+                self.log_row(val=self.last_val if evaluated else None)
+            if stop:
+                return True
+            if self.step % s.ckpt_every == 0 and self.step < self.total:
+                self.checkpoint()
+        return False
+
+    def next_batch(self):
+        while True:
+            try:
+                return next(self.batches)
+            except StopIteration:
+                self.epoch, self.in_epoch = self.epoch + 1, 0
+                self.batches = iter(self.loader(self.epoch))
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """One optimisation step; whether the ranks agreed to stop after it."""
+        s, env = self.s, self.env
+        torch.manual_seed(step_seed(s.seed, env.rank, self.step))  # augmentation and dropout of this step
+        x, y = x.to(env.device), y.to(env.device)
+        if self.aug is not None:
+            x = augment_batch(x, self.aug)
+        x = x.contiguous(memory_format=self.memory_format)
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, self.total, s.lr, s.warmup)
+        with torch.autocast(env.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            logits = self.model(x)
+        loss = self.loss_fn(logits, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        from hpcgan.train import grads_finite
+        bad_here = ~(loss.detach().isfinite() & grads_finite(self.model))
+        flags = torch.stack([bad_here.float().to(env.device),
+                             torch.tensor(float(self.stop_flag.requested), device=env.device)])
+        bad, stop = (bool(v) for v in dist.all_reduce_max(env, flags).tolist())
+        if bad:
+            self.opt.zero_grad(set_to_none=True)
+            logger.warning("step %d: non-finite loss or gradient; update skipped", self.step)
+        else:
+            self.opt.step()
+        self.bad_streak = self.bad_streak + 1 if bad else 0
+        self.stats += torch.tensor([float(loss.detach()) * len(y), float((logits.argmax(1) == y).sum()), len(y)],
+                                   dtype=torch.float64)
+        self.in_epoch += 1
+        self.step += 1
+        self.n_log += len(y)
+        if self.pbar is not None:
+            self.pbar.update(1)
+        return stop
+
+    def validate(self) -> None:
+        """Score val; keep the weights when they are the best so far (every rank, identically)."""
+        s = self.s
+        cm = confusion_on(self.model, self.val_x, self.val_y, len(self.classes), self.env, s.eval_batch_size,
+                          self.autocast)
+        val = scores(cm, self.classes)["overall"]
+        self.last_val = val
+        if val[s.select_on] > self.best["score"]:
+            net = self.model.module if isinstance(self.model, DDP) else self.model
+            self.best = {"step": self.step, "score": float(val[s.select_on]), "val": val,
+                         "model": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+
+    def log_row(self, val: dict | None = None) -> None:
+        """The ranks' training statistics since the last row (and the val scores of this step) -> log.csv."""
+        env = self.env
+        tot = dist.all_reduce_mean(env, self.stats.to(env.device)).cpu()
+        dt = time.time() - self.t_log
+        row = {"step": self.step, "epoch": self.epoch, "time": _fmt(self.elapsed()),
+               "loss": _fmt(tot[0] / max(tot[2], 1)), "train_accuracy": _fmt(tot[1] / max(tot[2], 1)),
+               "lr": _fmt(self.opt.param_groups[0]["lr"]), "bad_steps": self.bad_streak,
+               "images_per_s": _fmt(self.n_log * env.world_size / max(dt, 1e-9)),
+               "val_accuracy": _fmt(val["accuracy"]) if val else "",
+               "val_macro_f1": _fmt(val["macro_f1"]) if val else "",
+               "best_step": self.best["step"]}
+        self.stats.zero_()
+        self.t_log, self.n_log = time.time(), 0
+        if env.is_main:
+            self.log.write(row)
+            if self.pbar is not None:
+                self.pbar.set_postfix(loss=row["loss"], val=row["val_macro_f1"] or None, refresh=False)
+            self.write_status("running")
+
+    def elapsed(self) -> float:
+        return self.train_seconds + time.time() - getattr(self, "t0", time.time())
+
+    def checkpoint(self) -> None:
+        if self.env.is_main:
+            net = self.model.module if isinstance(self.model, DDP) else self.model
+            state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.in_epoch,
+                     "config": self.run_config, "model": net.state_dict(), "opt": self.opt.state_dict(),
+                     "best": self.best, "rng": capture_rng(),
+                     "meta": {"data_order": self.data_order, "train_seconds": self.elapsed(),
+                              "torch": str(torch.__version__), "time": time.time()}}
+            save_checkpoint(self.run_dir, state, keep_last=self.s.keep_last, required=CKPT_KEYS)
+        dist.barrier(self.env)
+
+    def write_status(self, state: str, **extra) -> None:
+        write_status(self.run_dir, {"state": state, "step": self.step, **self.status_fields,
+                                    "best_step": self.best["step"], "best_val": self.best["score"], **extra})
+
+    # ---- the ends of a run
+    def interrupted(self) -> int:
+        self.checkpoint()
+        name = self.stop_flag.name or "a stop signal (on another rank)"
+        if self.env.is_main:
+            self.write_status("interrupted", signal=name)
+            print(f"stopped by {name} at step {self.step}/{self.total}; checkpoint written; rerun to resume",
+                  file=sys.stderr, flush=True)
+        dist.barrier(self.env)
+        return EXIT_SIGNAL
+
+    def finish(self) -> None:
+        """The last checkpoint, then the best weights scored on the test split, the results written."""
+        if self.pbar is not None:
+            self.pbar.close()
+            self.pbar = None
+        if not checkpoint_path(self.run_dir, self.step).is_file():
+            self.checkpoint()
+        if self.best["model"] is None:
+            raise RuntimeError("no validation score was recorded; cannot select a model")
+        net = self.model.module if isinstance(self.model, DDP) else self.model
+        net.load_state_dict(self.best["model"])
+        test_x, test_y = decode_split(self.s.shards, "test", self.env.device, self.s.backend, self.s.num_threads)
+        cm = confusion_on(net, test_x, test_y, len(self.classes), self.env, self.s.eval_batch_size, self.autocast)
+        if self.env.is_main:
+            self.write_results(cm, len(test_y))
+            self.write_status("finished")
+        logger.info("finished %d steps in %s", self.step, self.run_dir)
+        dist.barrier(self.env)
+
+    def write_results(self, cm: np.ndarray, n_test: int) -> dict:
+        s, rd = self.s, self.run_dir
+        sc = scores(cm, self.classes)
+        cfg = self.run_config
+        syn = None
+        if s.synthetic:
+            syn = {"path": cfg["synthetic"], "manifest_sha256": cfg["synthetic_manifest_sha256"],
+                   "provenance": self.provenance}
+        base = {"stage": "classify", "run_dir": str(rd), "arch": s.arch, "timm": self.arch.timm, "regime": s.regime,
+                "seed": s.seed, "steps": self.total, "image_size": self.image_size,
+                "input_size": self.arch_info["input_size"], "pretrained_sha256": cfg["pretrained_sha256"],
+                "manifest_sha256": cfg["manifest_sha256"],
+                "synthetic_manifest_sha256": cfg["synthetic_manifest_sha256"],
+                "synthetic_from": (self.provenance or {}).get("model"),
+                "provenance_unknown": bool((self.provenance or {}).get("unknown")),
+                "scarce": s.scarce or None, "scarce_seed": cfg["scarce_seed"],
+                "real_split": "test", "selected_on": f"val_{s.select_on}", "best_step": self.best["step"],
+                "n_train": len(self.data.index), "n_test": n_test, "world_size": self.env.world_size}
+        rows = [{**base, "metric": m, "class": None, "value": number(v)} for m, v in sc["overall"].items()]
+        for m, per in sc["per_class"].items():
+            for c, v in per.items():
+                row = {**base, "metric": m, "class": c, "value": number(v)}
+                if v is None:
+                    row["skipped"] = "no test image of this class"
+                rows.append(row)
+        doc = {"format": FORMAT, "stage": "classify", "time": time.time(), "run_dir": str(rd), "classes": self.classes,
+               "arch": self.arch_info, "regime": asdict(self.regime), "seed": s.seed, "steps": self.total,
+               "image_size": self.image_size,
+               "real": {"shards": cfg["shards"], "manifest_sha256": cfg["manifest_sha256"], "split": "test",
+                        "n": n_test},
+               "synthetic": syn, "training_set": self.data.describe(),
+               "selection": {"on": f"val_{s.select_on}", "best_step": self.best["step"], "val": self.best["val"]},
+               "metrics": sc["overall"], "per_class": sc["per_class"], "confusion_matrix": cm.tolist(),
+               "settings": asdict(s), "world_size": self.env.world_size, "rows": rows}
+        atomic_write_bytes(rd / "confusion_matrix.csv", confusion_csv(cm, self.classes).encode())
+        atomic_write_bytes(rd / "confusion_matrix.png", confusion_png(
+            cm, self.classes, f"{s.arch} / {s.regime} / seed {s.seed}: test accuracy {sc['overall']['accuracy']:.3f}, "
+                              f"macro-F1 {sc['overall']['macro_f1']:.3f}"))
+        write_result(rd / RESULT, doc)
+        append_rows(Path(s.results) if s.results else rd / RESULTS, rows)
+        return doc
+
+    def mark_failed(self, err: Exception) -> None:
+        if self.env.is_main and self.run_dir.is_dir():
+            write_status(self.run_dir, {**read_status(self.run_dir), "state": "failed",
+                                        "error": f"{type(err).__name__}: {err}"})
+
+    def close(self) -> None:
+        self.stop_flag.restore()
+        if self.pbar is not None:
+            self.pbar.close()
+        self.model = self.batches = None
+
+
+def classify(settings: ClassifySettings | dict, env: dist.DistEnv | None = None) -> int:
+    """Train and score one classifier per `settings`; returns the exit code (module docstring). Bad input
+    (DataError, LeakageError, FileNotFoundError) is raised before anything is trained."""
+    s = settings if isinstance(settings, ClassifySettings) else parse(ClassifySettings, settings)
+    own_env = env is None
+    env = env or dist.init(s.device)
+    job = ClassifierRun(s, env)
+    try:
+        return job.run()
+    except (DataError, LeakageError, FileNotFoundError):
+        raise
+    except Exception as e:
+        job.mark_failed(e)
+        raise
+    finally:
+        job.close()
+        if own_env:
+            dist.cleanup(env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hpcgan.classify key=value ...` (also under torchrun): Hydra config configs/classify.yaml."""
+    from hydra import compose, initialize_config_dir
+
+    from hpcgan import CONFIG_DIR
+    rank = dist.launch_env()[0]
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose("classify", overrides=list(sys.argv[1:] if argv is None else argv))
+    try:
+        s = parse(ClassifySettings, cfg)
+    except SettingsError as e:
+        print(f"classify: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        code = classify(s)
+    except (DataError, LeakageError, FileNotFoundError) as e:
+        print(f"classify: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if code == EXIT_OK and rank == 0:
+        doc = read_json(Path(s.out) / RESULT) or {}
+        m = doc.get("metrics") or {}
+        if m:
+            print(f"{s.arch} / {s.regime} / seed {s.seed}: test accuracy {m['accuracy']:.4f}, macro-F1 "
+                  f"{m['macro_f1']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f} -> {Path(s.out) / RESULT}")
+    return code

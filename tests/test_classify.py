@@ -1,0 +1,452 @@
+"""hpcgan.classify / tools/classify.py: regimes, the leakage guard, per-class metrics, architectures, training,
+exact resume.
+
+The real data is the project's simulator sharded at 32 px (module fixture); synthetic sets are written by the
+real hpcgan.generate from tiny GAN checkpoints whose config names the shard set and split(s) they "trained"
+on (their images only feed counts and the guard, never a reported number).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from hpcgan import CONFIG_DIR, REPO_ROOT
+from hpcgan.checkpoint import list_checkpoints, load_latest, save_checkpoint
+from hpcgan.classify.archs import ARCHS, build_classifier, load_pretrained
+from hpcgan.classify.augment import RECIPES, augment_batch, build_recipe
+from hpcgan.classify.data import DataError, decode_split, epoch_loader, training_set
+from hpcgan.classify.metrics import confusion, expand, scores
+from hpcgan.classify.provenance import LeakageError, check_synthetic
+from hpcgan.classify.regimes import REGIMES, RegimeLoss, get_regime
+from hpcgan.classify.run import CKPT_KEYS, EXIT_OK, EXIT_SIGNAL, ClassifySettings, main
+from hpcgan.data.build import build
+from hpcgan.data.shards import read_manifest, write_manifest
+from hpcgan.data.simulate import simulate
+from hpcgan.generate import generate
+from hpcgan.models.registry import build_model, load_spec
+from hpcgan.results import REQUIRED, read_rows
+from hpcgan.settings import SettingsError, parse
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+FAST = ["progress=false"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("clsdata")
+    simulate(d / "sim", seed=0, scale=0.6, progress=False)
+    build({s: str(d / "sim" / s) for s in ("pbc", "aml", "lab")}, d / "shards", size=32, seed=0, progress=False,
+          contact_sheet=False)
+    return d / "shards"
+
+
+def gan_checkpoint(run_dir: Path, shards: Path, split, scarce: dict | None = None) -> Path:
+    """A tiny (untrained) GAN checkpoint whose config says it trained on `shards`' `split` (with a scarce cut),
+    as hpcgan.train's do."""
+    classes = read_manifest(shards)["classes"]
+    spec = dataclasses.replace(load_spec("wgan_gp_ac"), width=8, z_dim=16)
+    torch.manual_seed(0)
+    G, D = build_model(spec, len(classes), 32)
+    config = {"model": dataclasses.asdict(spec), "image_size": 32, "classes": classes, "seed": 0, "steps": 1,
+              "shards": str(Path(shards).resolve()), "split": split, **({"scarce": scarce} if scarce else {})}
+    state = {"step": 1, "epoch": 0, "batch_in_epoch": 0, "config": config, "G": G.state_dict(), "D": D.state_dict(),
+             "G_ema": None, "opt_G": {}, "opt_D": {}, "scaler": None, "rng": {}, "meta": {}}
+    return save_checkpoint(run_dir, state, keep_last=0)
+
+
+def synthetic_set(root: Path, real: Path, split="train", gan_shards: Path | None = None, scarce=None, **how) -> Path:
+    """A synthetic set from a GAN that trained on `gan_shards` (default `real`) split(s) `split`."""
+    run = root / "gan"
+    gan_checkpoint(run, gan_shards or real, split, scarce)
+    out = root / "synthetic"
+    generate(run_dir=run, out=out, png=False, progress=False, device="cpu", **how)
+    return out
+
+
+@pytest.fixture(scope="module")
+def topup(shards, tmp_path_factory) -> Path:
+    return synthetic_set(tmp_path_factory.mktemp("topup"), shards, balance="max", shards=shards)
+
+
+@pytest.fixture(scope="module")
+def per_class(shards, tmp_path_factory) -> Path:
+    return synthetic_set(tmp_path_factory.mktemp("perclass"), shards, per_class=5)
+
+
+def counts(shards: Path, split: str) -> dict[str, int]:
+    return read_manifest(shards)["counts"][split]
+
+
+# ---- metrics ---------------------------------------------------------------------------------------
+
+CM = np.array([[5, 1, 0, 0],
+               [2, 3, 1, 0],
+               [0, 0, 4, 0],
+               [0, 0, 0, 0]])   # rows: true a, b, c, d (d: no test image, never predicted)
+
+
+def test_per_class_metrics_known_answer_and_agree_with_sklearn():
+    from sklearn.metrics import f1_score, precision_score, recall_score
+    sc = scores(CM, ["a", "b", "c", "d"])
+    o, p = sc["overall"], sc["per_class"]
+    assert o["accuracy"] == pytest.approx(12 / 16)
+    assert p["precision"] == pytest.approx({"a": 5 / 7, "b": 3 / 4, "c": 4 / 5, "d": None})
+    assert p["recall"] == p["sensitivity"] == pytest.approx({"a": 5 / 6, "b": 1 / 2, "c": 1.0, "d": None})
+    # specificity TN / (TN + FP): a: 8 / 10, b: 9 / 10, c: 11 / 12, d: 16 / 16
+    assert p["specificity"] == pytest.approx({"a": 0.8, "b": 0.9, "c": 11 / 12, "d": 1.0})
+    assert p["f1"] == pytest.approx({"a": 10 / 13, "b": 0.6, "c": 8 / 9, "d": None})
+    assert p["accuracy"] == pytest.approx({"a": 13 / 16, "b": 12 / 16, "c": 15 / 16, "d": None})
+    assert p["support"] == {"a": 6, "b": 6, "c": 4, "d": 0}
+    # macro over the classes the test split has (a, b, c)
+    assert o["macro_recall"] == o["balanced_accuracy"] == pytest.approx((5 / 6 + 1 / 2 + 1) / 3)
+    assert o["macro_f1"] == pytest.approx((10 / 13 + 0.6 + 8 / 9) / 3)
+    assert o["macro_precision"] == pytest.approx((5 / 7 + 3 / 4 + 4 / 5) / 3)
+    y, yhat = expand(CM)
+    assert (confusion(y, yhat, 4) == CM).all()
+    labels = [0, 1, 2]
+    assert o["macro_f1"] == pytest.approx(f1_score(y, yhat, labels=labels, average="macro"))
+    assert [p["precision"][c] for c in "abc"] == pytest.approx(precision_score(y, yhat, labels=labels, average=None))
+    assert [p["recall"][c] for c in "abc"] == pytest.approx(recall_score(y, yhat, labels=labels, average=None))
+
+
+def test_a_class_never_predicted_costs_precision_zero():
+    sc = scores(np.array([[3, 0], [2, 0]]), ["x", "y"])
+    assert sc["per_class"]["precision"]["y"] == 0.0 and sc["overall"]["macro_precision"] == pytest.approx(0.3)
+
+
+# ---- regimes, data ---------------------------------------------------------------------------------
+
+def test_regime_image_counts(shards, topup, per_class):
+    real = counts(shards, "train")
+    biggest = max(real.values())
+    orig = training_set(get_regime("original"), shards)
+    assert orig.describe()["per_class"] == real and orig.counts["synthetic"] == {}
+    both = training_set(get_regime("original+synthetic"), shards, topup)
+    assert set(both.describe()["per_class"].values()) == {biggest}           # topped up to balance
+    assert both.counts["real"] == real
+    assert both.counts["synthetic"] == {c: biggest - n for c, n in real.items()}
+    syn = training_set(get_regime("synthetic"), shards, per_class)
+    assert syn.counts["real"] == {} and set(syn.describe()["per_class"].values()) == {5}   # class-balanced
+    assert set(training_set(get_regime("synthetic"), shards, per_class, 3).describe()["per_class"].values()) == {3}
+    assert training_set(get_regime("balanced"), shards).balanced_sampling
+    with pytest.raises(DataError, match="balance=max"):       # 5 per class cannot top up to the largest class
+        training_set(get_regime("original+synthetic"), shards, per_class)
+    with pytest.raises(DataError, match="per_class=N"):       # balance=max has no image of the largest class
+        training_set(get_regime("synthetic"), shards, topup)
+
+
+def test_the_synthetic_top_up_is_the_first_images_of_each_class(shards, topup):
+    """Taking the first n of a class = what generate(per_class=n) writes: independent of the classifier seed."""
+    both = training_set(get_regime("original+synthetic"), shards, topup)
+    n_real = sum(counts(shards, "train").values())
+    syn_tars = {t for t in both.index.tars if t.parent == topup}
+    assert syn_tars and all(both.index.tars[t].parent == topup for t in both.index.tar_of[n_real:])
+    from hpcgan.data.loader import load_index
+    full = load_index(topup, "train")
+    for c in np.unique(full.labels):
+        mine = both.index.offset[n_real:][both.index.labels[n_real:] == c]
+        assert (mine == full.offset[full.labels == c][:len(mine)]).all()
+
+
+def _pixel_hashes(images_u8: torch.Tensor) -> set[str]:
+    return {hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest() for x in images_u8.cpu()}
+
+
+def test_no_test_or_val_image_reaches_a_training_loader(shards, topup):
+    ts = training_set(get_regime("original+synthetic"), shards, topup)
+    test_x, _ = decode_split(shards, "test", torch.device("cpu"), backend="webdataset", num_threads=1)
+    val_x, _ = decode_split(shards, "val", torch.device("cpu"), backend="webdataset", num_threads=1)
+    held_out = _pixel_hashes(test_x) | _pixel_hashes(val_x)
+    seen = set()
+    for x, _ in epoch_loader(ts, 16, 0, 1, seed=0, epoch=0, backend="auto", device="cpu"):
+        seen |= _pixel_hashes(x.mul(127.5).add(127.5).round().to(torch.uint8))
+    assert len(held_out) >= 0.95 * (len(test_x) + len(val_x))
+    assert len(seen) >= 0.95 * len(ts.index)           # the epoch covered the training set
+    assert not seen & held_out
+
+
+def test_regime_losses_known_answer():
+    counts_ = [6, 2, 0]
+    logits, y = torch.tensor([[1.0, 0.0, 0.5], [0.2, 0.3, 0.0]]), torch.tensor([0, 1])
+    w = RegimeLoss(get_regime("weighted_loss"), counts_)
+    assert w.weight.tolist() == pytest.approx([8 / (2 * 6), 8 / (2 * 2), 0.0])   # N / (K n_c), K = present classes
+    la = RegimeLoss(get_regime("logit_adjust"), counts_, tau=1.0)
+    prior = torch.tensor([0.75, 0.25, 1e-12])
+    expected = torch.nn.functional.cross_entropy(logits + prior.log(), y)
+    assert float(la(logits, y)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(RegimeLoss(get_regime("original"), counts_)(logits, y)) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, y)))
+
+
+def test_augmentation_recipes_are_seeded_and_grow_in_strength():
+    torch.manual_seed(0)
+    x = (torch.randint(0, 256, (6, 3, 32, 32)).float() - 127.5) / 127.5   # what the loader gives: 8-bit levels
+    outs = {}
+    for name in ("aug1", "aug2", "aug3"):
+        t = build_recipe(RECIPES[name], 32)
+        torch.manual_seed(1)
+        a = augment_batch(x, t)
+        torch.manual_seed(1)
+        assert torch.equal(a, augment_batch(x, t))        # the same seed draws the same augmentations
+        assert a.shape == x.shape and a.min() >= -1 and a.max() <= 1
+        outs[name] = a
+    # aug1 only permutes pixels (flips, rotations): the set of values is kept; the others change them
+    assert torch.equal(outs["aug1"].flatten(1).sort(1).values, x.flatten(1).sort(1).values)
+    assert not torch.allclose(outs["aug3"].flatten(1).sort(1).values, x.flatten(1).sort(1).values)
+    with pytest.raises(ValueError, match="name must be one of"):
+        build_recipe([{"name": "warp"}], 32)
+
+
+def test_the_scarce_cut_is_exact_nested_and_fixed_by_seed(shards):
+    real = counts(shards, "train")
+    original = get_regime("original")
+
+    def kept(n, seed=0, **more):
+        ts = training_set(original, shards, scarce={"neutrophil": n, **more}, scarce_seed=seed)
+        assert ts.describe()["per_class"] == {**real, "neutrophil": n, **more}     # exact; the rest untouched
+        return ts.scarce["classes"]["neutrophil"]["sha256"]
+
+    ten, thirty = kept(10), kept(30)
+    assert len(set(ten)) == 10 and thirty[:10] == ten                # nested: the 10 are the first of the 30
+    assert kept(10, lymphocyte=5) == ten                              # other classes' cuts do not move it
+    assert set(kept(10, seed=1)) != set(ten)                          # another seed, another subset
+    with pytest.raises(DataError, match="neutrophil=999"):
+        kept(999)
+    with pytest.raises(DataError, match="unknown classes"):
+        training_set(original, shards, scarce={"megakaryocyte": 3})
+
+
+def test_a_scarce_run_writes_its_cut_and_the_guard_holds_its_gan_to_it(shards, tmp_path):
+    cut = {"neutrophil": 10}
+    same = synthetic_set(tmp_path / "same", shards, scarce=cut, per_class=1)
+    assert check_synthetic(shards, same, scarce=cut, scarce_seed=0)["gan"]["scarce"] == cut
+    with pytest.raises(LeakageError, match="saw 10 neutrophil images; the classifier is allowed 5"):
+        check_synthetic(shards, same, scarce={"neutrophil": 5}, scarce_seed=0)
+    with pytest.raises(LeakageError, match="seed"):
+        check_synthetic(shards, same, scarce=cut, scarce_seed=1)
+    uncut = synthetic_set(tmp_path / "uncut", shards, per_class=1)
+    with pytest.raises(LeakageError, match="saw every neutrophil image"):
+        check_synthetic(shards, uncut, scarce=cut, scarce_seed=0)
+    out = tmp_path / "run"
+    assert main([f"shards={shards}", f"out={out}", "scarce={neutrophil:10}", "steps=4", "eval_every=2",
+                 "batch_size=16", *FAST]) == EXIT_OK
+    written = json.loads((out / "scarce.json").read_text())
+    assert written["classes"]["neutrophil"]["sha256"] == training_set(
+        get_regime("original"), shards, scarce=cut).scarce["classes"]["neutrophil"]["sha256"]
+    rows = read_rows(out / "results.jsonl")
+    assert {json.dumps(r["scarce"]) for r in rows} == {json.dumps(cut)} and rows[0]["n_train"] == sum(
+        counts(shards, "train").values()) - counts(shards, "train")["neutrophil"] + 10
+
+
+# ---- the leakage guard -----------------------------------------------------------------------------
+
+def test_leakage_guard_refuses_a_gan_that_saw_the_test_split(shards, topup, tmp_path):
+    ok = check_synthetic(shards, topup)
+    assert ok["gan"]["splits"] == ["train"] and ok["checked"][0]["overlap"] == 0
+    leaky = synthetic_set(tmp_path / "leaky", shards, split=["train", "test"], per_class=1)
+    with pytest.raises(LeakageError, match=r"hold \d+ of the \d+ images of .* test split"):
+        check_synthetic(shards, leaky)
+    # another shard set (here a copy) holding the test images: caught by content hash, whatever its name
+    other = tmp_path / "other_shards"
+    shutil.copytree(shards, other)
+    with pytest.raises(LeakageError, match="test split"):
+        check_synthetic(shards, synthetic_set(tmp_path / "other", shards, split="test", gan_shards=other, per_class=1))
+    # through the entry point: exit 2, nothing trained
+    out = tmp_path / "cls"
+    assert main([f"shards={shards}", f"synthetic={leaky}", "regime=synthetic", f"out={out}", *FAST]) == 2
+    assert not list_checkpoints(out)
+
+
+def test_unknown_provenance_is_refused_unless_allowed(shards, topup, tmp_path):
+    unknown = tmp_path / "unknown"
+    shutil.copytree(topup, unknown)
+    man = read_manifest(unknown)
+    man["checkpoint"] = {**man["checkpoint"], "path": str(tmp_path / "gone" / "checkpoints" / "step-00000001.pt")}
+    write_manifest(unknown, {k: v for k, v in man.items() if k != "format"})
+    with pytest.raises(LeakageError, match="allow_unknown_provenance=true"):
+        check_synthetic(shards, unknown)
+    assert check_synthetic(shards, unknown, allow_unknown=True)["unknown"] is True
+
+
+# ---- architectures ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_each_architecture_trains_one_step_at_32px(name):
+    torch.manual_seed(0)
+    model, info = build_classifier(name, 12, 32)
+    assert info["input_size"] == ARCHS[name].min_size if ARCHS[name].min_size > 32 else info["input_size"] == 32
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.tensor([0, 11])
+    logits = model(x)
+    assert logits.shape == (2, 12)
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_pretrained_weights_come_from_a_file_and_the_head_is_fresh(tmp_path):
+    torch.manual_seed(1)
+    imagenet, _ = build_classifier("small_cnn", 1000, 32)   # stands for a staged ImageNet file of this arch
+    torch.save(imagenet.state_dict(), tmp_path / "w.pth")
+    torch.manual_seed(2)
+    model, _ = build_classifier("small_cnn", 12, 32)
+    info = load_pretrained(model, tmp_path / "w.pth")
+    assert info["sha256"] == hashlib.sha256((tmp_path / "w.pth").read_bytes()).hexdigest()
+    mine, theirs = model.state_dict(), imagenet.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine if not k.startswith("head."))
+    assert mine["head.weight"].shape == (12, 256)
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="does not fit this architecture"):
+        load_pretrained(model, tmp_path / "other.pth")
+    with pytest.raises(FileNotFoundError, match="stage"):
+        load_pretrained(model, tmp_path / "missing.pth")
+
+
+# ---- settings --------------------------------------------------------------------------------------
+
+def test_yaml_documents_the_settings_defaults():
+    from omegaconf import OmegaConf
+    doc = yaml.safe_load((CONFIG_DIR / "classify.yaml").read_text())
+    doc.pop("hydra"), doc.pop("defaults")
+    assert doc == OmegaConf.to_container(OmegaConf.structured(ClassifySettings))
+    assert set(doc["augment"]) == {r.augment for r in REGIMES.values() if r.augment}
+
+
+@pytest.mark.parametrize("bad, msg", [({"regime": "mixup"}, "regime='mixup'"), ({"arch": "alexnet"}, "arch='alexnet'"),
+                                      ({"regime": "synthetic"}, "pass synthetic=DIR"),
+                                      ({"synthetic": "x"}, "drop synthetic="), ({"select_on": "loss"}, "select_on"),
+                                      ({"augment": {"aug1": [{"name": "flip", "angle": 3}]}}, "augment.aug1")])
+def test_bad_settings_are_one_line_errors(bad, msg):
+    with pytest.raises(SettingsError, match=msg):
+        parse(ClassifySettings, {"shards": "s", "out": "o", **bad})
+
+
+# ---- training --------------------------------------------------------------------------------------
+
+def overrides(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [f"shards={shards}", f"out={out}", "batch_size=32", "steps=100", "eval_every=50", "log_every=25",
+            "ckpt_every=50", *FAST, *extra]
+
+
+def test_small_cnn_learns_well_above_chance_and_writes_its_results(shards, tmp_path):
+    out = tmp_path / "run"
+    assert main(overrides(shards, out)) == EXIT_OK
+    doc = json.loads((out / "results.json").read_text())
+    test = counts(shards, "test")
+    majority = max(test.values()) / sum(test.values())
+    assert doc["metrics"]["accuracy"] > majority + 0.25, doc["metrics"]
+    assert doc["metrics"]["macro_f1"] > 0.4
+    assert doc["selection"]["best_step"] in (50, 100) and doc["real"]["n"] == sum(test.values())
+    rows = read_rows(out / "results.jsonl")
+    keys = {"stage", "run_dir", "arch", "regime", "seed", "steps", "image_size", "manifest_sha256",
+            "synthetic_manifest_sha256", "metric", "class", "value", "n_train", "n_test", *REQUIRED}
+    assert all(keys <= set(r) for r in rows)
+    assert {r["stage"] for r in rows} == {"classify"} and {r["steps"] for r in rows} == {100}
+    overall = {r["metric"]: r["value"] for r in rows if r["class"] is None}
+    assert overall["accuracy"] == pytest.approx(doc["metrics"]["accuracy"])
+    assert {"macro_f1", "balanced_accuracy", "macro_precision", "macro_recall"} <= set(overall)
+    per = [r for r in rows if r["class"] is not None]
+    assert {r["metric"] for r in per} >= {"precision", "recall", "sensitivity", "specificity", "f1"}
+    assert {r["class"] for r in per} == set(doc["classes"])
+    cm = np.loadtxt(out / "confusion_matrix.csv", delimiter=",", skiprows=1, usecols=range(1, 13), dtype=int)
+    assert cm.sum() == sum(test.values()) and (cm == np.array(doc["confusion_matrix"])).all()
+    assert (out / "confusion_matrix.png").stat().st_size > 1000
+    assert json.loads((out / "status.json").read_text())["state"] == "finished"
+    assert main(overrides(shards, out)) == EXIT_OK       # finished: nothing to do, nothing appended
+    assert len(read_rows(out / "results.jsonl")) == len(rows)
+
+
+def test_original_plus_synthetic_runs_and_records_its_synthetic_set(shards, topup, tmp_path):
+    out = tmp_path / "run"
+    assert main(overrides(shards, out, f"synthetic={topup}", "regime=original+synthetic", "steps=8",
+                          "eval_every=4")) == EXIT_OK
+    rows = read_rows(out / "results.jsonl")
+    assert {r["synthetic_manifest_sha256"] for r in rows} == {
+        hashlib.sha256((topup / "manifest.json").read_bytes()).hexdigest()}
+    assert {r["synthetic_from"] for r in rows} == {"wgan_gp_ac"}
+    ts = json.loads((out / "training_set.json").read_text())
+    assert len(set(ts["per_class"].values())) == 1 and ts["provenance"]["gan"]["splits"] == ["train"]
+
+
+def cli(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO_ROOT / "tools" / "classify.py"), f"shards={shards}", f"out={out}",
+            "batch_size=8", "eval_every=4", "log_every=1", *FAST, *extra]
+
+
+def _wait_for(cond, proc, timeout=240):
+    t0 = time.time()
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended (rc={proc.returncode}) before the condition held")
+        if time.time() - t0 > timeout:
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_the_same_weights(shards, tmp_path):
+    args = ["steps=40", "ckpt_every=4", "regime=aug2"]   # augmentation: its randomness must resume exactly too
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    p = subprocess.run(cli(shards, straight, *args), env=ENV, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    proc = subprocess.Popen(cli(shards, killed, *args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: any(c.name >= "step-00000008.pt" for c in list_checkpoints(killed)), proc)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert json.loads((killed / "status.json").read_text())["state"] == "running"
+    p = subprocess.run(cli(shards, killed, *args), env=ENV, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, _ = load_latest(straight, required=CKPT_KEYS)
+    b, _ = load_latest(killed, required=CKPT_KEYS)
+    assert a["step"] == b["step"] == 40 and a["best"]["step"] == b["best"]["step"]
+    for part in ("model", ):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    assert all(torch.equal(a["best"]["model"][k], b["best"]["model"][k]) for k in a["best"]["model"])
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (straight, killed))
+    assert ra["confusion_matrix"] == rb["confusion_matrix"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
+def test_a_stop_signal_checkpoints_exits_3_and_the_rerun_finishes(shards, tmp_path, signum):
+    out = tmp_path / "run"
+    args = ["steps=60", "ckpt_every=1000"]
+    proc = subprocess.Popen(cli(shards, out, *args), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for(lambda: (out / "log.csv").is_file() and len((out / "log.csv").read_text().splitlines()) >= 4, proc)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_SIGNAL, err[-3000:]
+    st = json.loads((out / "status.json").read_text())
+    assert st["state"] == "interrupted" and st["signal"] == signum.name and 3 <= st["step"] < 60
+    assert load_latest(out, required=CKPT_KEYS)[0]["step"] == st["step"]
+    p = subprocess.run(cli(shards, out, *args), env=ENV, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((out / "status.json").read_text())["state"] == "finished"
+    assert (out / "results.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun(shards, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "hpcgan.classify", f"shards={shards}", f"out={out}", "batch_size=8", "steps=12", "eval_every=6",
+           "log_every=3", *FAST]
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["world_size"] == 2 and sum(map(sum, doc["confusion_matrix"])) == sum(counts(shards, "test").values())
