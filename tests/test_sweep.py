@@ -1,0 +1,363 @@
+"""Studies (hpcgan/sweep.py, tools/sweep.py): grid expansion and run-directory names, dependency planning,
+the run-directory lock, and the tiny study end to end, here (executor=local) and on the real local Slurm
+(executor=slurm): a second launch starts no duplicates, a task cancelled with scancel shows as failed, and a
+relaunch completes it without touching what had finished."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from hpcgan import CONFIG_DIR, REPO_ROOT
+from hpcgan.settings import SettingsError
+from hpcgan.sweep import (ClusterSettings, TaskError, TaskFiles, collect_status, command, expand, finished,
+                          hydra_value, load_study, plan_arrays, read_study)
+
+SWEEP = [sys.executable, str(REPO_ROOT / "tools" / "sweep.py")]
+HAVE_CLASSIFY = (REPO_ROOT / "tools" / "classify.py").is_file()
+
+
+def names(tasks, stage=None):
+    return [t.name for t in tasks if stage is None or t.stage == stage]
+
+
+# ---------------------------------------------------------------- the grid (pure, fast)
+
+def test_tiny_study_expands_into_named_tasks_with_dependencies(tmp_path):
+    tasks = expand(load_study("tiny"), tmp_path)
+    assert names(tasks) == [
+        "data/sim", "data/shards-32", "data/cell-32", "gan/wgan_gp_ac-s0-32", "gan/dcgan-s0-32",
+        "synthetic/wgan_gp_ac-s0-32", "eval/wgan_gp_ac-s0-32", "eval/dcgan-s0-32",
+        "cls/small_cnn-original-s0-32", "cls/small_cnn-original+synthetic-wgan_gp_ac-s0-32"]
+    by = {t.name: t for t in tasks}
+    assert by["data/shards-32"].deps == ["data/sim"]
+    assert by["gan/dcgan-s0-32"].deps == ["data/shards-32"]
+    assert by["eval/dcgan-s0-32"].deps == ["gan/dcgan-s0-32", "data/cell-32"]
+    assert by["cls/small_cnn-original-s0-32"].deps == ["data/shards-32"]
+    assert by["cls/small_cnn-original+synthetic-wgan_gp_ac-s0-32"].deps == ["data/shards-32", "synthetic/wgan_gp_ac-s0-32"]
+    # run directories named by the grid values, commands of the stages' own entry points
+    train = by["gan/dcgan-s0-32"]
+    assert train.out == str(tmp_path / "gan" / "dcgan-s0-32")
+    assert train.argv[:2] == ["-m", "hpcgan.train"]
+    assert {f"run_dir={tmp_path / 'gan' / 'dcgan-s0-32'}", "model=dcgan", "seed=0", "steps=4",
+            f"shards={tmp_path / 'data' / 'shards-32'}"} <= set(train.argv)
+    ev = by["eval/dcgan-s0-32"].argv
+    assert "metrics=[fid,prdc,is]" in ev and f"cache_dir={tmp_path / 'cache'}" in ev
+    assert f"feature_file={tmp_path / 'cache' / 'cell-32.pt'}" in ev
+    cls = by["cls/small_cnn-original+synthetic-wgan_gp_ac-s0-32"].argv
+    assert f"synthetic={tmp_path / 'synthetic' / 'wgan_gp_ac-s0-32'}" in cls and "regime=original+synthetic" in cls
+    assert not any(a.startswith("synthetic=") for a in by["cls/small_cnn-original-s0-32"].argv)
+    # every dependency is a task of the study, and comes in an earlier stage
+    order = {t.name: i for i, t in enumerate(tasks)}
+    assert all(order[d] < order[t.name] for t in tasks for d in t.deps)
+    assert expand(load_study("tiny"), tmp_path) == tasks   # deterministic
+
+
+def test_paper_study_grid_sizes_and_resources(tmp_path):
+    with pytest.raises(SettingsError, match="data.shards required"):
+        load_study("paper")
+    s = load_study("paper", ["data.shards=/data/real128"])
+    tasks = expand(s, tmp_path)
+    count = {st: len(names(tasks, st)) for st in ("simulate", "shard", "features", "train", "generate", "evaluate",
+                                                     "classify")}
+    # 8 GANs x 3 seeds; WGAN-GP-AC's 3 synthetic sets; 5 archs x (5 real-only + 1 synthetic regime) x 3 seeds
+    assert count == {"simulate": 0, "shard": 0, "features": 1, "train": 24, "generate": 3, "evaluate": 24,
+                     "classify": 90}
+    assert len(set(names(tasks))) == len(tasks)
+    assert "cls/resnet50-original+synthetic-wgan_gp_ac-s2-128" in names(tasks)
+    train = next(t for t in tasks if t.stage == "train")
+    assert train.resources["gpus"] == 1 and train.resources["ranks"] == 1 and train.resources["time_min"] == 720
+    assert "steps=" not in " ".join(train.argv)   # the paper's 50 epochs
+    two = expand(load_study("paper", ["data.shards={64: /d/r64, 128: /d/r128}", "gan.sizes=[64,128]"]), tmp_path)
+    assert "shards=/d/r64" in next(t for t in two if t.name == "gan/dcgan-s1-64").argv
+
+
+@pytest.mark.parametrize("override, message", [
+    ("gan.models=[wgan_gp_ac,nosuchgan]", "gan.models: unknown model 'nosuchgan'"),
+    ("generate.models=[dcgan]", "dcgan' is unconditional"),
+    ("generate.models=[]", "use synthetic data but generate.models is empty"),
+    ("gan.sizes=[48]", "gan.sizes=48"),
+    ("gan.seeds=[0,0]", "repeats a value"),
+    ("resources.trian.cpus=2", "resources='trian'"),
+    ("gan.stepz=3", "gan.stepz: unknown setting"),
+    ("evaluate.metrics=[fid,nosuch]", "evaluate.metrics: unknown metrics"),
+    ("gan.steps=abc", "gan.steps"),
+    ("classify.regimes=[originl]", "classify.regimes: regime='originl'"),
+    ("classify.archs=[resnet51]", "classify.archs: arch='resnet51'"),
+])
+def test_bad_study_settings_fail_with_one_line_naming_the_key(override, message):
+    with pytest.raises(SettingsError, match=message.replace("[", r"\[").replace("(", r"\(")) as e:
+        load_study("tiny", [override])
+    assert "\n" not in str(e.value)
+
+
+def test_cluster_file_documents_the_dataclass_defaults():
+    documented = yaml.safe_load((CONFIG_DIR / "cluster" / "default.yaml").read_text())
+    assert documented == OmegaConf.to_container(OmegaConf.structured(ClusterSettings))
+    assert {f.name for f in dataclasses.fields(ClusterSettings)} == set(documented)
+
+
+def test_stage_resources_fall_back_to_the_cluster_file():
+    s = load_study("tiny", ["resources.train.gpus=2", "cluster.resources.partition=gpu", "+resources.train.sbatch.exclusive=true"])
+    r = s.stage_resources("train")
+    assert (r["gpus"], r["ranks"], r["cpus"], r["partition"], r["nodes"], r["sbatch"]) == (2, 2, 1, "gpu", 1, {"exclusive": True})
+    assert s.stage_resources("generate")["gpus"] == 0 and s.stage_resources("generate")["ranks"] == 1
+
+
+def test_hydra_values_and_torchrun_commands():
+    assert hydra_value("/a/b+c-d_e.f") == "/a/b+c-d_e.f"
+    assert hydra_value("/a b/c") == "'/a b/c'" and hydra_value("x,y:z") == "'x,y:z'"
+    assert hydra_value(["fid", "smudge cell"]) == "[fid,'smudge cell']" and hydra_value(False) == "false"
+    task = {"argv": ["-m", "hpcgan.train", "steps=3"], "resources": {"ranks": 1, "nodes": 1}}
+    assert command(task, "py") == ["py", "-m", "hpcgan.train", "steps=3"]
+    task["resources"]["ranks"] = 4
+    cmd = command(task, "py")
+    assert cmd[:4] == ["py", "-m", "torch.distributed.run", "--nproc_per_node=4"] and "--standalone" in cmd
+    assert cmd[-3:] == ["-m", "hpcgan.train", "steps=3"]
+
+
+def test_dependencies_wait_on_exactly_the_upstream_tasks():
+    def t(name, *deps):
+        return {"name": name, "deps": list(deps)}
+    arrays = {"10": ("train", ["gan/a", "gan/b", "gan/c"])}
+    job_of = {"gan/a": "10_0", "gan/b": "10_1", "gan/c": "10_2", "data/cell": "9"}
+    # evaluations line up one to one with the training array (whatever their order): aftercorr, so one failed
+    # GAN cancels only its own evaluation; plus afterok on the shared extractor task
+    plans = plan_arrays([t("eval/c", "gan/c", "data/cell"), t("eval/a", "gan/a", "data/cell"),
+                         t("eval/b", "gan/b", "data/cell")], job_of, arrays)
+    assert [([x["name"] for x in ts], dep) for ts, dep in plans] == [
+        (["eval/a", "eval/b", "eval/c"], "aftercorr:10,afterok:9")]
+    # a subset: afterok on those array tasks; every task of the array: the array id; nothing queued: no wait
+    plans = plan_arrays([t("syn/a", "gan/a"), t("syn/c", "gan/c"), t("cls/real", "data/done")], job_of, arrays)
+    assert [([x["name"] for x in ts], dep) for ts, dep in plans] == [
+        (["cls/real"], None), (["syn/a", "syn/c"], "afterok:10_0:10_2")]
+    plans = plan_arrays([t("x", "gan/a", "gan/b", "gan/c")], job_of, arrays)
+    assert plans[0][1] == "afterok:10"
+
+
+# ---------------------------------------------------------------- the lock (real processes)
+
+def _tiny_study_dir(out: Path) -> dict:
+    """A study directory holding the tiny study's tasks (nothing run)."""
+    from hpcgan.sweep import write_study
+    s = load_study("tiny")
+    return write_study(out, s, expand(s, out), "tiny", [], "local")
+
+
+def test_a_busy_run_directory_is_not_run_twice_and_a_dead_holder_is_taken_over(tmp_path):
+    import socket
+    doc = _tiny_study_dir(tmp_path)
+    files = TaskFiles(tmp_path, "data/sim")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        files.dir.mkdir(parents=True)
+        files.lock_path.write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid, "job": None}))
+        with pytest.raises(TaskError, match=f"already running.*pid {sleeper.pid}"):
+            with files.locked({"host": socket.gethostname(), "pid": os.getpid(), "token": "me"}):
+                pass
+        files.update(state="running", attempt=1)
+        status = {st.name: st for st in collect_status(tmp_path, doc)}["data/sim"]
+        assert status.state == "running"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # its holder is gone: the task shows as failed, and the next runner takes the lock over
+    status = {st.name: st for st in collect_status(tmp_path, doc)}["data/sim"]
+    assert status.state == "failed" and "stopped without finishing" in status.note
+    with files.locked({"host": socket.gethostname(), "pid": os.getpid(), "token": "me"}):
+        assert files.holder()["token"] == "me"
+    assert not files.lock_path.exists()
+    assert {st.name: st.state for st in collect_status(tmp_path, doc)}["gan/dcgan-s0-32"] == "missing"
+
+
+# ---------------------------------------------------------------- end to end
+
+def sweep_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*SWEEP, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
+                          env={**(env or os.environ), "OMP_NUM_THREADS": "1"})
+
+
+def classify_args() -> list[str]:
+    return [] if HAVE_CLASSIFY else ["classify.enabled=false"]
+
+
+def mtimes(out: Path, doc: dict) -> dict[str, float]:
+    """The newest modification time of every finished task's outputs."""
+    result = {}
+    for t in doc["tasks"]:
+        if finished(t):
+            target = Path(t["out"])
+            files = [p for p in target.rglob("*") if p.is_file()] if target.is_dir() else [target]
+            result[t["name"]] = max(p.stat().st_mtime_ns for p in files)
+    return result
+
+
+def check_results(out: Path) -> None:
+    """Every evaluation wrote finite FIDs in results rows the report reads."""
+    from hpcgan.results import read_rows
+    rows = [r for p in sorted((out / "gan").glob("*/eval/results.jsonl")) for r in read_rows(p)]
+    fids = {r["model"]: r["value"] for r in rows if r["metric"] == "fid" and r["class"] is None}
+    assert set(fids) == {"wgan_gp_ac", "dcgan"} and all(math.isfinite(v) for v in fids.values()), fids
+    syn = json.loads((out / "synthetic" / "wgan_gp_ac-s0-32" / "manifest.json").read_text())
+    assert syn["synthetic"] is True and sum(syn["counts"]["train"].values()) > 0
+
+
+def check_report(out: Path) -> None:
+    """The report stage reads the study: Table 3 has both GANs (and Table 5 both regimes), numbers finite."""
+    import pandas as pd
+
+    from hpcgan.report import report
+    written = report(out, figures=False)
+    table3 = pd.read_csv(written["table3_cell_32px"])
+    assert sorted(table3["model"]) == ["dcgan", "wgan_gp_ac"] and table3["fid_mean"].map(math.isfinite).all()
+    if HAVE_CLASSIFY:
+        table5 = pd.read_csv(written["table5_32px"])
+        assert sorted(table5["regime"]) == ["original", "original+synthetic"]
+        assert table5["accuracy_mean"].between(0, 1).all()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_tiny_study_runs_here_end_to_end_and_resumes(tmp_path):
+    out = tmp_path / "study"
+    r = sweep_cli("study=tiny", f"out={out}", "executor=local", *classify_args())
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = read_study(out)
+    statuses = collect_status(out, doc)
+    assert {st.state for st in statuses} == {"finished"}, [(st.name, st.state, st.note) for st in statuses]
+    assert len(statuses) == (10 if HAVE_CLASSIFY else 8)
+    check_results(out)
+    check_report(out)
+    before = mtimes(out, doc)
+    again = sweep_cli(f"out={out}", "executor=local")   # same study (study.json), nothing left to do
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
+    assert mtimes(out, doc) == before
+    shown = sweep_cli("status", f"out={out}")
+    assert shown.returncode == 0 and f"{len(statuses)}/{len(statuses)} tasks finished" in shown.stdout, shown.stdout
+
+
+# ---------------------------------------------------------------- on the real local Slurm
+
+@pytest.fixture(scope="module")
+def sim_shards(tmp_path_factory) -> Path:
+    from hpcgan.data.build import build
+    from hpcgan.data.simulate import simulate
+    root = tmp_path_factory.mktemp("sweep-data")
+    simulate(root / "sim", seed=0, scale=0.3, progress=False)
+    build({s: str(root / "sim" / s) for s in ("pbc", "aml", "lab")}, root / "shards", size=32, seed=0,
+          progress=False, contact_sheet=False)
+    return root / "shards"
+
+
+def wait_settled(out: Path, timeout: float = 300) -> list:
+    """Poll until no task is pending, running or requeued."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        statuses = collect_status(out)
+        if not any(st.state in ("pending", "running", "requeued") for st in statuses):
+            return statuses
+        time.sleep(2)
+    raise AssertionError(f"study still running after {timeout:.0f} s: {[(st.name, st.state) for st in statuses]}")
+
+
+def submitted_tasks(out: Path) -> list[list[str]]:
+    path = out / "submissions.jsonl"
+    return [json.loads(line)["tasks"] for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_request_the_partition_cannot_meet_fails_at_submission(slurm_cluster, sim_shards, tmp_path):
+    out = tmp_path / "study"
+    r = sweep_cli("study=tiny", f"out={out}", "executor=slurm", f"data.shards={sim_shards}",
+                  "resources.train.cpus=10000", env=slurm_cluster.env)
+    assert r.returncode == 2 and "stage train: Slurm refuses its request" in r.stderr, r.stdout + r.stderr
+    assert "cpus_per_task=10000" in r.stderr and "nothing was submitted" in r.stderr
+    assert submitted_tasks(out) == []
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_tiny_study_on_slurm_survives_scancel_and_relaunch(slurm_cluster, sim_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.conf or os.environ.get("SLURM_CONF", ""))
+    if not slurm_cluster.conf:
+        monkeypatch.delenv("SLURM_CONF")
+    out = tmp_path / "study"
+    args = ["study=tiny", f"out={out}", "executor=slurm", f"data.shards={sim_shards}", "gan.steps=30", *classify_args()]
+    first = sweep_cli(*args, env=slurm_cluster.env)
+    assert first.returncode == 0 and "train: 2 task(s) -> job" in first.stdout, first.stdout + first.stderr
+    n_submitted = len(submitted_tasks(out))
+    # a second launch while the first is under way submits nothing
+    second = sweep_cli(*args, env=slurm_cluster.env)
+    assert second.returncode == 0 and "nothing to do" in second.stdout, second.stdout + second.stderr
+    assert len(submitted_tasks(out)) == n_submitted
+
+    # cancel the DCGAN while it trains
+    files = TaskFiles(out, "gan/dcgan-s0-32")
+    deadline = time.monotonic() + 180
+    while files.state().get("state") != "running":
+        assert time.monotonic() < deadline, "the DCGAN task never started"
+        time.sleep(0.2)
+    slurm_cluster.run("scancel", files.state()["job"])
+    statuses = {st.name: st for st in wait_settled(out)}
+    assert statuses["gan/dcgan-s0-32"].state == "failed"
+    assert statuses["eval/dcgan-s0-32"].state == "failed"        # its evaluation can never run ...
+    assert statuses["eval/wgan_gp_ac-s0-32"].state == "finished"  # ... the other GAN's does (aftercorr)
+    assert statuses["synthetic/wgan_gp_ac-s0-32"].state == "finished"
+    shown = sweep_cli("status", f"out={out}", env=slurm_cluster.env)
+    assert shown.returncode == 1 and "gan/dcgan-s0-32" in shown.stdout
+    assert any(line.startswith("gan/dcgan-s0-32") and " failed " in line for line in shown.stdout.splitlines()), shown.stdout
+
+    # the relaunch submits only what did not finish, and finishes it without touching the rest
+    doc = read_study(out)
+    before = mtimes(out, doc)
+    relaunch = sweep_cli(f"out={out}", env=slurm_cluster.env)
+    assert relaunch.returncode == 0, relaunch.stdout + relaunch.stderr
+    assert sorted(sum(submitted_tasks(out)[n_submitted:], [])) == ["eval/dcgan-s0-32", "gan/dcgan-s0-32"]
+    statuses = wait_settled(out)
+    assert {st.state for st in statuses} == {"finished"}, [(st.name, st.state, st.note) for st in statuses]
+    assert {k: v for k, v in mtimes(out, doc).items() if k in before} == before
+    check_results(out)
+    dcgan = json.loads((out / "gan" / "dcgan-s0-32" / "status.json").read_text())
+    assert dcgan["state"] == "finished" and dcgan["step"] == 30
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_time_limit_warning_checkpoints_requeues_and_resumes(slurm_cluster, sim_shards, tmp_path, monkeypatch):
+    """USR2 to the job (what Slurm sends cluster.signal_delay_s before the time limit): the training saves a
+    checkpoint, the task requeues itself (submitit Checkpointable) and the same job resumes and finishes."""
+    if slurm_cluster.conf:
+        monkeypatch.setenv("SLURM_CONF", slurm_cluster.conf)
+    out = tmp_path / "study"
+    r = sweep_cli("study=tiny", f"out={out}", "executor=slurm", f"data.shards={sim_shards}", "gan.models=[dcgan]",
+                  "generate.models=[]", "evaluate.enabled=false", "classify.enabled=false", "gan.steps=150",
+                  "gan.model_overrides.dcgan=['ckpt_every=50']", env=slurm_cluster.env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = out / "gan" / "dcgan-s0-32"
+    deadline = time.monotonic() + 180
+    while not (json.loads((run / "status.json").read_text()).get("step", 0) if (run / "status.json").is_file() else 0):
+        assert time.monotonic() < deadline, "the training never logged a step"
+        time.sleep(0.2)
+    job = TaskFiles(out, "gan/dcgan-s0-32").state()["job"]
+    slurm_cluster.run("scancel", "--signal=USR2", job)
+    statuses = wait_settled(out, 240)
+    assert [st.state for st in statuses] == ["finished"], [(st.name, st.state, st.note) for st in statuses]
+    state = TaskFiles(out, "gan/dcgan-s0-32").state()
+    log = (out / "tasks" / "gan" / "dcgan-s0-32" / "output.log").read_text()
+    assert state["attempt"] == 2 and state["job"] == job, state
+    assert "stopped by SIGUSR2" in log and "resuming from" in log, log[-3000:]
+    assert json.loads((run / "status.json").read_text())["step"] == 150
+    assert "Restarts=1" in slurm_cluster.run("scontrol", "show", "job", job).stdout
