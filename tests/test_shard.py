@@ -460,7 +460,9 @@ def big_corpus(root: Path, n: int = 120) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, workers", [(signal.SIGKILL, 1), (signal.SIGINT, 2)], ids=["sigkill-1worker", "sigint-2workers"])
 def test_interrupted_run_leaves_previous_output_intact(built, tmp_path, sig, workers):
-    src = big_corpus(tmp_path / "src")
+    # 600 images: enough work that the build is still running when the signal lands, even on a loaded machine
+    # (with 120 a starved test process sometimes saw the spool only as the build was finishing: rc 0)
+    src = big_corpus(tmp_path / "src", n=600)
     parent = tmp_path / "work"
     out = parent / "shards"
     shutil.copytree(built[0], out)
