@@ -48,7 +48,7 @@ from hpcgan.data.shards import iter_samples, read_manifest, sha256_file
 from hpcgan.fsutil import atomic_write_bytes
 from hpcgan.results import append_rows, number, write_result
 from hpcgan.metrics import DEFAULT_METRICS, EvalData, MetricResult, Side, check_names, compute, needs
-from hpcgan.settings import SettingsError, check_choice, parse
+from hpcgan.settings import SettingsError, check_choice, compose_settings, parse
 
 logger = logging.getLogger("hpcgan.evaluate")
 
@@ -506,15 +506,10 @@ def summary(doc: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m hpcgan.evaluate key=value ...` (also under torchrun): Hydra config configs/evaluate.yaml."""
-    from hydra import compose, initialize_config_dir
-
-    from hpcgan import CONFIG_DIR
     logging.basicConfig(level=logging.INFO if dist.launch_env()[0] == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose("evaluate", overrides=list(sys.argv[1:] if argv is None else argv))
     try:
-        s = parse(EvaluateSettings, cfg)
+        s = compose_settings(EvaluateSettings, "evaluate", argv)
     except SettingsError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2

@@ -46,6 +46,18 @@ def parse(cls: type[T], cfg: Mapping[str, Any] | Any, *, drop: tuple[str, ...] =
         raise SettingsError(_one_line(e, cls, prefix)) from None
 
 
+def compose_settings(cls: type[T], config_name: str, argv: list[str] | None = None) -> T:
+    """configs/<config_name>.yaml with `key=value` overrides (sys.argv[1:] by default), composed by Hydra
+    without changing the working directory, parsed into `cls` (a SettingsError for a bad value): the entry
+    point of a stage that runs under torchrun (`python -m hpcgan.<stage> ...`)."""
+    from hydra import compose, initialize_config_dir
+
+    from hpcgan import CONFIG_DIR
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose(config_name, overrides=list(sys.argv[1:] if argv is None else argv))
+    return parse(cls, cfg)
+
+
 def _one_line(e: Exception, cls: type, prefix: str = "") -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     key = getattr(e, "full_key", None)

@@ -547,16 +547,12 @@ def classify(settings: ClassifySettings | dict, env: dist.DistEnv | None = None)
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m hpcgan.classify key=value ...` (also under torchrun): Hydra config configs/classify.yaml."""
-    from hydra import compose, initialize_config_dir
-
-    from hpcgan import CONFIG_DIR
+    from hpcgan.settings import compose_settings
     rank = dist.launch_env()[0]
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose("classify", overrides=list(sys.argv[1:] if argv is None else argv))
     try:
-        s = parse(ClassifySettings, cfg)
+        s = compose_settings(ClassifySettings, "classify", argv)
     except SettingsError as e:
         print(f"classify: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
