@@ -4,14 +4,19 @@ Output directory `out` (written atomically, via hpcgan.fsutil.atomic_dir):
   {split}-NNNNNN.tar/.idx   shards in the same format as tools/shard.py (hpcgan.data.shards), so the
                             same loader reads real and synthetic sets side by side
   manifest.json             the shard-set manifest with synthetic: true, plus the checkpoint (path,
-                            sha256, step), weights, seed and the list of every image
+                            sha256, step), its run's training images per class (trained_counts), weights,
+                            seed and the list of every image
   png/<class>/syn_<class>_<index>.png   (png=True) a browsable copy; file and key names start with
                             "syn_" so a synthetic image can never be mistaken for a patient's
 
 Conditional models (G(z, y)) write `per_class=N` images of each chosen class, or top up every class of
-a real shard set's split to `balance=TARGET` ("max": the largest class). Unconditional models cannot
-generate a chosen class; for them `count=N` writes unlabelled images (label -1, class "unlabelled")
-into png/unlabelled/ and the manifest only: no shards, since every shard sample needs a class label.
+a real shard set's split to `balance=TARGET` ("max": the largest class). A class the generator never saw
+a training image of (its run's class_counts, recorded since issue 9) is refused under per_class (a
+GenerateError naming it) and skipped with a warning under balance (manifest: balance.skipped_classes):
+what a generator makes of a class it never saw is mislabelled data. A checkpoint without counts is
+generated as before, with a warning. Unconditional models cannot generate a chosen class; for them
+`count=N` writes unlabelled images (label -1, class "unlabelled") into png/unlabelled/ and the manifest
+only: no shards, since every shard sample needs a class label.
 
 Same checkpoint + seed (+ batch size and device) -> byte-identical output: each class draws its latents
 from its own generator seeded by class_seed(seed, label), independent of the other classes chosen.
@@ -49,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS = ("auto", "ema", "raw")
 UNLABELLED = "unlabelled"
+NO_TRAINING_IMAGES = "no training images"
 CONDITIONAL_EXAMPLES = "wgan_gp_ac, acgan, cgan"
 
 
@@ -198,11 +204,40 @@ def build_generator(spec: GANSpec, classes: list[str], image_size: int, weights:
     return G.to(device).eval()
 
 
+def own_batchnorm_statistics(G, spec: GANSpec, state: dict, classes: list[str], path: Path) -> None:
+    """EMA weights of a checkpoint written before hpcgan.train kept their own BatchNorm statistics (no
+    "G_ema_bn": "standing") hold the live generator's, which do not fit them (issue 9: blank samples):
+    recompute them as training does now (hpcgan.train.standing_stats, the run's batch size and seed)."""
+    from hpcgan.train import TrainSettings, standing_stats
+    if state.get("G_ema_bn") == "standing":
+        return
+    config = state.get("config") or {}
+    device = next(G.parameters()).device
+    if standing_stats(G, spec, len(classes), batches=TrainSettings.ema_standing_batches,
+                      batch_size=int(config.get("batch_size", TrainSettings.batch_size)),
+                      seed=int(config.get("seed", 0)), device=device):
+        logger.warning("%s: its EMA generator carries the live generator's BatchNorm statistics (a checkpoint "
+                       "from before they were recomputed for the EMA weights); recomputed them", path)
+
+
+def trained_counts(config: dict) -> dict[str, int] | None:
+    """{class: training images} of the run that wrote a checkpoint (its config's class_counts); None for a
+    checkpoint from before runs recorded them."""
+    counts = config.get("class_counts")
+    return None if counts is None else {str(c): int(n) for c, n in counts.items()}
+
+
+def unseen_classes(counts: dict[str, int] | None, classes) -> list[str]:
+    """The classes (in the given order) a run had no training image of; [] when the counts are unknown."""
+    return [] if counts is None else [c for c in classes if counts.get(c, 0) == 0]
+
+
 def load_generator(run_dir=None, checkpoint=None, weights: str = "auto", device: str = "auto"
                    ) -> tuple[torch.nn.Module, GANSpec, list[str], int, dict]:
     """(G in eval mode on `device`, its spec, its classes in label order, image size, info) of an explicit
-    checkpoint file, else of run_dir's newest valid one; info = {"path", "sha256", "step", "weights", "config"}
-    ("ema" or "raw": weights="auto" takes the EMA generator when the checkpoint has one)."""
+    checkpoint file, else of run_dir's newest valid one; info = {"path", "sha256", "step", "weights", "config",
+    "class_counts"} (weights "ema" or "raw": weights="auto" takes the EMA generator when the checkpoint has
+    one; class_counts: {class: training images} of the run, None when the checkpoint predates them)."""
     state, path, sha = load_checkpoint(run_dir, checkpoint)
     spec, classes, image_size = checkpoint_model(state, path)
     g_weights, used = select_weights(state, weights, path)
@@ -210,8 +245,11 @@ def load_generator(run_dir=None, checkpoint=None, weights: str = "auto", device:
     logger.info("checkpoint %s (step %d, model %s): using %s generator weights",
                 path, step, spec.name, "EMA" if used == "ema" else "raw (non-EMA)")
     G = build_generator(spec, classes, image_size, g_weights, resolve_device(device))
+    if used == "ema":
+        own_batchnorm_statistics(G, spec, state, classes, path)
+    config = state.get("config") or {}
     return G, spec, classes, image_size, {"path": str(path), "sha256": sha, "step": step, "weights": used,
-                                          "config": state.get("config") or {}}
+                                          "config": config, "class_counts": trained_counts(config)}
 
 
 # ---------------------------------------------------------------- how many of each class
@@ -348,7 +386,7 @@ def write_synthetic(s: GenerateSettings) -> dict:
     out = Path(s.out)
     _check_out(out, s.shards)
     G, spec, classes, image_size, ckpt = load_generator(s.run, s.checkpoint, s.weights, s.device)
-    plan, balance_info, real_taxonomy = _plan(s, spec, classes, image_size)
+    plan, balance_info, real_taxonomy = _plan(s, spec, classes, image_size, ckpt["class_counts"])
     total = sum(plan.values())
     logger.info("generating %d images: %s", total, {c: n for c, n in plan.items() if n})
     if total == 0 and s.count is None:
@@ -366,8 +404,9 @@ def write_synthetic(s: GenerateSettings) -> dict:
     return manifest
 
 
-def _plan(s: GenerateSettings, spec: GANSpec, classes: list[str], image_size: int):
-    """({class: images to generate}, balance info or None, the real shards' taxonomy or None)."""
+def _plan(s: GenerateSettings, spec: GANSpec, classes: list[str], image_size: int, counts: dict[str, int] | None):
+    """({class: images to generate}, balance info or None, the real shards' taxonomy or None). `counts`: the
+    checkpoint's training images per class (None: unknown)."""
     if s.count is not None:
         if spec.conditional:
             raise GenerateError(f"count=N is for unconditional models; {spec.name} is conditional: "
@@ -381,10 +420,28 @@ def _plan(s: GenerateSettings, spec: GANSpec, classes: list[str], image_size: in
                             f"use a conditional one ({CONDITIONAL_EXAMPLES}), or count=N for unlabelled "
                             "images (PNG folder and manifest only)")
     chosen = select_classes(classes, s.classes)
+    unseen = unseen_classes(counts, chosen)
+    if counts is None:
+        logger.warning("the checkpoint does not record how many training images each class had (it predates "
+                       "class_counts): classes it never saw cannot be told apart and are generated like the others")
     if s.balance is None:
+        if unseen:
+            raise GenerateError(f"the generator never saw a training image of {unseen} ({NO_TRAINING_IMAGES} in its "
+                                "run): what it makes of them is not those cells, only mislabelled data. Choose "
+                                f"among the classes it was trained on: classes={_seen_list(chosen, unseen)}")
         return {c: s.per_class for c in chosen}, None, None
-    plan, info = balance_counts(classes, chosen, s.balance, s.shards, s.real_split, image_size)
+    if unseen:
+        logger.warning("balance: skipping %s: the generator never saw a training image of them (%s)", unseen,
+                       NO_TRAINING_IMAGES)
+    plan, info = balance_counts(classes, [c for c in chosen if c not in unseen], s.balance, s.shards, s.real_split,
+                                image_size)
+    info["skipped_classes"] = unseen
     return plan, info, info.pop("taxonomy")
+
+
+def _seen_list(chosen: list[str], unseen: list[str]) -> str:
+    """The chosen classes the generator saw, as a Hydra list override."""
+    return "[" + ",".join(f'"{c}"' if " " in c else c for c in chosen if c not in unseen) + "]"
 
 
 def _write_images(staging: Path, G, spec: GANSpec, classes: list[str], plan: dict[str, int], s: GenerateSettings,
@@ -443,6 +500,7 @@ def _manifest(s: GenerateSettings, spec: GANSpec, classes, image_size, plan, sha
         "weights": ckpt["weights"],
         "seed": s.seed,
         "checkpoint": {k: ckpt[k] for k in ("path", "sha256", "step")},
+        "trained_counts": ckpt["class_counts"],    # the checkpoint's training images per class (null: unknown)
         "balance": balance_info,
         "images": images,
     }

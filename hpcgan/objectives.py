@@ -1,12 +1,17 @@
-"""The GAN objective, built from a GANSpec: one code path for all eight models.
+"""The GAN objective, built from a GANSpec: one code path for every model.
 
   adversarial  wasserstein: D loss = E[D(fake)] - E[D(real)],  G loss = -E[D(fake)]
                bce:         D loss = BCE(D(real), 1) + BCE(D(fake), 0),  G loss = BCE(D(fake), 1)
                             (the non-saturating generator loss)
+               hinge:       D loss = E[relu(1 - D(real))] + E[relu(1 + D(fake))],  G loss = -E[D(fake)]
+                            (Lim & Ye 2017; SNGAN, SAGAN, BigGAN): the critic stops pushing a sample once
+                            it is beyond the margin, so it does not grow without bound on a few images
   gp_lambda    gradient penalty  lambda * E[(||grad_x D(x_hat)||_2 - 1)^2] on x_hat = eps*real + (1-eps)*fake,
                taken with autograd.grad w.r.t. x_hat (create_graph=True), so the caller does ONE backward;
                gp_every=k > 1 takes it on every k-th critic step only, weighted k*lambda ("lazy
                regularisation", Karras et al. 2020): the penalty is about half of a WGAN-GP-AC step's time
+  r1_gamma     R1 penalty (Mescheder et al. 2018) gamma/2 * E[||grad_x D(x)||^2] on the real images as the
+               critic sees them (after DiffAugment), lazy with gp_every like the gradient penalty; logged as gp
   clip         weight clipping of the critic after its optimiser step (WGAN)
   ac_weight    auxiliary classifier: CE(cls(real), y_real) + CE(cls(fake), y_fake) in the critic loss,
                CE(cls(fake), y_fake) in the generator loss
@@ -17,7 +22,7 @@
   info_*       InfoGAN codes appended to z (hpcgan/latent.py: one-hot categorical, then uniform(-1, 1)
                continuous); the critic's Q heads recover them: CE on the categorical, MSE (a unit-variance
                Gaussian NLL up to constants) on the continuous; in both the critic and the generator loss
-Stats (detached tensors, averaged and logged by the loop): d_loss, g_loss, gp, wdist (E[D(real)] -
+Stats (detached tensors, averaged and logged by the loop): d_loss, g_loss, gp (GP and R1), wdist (E[D(real)] -
 E[D(fake)]), ac_acc_real / ac_acc_fake (the auxiliary classifier's accuracy on real and on generated
 images, the paper's Figs. 7-8), info_loss.
 """
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 
 from hpcgan.augment import diff_augment, parse_policy
 from hpcgan.latent import Latent
-from hpcgan.models.registry import GANSpec
+from hpcgan.models.registry import ADVERSARIAL, GANSpec
 
 STAT_KEYS = ("d_loss", "g_loss", "gp", "wdist", "ac_acc_real", "ac_acc_fake", "info_loss")
 
@@ -39,8 +44,9 @@ STAT_KEYS = ("d_loss", "g_loss", "gp", "wdist", "ac_acc_real", "ac_acc_fake", "i
 class GANObjective:
     def __init__(self, spec: GANSpec, num_classes: int, *, diffaug: str | None = None,
                  device_type: str = "cpu", autocast_dtype: torch.dtype | None = None):
-        if spec.adversarial not in ("wasserstein", "bce"):
-            raise ValueError(f"{spec.name}: adversarial must be 'wasserstein' or 'bce', got {spec.adversarial!r}")
+        if spec.adversarial not in ADVERSARIAL:
+            raise ValueError(f"{spec.name}: adversarial must be one of {', '.join(ADVERSARIAL)}, "
+                             f"got {spec.adversarial!r}")
         if spec.ac_weight > 0 and not spec.conditional:
             raise ValueError(f"{spec.name}: an auxiliary classifier (ac_weight > 0) needs a conditional generator")
         self.spec = spec
@@ -86,14 +92,14 @@ class GANObjective:
         real_in, fake_in = self._augment(real, gen), self._augment(fake, gen)
         out_r = self._critic(D, real_in, y_real)
         out_f = self._critic(D, fake_in, y_fake_d)
-        if s.adversarial == "wasserstein":
-            loss = out_f["adv"].mean() - out_r["adv"].mean()
-        else:
-            loss = (F.binary_cross_entropy_with_logits(out_r["adv"], torch.ones_like(out_r["adv"]))
-                    + F.binary_cross_entropy_with_logits(out_f["adv"], torch.zeros_like(out_f["adv"])))
+        loss = self.critic_adversarial(out_r["adv"], out_f["adv"])
         stats = {"wdist": (out_r["adv"].mean() - out_f["adv"].mean()).detach()}
-        if s.gp_lambda > 0 and step % s.gp_every == 0:
-            gp = s.gp_lambda * s.gp_every * self.gradient_penalty(D, real_in, fake_in, y_real, gen, grad_scale)
+        if (s.gp_lambda > 0 or s.r1_gamma > 0) and step % s.gp_every == 0:
+            gp = 0.0
+            if s.gp_lambda > 0:
+                gp = s.gp_lambda * s.gp_every * self.gradient_penalty(D, real_in, fake_in, y_real, gen, grad_scale)
+            if s.r1_gamma > 0:
+                gp = gp + s.r1_gamma / 2 * s.gp_every * self.r1_penalty(D, real_in, y_real, grad_scale)
             loss = loss + gp
             stats["gp"] = gp.detach()
         if s.ac_weight > 0:
@@ -108,19 +114,45 @@ class GANObjective:
         stats["d_loss"] = loss.detach()
         return loss, stats
 
+    def critic_adversarial(self, adv_real: torch.Tensor, adv_fake: torch.Tensor) -> torch.Tensor:
+        """The critic's adversarial loss (spec.adversarial) from its scores on real and generated images."""
+        kind = self.spec.adversarial
+        if kind == "wasserstein":
+            return adv_fake.mean() - adv_real.mean()
+        if kind == "hinge":
+            return F.relu(1 - adv_real).mean() + F.relu(1 + adv_fake).mean()
+        return (F.binary_cross_entropy_with_logits(adv_real, torch.ones_like(adv_real))
+                + F.binary_cross_entropy_with_logits(adv_fake, torch.zeros_like(adv_fake)))
+
+    def generator_adversarial(self, adv_fake: torch.Tensor) -> torch.Tensor:
+        """The generator's adversarial loss (spec.adversarial) from the critic's scores on its images."""
+        if self.spec.adversarial == "bce":
+            return F.binary_cross_entropy_with_logits(adv_fake, torch.ones_like(adv_fake))
+        return -adv_fake.mean()   # wasserstein and hinge alike
+
+    def _input_gradient_norms(self, D: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
+                              grad_scale: float | None) -> torch.Tensor:
+        """[B] ||grad_x D(x)["adv"]||_2 per sample, with the graph kept (create_graph) for the critic's backward."""
+        x = x.detach().requires_grad_(True)
+        out = self._critic(D, x, y)["adv"].sum()
+        if grad_scale is not None:  # fp16: scale so small gradients do not underflow, unscale after
+            (g,) = torch.autograd.grad(out * grad_scale, x, create_graph=True)
+            g = g / grad_scale
+        else:
+            (g,) = torch.autograd.grad(out, x, create_graph=True)
+        return g.float().flatten(1).norm(2, dim=1)
+
     def gradient_penalty(self, D: nn.Module, real: torch.Tensor, fake: torch.Tensor, y: torch.Tensor | None,
                          gen: torch.Generator, grad_scale: float | None = None) -> torch.Tensor:
         """E[(||grad_x D(x_hat)|| - 1)^2] (without lambda), differentiable w.r.t. D's parameters."""
         eps = torch.rand(real.shape[0], 1, 1, 1, generator=gen, device=gen.device).to(real.device, real.dtype)
-        x_hat = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
-        out = self._critic(D, x_hat, y)["adv"].sum()
-        if grad_scale is not None:  # fp16: scale so small gradients do not underflow, unscale after
-            (g,) = torch.autograd.grad(out * grad_scale, x_hat, create_graph=True)
-            g = g / grad_scale
-        else:
-            (g,) = torch.autograd.grad(out, x_hat, create_graph=True)
-        norm = g.float().flatten(1).norm(2, dim=1)
-        return ((norm - 1) ** 2).mean()
+        x_hat = eps * real.detach() + (1 - eps) * fake.detach()
+        return ((self._input_gradient_norms(D, x_hat, y, grad_scale) - 1) ** 2).mean()
+
+    def r1_penalty(self, D: nn.Module, real: torch.Tensor, y: torch.Tensor | None,
+                   grad_scale: float | None = None) -> torch.Tensor:
+        """E[||grad_x D(real)||^2] (without gamma / 2), differentiable w.r.t. D's parameters."""
+        return (self._input_gradient_norms(D, real, y, grad_scale) ** 2).mean()
 
     def generator_loss(self, D: nn.Module, fake: torch.Tensor, latent: Latent, gen: torch.Generator,
                        y_for_critic: torch.Tensor | None = None):
@@ -128,10 +160,7 @@ class GANObjective:
         s = self.spec
         y_d = latent.y if latent.y is not None else y_for_critic
         out = self._critic(D, self._augment(fake, gen), y_d)
-        if s.adversarial == "wasserstein":
-            loss = -out["adv"].mean()
-        else:
-            loss = F.binary_cross_entropy_with_logits(out["adv"], torch.ones_like(out["adv"]))
+        loss = self.generator_adversarial(out["adv"])
         stats = {}
         if s.ac_weight > 0:
             ac = F.cross_entropy(out["cls"], latent.y)

@@ -10,10 +10,17 @@ All randomness of step s on rank r (noise, labels, codes, penalty interpolation,
 generator seeded by (seed, r, s), and the loader's order is a function of (seed, epoch, rank), so a run
 resumed from a checkpoint repeats exactly what the uninterrupted run would have done.
 
-Run directory: config.yaml, log.csv, curves.png (log.csv and the sample diversity drawn, at every sample
-grid), samples/step-N.png, samples/diversity.csv, checkpoints/step-N.pt, status.json
-({"state": "running" | "finished" | "failed" | "interrupted", "step", "steps", ...; a finished run with an
-auxiliary classifier adds "class_signal", see hpcgan.gauges.class_signal}), written by hpcgan.rundir.
+EMA (ema > 0): G_ema averages the generator's weights with a decay warmed up from the first update
+(ema_rampup, see ema_beta) and normalises with BatchNorm "standing statistics" computed for its own weights
+(ema_standing_batches, see standing_stats) before every sample grid and checkpoint; a resumed run repeats
+both exactly.
+
+Run directory: config.yaml (with class_counts: the training images per class; a class without any is
+refused by hpcgan.generate and its sample-grid row is greyed and crossed out), log.csv, curves.png (log.csv
+and the sample diversity drawn, at every sample grid), samples/step-N.png, samples/diversity.csv,
+checkpoints/step-N.pt, status.json ({"state": "running" | "finished" | "failed" | "interrupted", "step",
+"steps", ...; a finished run with an auxiliary classifier adds "class_signal", see
+hpcgan.gauges.class_signal}), written by hpcgan.rundir.
 Settings: TrainSettings (configs/train.yaml documents the same defaults); a bad value is a one-line error
 and exit code 2. The run reads top to bottom in TrainingRun.run(): setup, resume, loop, finish.
 
@@ -53,8 +60,9 @@ from hpcgan.augment import parse_policy
 from hpcgan.checkpoint import capture_rng, list_checkpoints, load_latest, restore_rng, save_checkpoint
 from hpcgan.data.loader import BACKENDS
 from hpcgan.gauges import CLASS_SIGNAL_ADVICE, DIVERSITY_COLUMNS, class_signal, grid_diversity
+from hpcgan.generate import NO_TRAINING_IMAGES, unseen_classes
 from hpcgan.latent import sample_latent
-from hpcgan.models.registry import GANSpec, build_model
+from hpcgan.models.registry import GANSpec, build_model, optimiser_lr
 from hpcgan.objectives import STAT_KEYS, GANObjective
 from hpcgan.rundir import LOG, CsvLog, read_status, write_config, write_status
 from hpcgan.settings import MISSING, SettingsError, check_choice, check_range, exit_on_error, parse
@@ -78,6 +86,8 @@ class TrainSettings:
     epochs: int = 50
     batch_size: int = 64                       # per rank
     ema: float = 0.0
+    ema_rampup: float | None = 0.05            # see ema_beta
+    ema_standing_batches: int = 16             # see standing_stats
     diffaug: Any = field(default_factory=list)  # a list of DiffAugment policies or "color,translation"
     balance_classes: bool = False
     flip: bool = False
@@ -100,9 +110,12 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         self.model = asdict(GANSpec.from_config(self.model))
+        if not self.diffaug:  # none given: the model's own policy (configs/model/<name>.yaml `diffaug`)
+            self.diffaug = list(self.model["diffaug"])
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("backend", self.backend, BACKENDS)
-        for name in ("batch_size", "epochs", "log_every", "samples_per_class", "ckpt_every", "max_bad_steps"):
+        for name in ("batch_size", "epochs", "log_every", "samples_per_class", "ckpt_every", "max_bad_steps",
+                     "ema_standing_batches"):
             check_range(name, getattr(self, name), 1)
         for name in ("steps", "sample_every", "keep_last", "seed"):
             if getattr(self, name) is not None:
@@ -110,6 +123,8 @@ class TrainSettings:
         if self.num_threads is not None:
             check_range("num_threads", self.num_threads, 1)
         check_range("ema", self.ema, 0, 1)
+        if self.ema_rampup is not None:
+            check_range("ema_rampup", self.ema_rampup, 0)
         try:
             parse_policy(self.diffaug)
         except ValueError as e:
@@ -153,19 +168,13 @@ def step_generator(seed: int, rank: int, step: int, device: torch.device) -> tor
     return g
 
 
-def make_optimizer(params, optim: dict) -> torch.optim.Optimizer:
-    """The optimiser of a spec's `optim` (OptimSpec's fields, filled in by GANSpec.from_config)."""
+def make_optimizer(params, optim: dict, net: str) -> torch.optim.Optimizer:
+    """The optimiser of network `net` ("G" or "D") under a spec's `optim` (OptimSpec's fields, filled in by
+    GANSpec.from_config; its lr_g / lr_d, when set, give the networks their own learning rates)."""
+    lr = optimiser_lr(optim, net)
     if optim["name"] == "rmsprop":
-        return torch.optim.RMSprop(params, lr=optim["lr"])
-    return torch.optim.Adam(params, lr=optim["lr"], betas=tuple(optim["betas"]))
-
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(p, 1.0 - decay)
-    for be, b in zip(ema.buffers(), model.buffers()):
-        be.copy_(b)
+        return torch.optim.RMSprop(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr, betas=tuple(optim["betas"]))
 
 
 def grads_finite(module: nn.Module) -> torch.Tensor:
@@ -180,13 +189,75 @@ def unwrap(m: nn.Module) -> nn.Module:
     return m.module if isinstance(m, DDP) else m
 
 
+# ---- the generator's exponential moving average --------------------------------------------------------
+
+def ema_beta(decay: float, rampup: float | None, updates: int) -> float:
+    """The EMA decay at the `updates`-th generator update (1, 2, ...): `decay`, capped while training is young
+    so that the EMA's half-life is at most `rampup` x the updates so far (StyleGAN2-ADA's ema_rampup; there
+    counted in images seen, the same thing at a fixed batch size). Without it a decay of 0.999 still holds
+    94% of the random initialisation after 60 updates. rampup None or 0: `decay` from the first update."""
+    if not rampup:
+        return decay
+    return min(decay, 0.5 ** (1.0 / (rampup * max(updates, 1))))
+
+
+def batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of a module that keep running statistics (what eval mode normalises with)."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
+    """ema <- beta * ema + (1 - beta) * model for the parameters. Buffers are copied (e.g. spectral-norm
+    vectors), except BatchNorm running statistics: the live generator's describe the live weights, not the
+    averaged ones; the EMA generator gets its own from standing_stats."""
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p, 1.0 - beta)
+    own = {id(b) for m in batchnorms(ema) for b in m.buffers(recurse=False)}
+    for be, b in zip(ema.buffers(), model.buffers()):
+        if id(be) not in own:
+            be.copy_(b)
+
+
+@torch.no_grad()
+def standing_stats(G: nn.Module, spec: GANSpec, num_classes: int, *, batches: int, batch_size: int, seed: int,
+                   device=None) -> bool:
+    """BigGAN's "standing statistics": G's BatchNorm running mean and variance recomputed for G's own weights,
+    as the plain average (momentum None) of the batch statistics of `batches` batches of fresh latents drawn
+    as training draws them (labels uniform over the classes), with G in train mode. The latents come from
+    their own generator seeded by `seed`, not the global RNG: the same weights give the same statistics.
+    G is left in eval mode. False (nothing done) when G has no BatchNorm."""
+    norms = batchnorms(G)
+    if not norms:
+        return False
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    gen = torch.Generator().manual_seed(seed)
+    G.train()
+    try:
+        for _ in range(batches):
+            latent = sample_latent(spec, batch_size, gen, num_classes=num_classes, device=device)
+            G(latent.z, latent.y)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        G.eval()
+    return True
+
+
 # ---- the model pair, its optimisers and one training step -------------------------------------------
 
 class Trainer:
     """G, D (DDP-wrapped when distributed), EMA, optimisers, scalers, and `step()`."""
 
     def __init__(self, spec: GANSpec, num_classes: int, image_size: int, env: dist.DistEnv, *, seed: int,
-                 precision: str = "fp32", ema: float = 0.0, diffaug: str = "", channels_last: bool = False):
+                 precision: str = "fp32", ema: float = 0.0, ema_rampup: float | None = TrainSettings.ema_rampup,
+                 standing: tuple[int, int] = (TrainSettings.ema_standing_batches, TrainSettings.batch_size),
+                 diffaug: str = "", channels_last: bool = False):
+        """ema: the EMA decay (0: no EMA generator); ema_rampup: see ema_beta; standing: (batches, batch size)
+        of the EMA generator's standing statistics (see standing_stats)."""
         self.spec, self.env, self.seed = spec, env, seed
         # NHWC: what tensor-core convs (cuDNN) and oneDNN want; NCHW makes them transpose around every conv.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -199,7 +270,8 @@ class Trainer:
         G = G.to(env.device, memory_format=self.memory_format)
         D = D.to(env.device, memory_format=self.memory_format)
         self.G_ema = copy.deepcopy(G).eval().requires_grad_(False) if ema > 0 else None
-        self.ema_decay = ema
+        self.ema_decay, self.ema_rampup, self.standing = ema, ema_rampup, standing
+        self.ema_standing = False  # whether G_ema's BatchNorm statistics are its own weights' (see ema_generator)
         if env.distributed:
             ids = [env.device.index] if env.device.type == "cuda" else None
             # No buffer broadcast: the critic runs forward twice (real, fake) before one backward, and DDP's
@@ -212,8 +284,8 @@ class Trainer:
             G, D = DDP(G, device_ids=ids, **buffers_off), DDP(D, device_ids=ids, **buffers_off)
         self.G, self.D = G, D
         self.n_critic = int(spec.optim["n_critic"])
-        self.opt_G = make_optimizer(unwrap(G).parameters(), spec.optim)
-        self.opt_D = make_optimizer(unwrap(D).parameters(), spec.optim)
+        self.opt_G = make_optimizer(unwrap(G).parameters(), spec.optim, "G")
+        self.opt_D = make_optimizer(unwrap(D).parameters(), spec.optim, "D")
         scaler = lambda: torch.amp.GradScaler("cuda") if use_scaler else None  # noqa: E731
         self.scaler_G, self.scaler_D = scaler(), scaler()
 
@@ -281,8 +353,10 @@ class Trainer:
             flag = self._local_bad(g_loss, self.G, self.opt_G, self.scaler_G).float().reshape(1)
             bad_g = bool(dist.all_reduce_max(env, flag).item())
             self._apply(bad_g, self.opt_G, self.scaler_G)
-            if self.G_ema is not None and not bad_g:
-                update_ema(self.G_ema, unwrap(self.G), self.ema_decay)
+            if self.G_ema is not None and not bad_g:  # the warm-up clock: generator updates, a function of step
+                update_ema(self.G_ema, unwrap(self.G), ema_beta(self.ema_decay, self.ema_rampup,
+                                                                (step + 1) // self.n_critic))
+                self.ema_standing = False
         return stats, bad_d or bad_g, stop
 
     @torch.no_grad()
@@ -293,13 +367,27 @@ class Trainer:
         both = dist.all_reduce_max(self.env, torch.stack([digest, -digest]))
         return bool(both[0] == -both[1])
 
+    def ema_generator(self) -> nn.Module | None:
+        """G_ema ready for use (sample grids, checkpoints and so generation): its BatchNorm standing statistics
+        recomputed when its weights changed since they were last computed. None without EMA."""
+        if self.G_ema is not None and not self.ema_standing:
+            batches, batch_size = self.standing
+            standing_stats(self.G_ema, self.spec, self.num_classes, batches=batches, batch_size=batch_size,
+                           seed=self.seed, device=self.env.device)
+            self.ema_standing = True
+        return self.G_ema
+
     # checkpoint state
     def state_dict(self) -> dict:
+        """G_ema_bn "standing": G_ema's BatchNorm statistics are its own (checkpoints before issue 9 hold the
+        live generator's; hpcgan.generate recomputes them)."""
         scalers = None
         if self.scaler_G is not None:
             scalers = {"G": self.scaler_G.state_dict(), "D": self.scaler_D.state_dict()}
+        G_ema = self.ema_generator()
         return {"G": unwrap(self.G).state_dict(), "D": unwrap(self.D).state_dict(),
-                "G_ema": self.G_ema.state_dict() if self.G_ema is not None else None,
+                "G_ema": G_ema.state_dict() if G_ema is not None else None,
+                "G_ema_bn": "standing" if G_ema is not None else None,
                 "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(), "scaler": scalers}
 
     def load_state_dict(self, state: dict) -> None:
@@ -307,11 +395,12 @@ class Trainer:
         unwrap(self.D).load_state_dict(state["D"])
         if self.G_ema is not None:
             self.G_ema.load_state_dict(state["G_ema"] if state["G_ema"] is not None else state["G"])
+            self.ema_standing = state["G_ema"] is not None and state.get("G_ema_bn") == "standing"
         self.opt_G.load_state_dict(state["opt_G"])
         self.opt_D.load_state_dict(state["opt_D"])
-        for opt in (self.opt_G, self.opt_D):  # the config's lr wins over the saved one (no schedules here)
+        for net, opt in (("G", self.opt_G), ("D", self.opt_D)):  # the config's lr wins (no schedules here)
             for group in opt.param_groups:
-                group["lr"] = self.spec.optim["lr"]
+                group["lr"] = optimiser_lr(self.spec.optim, net)
         if self.scaler_G is not None and state.get("scaler"):
             self.scaler_G.load_state_dict(state["scaler"]["G"])
             self.scaler_D.load_state_dict(state["scaler"]["D"])
@@ -323,7 +412,7 @@ class Trainer:
         row = torch.arange(self.num_classes).repeat_interleave(per_class)
         latent = sample_latent(spec, len(row), torch.Generator().manual_seed(self.seed), device=self.env.device,
                                y=row if spec.conditional else None, cat=row % spec.info_cat if spec.info_cat else None)
-        G = self.G_ema if self.G_ema is not None else unwrap(self.G)
+        G = self.ema_generator() if self.G_ema is not None else unwrap(self.G)
         was_training = G.training
         G.eval()
         try:
@@ -334,10 +423,12 @@ class Trainer:
 
 # ---- pictures and tensorboard --------------------------------------------------------------------------
 
-def save_grid(images: torch.Tensor, per_row: int, path: Path, row_labels: list[str] | None = None) -> None:
-    """Samples as they are ([-1, 1] -> 0..255, no per-grid rescaling), a row per class, the class named."""
+def save_grid(images: torch.Tensor, per_row: int, path: Path, row_labels: list[str] | None = None,
+              marked: list[int] = ()) -> None:
+    """Samples as they are ([-1, 1] -> 0..255, no per-grid rescaling), a row per class, the class named;
+    `marked` rows (classes without training images) greyed and crossed out."""
     from hpcgan.viz import image_grid, save_png
-    save_png(image_grid(images, per_row, labels=row_labels), path)
+    save_png(image_grid(images, per_row, labels=row_labels, marked=marked), path)
 
 
 def _fmt(v) -> str:
@@ -419,9 +510,13 @@ class TrainingRun:
         if self.epoch_batches < 1:
             raise ValueError(f"{self.shards}: split {s.split!r} has no samples to train on")
         self.total = s.steps or s.epochs * self.epoch_batches
+        # what the generator can learn of each class: its images in the split(s) trained on (hpcgan.generate
+        # refuses a class without any; sample grids mark its row)
+        counts = np.bincount(self.probe.index.labels, minlength=len(self.classes)).tolist()
+        self.class_counts = dict(zip(self.classes, counts))
         self.run_config = {**asdict(s), "shards": self.shards, "run_dir": str(self.run_dir), "model": asdict(self.spec),
-                           "classes": self.classes, "num_classes": len(self.classes), "image_size": self.image_size,
-                           "steps": self.total, "world_size": env.world_size}
+                           "classes": self.classes, "num_classes": len(self.classes), "class_counts": self.class_counts,
+                           "image_size": self.image_size, "steps": self.total, "world_size": env.world_size}
         self.status_fields = {"steps": self.total, "model": self.spec.name, "world_size": env.world_size}
         # what fixes the order of batches within an epoch; a resume with any of it changed restarts the epoch
         self.data_order = {"shards": self.shards, "split": s.split, "batch_size": s.batch_size, "seed": s.seed,
@@ -463,7 +558,9 @@ class TrainingRun:
     def resume(self, ckpt: dict | None) -> None:
         s = self.s
         self.trainer = Trainer(self.spec, len(self.classes), self.image_size, self.env, seed=s.seed,
-                               precision=s.precision, ema=s.ema, diffaug=s.diffaug or (), channels_last=s.channels_last)
+                               precision=s.precision, ema=s.ema, ema_rampup=s.ema_rampup,
+                               standing=(s.ema_standing_batches, s.batch_size), diffaug=s.diffaug or (),
+                               channels_last=s.channels_last)
         self.epoch, self.in_epoch, self.train_seconds = 0, 0, 0.0
         if ckpt is None:
             return
@@ -590,10 +687,12 @@ class TrainingRun:
         if not self.env.is_main:
             return
         spec, k, step, run_dir = self.spec, self.s.samples_per_class, self.step, self.run_dir
-        labels = (list(self.classes) if spec.conditional else
+        unseen = unseen_classes(self.class_counts, self.classes) if spec.conditional else []
+        labels = ([f"{c} ({NO_TRAINING_IMAGES})" if c in unseen else c for c in self.classes] if spec.conditional else
                   [f"code {i}" for i in range(self.trainer.num_classes)] if spec.info_cat else None)
         grid = self.trainer.sample_grid(k)
-        save_grid(grid, k, run_dir / "samples" / f"step-{step:08d}.png", labels)
+        save_grid(grid, k, run_dir / "samples" / f"step-{step:08d}.png", labels,
+                  marked=[self.classes.index(c) for c in unseen])
         div = grid_diversity(grid, k)
         self.diversity_log.write({"step": step, **{c: _fmt(v) for c, v in div.items()}})
         if self.tb is not None:
@@ -640,8 +739,7 @@ class TrainingRun:
         """gauges.class_signal of log.csv, with a warning when the critic does not know the classes."""
         from hpcgan.viz import read_columns
         signal = class_signal([v for _, v in read_columns(self.run_dir / LOG).get("ac_acc_real", [])],
-                              np.bincount(self.probe.index.labels, minlength=len(self.classes)).tolist(),
-                              self.s.balance_classes)
+                              list(self.class_counts.values()), self.s.balance_classes)
         if signal is not None and not signal["learnt"]:
             logger.warning("auxiliary classifier on real images: accuracy %.2f over the last %d log rows "
                            "(chance %.2f): %s", signal["accuracy"], signal["rows"], signal["chance"],

@@ -13,6 +13,8 @@ from hpcgan.fsutil import atomic_write_bytes
 
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
+MARK = (200, 0, 0)        # the cross over a marked row's tiles
+GREY = 160                # what a marked row's tiles are faded towards
 
 
 def hwc_uint8(images) -> np.ndarray:
@@ -59,8 +61,10 @@ def _text_width(font, text: str) -> int:
     return int(right - left)
 
 
-def image_grid(images, nrow: int, labels: Sequence[str] | None = None, pad: int = 2) -> Image.Image:
-    """Tile images `nrow` per row; with `labels`, one text label per row written at the left."""
+def image_grid(images, nrow: int, labels: Sequence[str] | None = None, pad: int = 2,
+               marked: Sequence[int] = ()) -> Image.Image:
+    """Tile images `nrow` per row; with `labels`, one text label per row written at the left. Rows listed in
+    `marked` (e.g. classes without training images) have their tiles faded to grey and crossed out."""
     if nrow < 1:
         raise ValueError(f"nrow must be >= 1, got {nrow}")
     tiles = hwc_uint8(images)
@@ -71,14 +75,24 @@ def image_grid(images, nrow: int, labels: Sequence[str] | None = None, pad: int 
     font = _font()
     label_w = (max(_text_width(font, str(t)) for t in labels) + 2 * pad + 4) if labels else 0
     canvas = Image.new("RGB", (label_w + nrow * (w + pad) + pad, rows * (h + pad) + pad), BACKGROUND)
+    marked = set(marked)
+    draw = ImageDraw.Draw(canvas)
     for i in range(n):
         r, c = divmod(i, nrow)
-        canvas.paste(Image.fromarray(tiles[i]), (label_w + pad + c * (w + pad), pad + r * (h + pad)))
+        x, y = label_w + pad + c * (w + pad), pad + r * (h + pad)
+        canvas.paste(Image.fromarray(_faded(tiles[i]) if r in marked else tiles[i]), (x, y))
+        if r in marked:
+            draw.line([(x, y), (x + w - 1, y + h - 1)], fill=MARK, width=max(1, h // 16))
+            draw.line([(x, y + h - 1), (x + w - 1, y)], fill=MARK, width=max(1, h // 16))
     if labels:
-        draw = ImageDraw.Draw(canvas)
         for r, text in enumerate(labels):
             draw.text((pad + 2, pad + r * (h + pad) + h // 2), str(text), fill=TEXT, font=font, anchor="lm")
     return canvas
+
+
+def _faded(tile: np.ndarray) -> np.ndarray:
+    """A tile washed out towards grey (a quarter of the picture left)."""
+    return ((tile.astype(np.uint16) + 3 * GREY) // 4).astype(np.uint8)
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:

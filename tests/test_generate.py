@@ -35,7 +35,9 @@ def tiny_spec(model: str = "wgan_gp_ac"):
 
 
 def write_checkpoint(run_dir: Path, step: int, *, model: str = "wgan_gp_ac", ema: bool = True,
-                     classes=CLASSES) -> Path:
+                     classes=CLASSES, class_counts: dict | None = None, ema_bn: str | None = "standing") -> Path:
+    """A checkpoint as hpcgan.train writes it; by default without class_counts (as before issue 9) and with
+    the EMA generator's own BatchNorm statistics (ema_bn=None: a checkpoint from before it had them)."""
     spec = tiny_spec(model)
     torch.manual_seed(step)
     G, D = build_model(spec, len(classes), SIZE)
@@ -44,10 +46,14 @@ def write_checkpoint(run_dir: Path, step: int, *, model: str = "wgan_gp_ac", ema
         G_ema = {k: (v + 0.5 * torch.randn_like(v) if v.is_floating_point() else v.clone())
                  for k, v in G.state_dict().items()}
         G_ema = {k: (v.abs() + 0.5 if "running_var" in k else v) for k, v in G_ema.items()}
-    state = {"step": step, "epoch": 0, "batch_in_epoch": 0,
-             "config": {"model": dataclasses.asdict(spec), "image_size": SIZE, "classes": list(classes)},
+    config = {"model": dataclasses.asdict(spec), "image_size": SIZE, "classes": list(classes)}
+    if class_counts is not None:
+        config["class_counts"] = class_counts
+    state = {"step": step, "epoch": 0, "batch_in_epoch": 0, "config": config,
              "G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema, "opt_G": {}, "opt_D": {},
              "scaler": None, "rng": {}, "meta": {}}
+    if ema_bn is not None:
+        state["G_ema_bn"] = ema_bn
     return save_checkpoint(run_dir, state, keep_last=0)
 
 
@@ -342,6 +348,79 @@ def test_clear_errors(run_dir, real_shards, tmp_path):
     with pytest.raises(GenerateError, match="not an earlier synthetic output"):
         generate(run_dir, precious, per_class=1, progress=False)
     assert (precious / "notes.txt").read_text() == "keep"
+
+
+UNSEEN = ["monoblast", "smudge cell"]
+TRAINED = {c: (0 if c in UNSEEN else 10 + i) for i, c in enumerate(CLASSES)}  # what the run trained on
+
+
+@pytest.fixture(scope="module")
+def counted_run(tmp_path_factory) -> Path:
+    """A checkpoint whose run recorded its training images per class, two classes without any."""
+    d = tmp_path_factory.mktemp("counted")
+    write_checkpoint(d, 10, class_counts=TRAINED)
+    return d
+
+
+def test_per_class_refuses_a_class_the_generator_never_saw(counted_run, tmp_path):
+    """Issue 9: `per_class=8` wrote 8 "smudge cells" although the shards had none: mislabelled data."""
+    for classes in (None, ["basophil", "smudge cell"], "monoblast"):
+        with pytest.raises(GenerateError) as e:
+            generate(counted_run, tmp_path / "out", per_class=2, classes=classes, progress=False)
+        named = [c for c in UNSEEN if classes is None or c in classes]
+        assert f"never saw a training image of {named}" in str(e.value)
+        assert "no training images" in str(e.value) and "classes=[" in str(e.value)
+    assert not (tmp_path / "out").exists()
+    m = generate(counted_run, tmp_path / "ok", per_class=2, classes=["basophil", "platelet"], progress=False)
+    assert {c: n for c, n in m["counts"]["train"].items() if n} == {"basophil": 2, "platelet": 2}
+    assert m["trained_counts"] == TRAINED and read_manifest(tmp_path / "ok")["trained_counts"] == TRAINED
+    seen = [c for c in CLASSES if c not in UNSEEN]  # the error's suggestion works as it is
+    assert sum(generate(counted_run, tmp_path / "all", per_class=1, classes=seen, progress=False)["counts"]["train"]
+               .values()) == len(seen)
+
+
+def test_balance_skips_classes_the_generator_never_saw(counted_run, real_shards, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="hpcgan.generate"):
+        m = generate(counted_run, tmp_path / "a", balance=5, shards=real_shards, progress=False)
+    expected = {c: 0 if c in UNSEEN else max(0, 5 - REAL_COUNTS[c]) for c in CLASSES}
+    assert m["counts"]["train"] == expected
+    assert m["balance"]["skipped_classes"] == UNSEEN == read_manifest(tmp_path / "a")["balance"]["skipped_classes"]
+    assert not {meta["class"] for *_, meta in iter_samples(tmp_path / "a", "train")} & set(UNSEEN)
+    warned = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(warned) == 1 and str(UNSEEN) in warned[0] and "never saw" in warned[0]
+
+
+def test_checkpoint_without_counts_generates_every_class_with_a_warning(run_dir, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="hpcgan.generate"):
+        m = generate(run_dir, tmp_path / "a", per_class=1, progress=False)
+    assert m["counts"]["train"] == {c: 1 for c in CLASSES} and m["trained_counts"] is None
+    assert any("does not record how many training images" in r.getMessage() for r in caplog.records)
+    assert load_generator(run_dir)[4]["class_counts"] is None
+
+
+def test_ema_weights_get_batchnorm_statistics_of_their_own(tmp_path, caplog):
+    """A checkpoint from before issue 9 carries the live generator's BatchNorm statistics beside the EMA
+    weights: loading recomputes them (hpcgan.train.standing_stats, as training now does before it saves,
+    with the run's seed and batch size); a checkpoint that says they are its own keeps them as saved."""
+    from hpcgan.train import TrainSettings, standing_stats
+    old, new = tmp_path / "old", tmp_path / "new"
+    write_checkpoint(old, 3, ema_bn=None)
+    write_checkpoint(new, 3)
+    saved = torch.load(old / "checkpoints/step-00000003.pt", weights_only=True)["G_ema"]
+    bn = [k for k in saved if k.endswith("running_mean")]
+    with caplog.at_level("WARNING", logger="hpcgan.generate"):
+        G_old = load_generator(old)[0].state_dict()
+    assert any("recomputed them" in r.getMessage() for r in caplog.records)
+    G_new = load_generator(new)[0].state_dict()
+    assert all(torch.equal(G_new[k], saved[k]) for k in saved)
+    assert all(not torch.equal(G_old[k], saved[k]) for k in bn)
+    expected, spec, *_ = load_generator(new)
+    standing_stats(expected, spec, len(CLASSES), batches=TrainSettings.ema_standing_batches,
+                   batch_size=TrainSettings.batch_size, seed=0)
+    assert all(torch.equal(G_old[k], v) for k, v in expected.state_dict().items())
+    raw = load_generator(old, weights="raw")[0].state_dict()  # the raw generator's statistics are its own
+    assert all(torch.equal(raw[k], v) for k, v in
+               torch.load(old / "checkpoints/step-00000003.pt", weights_only=True)["G"].items())
 
 
 @pytest.mark.parametrize("backend", ["webdataset", "dali"])

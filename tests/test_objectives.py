@@ -119,7 +119,7 @@ def test_conditional_labels_uniform_over_classes():
     assert counts.min() > 900 and lat.y.max() < C
 
 
-@pytest.mark.parametrize("adversarial", ["wasserstein", "bce"])
+@pytest.mark.parametrize("adversarial", ["wasserstein", "bce", "hinge"])
 def test_generator_loss_signs(adversarial):
     """A critic that scores fakes higher gives the generator a lower loss."""
     obj = GANObjective(_spec(adversarial=adversarial, gp_lambda=0.0), C)

@@ -36,7 +36,16 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> Path:
     """48 PNGs of 32 px, 3 classes (each a different brightness), one shard set with a manifest."""
-    out = tmp_path_factory.mktemp("train_shards")
+    return write_shards(tmp_path_factory.mktemp("train_shards"), CLASSES)
+
+
+@pytest.fixture(scope="session")
+def shards_with_an_empty_class(tmp_path_factory) -> Path:
+    """The same images, and a fourth class "d" that has none (like a cut scarce class)."""
+    return write_shards(tmp_path_factory.mktemp("train_shards_empty"), CLASSES + ["d"])
+
+
+def write_shards(out: Path, classes: list[str]) -> Path:
     rng = np.random.default_rng(0)
     with ShardWriter(out, "train", shard_size=20) as w:
         for i in range(48):
@@ -45,7 +54,8 @@ def shards(tmp_path_factory) -> Path:
             buf = io.BytesIO()
             Image.fromarray(arr).save(buf, format="PNG")
             w.write(f"s{i:05d}", buf.getvalue(), "png", label, {"class": CLASSES[label], "synthetic": True})
-    write_manifest(out, {"classes": CLASSES, "image_size": 32, "counts": {"train": {c: 16 for c in CLASSES}},
+    counts = {c: 16 if c in CLASSES else 0 for c in classes}
+    write_manifest(out, {"classes": classes, "image_size": 32, "counts": {"train": counts},
                          "shards": {"train": w.shards}, "synthetic": True})
     return out
 
@@ -349,6 +359,54 @@ def test_twin_classifier_option_trains(shards, tmp_path):
         run(compose(shards, rd, "steps=5"))
 
 
+def test_run_knows_its_class_counts_marks_empty_rows_and_generation_refuses_them(shards_with_an_empty_class,
+                                                                                    tmp_path):
+    """Issue 9: a class without training images is still generated (the generator is conditioned on every
+    class of the manifest). The run records the counts (config.yaml and the checkpoint), its sample grid
+    greys and crosses that class's row and says why, and hpcgan.generate refuses the class."""
+    from hpcgan.generate import GenerateError, generate
+    from hpcgan.rundir import read_config
+    rd = tmp_path / "run"
+    assert run(compose(shards_with_an_empty_class, rd, "steps=2", "ema=0.9")) == EXIT_OK
+    counts = {"a": 16, "b": 16, "c": 16, "d": 0}
+    assert read_config(rd)["class_counts"] == counts and load_latest(rd)[0]["config"]["class_counts"] == counts
+    with Image.open(rd / "samples" / "step-00000002.png") as im:  # 4 rows of 2 tiles (32 px, 2 px padding)
+        grid = np.asarray(im.convert("RGB")).astype(int)
+    left = grid.shape[1] - (2 + 2 * 34)
+    tiles = [grid[2 + r * 34: 2 + r * 34 + 32, left + 2: left + 2 + 32] for r in range(4)]
+    red = [((t[..., 0] > 150) & (t[..., 1] < 60) & (t[..., 2] < 60)).mean() for t in tiles]
+    assert red[3] > 0.05 and max(red[:3]) < 0.01, red                      # the cross, on row "d" only
+    assert (grid[2 + 3 * 34: 2 + 4 * 34, :left] < 128).any()                # its label is drawn
+    labels = {r: (grid[2 + r * 34: 2 + r * 34 + 32, :left] < 128).sum() for r in range(4)}
+    assert labels[3] > 3 * max(labels[r] for r in range(3))                 # "d (no training images)"
+    with pytest.raises(GenerateError, match=r"never saw a training image of \['d'\]"):
+        generate(rd, tmp_path / "syn", per_class=2, progress=False)
+    m = generate(rd, tmp_path / "syn", per_class=2, classes=["a", "c"], progress=False)
+    assert m["trained_counts"] == counts and m["counts"]["train"] == {"a": 2, "b": 0, "c": 2, "d": 0}
+
+
+def test_ema_with_standing_statistics_resumes_exactly_in_process(shards, tmp_path):
+    """The EMA (warm-up clock and BatchNorm standing statistics) is part of the exact resume: 2 + 2 steps give
+    the bytes of 4 straight ones, and the saved EMA generator's BatchNorm statistics are its own (recomputed
+    from its weights), not the live generator's."""
+    from hpcgan.train import TrainSettings, standing_stats
+    args = ["ckpt_every=2", "log_every=2", "ema=0.999", "diffaug=[color,translation]"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run(compose(shards, straight, "steps=4", *args)) == EXIT_OK
+    assert run(compose(shards, resumed, "steps=2", *args)) == EXIT_OK
+    assert run(compose(shards, resumed, "steps=4", *args)) == EXIT_OK
+    state = assert_same_weights(straight, resumed)
+    assert state["G_ema_bn"] == "standing"
+    running = [k for k in state["G_ema"] if k.endswith("running_mean")]
+    assert running and all(not torch.equal(state["G_ema"][k], state["G"][k]) for k in running)
+    spec = load_spec("wgan_gp_ac")
+    spec.width = 8
+    G, _ = build_model(spec, len(CLASSES), 32)
+    G.load_state_dict(state["G_ema"])
+    standing_stats(G, spec, len(CLASSES), batches=TrainSettings.ema_standing_batches, batch_size=8, seed=0)
+    assert all(torch.allclose(G.state_dict()[k], state["G_ema"][k], atol=1e-6) for k in running)
+
+
 def test_resume_refuses_a_different_model(shards, tmp_path):
     rd = tmp_path / "run"
     assert run(compose(shards, rd, "steps=2")) == EXIT_OK
@@ -381,6 +439,7 @@ def test_fp16_run_resumes_on_cuda(shards, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", MODEL_NAMES)
 def test_every_model_under_torchrun_two_ranks(shards, tmp_path, model):
+    spec = load_spec(model)
     rd = tmp_path / model
     p = subprocess.run(cli(shards, rd, f"model={model}", "steps=6", "log_every=2", "ckpt_every=3",
                            "sample_every=3", nproc=2), env=ENV, capture_output=True, text=True, timeout=300)
@@ -395,14 +454,14 @@ def test_every_model_under_torchrun_two_ranks(shards, tmp_path, model):
     png = rd / "samples" / "step-00000006.png"
     with Image.open(png) as im:  # one row per class, 2 per row, 32 px + 2 px padding (+ class names at the left)
         assert im.height == 2 + len(CLASSES) * 34
-        assert im.width > 2 + 2 * 34 if model in ("wgan_gp_ac", "acgan", "cgan", "infogan", "wgan_gp_info") \
-            else im.width == 2 + 2 * 34
+        labelled = spec.conditional or spec.info_cat > 0   # class names (or code numbers) at the left
+        assert im.width > 2 + 2 * 34 if labelled else im.width == 2 + 2 * 34
     with open(rd / "samples" / "diversity.csv", newline="") as f:  # a collapse gauge per sample grid
         div = list(csv.DictReader(f))
     assert [int(r["step"]) for r in div] == [3, 6]
     assert all(0 <= float(r[c]) < 2 for r in div for c in ("within_row_std", "between_row_std"))
     with Image.open(rd / "curves.png") as im:  # a 230 px panel each: losses, critic, [classifier | codes], diversity
-        assert im.size == (700, 230 * (3 if model in ("dcgan", "cgan", "wgan", "wgan_gp") else 4))
+        assert im.size == (700, 230 * (3 + (spec.ac_weight > 0) + (spec.info_cat + spec.info_cont > 0)))
     st = status(rd)
     assert st["state"] == "finished" and st["step"] == st["steps"] == 6 and st["world_size"] == 2
     state, _ = load_latest(rd)

@@ -52,6 +52,22 @@ def test_image_grid_tiles_images_in_rows():
         image_grid(images, nrow=3, labels=["only one"])
 
 
+def test_image_grid_greys_out_and_crosses_marked_rows():
+    """A sample grid's row of a class without training images (issue 9): faded to grey and crossed out in red,
+    the other rows untouched."""
+    images = np.concatenate([_solid(2, 10), _solid(2, 200)])
+    plain = image_grid(images, nrow=2, pad=PAD)
+    grid = image_grid(images, nrow=2, pad=PAD, marked=[1])
+    assert grid.size == plain.size
+    assert np.array_equal(np.asarray(grid)[: PAD + TILE], np.asarray(plain)[: PAD + TILE])  # row 0 as it was
+    for col in range(2):
+        tile = _tile_at(grid, 1, col, 0)
+        assert (tile[TILE // 2, 2] == (200 + 3 * 160) // 4).all()  # a quarter of the picture, the rest grey 160
+        for y, x in ((1, 1), (TILE - 2, TILE - 2), (1, TILE - 2), (TILE - 2, 1), (TILE // 2, TILE // 2)):
+            r, g, b = tile[y, x]
+            assert r >= 150 and g < 60 and b < 60, (col, y, x, tile[y, x])  # on the red cross
+
+
 def test_contact_sheet_has_one_row_per_class_with_its_images(tmp_path):
     rows = {"basophil": _solid(3, 40), "eosinophil": [_solid(1, 90)[0]] * 10, "smudge cell": []}
     path = contact_sheet(rows, tmp_path / "sheet.png", title="demo", per_row=4)

@@ -5,6 +5,8 @@ Residual blocks follow Gulrajani et al. (WGAN-GP, ResNet variant) as used by Haz
   down: act-conv-act-conv-avgpool                  + conv1x1-avgpool shortcut
 The critic-side blocks take an optional norm so that a non-GP critic may use batch norm; a critic
 trained with a gradient penalty never gets one (the penalty is per-sample, batch norm mixes samples).
+The class-conditional up block (SNGAN / BigGAN generators) replaces both batch norms by conditional batch
+norm: the class chooses the gain and bias, in every block rather than only at the input.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from hpcgan.images import check_image_size
 
@@ -61,6 +64,43 @@ class ResBlockUp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.residual(x) + self.shortcut(x)
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """Class-conditional batch norm (de Vries et al. 2017; Miyato & Koyama 2018; BigGAN): batch statistics in
+    training (running ones in eval mode, as nn.BatchNorm2d), then a gain and a bias chosen by the class:
+    out = gain[y] * BN(x) + bias[y]. Gains start at N(1, 0.02) (as dcgan_init's batch-norm scales: near the
+    identity, yet every class its own from the first step) and biases at 0."""
+
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, affine=False)
+        self.gain = nn.Embedding(num_classes, channels)
+        self.bias = nn.Embedding(num_classes, channels)
+        nn.init.normal_(self.gain.weight, 1.0, 0.02)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.bn(x)
+        return h * self.gain(y)[:, :, None, None].to(h.dtype) + self.bias(y)[:, :, None, None].to(h.dtype)
+
+
+class CondResBlockUp(nn.Module):
+    """ResBlockUp with conditional batch norm (SNGAN's generator block):
+    CBN-ReLU-up-conv-CBN-ReLU-conv + conv1x1-up shortcut (a 1x1 conv commutes with nearest upsampling)."""
+
+    def __init__(self, in_ch: int, out_ch: int, num_classes: int):
+        super().__init__()
+        self.norm1 = ConditionalBatchNorm2d(in_ch, num_classes)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = ConditionalBatchNorm2d(out_ch, num_classes)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = F.interpolate(F.relu(self.norm1(x, y)), scale_factor=2, mode="nearest")
+        h = self.conv2(F.relu(self.norm2(self.conv1(h), y)))
+        return h + F.interpolate(self.shortcut(x), scale_factor=2, mode="nearest")
 
 
 class ResBlockDown(nn.Module):
@@ -129,6 +169,21 @@ class CriticHeads(nn.Module):
             if head is not None:
                 out[name] = head(h)
         return out
+
+
+SPECTRAL_NORMED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)
+
+
+def apply_spectral_norm(module: nn.Module, n_power_iterations: int = 1) -> nn.Module:
+    """Spectral normalisation (Miyato et al. 2018) of every conv, linear and embedding weight in `module`:
+    W / sigma(W), sigma the top singular value estimated by `n_power_iterations` of the power method per
+    training forward (the vectors are buffers, so checkpoints and DDP ranks carry them). Each layer is then
+    1-Lipschitz, which bounds the critic without a gradient penalty. In place; returns `module`."""
+    from torch.nn.utils.parametrizations import spectral_norm
+    for m in list(module.modules()):
+        if isinstance(m, SPECTRAL_NORMED):
+            spectral_norm(m, n_power_iterations=n_power_iterations)
+    return module
 
 
 def check_latent(z: torch.Tensor, latent_dim: int) -> None:

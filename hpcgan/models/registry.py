@@ -7,12 +7,14 @@ Contract (every architecture honours it):
       z: [B, spec.latent_dim] float (noise, then InfoGAN codes appended: categorical one-hot, continuous)
       y: [B] int64 class labels, or None when the generator is unconditional
   D(x, y) -> dict of tensors
-      "adv":    [B]     critic score (wasserstein) or logit (bce)
+      "adv":    [B]     critic score (wasserstein, hinge) or logit (bce)
       "cls":    [B, C]  class logits         (only when spec.ac_weight > 0)
       "cls_twin": [B, C] twin classifier of generated images (only when spec.ac_twin, TAC-GAN)
       "q_cat":  [B, K]  categorical-code logits (only when spec.info_cat > 0)
       "q_cont": [B, M]  continuous-code means   (only when spec.info_cont > 0)
-      y is used only when spec.critic_condition == "projection" (CGAN); otherwise ignored.
+      y is used only when spec.critic_condition == "projection" (CGAN, SNGAN-projection); otherwise ignored.
+spec.spectral_norm wraps every conv / linear / embedding weight of the critic in spectral normalisation
+(build_model, whatever the critic architecture).
 """
 from __future__ import annotations
 
@@ -22,24 +24,30 @@ from typing import Callable
 import torch.nn as nn
 
 from hpcgan import CONFIG_DIR
+from hpcgan.augment import parse_policy
 from hpcgan.images import check_image_size
 from hpcgan.settings import SettingsError, check_choice, check_range, parse
 
-MODEL_NAMES = ("wgan_gp_ac", "acgan", "wgan", "wgan_gp", "infogan", "wgan_gp_info", "dcgan", "cgan")
+MODEL_NAMES = ("wgan_gp_ac", "acgan", "wgan", "wgan_gp", "infogan", "wgan_gp_info", "dcgan", "cgan", "sngan_proj")
+ADVERSARIAL = ("wasserstein", "bce", "hinge")   # the adversarial losses of hpcgan/objectives.py
 
 
 @dataclass
 class OptimSpec:
-    """A model's optimiser (the same for G and D): configs/model/<name>.yaml `optim:`."""
+    """A model's optimisers (one kind for G and D): configs/model/<name>.yaml `optim:`."""
     name: str = "adam"                 # "adam" | "rmsprop"
-    lr: float = 1e-3
+    lr: float = 1e-3                   # both networks' learning rate, unless lr_g / lr_d say otherwise
+    lr_g: float | None = None          # the generator's own lr (TTUR, Heusel et al. 2017); None: lr
+    lr_d: float | None = None          # the critic's own lr; None: lr
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])   # Adam only
     n_critic: int = 1                  # critic steps per generator step
 
     def __post_init__(self) -> None:
         check_choice("model.optim.name", self.name, ("adam", "rmsprop"))
-        if not self.lr > 0:
-            raise SettingsError(f"model.optim.lr={self.lr!r}: must be > 0")
+        for key in ("lr", "lr_g", "lr_d"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise SettingsError(f"model.optim.{key}={value!r}: must be > 0")
         if len(self.betas) != 2:
             raise SettingsError(f"model.optim.betas={self.betas!r}: give two numbers, e.g. [0.5, 0.999]")
         check_range("model.optim.n_critic", self.n_critic, 1)
@@ -52,10 +60,12 @@ class GANSpec:
     critic: str = "resnet"             # architecture name in CRITICS
     conditional: bool = True           # G takes the class label (can generate a chosen class)
     critic_condition: str = "none"     # "none" | "projection" (label fed to the critic, CGAN)
-    adversarial: str = "wasserstein"   # "wasserstein" | "bce"
+    adversarial: str = "wasserstein"   # "wasserstein" | "bce" | "hinge"
     gp_lambda: float = 0.0             # gradient penalty weight (WGAN-GP: 10)
-    gp_every: int = 1                  # lazy penalty: every k-th critic step, weighted k*lambda (1 = every step)
+    r1_gamma: float = 0.0              # R1 penalty gamma/2 * E||grad D(real)||^2 (Mescheder et al. 2018)
+    gp_every: int = 1                  # lazy penalties (GP, R1): every k-th critic step, weighted k x (1 = every step)
     clip: float = 0.0                  # critic weight clipping (WGAN: 0.01)
+    spectral_norm: bool = False        # spectral normalisation of every critic weight (Miyato et al. 2018)
     ac_weight: float = 0.0             # auxiliary classifier loss weight (AC-GAN, WGAN-GP-AC)
     ac_twin: bool = False              # TAC-GAN twin classifier: unbiased conditioning, no class prototypes
     info_cat: int = 0                  # InfoGAN categorical code size
@@ -64,6 +74,8 @@ class GANSpec:
     z_dim: int = 128
     width: int = 64                    # base channel count
     critic_norm: str = "none"          # "none" | "batch" (never with a gradient penalty)
+    diffaug: list[str] = field(default_factory=list)   # the DiffAugment policy a run uses unless its own
+                                                       # `diffaug` setting names one (hpcgan.train)
     optim: dict = field(default_factory=lambda: asdict(OptimSpec()))   # OptimSpec's fields
 
     @property
@@ -82,13 +94,28 @@ class GANSpec:
         optim = d.pop("optim", None) or {}
         spec = parse(cls, d, prefix="model.")
         spec.optim = asdict(parse(OptimSpec, optim, prefix="model.optim."))
+        check_choice("model.adversarial", spec.adversarial, ADVERSARIAL)
+        check_range("model.r1_gamma", spec.r1_gamma, 0)
+        try:
+            spec.diffaug = list(parse_policy(spec.diffaug))
+        except ValueError as e:
+            raise SettingsError(f"model.diffaug={spec.diffaug!r}: {e}") from None
         if int(spec.gp_every) < 1:
             raise SettingsError(f"{spec.name}: gp_every must be >= 1, got {spec.gp_every}")
         if spec.ac_twin and spec.ac_weight <= 0:
             raise SettingsError(f"{spec.name}: ac_twin needs an auxiliary classifier (ac_weight > 0)")
-        if spec.gp_lambda > 0 and spec.critic_norm == "batch":
+        if (spec.gp_lambda > 0 or spec.r1_gamma > 0) and spec.critic_norm == "batch":
             raise SettingsError(f"{spec.name}: batch norm in the critic breaks the gradient penalty")
+        if spec.spectral_norm and spec.clip > 0:
+            raise SettingsError(f"{spec.name}: spectral_norm already bounds the critic; drop clip (weight clipping)")
         return spec
+
+
+def optimiser_lr(optim: dict, net: str) -> float:
+    """The learning rate of network `net` ("G" or "D") under a spec's `optim` (OptimSpec's fields):
+    its own lr_g / lr_d when set (two time-scale update rule), else the shared lr."""
+    own = optim.get({"G": "lr_g", "D": "lr_d"}[net])
+    return float(own if own is not None else optim["lr"])
 
 
 # name -> builder(spec, num_classes, image_size) -> nn.Module ; filled by the architecture files
@@ -131,9 +158,13 @@ def build_model(spec: GANSpec, num_classes: int, image_size: int) -> tuple[nn.Mo
                          f"known: {', '.join(sorted(CRITICS))}")
     generator = GENERATORS[spec.generator](spec, num_classes, image_size)
     critic = CRITICS[spec.critic](spec, num_classes, image_size)
-    if spec.gp_lambda > 0 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in critic.modules()):
+    if spec.spectral_norm:
+        from hpcgan.models.blocks import apply_spectral_norm
+        apply_spectral_norm(critic)
+    penalised = spec.gp_lambda > 0 or spec.r1_gamma > 0
+    if penalised and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in critic.modules()):
         # the penalty is per-sample; batch norm couples the samples and invalidates it
-        raise ValueError(f"{spec.name}: critic {spec.critic!r} contains batch norm but gp_lambda > 0")
+        raise ValueError(f"{spec.name}: critic {spec.critic!r} contains batch norm but gp_lambda or r1_gamma > 0")
     return generator, critic
 
 

@@ -7,13 +7,21 @@ a 3x3 conv to RGB and tanh. Unconditional variants drop the label branch.
 Critic: 3x3 conv stem, one residual down-sampling block per halving to 4x4, activation, global mean
 pooling, then the heads the spec asks for (CriticHeads). Batch norm only if spec.critic_norm says so,
 which GANSpec forbids together with a gradient penalty.
+
+SNGAN family (Miyato et al. 2018; Miyato & Koyama 2018), model sngan_proj:
+  resnet_cbn generator: z -> dense -> [c0, 4, 4], then residual up-sampling blocks whose batch norms are
+    class-conditional (the label sets every block's gains and biases instead of being concatenated once at
+    4x4), BN-ReLU, 3x3 conv to RGB, tanh.
+  sngan critic: the ResNet critic with ReLU and global SUM pooling (as the papers; with spectral norm the
+    pooled features stay on a scale where the hinge margin of 1 matters). Spectral norm itself is the
+    spec's `spectral_norm` (build_model), the label enters by projection (critic_condition).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from hpcgan.models.blocks import (CriticHeads, LabelTo4x4, ResBlockDown, ResBlockUp, activation,
+from hpcgan.models.blocks import (CondResBlockUp, CriticHeads, LabelTo4x4, ResBlockDown, ResBlockUp, activation,
                                   channels_at, check_labels, check_latent, num_resamples)
 from hpcgan.models.registry import register_critic, register_generator
 
@@ -41,9 +49,34 @@ class ResNetGenerator(nn.Module):
         return self.to_rgb(self.blocks(h))
 
 
-class ResNetCritic(nn.Module):
-    def __init__(self, spec, num_classes: int, image_size: int, act: str = "lrelu"):
+class CBNResNetGenerator(nn.Module):
+    """The class-conditional ResNet generator with conditional batch norm in every block (SNGAN, BigGAN)."""
+
+    def __init__(self, latent_dim: int, num_classes: int, image_size: int, width: int):
         super().__init__()
+        self.latent_dim = latent_dim
+        n_up = num_resamples(image_size)
+        ch = [channels_at(4 * 2 ** i, image_size, width) for i in range(n_up + 1)]   # 4x4 ... image_size
+        self.z_channels = ch[0]
+        self.z_to_4x4 = nn.Linear(latent_dim, ch[0] * 16)
+        self.blocks = nn.ModuleList([CondResBlockUp(ch[i], ch[i + 1], num_classes) for i in range(n_up)])
+        self.to_rgb = nn.Sequential(nn.BatchNorm2d(ch[-1]), nn.ReLU(), nn.Conv2d(ch[-1], 3, 3, padding=1), nn.Tanh())
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        check_latent(z, self.latent_dim)
+        check_labels(y, z.shape[0])
+        h = self.z_to_4x4(z).view(-1, self.z_channels, 4, 4)
+        for block in self.blocks:
+            h = block(h, y)
+        return self.to_rgb(h)
+
+
+class ResNetCritic(nn.Module):
+    def __init__(self, spec, num_classes: int, image_size: int, act: str = "lrelu", pool: str = "mean"):
+        super().__init__()
+        if pool not in ("mean", "sum"):
+            raise ValueError(f"pool={pool!r}: expected 'mean' or 'sum'")
+        self.pool = pool
         width, n_down = spec.width, num_resamples(image_size)
         res = [image_size // 2 ** i for i in range(n_down + 1)]  # image_size, ..., 4
         ch = [channels_at(r, image_size, width) for r in res]
@@ -55,7 +88,7 @@ class ResNetCritic(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         h = self.act(self.blocks(self.stem(x)))
-        return self.heads(h.mean(dim=(2, 3)), y)
+        return self.heads(h.mean(dim=(2, 3)) if self.pool == "mean" else h.sum(dim=(2, 3)), y)
 
 
 @register_generator("resnet")
@@ -66,3 +99,16 @@ def build_resnet_generator(spec, num_classes: int, image_size: int) -> nn.Module
 @register_critic("resnet")
 def build_resnet_critic(spec, num_classes: int, image_size: int) -> nn.Module:
     return ResNetCritic(spec, num_classes, image_size)
+
+
+@register_generator("resnet_cbn")
+def build_cbn_resnet_generator(spec, num_classes: int, image_size: int) -> nn.Module:
+    if not spec.conditional:
+        raise ValueError(f"{spec.name}: generator 'resnet_cbn' is class-conditional (conditional batch norm); "
+                         "set conditional: true or use generator 'resnet'")
+    return CBNResNetGenerator(spec.latent_dim, num_classes, image_size, spec.width)
+
+
+@register_critic("sngan")
+def build_sngan_critic(spec, num_classes: int, image_size: int) -> nn.Module:
+    return ResNetCritic(spec, num_classes, image_size, act="relu", pool="sum")
