@@ -366,7 +366,7 @@ def _same_size(a: int, b: int, what) -> None:
 
 
 def generator_source(s: EvaluateSettings, real: ShardSplit, device: torch.device):
-    from hpcgan.generate import GenerateError, load_generator
+    from hpcgan.generate import GenerateError, load_generator, unseen_classes
     try:
         G, spec, classes, image_size, info = load_generator(s.run, s.checkpoint, "raw" if s.weights == "init"
                                                             else s.weights, device=str(device))
@@ -380,7 +380,11 @@ def generator_source(s: EvaluateSettings, real: ShardSplit, device: torch.device
     if classes != real.classes:
         raise EvaluateError(f"the checkpoint's classes ({classes}) differ from the real shards' ({real.classes})")
     _same_size(image_size, real.image_size, info["path"])
-    present = [i for i, c in enumerate(classes) if real.counts.get(c, 0) > 0]
+    # a class the generator never trained on is not scored: what it makes of it is not that cell type
+    unseen = [c for c in unseen_classes(info.get("class_counts"), classes) if real.counts.get(c, 0) > 0]
+    present = [i for i, c in enumerate(classes) if real.counts.get(c, 0) > 0 and c not in unseen]
+    if unseen and spec.conditional:
+        logger.warning("not scoring %s: the generator never saw a training image of them", unseen)
     if spec.conditional:
         plan = {i: s.n_per_class or real.counts[classes[i]] for i in present}
     else:
@@ -388,7 +392,8 @@ def generator_source(s: EvaluateSettings, real: ShardSplit, device: torch.device
     run_dir = Path(s.run).resolve() if s.run else Path(info["path"]).resolve().parent.parent
     desc = {"kind": "generator", "run_dir": str(run_dir), "model": spec.name, "conditional": spec.conditional,
             "checkpoint": {"path": str(info["path"]), "sha256": info["sha256"], "step": int(info["step"])},
-            "weights": info["weights"], "seed": s.seed, "run_config": _run_config(info.get("config"), run_dir)}
+            "weights": info["weights"], "seed": s.seed, "run_config": _run_config(info.get("config"), run_dir),
+            "unseen_classes": unseen if spec.conditional else []}
     return GeneratorSource(G, spec, plan, s.seed, s.batch_size, device), desc
 
 
@@ -402,7 +407,7 @@ def _run_config(cfg: dict | None, run_dir: Path) -> dict:
         except (OSError, ValueError):
             return {}
     keys = ("seed", "steps", "batch_size", "world_size", "balance_classes", "diffaug", "ema", "split", "shards",
-            "precision", "scarce")
+            "precision", "scarce", "scarce_seed", "class_counts")
     return {k: cfg.get(k) for k in keys if k in cfg}
 
 

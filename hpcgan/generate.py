@@ -286,9 +286,30 @@ def select_classes(classes: list[str], wanted) -> list[str]:
     return [c for c in classes if c in wanted]
 
 
+def trained_on(config: dict) -> dict | None:
+    """What the checkpoint's GAN trained on: {"shards", "split", "scarce", "scarce_seed"} from its run config
+    (None when the config does not say); synthetic manifests carry it for the classifier's leakage guard."""
+    if not config or not config.get("shards"):
+        return None
+    scarce, seed = config.get("scarce") or None, config.get("seed")
+    cut_seed = config.get("scarce_seed")
+    return {"shards": config["shards"], "split": config.get("split", "train"), "scarce": scarce,
+            "scarce_seed": (seed if cut_seed is None else cut_seed) if scarce else None, "seed": seed}
+
+
+def _cut_applies(seen: dict | None, shards, real_split: str) -> bool:
+    """Whether the real split being topped up is the one the GAN's scarce cut was made of."""
+    if not seen or not seen.get("scarce") or isinstance(seen["shards"], (list, tuple)):
+        return False
+    same = Path(str(seen["shards"])).resolve() == Path(str(shards)).resolve()
+    return same and real_split == seen.get("split") == "train"
+
+
 def balance_counts(classes: list[str], chosen: list[str], balance, shards, real_split: str,
-                   image_size: int) -> tuple[dict[str, int], dict]:
-    """How many images each chosen class needs to reach the target in the real shard set's split."""
+                   image_size: int, seen: dict | None = None) -> tuple[dict[str, int], dict]:
+    """How many images each chosen class needs to reach the target in the real shard set's split; when the
+    GAN trained on a scarce cut of that split (`seen`, trained_on), the cut classes count as their N (what a
+    classifier of the same scarcity study has of them), so `balance` tops the cut up."""
     if shards is None:
         raise GenerateError("balance=TARGET needs shards=REAL_SHARD_DIR (the real shard set to top up)")
     try:
@@ -304,10 +325,13 @@ def balance_counts(classes: list[str], chosen: list[str], balance, shards, real_
     real = {c: int(n) for c, n in (manifest.get("counts") or {}).get(real_split, {}).items()}
     if not real:
         raise GenerateError(f"real shards {shards} have no '{real_split}' split to balance")
+    cut = seen["scarce"] if _cut_applies(seen, shards, real_split) else {}
+    real = {c: min(n, int(cut[c])) if c in cut else n for c, n in real.items()}
     target = max(real.values()) if balance == "max" else balance
     counts = {c: max(0, target - real.get(c, 0)) for c in chosen}
     info = {"shards": str(Path(shards).resolve()), "split": real_split, "target": target,
-            "real_counts": {c: real.get(c, 0) for c in classes}, "taxonomy": manifest.get("taxonomy")}
+            "real_counts": {c: real.get(c, 0) for c in classes}, "taxonomy": manifest.get("taxonomy"),
+            "scarce": ({"classes": cut, "seed": seen.get("scarce_seed")} if cut else None)}
     return counts, info
 
 
@@ -386,7 +410,8 @@ def write_synthetic(s: GenerateSettings) -> dict:
     out = Path(s.out)
     _check_out(out, s.shards)
     G, spec, classes, image_size, ckpt = load_generator(s.run, s.checkpoint, s.weights, s.device)
-    plan, balance_info, real_taxonomy = _plan(s, spec, classes, image_size, ckpt["class_counts"])
+    plan, balance_info, real_taxonomy = _plan(s, spec, classes, image_size, ckpt["class_counts"],
+                                              trained_on(ckpt["config"]))
     total = sum(plan.values())
     logger.info("generating %d images: %s", total, {c: n for c, n in plan.items() if n})
     if total == 0 and s.count is None:
@@ -404,9 +429,10 @@ def write_synthetic(s: GenerateSettings) -> dict:
     return manifest
 
 
-def _plan(s: GenerateSettings, spec: GANSpec, classes: list[str], image_size: int, counts: dict[str, int] | None):
+def _plan(s: GenerateSettings, spec: GANSpec, classes: list[str], image_size: int, counts: dict[str, int] | None,
+          seen: dict | None = None):
     """({class: images to generate}, balance info or None, the real shards' taxonomy or None). `counts`: the
-    checkpoint's training images per class (None: unknown)."""
+    checkpoint's training images per class (None: unknown); `seen`: what it trained on (trained_on)."""
     if s.count is not None:
         if spec.conditional:
             raise GenerateError(f"count=N is for unconditional models; {spec.name} is conditional: "
@@ -434,7 +460,7 @@ def _plan(s: GenerateSettings, spec: GANSpec, classes: list[str], image_size: in
         logger.warning("balance: skipping %s: the generator never saw a training image of them (%s)", unseen,
                        NO_TRAINING_IMAGES)
     plan, info = balance_counts(classes, [c for c in chosen if c not in unseen], s.balance, s.shards, s.real_split,
-                                image_size)
+                                image_size, seen)
     info["skipped_classes"] = unseen
     return plan, info, info.pop("taxonomy")
 
@@ -501,6 +527,7 @@ def _manifest(s: GenerateSettings, spec: GANSpec, classes, image_size, plan, sha
         "seed": s.seed,
         "checkpoint": {k: ckpt[k] for k in ("path", "sha256", "step")},
         "trained_counts": ckpt["class_counts"],    # the checkpoint's training images per class (null: unknown)
+        "trained_on": trained_on(ckpt["config"]),  # its shards, split(s) and scarce cut (the leakage guard reads it)
         "balance": balance_info,
         "images": images,
     }

@@ -43,11 +43,15 @@ logger = logging.getLogger("hpcgan.report")
 TABLE3 = ("is", "fid", "lpips", "precision", "recall", "f1", "kid", "intra_fid", "density", "coverage",
           "class_accuracy", "memorisation")
 TABLE4 = ("l1", "l2", "psnr", "ssim")
+# the quality study (issue 9): the numbers its targets are about, one table
+QUALITY = ("intra_fid", "fid", "precision", "recall", "class_accuracy", "diversity_ratio", "memorisation")
 TABLE5 = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "balanced_accuracy")
+# the scarcity study: the whole test set, then each scarce class's recall (sensitivity) on real test cells
+SCARCITY = ("balanced_accuracy", "macro_f1", "accuracy")
 TABLE6 = ("accuracy", "specificity", "sensitivity")
 KEY = ("run_dir", "stage", "metric", "class", "extractor", "weights", "steps", "tag", "real_split")
-CONFIG = ("stage", "model", "arch", "regime", "seed", "steps", "image_size", "extractor", "extractor_sha256",
-          "weights", "tag", "manifest_sha256", "real_split", "run_dir")
+CONFIG = ("stage", "model", "arch", "regime", "synthetic_from", "scarce", "seed", "steps", "image_size", "extractor",
+          "extractor_sha256", "weights", "tag", "manifest_sha256", "real_split", "run_dir")
 
 
 @dataclass
@@ -70,6 +74,7 @@ def load_rows(folder: str | Path) -> pd.DataFrame:
         if col not in df:
             df[col] = None
     df["regime"] = df["regime"].map(_regime_name)
+    df["scarce"] = df["scarce"].map(_scarce_name)
     key = df[list(KEY)].astype(object).map(str).agg("|".join, axis=1)
     df = df.assign(_key=key).drop_duplicates("_key", keep="last").drop(columns=["_key", "_order"])
     df["value"] = pd.to_numeric(df["value"], errors="coerce")
@@ -85,6 +90,15 @@ def _regime_name(regime) -> str | None:
     if isinstance(regime, dict):
         return ",".join(f"{k}={v}" for k, v in sorted(regime.items()) if v not in (None, False, [], "")) or "default"
     return str(regime)
+
+
+def _scarce_name(scarce) -> str | None:
+    """A scarce cut {monocyte: 20, eosinophil: 20} as one string, "eosinophil=20,monocyte=20" (None: no cut)."""
+    if scarce is None or isinstance(scarce, float) or not scarce:   # None, NaN (pandas' missing), {}
+        return None
+    if isinstance(scarce, dict):
+        return ",".join(f"{k}={int(v)}" for k, v in sorted(scarce.items()))
+    return str(scarce)
 
 
 def tidy(df: pd.DataFrame) -> pd.DataFrame:
@@ -137,7 +151,7 @@ def gan_tables(df: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, pd.DataFrame, 
     out = {}
     for (ext, size), part in ev.groupby(["extractor", "image_size"], dropna=False):
         by = ["model", "weights", "tag"] + (["steps"] if part["steps"].nunique() > 1 else [])
-        for name, metrics in (("table3", TABLE3), ("table4", TABLE4)):
+        for name, metrics in (("table3", TABLE3), ("table4", TABLE4), ("quality", QUALITY)):
             # pixel metrics (Table 4) do not depend on the extractor: they carry the evaluation's anyway
             wide, sources = summarise(part, by, metrics)
             if not wide.empty:
@@ -150,13 +164,33 @@ def classifier_tables(df: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, pd.Data
     cl = df[df["stage"] == "classify"]
     out = {}
     for size, part in cl.groupby("image_size", dropna=False):
-        wide, sources = summarise(part[part["class"].isna()], ["arch", "regime"], TABLE5)
+        # which GAN's synthetic set, and which scarce cut, make a regime's row: never averaged together
+        by = ["arch", "regime"] + [c for c in ("synthetic_from", "scarce") if part[c].notna().any()]
+        wide, sources = summarise(part[part["class"].isna()], by, TABLE5)
         if not wide.empty:
-            out[f"table5_{_px(size)}"] = (wide, sources, ["arch", "regime"], TABLE5)
+            out[f"table5_{_px(size)}"] = (wide, sources, by, TABLE5)
         per = part[part["class"].notna()]
-        wide, sources = summarise(per, ["arch", "regime", "class"], TABLE6)
+        wide, sources = summarise(per, [*by, "class"], TABLE6)
         if not wide.empty:
-            out[f"table6_{_px(size)}"] = (wide, sources, ["arch", "regime", "class"], TABLE6)
+            out[f"table6_{_px(size)}"] = (wide, sources, [*by, "class"], TABLE6)
+        out.update(scarcity_tables(part, size))
+    return out
+
+
+def scarcity_tables(cl: pd.DataFrame, size) -> dict[str, tuple[pd.DataFrame, pd.DataFrame, list[str], tuple]]:
+    """Per scarce cut: every regime's balanced accuracy, macro-F1, accuracy and the recall (sensitivity) of
+    each scarce class on the real test split, mean ± std over seeds."""
+    out = {}
+    for cut, part in cl[cl["scarce"].notna()].groupby("scarce"):
+        scarce = [kv.split("=")[0] for kv in str(cut).split(",")]
+        recall = part[part["class"].isin(scarce) & (part["metric"] == "sensitivity")]
+        recall = recall.assign(metric="recall_" + recall["class"].astype(str))
+        both = pd.concat([part[part["class"].isna()], recall], ignore_index=True)
+        metrics = (*SCARCITY, *(f"recall_{c}" for c in scarce))
+        by = ["arch", "regime", "synthetic_from"]
+        wide, sources = summarise(both, by, metrics)
+        if not wide.empty:
+            out[f"scarcity_{_px(size)}_{cut.replace(',', '_').replace('=', '')}"] = (wide, sources, by, metrics)
     return out
 
 

@@ -141,8 +141,13 @@ class DataSettings:
     simulate_scale: float = 1.0        # else the embedded simulator at this scale (tools/simulate.py)
     seed: int = 0                      # simulator and split seed
     shard: list[str] = field(default_factory=list)   # more tools/shard.py overrides (test_fraction=0.3, ...)
+    # scarcity study: {class: N} cuts the train split that every GAN and classifier of the study trains on
+    # (hpcgan.data.scarce); the cut of seed s is the one GAN seed s trains on and its classifiers use
+    scarce: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
+        for name, n in (self.scarce or {}).items():
+            check_range(f"data.scarce.{name}", n, 1)
         if self.shards is not None and not isinstance(self.shards, (str, dict)):
             raise SettingsError(f"data.shards={self.shards!r}: a shard directory, or {{size: directory}}")
         if self.sources is not None:
@@ -345,6 +350,8 @@ def hydra_value(v: Any) -> str:
     """A value as a Hydra override writes it: plain when safe, a list as [a,b], else single-quoted."""
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(hydra_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{hydra_value(k)}:{hydra_value(x)}" for k, x in v.items()) + "}"
     if isinstance(v, bool):
         return str(v).lower()
     s = str(v)
@@ -392,7 +399,7 @@ def expand(s: StudySettings, out: str | Path) -> list[Task]:
                 sh, dep = shards[size]
                 add("train", f"gan/{gan_name(model, seed, size)}", run,
                     ["-m", "hpcgan.train", *kv(shards=sh, run_dir=run, model=model, seed=seed, steps=g.steps),
-                     *g.overrides, *g.model_overrides.get(model, [])],
+                     *scarce_args(s, seed), *g.overrides, *g.model_overrides.get(model, [])],
                     deps=[dep], grid={"model": model, "seed": seed, "size": size}, check={"kind": "run"})
     for size in g.sizes:
         for model in s.generate.models:
@@ -425,6 +432,11 @@ def expand(s: StudySettings, out: str | Path) -> list[Task]:
     if s.classify.enabled:
         _classify_tasks(s, out, shards, add)
     return sorted(tasks, key=lambda t: STAGES.index(t.stage))
+
+
+def scarce_args(s: StudySettings, seed: int) -> list[str]:
+    """The scarce cut's overrides (the same for a GAN of seed `seed` and the classifiers fed by it)."""
+    return kv(scarce=s.data.scarce, scarce_seed=seed) if s.data.scarce else []
 
 
 def _data_tasks(s: StudySettings, out: Path, add) -> dict[int, tuple[str, str | None]]:
@@ -477,7 +489,8 @@ def _classify_tasks(s: StudySettings, out: Path, shards: dict, add) -> None:
                         syn = out / "synthetic" / gan_name(model, gan_seed, size) if model else None
                         add("classify", f"cls/{name}", run,
                             [TOOLS / "classify.py", *kv(shards=sh, synthetic=syn, arch=arch, regime=regime,
-                                                        seed=seed, out=run), *c.overrides],
+                                                        seed=seed, out=run), *scarce_args(s, gan_seed),
+                             *c.overrides],
                             deps=[sh_dep, f"synthetic/{gan_name(model, gan_seed, size)}" if model else None],
                             grid={"arch": arch, "regime": regime, "seed": seed, "size": size, "synthetic_from": model,
                                   "gan_seed": gan_seed if model else None},

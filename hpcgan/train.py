@@ -18,7 +18,7 @@ both exactly.
 Run directory: config.yaml (with class_counts: the training images per class; a class without any is
 refused by hpcgan.generate and its sample-grid row is greyed and crossed out), log.csv, curves.png (log.csv
 and the sample diversity drawn, at every sample grid), samples/step-N.png, samples/diversity.csv,
-checkpoints/step-N.pt, status.json ({"state": "running" | "finished" | "failed" | "interrupted", "step",
+scarce.json (with scarce=: the cut's content hashes), checkpoints/step-N.pt, status.json ({"state": "running" | "finished" | "failed" | "interrupted", "step",
 "steps", ...; a finished run with an auxiliary classifier adds "class_signal", see
 hpcgan.gauges.class_signal}), written by hpcgan.rundir.
 Settings: TrainSettings (configs/train.yaml documents the same defaults); a bad value is a one-line error
@@ -64,7 +64,7 @@ from hpcgan.generate import NO_TRAINING_IMAGES, unseen_classes
 from hpcgan.latent import sample_latent
 from hpcgan.models.registry import GANSpec, build_model, optimiser_lr
 from hpcgan.objectives import STAT_KEYS, GANObjective
-from hpcgan.rundir import LOG, CsvLog, read_status, write_config, write_status
+from hpcgan.rundir import LOG, CsvLog, read_status, write_config, write_json, write_status
 from hpcgan.settings import MISSING, SettingsError, check_choice, check_range, exit_on_error, parse
 
 logger = logging.getLogger("hpcgan.train")
@@ -82,6 +82,8 @@ class TrainSettings:
     run_dir: str = MISSING
     model: dict[str, Any] = MISSING            # GANSpec fields (checked by GANSpec.from_config)
     split: str = "train"
+    scarce: dict[str, int] | None = None       # scarcity study: {class: N} cuts the train split (hpcgan.data.scarce)
+    scarce_seed: int | None = None             # which cut (null: seed); the study's classifiers use the same
     steps: int | None = None                   # wins over epochs when set
     epochs: int = 50
     batch_size: int = 64                       # per rank
@@ -125,10 +127,26 @@ class TrainSettings:
         check_range("ema", self.ema, 0, 1)
         if self.ema_rampup is not None:
             check_range("ema_rampup", self.ema_rampup, 0)
+        self._check_scarce()
         try:
             parse_policy(self.diffaug)
         except ValueError as e:
             raise SettingsError(f"diffaug={self.diffaug!r}: {e}") from None
+
+    def _check_scarce(self) -> None:
+        if not self.scarce:
+            self.scarce, self.scarce_seed = None, None
+            return
+        for name, n in self.scarce.items():
+            check_range(f"scarce.{name}", n, 1)
+        if self.split != "train":
+            raise SettingsError(f"scarce= cuts the train split, but split={self.split!r}: a GAN of a scarcity "
+                                "study reads the cut train split only (split=train)")
+        if isinstance(self.shards, (list, tuple)):
+            raise SettingsError("scarce= needs one shard set (shards=DIR), the one the study's classifiers use")
+        self.scarce = {str(k): int(v) for k, v in self.scarce.items()}
+        self.scarce_seed = self.seed if self.scarce_seed is None else self.scarce_seed
+        check_range("scarce_seed", self.scarce_seed, 0)
 
     @property
     def spec(self) -> GANSpec:
@@ -504,6 +522,7 @@ class TrainingRun:
         self.spec = s.spec
         resolve_precision(s.precision, env.device)  # fail early, before any work, on a precision the device lacks
         configure_backends(env.device, cudnn_benchmark=s.cudnn_benchmark, tf32=s.tf32)
+        self.index, self.scarce_record = self.training_samples()
         self.probe = self.loader(0)
         self.classes, self.image_size = list(self.probe.classes), int(self.probe.image_size)
         self.epoch_batches = self.probe.epoch_batches
@@ -520,14 +539,26 @@ class TrainingRun:
         self.status_fields = {"steps": self.total, "model": self.spec.name, "world_size": env.world_size}
         # what fixes the order of batches within an epoch; a resume with any of it changed restarts the epoch
         self.data_order = {"shards": self.shards, "split": s.split, "batch_size": s.batch_size, "seed": s.seed,
-                           "world_size": env.world_size, "balance_classes": s.balance_classes}
+                           "world_size": env.world_size, "balance_classes": s.balance_classes,
+                           **({"scarce": s.scarce, "scarce_seed": s.scarce_seed} if s.scarce else {})}
+
+    def training_samples(self):
+        """(the samples trained on, the scarce cut's record): the whole split, or with scarce= the cut
+        (hpcgan.data.scarce, the same as the study's classifiers make)."""
+        from hpcgan.data.scarce import ScarceError, cut_split
+        if not self.s.scarce:
+            return None, {}
+        try:
+            return cut_split(self.shards, self.s.split, self.s.scarce, self.s.scarce_seed)
+        except ScarceError as e:
+            raise SettingsError(str(e)) from None
 
     def loader(self, epoch: int, skip: int = 0):
         from hpcgan.data.loader import make_loader
         s, env = self.s, self.env
         return make_loader(self.shards, s.split, s.batch_size, env.rank, env.world_size, seed=s.seed, epoch=epoch,
                            shuffle=True, flip=s.flip, balance_classes=s.balance_classes, backend=s.backend,
-                           device=env.device.type, num_threads=s.num_threads, skip_batches=skip)
+                           device=env.device.type, num_threads=s.num_threads, skip_batches=skip, index=self.index)
 
     # ---- resume: the newest valid checkpoint, if any, on every rank
     def newest_checkpoint(self) -> dict | None:
@@ -582,6 +613,8 @@ class TrainingRun:
         if self.env.is_main:
             (run_dir / "samples").mkdir(parents=True, exist_ok=True)
             write_config(run_dir, self.run_config)
+            if self.scarce_record:
+                write_json(run_dir / "scarce.json", self.scarce_record)
             self.write_status("running")
             self.log = CsvLog(run_dir / LOG, LOG_COLUMNS, self.step)
             self.diversity_log = CsvLog(run_dir / "samples" / "diversity.csv", DIVERSITY_COLUMNS, self.step)
@@ -770,14 +803,15 @@ def _resolved(shards) -> str | list[str]:
 
 
 _MUST_MATCH = ("name", "generator", "critic", "conditional", "critic_condition", "z_dim", "width", "info_cat",
-               "info_cont", "critic_norm", "ac_twin")
+               "info_cont", "critic_norm", "ac_twin", "spectral_norm")
 
 
 def _check_compatible(saved: dict, now: dict, run_dir: Path) -> None:
     defaults = {f.name: f.default for f in fields(GANSpec)}  # a key newer than the checkpoint: its default
     old, new = ({k: m.get(k, defaults.get(k)) for k in _MUST_MATCH} for m in (saved["model"], now["model"]))
     diffs = [f"model.{k}: {old[k]!r} -> {new[k]!r}" for k in _MUST_MATCH if old[k] != new[k]]
-    diffs += [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in ("classes", "image_size") if saved.get(k) != now.get(k)]
+    diffs += [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in ("classes", "image_size", "scarce", "scarce_seed")
+              if saved.get(k) != now.get(k)]
     if diffs:
         raise ValueError(f"{run_dir} holds checkpoints of a different model/data ({'; '.join(diffs)}); "
                          "use a new run_dir or the original settings")

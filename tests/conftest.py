@@ -1,5 +1,8 @@
 """Shared pytest fixtures. Markers (slow, slurm, real_data) are registered in pyproject.toml.
 
+`simulated_shards` (session): a factory, scale -> the embedded simulator's cells at that scale sharded at 32 px
+(seed 0), built once per session and scale. Tests only read them (a test that changes shards copies them first).
+
 `slurm_cluster` (session): a real Slurm to submit to. It uses the cluster SLURM_CONF (or
 /etc/slurm/slurm.conf) points at when `sinfo` answers; otherwise, as root, it starts the project's own
 single-node cluster with slurm/local/up.sh (and stops it at the end of the session if it started it);
@@ -17,6 +20,23 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SLURM = REPO / "slurm" / "local"
+
+
+@pytest.fixture(scope="session")
+def simulated_shards(tmp_path_factory):
+    from hpcgan.data.build import build
+    from hpcgan.data.simulate import simulate
+    made: dict[float, Path] = {}
+
+    def make(scale: float) -> Path:
+        if scale not in made:
+            root = tmp_path_factory.mktemp(f"sim-{scale}")
+            simulate(root / "sim", seed=0, scale=scale, progress=False)
+            build({s: str(root / "sim" / s) for s in ("pbc", "aml", "lab")}, root / "shards", size=32, seed=0,
+                  progress=False, contact_sheet=False)
+            made[scale] = root / "shards"
+        return made[scale]
+    return make
 
 
 @dataclass

@@ -32,9 +32,7 @@ from hpcgan.classify.metrics import confusion, expand, scores
 from hpcgan.classify.provenance import LeakageError, check_synthetic
 from hpcgan.classify.regimes import REGIMES, RegimeLoss, get_regime
 from hpcgan.classify.run import CKPT_KEYS, EXIT_OK, EXIT_SIGNAL, ClassifySettings, main
-from hpcgan.data.build import build
 from hpcgan.data.shards import read_manifest, write_manifest
-from hpcgan.data.simulate import simulate
 from hpcgan.generate import generate
 from hpcgan.models.registry import build_model, load_spec
 from hpcgan.results import REQUIRED, read_rows
@@ -45,12 +43,8 @@ FAST = ["progress=false"]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("clsdata")
-    simulate(d / "sim", seed=0, scale=0.6, progress=False)
-    build({s: str(d / "sim" / s) for s in ("pbc", "aml", "lab")}, d / "shards", size=32, seed=0, progress=False,
-          contact_sheet=False)
-    return d / "shards"
+def shards(simulated_shards) -> Path:
+    return simulated_shards(0.6)
 
 
 def gan_checkpoint(run_dir: Path, shards: Path, split, scarce: dict | None = None) -> Path:
@@ -251,6 +245,45 @@ def test_a_scarce_run_writes_its_cut_and_the_guard_holds_its_gan_to_it(shards, t
         counts(shards, "train").values()) - counts(shards, "train")["neutrophil"] + 10
 
 
+def test_a_gan_trained_with_scarce_sees_the_classifiers_cut_and_balance_tops_the_cut_up(shards, tmp_path):
+    """The real hpcgan.train with scarce=: the same images as the classifier's cut, recorded in config.yaml,
+    scarce.json and the synthetic manifest; balance=max tops the cut class up to the target; the guard holds."""
+    from hpcgan.rundir import read_config
+    cut, run = {"neutrophil": 4}, tmp_path / "gan"
+    r = subprocess.run([sys.executable, "-m", "hpcgan.train", f"shards={shards}", f"run_dir={run}", "model=cgan",
+                        "model.width=8", "steps=2", "batch_size=8", "scarce={neutrophil:4}", "scarce_seed=1",
+                        "sample_every=0", "progress=false", "tensorboard=false", "precision=fp32"],
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = read_config(run)
+    assert cfg["scarce"] == cut and cfg["scarce_seed"] == 1 and cfg["class_counts"]["neutrophil"] == 4
+    kept = training_set(get_regime("original"), shards, scarce=cut, scarce_seed=1).scarce["classes"]["neutrophil"]
+    assert json.loads((run / "scarce.json").read_text())["classes"]["neutrophil"]["sha256"] == kept["sha256"]
+    syn = tmp_path / "syn"
+    man = generate(run_dir=run, out=syn, balance="max", shards=shards, png=False, progress=False, device="cpu")
+    real = counts(shards, "train")
+    target = max(min(n, 4) if c == "neutrophil" else n for c, n in real.items())
+    assert man["balance"]["target"] == target and man["balance"]["scarce"]["classes"] == cut
+    assert man["counts"]["train"]["neutrophil"] == target - 4
+    assert man["trained_on"]["scarce"] == cut and man["trained_on"]["scarce_seed"] == 1
+    assert check_synthetic(shards, syn, scarce=cut, scarce_seed=1)["gan"]["scarce"] == cut
+    with pytest.raises(LeakageError, match="saw 4 neutrophil images; the classifier is allowed 3"):
+        check_synthetic(shards, syn, scarce={"neutrophil": 3}, scarce_seed=1)
+    with pytest.raises(LeakageError, match="seed"):
+        check_synthetic(shards, syn, scarce=cut, scarce_seed=0)
+
+
+def test_train_refuses_a_scarce_cut_of_other_splits(shards, tmp_path):
+    from hpcgan.train import TrainSettings
+    model = dataclasses.asdict(load_spec("cgan"))
+    with pytest.raises(SettingsError, match="split=train"):
+        parse(TrainSettings, {"shards": str(shards), "run_dir": str(tmp_path), "model": model,
+                              "split": "val", "scarce": {"neutrophil": 3}})
+    ok = parse(TrainSettings, {"shards": str(shards), "run_dir": str(tmp_path), "model": model, "seed": 7,
+                               "scarce": {"neutrophil": 3}})
+    assert ok.scarce_seed == 7      # null: the run's seed, as for the classifier
+
+
 # ---- the leakage guard -----------------------------------------------------------------------------
 
 def test_leakage_guard_refuses_a_gan_that_saw_the_test_split(shards, topup, tmp_path):
@@ -275,7 +308,8 @@ def test_unknown_provenance_is_refused_unless_allowed(shards, topup, tmp_path):
     shutil.copytree(topup, unknown)
     man = read_manifest(unknown)
     man["checkpoint"] = {**man["checkpoint"], "path": str(tmp_path / "gone" / "checkpoints" / "step-00000001.pt")}
-    write_manifest(unknown, {k: v for k, v in man.items() if k != "format"})
+    assert man["trained_on"]["split"] == "train"   # known from the manifest alone ...
+    write_manifest(unknown, {k: v for k, v in man.items() if k not in ("format", "trained_on")})  # ... until dropped
     with pytest.raises(LeakageError, match="allow_unknown_provenance=true"):
         check_synthetic(shards, unknown)
     assert check_synthetic(shards, unknown, allow_unknown=True)["unknown"] is True

@@ -20,9 +20,7 @@ from PIL import Image, ImageFilter
 
 from hpcgan import REPO_ROOT
 from hpcgan.checkpoint import save_checkpoint
-from hpcgan.data.build import build
 from hpcgan.data.shards import iter_samples, read_manifest
-from hpcgan.data.simulate import simulate
 from hpcgan.evaluate import EvaluateError, EvaluateSettings, evaluate
 from hpcgan.generate import slug
 from hpcgan.models.registry import build_model, load_spec
@@ -32,12 +30,8 @@ FAST = ["fid", "kid", "prdc", "intra_fid", "is", "class_accuracy"]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("evaldata")
-    simulate(d / "sim", seed=0, scale=0.6, progress=False)
-    build({s: str(d / "sim" / s) for s in ("pbc", "aml", "lab")}, d / "shards", size=32, seed=0, progress=False,
-          contact_sheet=False)
-    return d / "shards"
+def shards(simulated_shards) -> Path:
+    return simulated_shards(0.6)
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +57,13 @@ def png_folder(root: Path, shards: Path, split: str, transform=None, relabel=Non
     return root
 
 
-def tiny_checkpoint(run_dir: Path, classes: list[str], model="wgan_gp_ac", step=5) -> Path:
+def tiny_checkpoint(run_dir: Path, classes: list[str], model="wgan_gp_ac", step=5, class_counts=None) -> Path:
     spec = dataclasses.replace(load_spec(model), width=8, z_dim=16)
     torch.manual_seed(0)
     G, D = build_model(spec, len(classes), 32)
     state = {"step": step, "epoch": 0, "batch_in_epoch": 0,
              "config": {"model": dataclasses.asdict(spec), "image_size": 32, "classes": list(classes), "seed": 3,
-                        "steps": step, "balance_classes": False},
+                        "steps": step, "balance_classes": False, "class_counts": class_counts},
              "G": G.state_dict(), "D": D.state_dict(), "G_ema": None, "opt_G": {}, "opt_D": {}, "scaler": None,
              "rng": {}, "meta": {}}
     return save_checkpoint(run_dir, state, keep_last=0)
@@ -162,6 +156,19 @@ def test_a_run_directory_is_evaluated_and_every_row_is_traceable(shards, cache, 
     # an untrained generator is worse than the real val split, by every distance
     floor = run_eval(shards, cache, tmp_path, fake=str(shards), fake_split="val", out=str(tmp_path / "f.json"))
     assert doc["metrics"]["fid"]["fid"] > 3 * floor["metrics"]["fid"]["fid"]
+
+
+def test_classes_the_generator_never_saw_are_not_scored(shards, cache, tmp_path):
+    man = read_manifest(shards)
+    classes, train = man["classes"], man["counts"]["train"]
+    present = [c for c in classes if train.get(c, 0) > 0]
+    never = present[0]
+    run = tmp_path / "run"
+    tiny_checkpoint(run, classes, class_counts={c: (0 if c == never else train.get(c, 0)) for c in classes})
+    doc = run_eval(shards, cache, tmp_path, run=str(run), n_per_class=3, metrics=["fid", "intra_fid"])
+    assert doc["source"]["unseen_classes"] == [never]
+    assert doc["n_fake"] == 3 * (len(present) - 1)
+    assert [r["value"] for r in doc["rows"] if r["metric"] == "intra_fid" and r["class"] == never] in ([], [None])
 
 
 def test_unconditional_generators_skip_per_class_metrics_with_the_reason(shards, cache, tmp_path):

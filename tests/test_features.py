@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpcgan.data.build import build
 from hpcgan.data.shards import MANIFEST, read_manifest, sha256_file
-from hpcgan.data.simulate import simulate
 from hpcgan.metrics import weights
 from hpcgan.metrics.cell import (cell_extractor_path, ensure_cell_extractor, load_split, CellTrainSettings,
                                  train_cell_extractor)
@@ -40,12 +38,8 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("features")
-    simulate(root / "sim", seed=0, scale=0.3, progress=False)
-    build({s: str(root / "sim" / s) for s in ("pbc", "aml", "lab")}, root / "shards", size=32, workers=2,
-          progress=False, contact_sheet=False)
-    return root / "shards"
+def shards(simulated_shards) -> Path:
+    return simulated_shards(0.3)
 
 
 @pytest.fixture(scope="module")

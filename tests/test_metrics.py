@@ -280,3 +280,32 @@ def test_closest_pairs_sheet(tmp_path):
     first_real = sheet[y0:y0 + tile, x0 + tile + pad:x0 + 2 * tile + pad]
     np.testing.assert_array_equal(first_fake, fake_img[5].transpose(1, 2, 0))   # flagged, closest, first
     np.testing.assert_array_equal(first_real, real_img[17].transpose(1, 2, 0))
+
+
+def test_spread_known_values():
+    from hpcgan.metrics.diversity import spread
+    assert spread(np.array([[0.0, 0.0], [3.0, 4.0]])) == 5.0
+    # an equilateral triangle of side 2: every pair 2 apart
+    tri = np.array([[0.0, 0.0], [2.0, 0.0], [1.0, np.sqrt(3.0)]])
+    assert spread(tri) == pytest.approx(2.0)
+    assert np.isnan(spread(np.zeros((1, 4))))
+    # sampled pairs (large class) agree with every pair
+    x = np.random.default_rng(0).normal(size=(400, 8))
+    assert spread(x, max_pairs=20000, seed=1) == pytest.approx(spread(x, max_pairs=10**6), rel=0.03)
+
+
+def test_diversity_ratio_collapse_zero_real_one_and_per_class():
+    from hpcgan.metrics import EvalData, Side, compute
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(60, 5)).astype(np.float32)
+    labels = np.repeat([0, 1, 2], 20)
+    collapsed = np.repeat(real[[0, 20]], 10, axis=0)          # one image per class, classes 0 and 1 only
+    same = EvalData(["a", "b", "c", "d"], Side(real, labels=labels), Side(real.copy(), labels=labels))
+    r = compute(["diversity"], same)[0]["diversity"]
+    assert r.values["diversity_ratio"] == pytest.approx(1.0)
+    assert set(r.per_class["diversity_ratio"]) == {"a", "b", "c"}   # d has no images: left out
+    half = EvalData(["a", "b", "c", "d"], Side(real, labels=labels), Side(real * 0.5, labels=labels))
+    assert compute(["diversity"], half)[0]["diversity"].values["diversity_ratio"] == pytest.approx(0.5)
+    col = EvalData(["a", "b", "c", "d"], Side(real, labels=labels), Side(collapsed, labels=np.repeat([0, 1], 10)))
+    r = compute(["diversity"], col)[0]["diversity"]
+    assert r.values["diversity_ratio"] == 0.0 and r.info["classes_scored"] == ["a", "b"]

@@ -97,3 +97,31 @@ def test_figures_from_the_runs_logs_and_samples(study):
         assert im.width > 100 and im.height > 30, name
     side = Image.open(written["fig_samples"]).convert("RGB")
     assert side.getpixel((10, 30)) == (200, 0, 0)  # the run's newest grid is in it
+
+
+def test_scarcity_table_keeps_cuts_and_gan_sources_apart(tmp_path):
+    s, rows = tmp_path / "study", []
+    cut = {"monocyte": 20}
+    for seed in (0, 1, 2):
+        for regime, syn, rec in (("original", None, 0.2), ("balanced", None, 0.3), ("original+synthetic", "cgan", 0.5),
+                                 ("original+synthetic", "sngan_proj", 0.6 + 0.1 * seed)):
+            run = str(s / f"cls/{regime}-{syn}-s{seed}")
+            base = {"synthetic_from": syn, "scarce": cut}
+            rows += [{**cl(run, "small_cnn", regime, seed, "balanced_accuracy", 0.7), **base},
+                     {**cl(run, "small_cnn", regime, seed, "sensitivity", rec, cls="monocyte"), **base},
+                     {**cl(run, "small_cnn", regime, seed, "sensitivity", 0.9, cls="basophil"), **base}]
+    run = str(s / "cls/uncut")  # a run without the cut: never in the scarcity table
+    rows.append(cl(run, "small_cnn", "original", 0, "sensitivity", 0.99, cls="monocyte"))
+    append_rows(s / "cls/results.jsonl", rows)
+    written = report(s, figures=False)
+    t = pd.read_csv(written["scarcity_32px_monocyte20"]).set_index(["regime", "synthetic_from"])
+    assert t.loc[("original", "–"), "recall_monocyte_mean"] == pytest.approx(0.2)
+    assert t.loc[("original", "–"), "recall_monocyte_n"] == 3
+    assert t.loc[("original+synthetic", "cgan"), "recall_monocyte_mean"] == pytest.approx(0.5)
+    assert t.loc[("original+synthetic", "sngan_proj"), "recall_monocyte_mean"] == pytest.approx(0.7)
+    assert t.loc[("original+synthetic", "sngan_proj"), "recall_monocyte_std"] == pytest.approx(0.1)
+    assert "recall_basophil_mean" not in t.columns
+    t6 = pd.read_csv(written["table6_32px"])   # the uncut run's row stays its own
+    mono = t6[(t6["class"] == "monocyte") & (t6["regime"] == "original")].set_index("scarce")
+    assert mono.loc["–", "sensitivity_mean"] == 0.99
+    assert mono.loc["monocyte=20", "sensitivity_mean"] == pytest.approx(0.2)

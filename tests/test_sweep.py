@@ -81,6 +81,24 @@ def test_paper_study_grid_sizes_and_resources(tmp_path):
     assert "shards=/d/r64" in next(t for t in two if t.name == "gan/dcgan-s1-64").argv
 
 
+def test_study_configs_of_the_quality_and_scarcity_studies_expand(tmp_path):
+    q = expand(load_study("quality"), tmp_path / "q")
+    assert len(names(q, "train")) == 9 * 2 and len(names(q, "evaluate")) == 18 and not names(q, "classify")
+    argv = " ".join(next(t for t in q if t.name == "gan/sngan_proj-s1-32").argv)
+    assert "steps=440" in argv and "scarce" not in argv
+    sc = expand(load_study("scarcity"), tmp_path / "s")
+    by = {t.name: " ".join(t.argv) for t in sc}
+    cut = "scarce={monocyte:20,eosinophil:20}"
+    # a GAN of seed 1 and every classifier of seed 1 use the same cut: scarce_seed=1
+    assert f"{cut} scarce_seed=1" in by["gan/cgan-s1-32"]
+    for regime in ("original", "balanced", "original+synthetic-sngan_proj"):
+        assert f"{cut} scarce_seed=1" in by[f"cls/small_cnn-{regime}-s1-32"]
+    assert "synthetic=" in by["cls/small_cnn-original+synthetic-cgan-s2-32"]
+    assert len(names(sc, "classify")) == 3 * (4 + 2)
+    with pytest.raises(SettingsError, match="data.scarce.monocyte"):
+        load_study("scarcity", ["data.scarce.monocyte=0"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("gan.models=[wgan_gp_ac,nosuchgan]", "gan.models: unknown model 'nosuchgan'"),
     ("generate.models=[dcgan]", "dcgan' is unconditional"),
@@ -248,14 +266,8 @@ def test_tiny_study_runs_here_end_to_end_and_resumes(tmp_path):
 # ---------------------------------------------------------------- on the real local Slurm
 
 @pytest.fixture(scope="module")
-def sim_shards(tmp_path_factory) -> Path:
-    from hpcgan.data.build import build
-    from hpcgan.data.simulate import simulate
-    root = tmp_path_factory.mktemp("sweep-data")
-    simulate(root / "sim", seed=0, scale=0.3, progress=False)
-    build({s: str(root / "sim" / s) for s in ("pbc", "aml", "lab")}, root / "shards", size=32, seed=0,
-          progress=False, contact_sheet=False)
-    return root / "shards"
+def sim_shards(simulated_shards) -> Path:
+    return simulated_shards(0.3)
 
 
 def wait_settled(out: Path, timeout: float = 300) -> list:

@@ -10,7 +10,7 @@
   augment.py     the augmentation recipes (torchvision v2, from config)
   provenance.py  the leakage guard: a synthetic set whose GAN saw the test split (or more of a scarce class
                  than the classifier's cut) is refused
-  scarce.py      the scarce cut of the scarcity study: named classes of the train split cut to N, nested by seed
+  (the scarce cut of the scarcity study, shared with GAN training, is hpcgan.data.scarce)
   metrics.py     accuracy, macro-F1, balanced accuracy, per-class precision/recall/specificity/F1 (scikit-learn),
                  confusion matrix CSV and PNG
   run.py         ClassifySettings, the training loop (DDP, bf16, checkpoints, exact resume), scoring, results rows

@@ -1,7 +1,7 @@
 """What a classifier trains on (one index over real and synthetic shards) and the splits it is judged on.
 
 Training set of a regime (hpcgan.classify.regimes):
-  real part       the real shard set's `train` split, whole, or with the scarce cut (hpcgan.classify.scarce:
+  real part       the real shard set's `train` split, whole, or with the scarce cut (hpcgan.data.scarce:
                   named classes reduced to N images) when `scarce` is given
   synthetic part  from a synthetic shard set's `train` split, the first n images of each class in generation
                   order (tools/generate.py draws each class from its own stream, so the first n are exactly
@@ -23,8 +23,7 @@ import numpy as np
 import torch
 
 from hpcgan.classify.regimes import Regime
-from hpcgan.data.loader import (ShardIndex, ShardLoader, default_threads, epoch_plan, load_index, resolve_backend,
-                                resolve_device)
+from hpcgan.data.loader import ShardIndex, ShardLoader, load_index, make_loader
 from hpcgan.data.shards import MANIFEST, read_manifest, sha256_file
 
 TRAIN_SPLIT = "train"
@@ -41,7 +40,7 @@ class TrainingSet:
     image_size: int
     counts: dict[str, dict[str, int]]    # {"real": {class: n}, "synthetic": {class: n}}
     balanced_sampling: bool
-    scarce: dict = field(default_factory=dict)   # the cut record (hpcgan.classify.scarce), {} without a cut
+    scarce: dict = field(default_factory=dict)   # the cut record (hpcgan.data.scarce), {} without a cut
 
     @property
     def class_counts(self) -> np.ndarray:
@@ -57,22 +56,6 @@ class TrainingSet:
 
 def manifest_sha256(shards: str | Path) -> str:
     return sha256_file(Path(shards) / MANIFEST)
-
-
-def subset(index: ShardIndex, keep: np.ndarray) -> ShardIndex:
-    """The samples `keep` (positions, in this order) of an index."""
-    keep = np.asarray(keep, np.int64)
-    return ShardIndex(index.tars, index.tar_of[keep], index.offset[keep], index.size[keep],
-                      [index.ext[i] for i in keep], index.labels[keep], index.classes, index.image_size)
-
-
-def concat(a: ShardIndex, b: ShardIndex) -> ShardIndex:
-    if a.classes != b.classes or a.image_size != b.image_size:
-        raise DataError(f"shard sets disagree: classes {a.classes} / {b.classes}, size {a.image_size} / "
-                        f"{b.image_size}; use a synthetic set generated for these real shards")
-    return ShardIndex(a.tars + b.tars, np.concatenate([a.tar_of, b.tar_of + len(a.tars)]).astype(np.int32),
-                      np.concatenate([a.offset, b.offset]), np.concatenate([a.size, b.size]), a.ext + b.ext,
-                      np.concatenate([a.labels, b.labels]), a.classes, a.image_size)
 
 
 def first_per_class(labels: np.ndarray, wanted: dict[int, int]) -> np.ndarray:
@@ -111,16 +94,12 @@ def training_set(regime: Regime, shards: str | Path, synthetic: str | Path | Non
                  synthetic_per_class: int | None = None, scarce: dict[str, int] | None = None,
                  scarce_seed: int = 0) -> TrainingSet:
     """The regime's training samples as one index (see the module docstring)."""
-    from hpcgan.classify.scarce import ScarceError, sample_hashes, scarce_keep
-    real = load_index(shards, TRAIN_SPLIT)
+    from hpcgan.data.scarce import ScarceError, cut_split
+    try:
+        real, cut = cut_split(shards, TRAIN_SPLIT, scarce, scarce_seed)
+    except ScarceError as e:
+        raise DataError(str(e)) from None
     classes = list(real.classes)
-    cut = {}
-    if scarce:
-        try:
-            keep, cut = scarce_keep(real.labels, sample_hashes(shards, TRAIN_SPLIT), classes, scarce, scarce_seed)
-        except ScarceError as e:
-            raise DataError(str(e)) from None
-        real = subset(real, keep)
     real_counts = np.bincount(real.labels, minlength=len(classes))
     counts = {"real": _counts(classes, real.labels) if "real" in regime.data else {},
               "synthetic": {}}
@@ -133,10 +112,10 @@ def training_set(regime: Regime, shards: str | Path, synthetic: str | Path | Non
             raise DataError(f"synthetic set {synthetic} has classes {syn.classes} at {syn.image_size} px, the real "
                             f"shards {classes} at {real.image_size} px: generate it for these shards")
         syn_counts = np.bincount(syn.labels, minlength=len(classes))
-        chosen = subset(syn, first_per_class(syn.labels, synthetic_wanted(regime, real_counts, syn_counts, classes,
+        chosen = syn.subset(first_per_class(syn.labels, synthetic_wanted(regime, real_counts, syn_counts, classes,
                                                                           synthetic_per_class)))
         counts["synthetic"] = _counts(classes, chosen.labels)
-        index = chosen if index is None else concat(index, chosen)
+        index = chosen if index is None else index.concat(chosen)
     elif synthetic is not None:
         raise DataError(f"regime {regime.name} does not read a synthetic set: drop synthetic=")
     return TrainingSet(index, classes, int(real.image_size), counts, regime.balanced_sampling, cut)
@@ -146,15 +125,9 @@ def epoch_loader(ts: TrainingSet, batch_size: int, rank: int, world_size: int, *
                  skip_batches: int = 0, backend: str = "auto", device: str = "auto",
                  num_threads: int | None = None) -> ShardLoader:
     """One epoch of the training set, as make_loader would give it for a whole split (same plan, backends)."""
-    plan = epoch_plan(ts.index.labels, batch_size, rank, world_size, seed=seed, epoch=epoch, shuffle=True,
-                      flip=False, balance_classes=ts.balanced_sampling)
-    if not 0 <= skip_batches <= plan.epoch_batches:
-        raise ValueError(f"skip_batches={skip_batches} outside [0, {plan.epoch_batches}]")
-    return ShardLoader(ts.index, plan, split=TRAIN_SPLIT, batch_size=batch_size, rank=rank, world_size=world_size,
-                       seed=seed, epoch=epoch, shuffle=True, flip=False, balance_classes=ts.balanced_sampling,
-                       backend=resolve_backend(backend), device=resolve_device(device),
-                       num_threads=default_threads() if num_threads is None else int(num_threads),
-                       skip_batches=skip_batches, dali_source="index")
+    return make_loader(None, TRAIN_SPLIT, batch_size, rank, world_size, seed=seed, epoch=epoch, shuffle=True,
+                       balance_classes=ts.balanced_sampling, backend=backend, device=device,
+                       num_threads=num_threads, skip_batches=skip_batches, index=ts.index)
 
 
 def decode_split(shards: str | Path, split: str, device: torch.device, backend: str = "auto",

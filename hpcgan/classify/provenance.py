@@ -17,7 +17,7 @@ The rule (`check_synthetic`), for every shard set the GAN trained on:
   * not readable (moved, another machine): it is the classifier's own shard set when its path is the real
     shards' path, and then refused if the GAN read the test split; any other set cannot be checked.
 Unknown provenance or an uncheckable shard set is refused unless `allow_unknown_provenance=true`, which is
-recorded in the results. Under a scarce cut (hpcgan.classify.scarce) the GAN must have trained on the same cut
+recorded in the results. Under a scarce cut (hpcgan.data.scarce) the GAN must have trained on the same cut
 or a stricter one (`scarce_problem`): the classifier's shard set, train split only, every scarce class cut to
 at most the classifier's N with the same seed; anything else is refused whatever allow_unknown_provenance says.
 Only the test split's metadata is read here, never its images.

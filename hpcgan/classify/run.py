@@ -86,7 +86,7 @@ class ClassifySettings:
     select_on: str = "macro_f1"             # macro_f1 | accuracy (on val)
     logit_adjust_tau: float = 1.0           # regime logit_adjust: tau of Menon et al. (2021)
     synthetic_per_class: int | None = None  # regime synthetic: images per class (null: the set's smallest class)
-    scarce: dict[str, int] | None = None    # scarcity study: {class: N} cuts the real train split (classify.scarce)
+    scarce: dict[str, int] | None = None    # scarcity study: {class: N} cuts the real train split (hpcgan.data.scarce)
     scarce_seed: int | None = None          # which cut (null: seed); a GAN for it must use the same
     augment: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: copy.deepcopy(RECIPES))
     pretrained_file: str | None = None      # ImageNet weights staged as a file (never downloaded); null: from scratch

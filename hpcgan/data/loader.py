@@ -84,6 +84,24 @@ class ShardIndex:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, keep) -> "ShardIndex":
+        """The samples `keep` (positions, in this order)."""
+        keep = np.asarray(keep, np.int64)
+        return ShardIndex(self.tars, self.tar_of[keep], self.offset[keep], self.size[keep],
+                          [self.ext[i] for i in keep], self.labels[keep], self.classes, self.image_size)
+
+    def concat(self, other: "ShardIndex") -> "ShardIndex":
+        """This index's samples, then `other`'s (same classes and image size, else ValueError)."""
+        if self.classes != other.classes or self.image_size != other.image_size:
+            raise ValueError(f"shard sets disagree: classes {self.classes} / {other.classes}, size "
+                             f"{self.image_size} / {other.image_size}; use a synthetic set generated for these "
+                             "real shards")
+        return ShardIndex(self.tars + other.tars,
+                          np.concatenate([self.tar_of, other.tar_of + len(self.tars)]).astype(np.int32),
+                          np.concatenate([self.offset, other.offset]), np.concatenate([self.size, other.size]),
+                          self.ext + other.ext, np.concatenate([self.labels, other.labels]), self.classes,
+                          self.image_size)
+
     def read_image_bytes(self, i: int, files: dict) -> bytes:
         """Encoded image of sample i; `files` caches open file descriptors (per process/thread)."""
         t = int(self.tar_of[i])
@@ -387,9 +405,12 @@ def make_loader(shards: str | os.PathLike | Sequence[str | os.PathLike], split: 
                 rank: int = 0, world_size: int = 1, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
                 flip: bool = False, balance_classes: bool = False, backend: str = "auto",
                 device: str = "auto", num_threads: int | None = None, skip_batches: int = 0,
-                dali_source: str = "index") -> ShardLoader:
+                dali_source: str = "index", index: ShardIndex | None = None) -> ShardLoader:
     """One epoch of `split` (a name, or several read as one: ["train", "val"]) for `rank` of `world_size`
     (see the module docstring for the exact semantics).
+
+    index: the samples to read instead of the whole split (load_index(shards, split) with .subset/.concat:
+    a scarce cut, real + synthetic); `split` then only names them.
 
     dali_source: "index" (default; exact plan, skip without decode, balance_classes) or "reader"
     (fn.readers.webdataset; order decided by DALI, see dali_pipeline.py).
@@ -400,7 +421,8 @@ def make_loader(shards: str | os.PathLike | Sequence[str | os.PathLike], split: 
         raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
     if dali_source not in ("index", "reader"):
         raise ValueError(f"dali_source={dali_source!r}: choose 'index' or 'reader'")
-    index = load_index(shards, split)
+    if index is None:
+        index = load_index(shards, split)
     backend = resolve_backend(backend)
     device = resolve_device(device)
     threads = default_threads() if num_threads is None else int(num_threads)

@@ -13,6 +13,8 @@ compute (it asks `needs(names)`), and `compute(names, data)` runs them.
     prdc            precision, recall (Kynkaanniemi 2019), their f1, density,         features
                     coverage (Naeem 2020); the paper's P, R, F1
     intra_fid       FID per class and its mean (class mix-ups that global FID misses) features, labels
+    diversity       within-class spread of the features (mean pairwise distance),      features, labels
+                    generated, real, and their ratio (collapse -> 0, as varied as real -> 1)
     lpips           mean pairwise LPIPS within a class (the paper's diversity column) pixels, lpips, labels
     nn_fidelity     l1, l2 (RMSE), PSNR, SSIM of each generated image vs its nearest   pixels, labels
                     real training image of the same class (the paper's Table 4)
@@ -71,8 +73,8 @@ class Metric:
 
 
 METRICS: dict[str, Metric] = {}
-DEFAULT_METRICS = ("fid", "kid", "prdc", "intra_fid", "is", "class_accuracy", "nn_fidelity", "memorisation",
-                   "lpips")
+DEFAULT_METRICS = ("fid", "kid", "prdc", "intra_fid", "diversity", "is", "class_accuracy", "nn_fidelity",
+                   "memorisation", "lpips")
 
 
 class MetricUnavailable(RuntimeError):
@@ -158,6 +160,16 @@ def _intra_fid(data: EvalData) -> MetricResult:
     r = intra_fid(data.real.features, data.real.labels, data.fake.features, data.fake.labels, data.classes)
     return MetricResult({"intra_fid": r["mean"]}, {"intra_fid": r["per_class"]},
                         {"classes_scored": r["classes_scored"]})
+
+
+@register_metric("diversity", needs=("features", "labels"))
+def _diversity(data: EvalData) -> MetricResult:
+    """Within-class feature spread of the generated images, of the real ones, and their ratio."""
+    from hpcgan.metrics.diversity import class_spread
+    _labelled(data, "within-class diversity")
+    r = class_spread(data.fake.features, data.fake.labels, data.real.features, data.real.labels, data.classes,
+                     seed=data.seed)
+    return MetricResult(r["mean"], r["per_class"], {"classes_scored": r["classes_scored"]})
 
 
 @register_metric("lpips", needs=("pixels", "lpips", "labels"))

@@ -70,3 +70,14 @@ def scarce_keep(labels: np.ndarray, hashes: list[str], classes: list[str], scarc
                                    "sha256": [hashes[i] for i in order[:int(n)]]}
     keep = np.setdiff1d(np.arange(len(labels)), np.concatenate(drop))
     return keep, record
+
+
+def cut_split(shard_dir: str | Path, split: str, scarce: dict[str, int] | None, seed: int):
+    """(the split's ShardIndex with the scarce cut applied, the cut record): what a GAN (hpcgan.train) and a
+    classifier (hpcgan.classify) given the same scarce= and seed both train on."""
+    from hpcgan.data.loader import load_index
+    index = load_index(shard_dir, split)
+    if not scarce:
+        return index, {}
+    keep, record = scarce_keep(index.labels, sample_hashes(shard_dir, split), list(index.classes), scarce, seed)
+    return index.subset(keep), record
