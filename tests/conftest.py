@@ -22,6 +22,17 @@ REPO = Path(__file__).resolve().parents[1]
 LOCAL_SLURM = REPO / "slurm" / "local"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small models on a shared 2-core machine: one intra-op thread avoids thrashing, and is restored.
+    A module uses it with pytestmark = pytest.mark.usefixtures("one_torch_thread")."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def simulated_shards(tmp_path_factory):
     from hpcgan.data.build import build

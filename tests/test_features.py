@@ -27,14 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN = dict(epochs=30, batch_size=16, device="cpu", backend="webdataset", num_threads=1, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These networks are tiny: one thread is as fast alone and several times faster when other jobs share
-    the cores (OpenMP threads then wait on each other)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ B = 2
 GP_MODELS = [n for n in MODEL_NAMES if load_spec(n).gp_lambda > 0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small models on a shared 2-core machine: one intra-op thread avoids thrashing, and is restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def batch(spec: GANSpec, seed: int = 0, n: int = B):

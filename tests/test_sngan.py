@@ -19,12 +19,7 @@ from hpcgan.settings import SettingsError
 C = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(name: str = "sngan_proj", **kw) -> GANSpec:
