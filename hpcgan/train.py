@@ -823,21 +823,25 @@ def _setup_logging() -> None:
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
 
 
+def hydra_task(cfg) -> None:
+    """One training from a composed Hydra config: `python -m hpcgan.train ...`, and each job of a multirun
+    (`-m model=wgan_gp_ac,dcgan seed=0,1 hydra/launcher=submitit_slurm`: one Slurm array)."""
+    _setup_logging()
+    with exit_on_error("hpcgan.train"):
+        settings = parse(TrainSettings, cfg)
+    code = run(settings)
+    if code != EXIT_OK:
+        sys.exit(code)
+
+
 def _hydra_main():
     import hydra
 
     from hpcgan import CONFIG_DIR
-
-    @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
-    def main(cfg) -> None:
-        _setup_logging()
-        with exit_on_error("hpcgan.train"):
-            settings = parse(TrainSettings, cfg)
-        code = run(settings)
-        if code != EXIT_OK:
-            sys.exit(code)
-
-    main()
+    # the task by its importable name, not __main__'s copy: submitit pickles it by reference, so a launcher
+    # job imports hpcgan.train instead of unpickling this module's globals
+    from hpcgan.train import hydra_task as task
+    hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)(task)()
 
 
 if __name__ == "__main__":

@@ -373,3 +373,23 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(slurm_cluster, sim_
     assert "stopped by SIGUSR2" in log and "resuming from" in log, log[-3000:]
     assert json.loads((run / "status.json").read_text())["step"] == 150
     assert "Restarts=1" in slurm_cluster.run("scontrol", "show", "job", job).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_hydra_multirun_of_training_is_one_slurm_array(slurm_cluster, sim_shards, tmp_path):
+    """`python -m hpcgan.train -m model=a,b seed=0,1 hydra/launcher=submitit_slurm`: 4 trainings, one array."""
+    r = subprocess.run([sys.executable, "-m", "hpcgan.train", "-m", f"shards={sim_shards}",
+                        f"run_dir={tmp_path}/runs/${{model.name}}-s${{seed}}", "model=dcgan,cgan", "seed=0,1",
+                        "steps=2", "model.width=8", "batch_size=8", "sample_every=0", "progress=false",
+                        "tensorboard=false", "precision=fp32", "hydra/launcher=submitit_slurm",
+                        f"hydra.sweep.dir={tmp_path}/multirun", "hydra.launcher.cpus_per_task=1",
+                        "hydra.launcher.timeout_min=10"],
+                       env={**slurm_cluster.env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=560)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for name in ("dcgan-s0", "dcgan-s1", "cgan-s0", "cgan-s1"):
+        status = json.loads((tmp_path / "runs" / name / "status.json").read_text())
+        assert (status["state"], status["step"], status["model"]) == ("finished", 2, name.split("-")[0])
+    jobs = [p.name for p in (tmp_path / "multirun" / ".submitit").iterdir() if p.is_dir() and "_" in p.name]
+    assert len(jobs) == 4 and len({j.split("_")[0] for j in jobs}) == 1, jobs   # ARRAYID_0..3
