@@ -61,6 +61,13 @@ class DemoEvaluate:
 
 
 @dataclass
+class DemoStudy:
+    enabled: bool = True
+    name: str = "tiny"         # configs/study/<name>.yaml, run here (executor=local) on the demo's shards
+    overrides: list[str] = field(default_factory=list)   # more tools/sweep.py overrides
+
+
+@dataclass
 class DemoSettings:
     """The demo's settings; these defaults are the ones (configs/demo.yaml documents the same values)."""
     out: str = "demo"
@@ -70,6 +77,7 @@ class DemoSettings:
     train: DemoTrain = field(default_factory=DemoTrain)
     generate: DemoGenerate = field(default_factory=DemoGenerate)
     evaluate: DemoEvaluate = field(default_factory=DemoEvaluate)
+    study: DemoStudy = field(default_factory=DemoStudy)
 
     def __post_init__(self) -> None:
         check_image_size(self.size, "size")
@@ -192,29 +200,34 @@ def demo(cfg: DemoSettings) -> None:
     out = Path(to_absolute_path(cfg.out))
     sim, shards, run_dir, synth = out / "sim", out / "shards", out / "run", out / "synthetic"
 
-    logger.info("1/6 simulating cell images -> %s", sim)
+    logger.info("1/7 simulating cell images -> %s", sim)
     simulate(sim, seed=cfg.seed, scale=cfg.scale)
 
-    logger.info("2/6 sharding -> %s", shards)
+    logger.info("2/7 sharding -> %s", shards)
     manifest = build({s: str(sim / s) for s in ("pbc", "aml", "lab")}, shards, size=cfg.size, seed=cfg.seed)
     print(summary_line(manifest, shards))
 
     sheet = Path(shutil.copyfile(shards / "contact_sheet.png", out / "contact_sheet.png"))  # build() drew it
-    logger.info("3/6 contact sheet -> %s", sheet)
+    logger.info("3/7 contact sheet -> %s", sheet)
 
     synthetic = None
     if cfg.train.enabled:
-        logger.info("4/6 training %s for %d steps on %d ranks -> %s", cfg.train.model, cfg.train.steps,
+        logger.info("4/7 training %s for %d steps on %d ranks -> %s", cfg.train.model, cfg.train.steps,
                     cfg.train.nproc, run_dir)
         train(cfg, shards, run_dir)
         from hpcgan.generate import generate  # torch is only needed from here on
-        logger.info("5/6 generating synthetic images to balance the classes -> %s", synth)
+        logger.info("5/7 generating synthetic images to balance the classes -> %s", synth)
         synthetic = generate(run_dir=run_dir, out=synth, balance=cfg.generate.balance, shards=shards, seed=cfg.seed)
     docs = None
     if cfg.train.enabled and cfg.evaluate.enabled:
-        logger.info("6/6 evaluating the run against the real train split (%s features) -> %s",
+        logger.info("6/7 evaluating the run against the real train split (%s features) -> %s",
                     cfg.evaluate.features, out / "eval")
         docs = evaluate_demo(cfg, out, shards, run_dir)
+    report = None
+    if cfg.study.enabled:
+        logger.info("7/7 the %r study (GANs -> synthetic sets -> evaluation -> classifiers) on these shards, as a "
+                    "cluster would run it, then its report -> %s", cfg.study.name, out / "study")
+        report = study_demo(cfg, out / "study", shards)
 
     print()
     print(f"Shards: {shards}  ({manifest['image_size']} px, {len(manifest['classes'])} classes)")
@@ -243,6 +256,25 @@ def demo(cfg: DemoSettings) -> None:
         print(f"Results: {run_dir / 'eval'}  (one JSON per evaluation, rows in results.jsonl)")
         if "memorisation" in run_doc["info"] and run_doc["info"]["memorisation"].get("sheet"):
             print(f"Closest generated/training pairs: {run_doc['info']['memorisation']['sheet']}")
+    if report is not None:
+        print()
+        print(f"Study {cfg.study.name!r}: {out / 'study'}  (status: python tools/sweep.py status out={out / 'study'})")
+        for name in ("table3", "table5"):
+            for key, path in report.items():
+                if key.startswith(name) and str(path).endswith(".csv"):
+                    print(f"{key}:")
+                    print(Path(path).with_suffix(".md").read_text())
+        print(f"Report: {out / 'study' / 'report'}  (tables as CSV and Markdown, figures, sources.csv)")
+
+
+def study_demo(cfg: DemoSettings, study: Path, shards: Path) -> dict:
+    """The study run here as on a cluster (tools/sweep.py, executor=local), then its report."""
+    from hpcgan.report import report
+    cmd = [sys.executable, str(REPO_ROOT / "tools" / "sweep.py"), f"study={cfg.study.name}", f"out={study}",
+           "executor=local", f"data.shards={shards}", f"gan.sizes=[{cfg.size}]", *cfg.study.overrides]
+    if subprocess.run(cmd).returncode != 0:
+        raise RuntimeError(f"the study failed: python tools/sweep.py status out={study} shows which task and why")
+    return report(study)
 
 
 if __name__ == "__main__":
