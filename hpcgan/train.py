@@ -81,7 +81,7 @@ class TrainSettings:
     shards: Any = MISSING                      # a shard dir or a list of them
     run_dir: str = MISSING
     model: dict[str, Any] = MISSING            # GANSpec fields (checked by GANSpec.from_config)
-    split: str = "train"
+    split: Any = "train"                       # a split, or several read as one: [train, val]
     scarce: dict[str, int] | None = None       # scarcity study: {class: N} cuts the train split (hpcgan.data.scarce)
     scarce_seed: int | None = None             # which cut (null: seed); the study's classifiers use the same
     steps: int | None = None                   # wins over epochs when set
@@ -127,11 +127,21 @@ class TrainSettings:
         check_range("ema", self.ema, 0, 1)
         if self.ema_rampup is not None:
             check_range("ema_rampup", self.ema_rampup, 0)
+        self._check_split()
         self._check_scarce()
         try:
             parse_policy(self.diffaug)
         except ValueError as e:
             raise SettingsError(f"diffaug={self.diffaug!r}: {e}") from None
+
+    def _check_split(self) -> None:
+        from hpcgan.data.shards import SPLITS
+        names = [self.split] if isinstance(self.split, str) else list(self.split or [])
+        if not names or len(set(names)) != len(names):
+            raise SettingsError(f"split={self.split!r}: give a split or a list of different splits of {SPLITS}")
+        for name in names:
+            check_choice("split", name, SPLITS)
+        self.split = names[0] if len(names) == 1 else [str(n) for n in names]
 
     def _check_scarce(self) -> None:
         if not self.scarce:

@@ -484,3 +484,13 @@ def test_two_ranks_under_torchrun(shards, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())
     assert doc["world_size"] == 2 and sum(map(sum, doc["confusion_matrix"])) == sum(counts(shards, "test").values())
+
+
+def test_train_split_settings_one_or_several(shards, tmp_path):
+    from hpcgan.train import TrainSettings
+    base = {"shards": str(shards), "run_dir": str(tmp_path), "model": dataclasses.asdict(load_spec("cgan"))}
+    assert parse(TrainSettings, {**base, "split": ["train", "val"]}).split == ["train", "val"]
+    assert parse(TrainSettings, {**base, "split": ["train"]}).split == "train"
+    for bad, words in ((["train", "train"], "different splits"), ("tets", "split='tets'"), ([], "give a split")):
+        with pytest.raises(SettingsError, match=words):
+            parse(TrainSettings, {**base, "split": bad})
