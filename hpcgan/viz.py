@@ -204,6 +204,15 @@ CURVE_PANELS = (
 )
 
 
+# The same for a classifier run (hpcgan.classify): its log.csv has train loss/accuracy every log_every steps and
+# the val scores every eval_every steps.
+CLASSIFIER_PANELS = (
+    ("training loss", [("log", "loss", "train batches")], "cross-entropy"),
+    ("accuracy", [("log", "train_accuracy", "train batches"), ("log", "val_accuracy", "val"),
+                  ("log", "val_macro_f1", "val macro-F1 (model selection)")], ""),
+)
+
+
 def read_columns(path: Path) -> dict[str, list[tuple[float, float]]]:
     """{column: [(step, value), ...]} of a CSV with a `step` column, skipping empty and non-finite cells."""
     import csv
@@ -224,16 +233,18 @@ def read_columns(path: Path) -> dict[str, list[tuple[float, float]]]:
     return out
 
 
-def training_curves(run_dir: str | Path, path: str | Path, title: str | None = None) -> Path | None:
+def training_curves(run_dir: str | Path, path: str | Path, title: str | None = None,
+                    panels=CURVE_PANELS) -> Path | None:
     """One PNG of a run's log.csv and samples/diversity.csv against the step, a panel per quantity that
-    the run logs. None (and nothing written) while there is nothing to draw."""
+    the run logs (`panels`: CURVE_PANELS for a GAN, CLASSIFIER_PANELS for a classifier). None (and nothing
+    written) while there is nothing to draw."""
     from matplotlib.figure import Figure  # no pyplot: no backend or global state, no display needed
 
     run_dir = Path(run_dir)
     data = {"log": read_columns(run_dir / "log.csv"),
             "div": read_columns(run_dir / "samples" / "diversity.csv")}
     panels = [(t, [(data[src][col], leg) for src, col, leg in lines if data[src].get(col)], ylabel)
-              for t, lines, ylabel in CURVE_PANELS]
+              for t, lines, ylabel in panels]
     panels = [p for p in panels if p[1]]
     if not panels:
         return None

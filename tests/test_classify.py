@@ -397,6 +397,8 @@ def test_small_cnn_learns_well_above_chance_and_writes_its_results(shards, tmp_p
     cm = np.loadtxt(out / "confusion_matrix.csv", delimiter=",", skiprows=1, usecols=range(1, 13), dtype=int)
     assert cm.sum() == sum(test.values()) and (cm == np.array(doc["confusion_matrix"])).all()
     assert (out / "confusion_matrix.png").stat().st_size > 1000
+    from PIL import Image
+    assert Image.open(out / "curves.png").height > 2 * 200     # two panels: the loss, train and val accuracy
     assert json.loads((out / "status.json").read_text())["state"] == "finished"
     assert main(overrides(shards, out)) == EXIT_OK       # finished: nothing to do, nothing appended
     assert len(read_rows(out / "results.jsonl")) == len(rows)

@@ -421,6 +421,10 @@ class ClassifierRun:
             self.log.write(row)
             if self.pbar is not None:
                 self.pbar.set_postfix(loss=row["loss"], val=row["val_macro_f1"] or None, refresh=False)
+            if val:  # curves.png: the loss and the train / val accuracies so far
+                from hpcgan.viz import CLASSIFIER_PANELS, training_curves
+                training_curves(self.run_dir, self.run_dir / "curves.png",
+                                f"{self.s.arch} / {self.s.regime}: {self.run_dir.name}", CLASSIFIER_PANELS)
             self.write_status("running")
 
     def elapsed(self) -> float:
