@@ -172,9 +172,9 @@ class GanGrid:
         for m in self.models:
             if m not in known:
                 raise SettingsError(f"gan.models: unknown model {m!r}; choose from {', '.join(known)}")
-        for m in self.model_overrides:
-            if m not in self.models:
-                raise SettingsError(f"gan.model_overrides: {m!r} is not in gan.models {self.models}")
+        for m in self.model_overrides:   # a model left out of gan.models (gan.models=[a,b] on the command line)
+            if m not in known:          # keeps its overrides unused; an unknown name is a typo
+                raise SettingsError(f"gan.model_overrides: unknown model {m!r}; choose from {', '.join(known)}")
         _check_grid("gan", models=self.models, seeds=self.seeds, sizes=self.sizes)
         for s in self.seeds:
             check_range("gan.seeds", s, 0)

@@ -101,6 +101,7 @@ def test_study_configs_of_the_quality_and_scarcity_studies_expand(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("gan.models=[wgan_gp_ac,nosuchgan]", "gan.models: unknown model 'nosuchgan'"),
+    ("+gan.model_overrides.dcgna=['steps=3']", "gan.model_overrides: unknown model 'dcgna'"),
     ("generate.models=[dcgan]", "dcgan' is unconditional"),
     ("generate.models=[]", "use synthetic data but generate.models is empty"),
     ("gan.sizes=[48]", "gan.sizes=48"),
