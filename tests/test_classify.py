@@ -496,3 +496,14 @@ def test_train_split_settings_one_or_several(shards, tmp_path):
     for bad, words in ((["train", "train"], "different splits"), ("tets", "split='tets'"), ([], "give a split")):
         with pytest.raises(SettingsError, match=words):
             parse(TrainSettings, {**base, "split": bad})
+
+
+def test_classes_without_real_training_images_are_never_topped_up():
+    from hpcgan.classify.data import synthetic_wanted
+    real, names = np.array([5, 0, 2]), ["a", "absent", "c"]
+    top = synthetic_wanted(get_regime("original+synthetic"), real, np.array([0, 0, 3]), names, None)
+    assert top == {2: 3}
+    cas = synthetic_wanted(get_regime("synthetic"), real, np.array([4, 0, 6]), names, None)
+    assert cas == {0: 4, 2: 4}
+    with pytest.raises(DataError, match=r"\{'c': '2 < 3'\}"):
+        synthetic_wanted(get_regime("original+synthetic"), real, np.array([0, 9, 2]), names, None)

@@ -8,6 +8,7 @@ Training set of a regime (hpcgan.classify.regimes):
                   what `per_class=n` would have written: the choice does not depend on the classifier seed):
                     original+synthetic  n_c = (largest real class) - (real images of c): real topped up to
                                         balance; a synthetic set with fewer is an error naming the fix
+                                        (classes the real train split lacks are never taken, in either)
                     synthetic           n = synthetic_per_class, default the smallest class of the set: every
                                         class equally; a class with none is an error
 The result is one ShardIndex (hpcgan.data.loader) over the chosen samples, read with the loader's own epoch
@@ -69,25 +70,28 @@ def _counts(classes: list[str], labels: np.ndarray) -> dict[str, int]:
 
 def synthetic_wanted(regime: Regime, real_counts: np.ndarray, syn_counts: np.ndarray, classes: list[str],
                      per_class: int | None) -> dict[int, int]:
-    """How many synthetic images of each class (label -> n) the regime takes."""
+    """How many synthetic images of each class (label -> n) the regime takes. Only classes the real train split
+    has are taken: a GAN never saw the others (tools/generate.py skips them), and the test split has none."""
+    present = [c for c in range(len(classes)) if real_counts[c] > 0]
     if regime.data == "real+synthetic":
         target = int(real_counts.max())
-        need = {c: target - int(real_counts[c]) for c in range(len(classes))}
+        need = {c: target - int(real_counts[c]) for c in present}
         short = {classes[c]: f"{int(syn_counts[c])} < {n}" for c, n in need.items() if syn_counts[c] < n}
         if short:
             raise DataError(f"the synthetic set is too small to top every class up to {target} (the largest real "
                             f"class): {short}; generate it with `tools/generate.py balance=max shards=REAL`")
         return {c: n for c, n in need.items() if n > 0}
-    empty = [classes[c] for c in range(len(classes)) if syn_counts[c] == 0]
+    empty = [classes[c] for c in present if syn_counts[c] == 0]
     if empty:
         raise DataError(f"regime {regime.name} trains on synthetic images of every class but the synthetic set has "
                         f"none of {empty}; generate one with `tools/generate.py per_class=N` (balance=max leaves "
                         "the largest class out)")
-    n = int(syn_counts.min()) if per_class is None else int(per_class)
-    if syn_counts.min() < n:
-        raise DataError(f"synthetic_per_class={n} but the synthetic set has only {int(syn_counts.min())} images of "
-                        f"some class; lower it or generate more")
-    return {c: n for c in range(len(classes))}
+    fewest = int(min(syn_counts[c] for c in present))
+    n = fewest if per_class is None else int(per_class)
+    if fewest < n:
+        raise DataError(f"synthetic_per_class={n} but the synthetic set has only {fewest} images of some class; "
+                        "lower it or generate more")
+    return {c: n for c in present}
 
 
 def training_set(regime: Regime, shards: str | Path, synthetic: str | Path | None = None,
