@@ -24,11 +24,13 @@ class Latent:
 
 
 def sample_latent(spec, n: int, gen: torch.Generator, *, num_classes: int | None = None,
-                  y: torch.Tensor | None = None, cat: torch.Tensor | None = None,
+                  labels: torch.Tensor | None = None, y: torch.Tensor | None = None, cat: torch.Tensor | None = None,
                   truncation: float | None = None, device=None) -> Latent:
     """n latents for `spec` (a GANSpec), drawn on `gen`'s device and returned on `device` (default: the same).
 
-    y:   labels for a conditional spec; drawn uniformly from range(num_classes) when not given.
+    y:   labels for a conditional spec; drawn uniformly from `labels` (a 1-D tensor of class indices: training
+         draws only the classes it has images of), default range(num_classes), when not given. With every
+         class in `labels` the draws are the same as from range(num_classes).
     cat: categorical code indices for an InfoGAN spec; drawn uniformly when not given.
     truncation: noise values beyond +-truncation are drawn again (fidelity over diversity).
     """
@@ -47,9 +49,12 @@ def sample_latent(spec, n: int, gen: torch.Generator, *, num_classes: int | None
         cont = torch.rand(n, spec.info_cont, **draw) * 2 - 1
         parts.append(cont)
     if spec.conditional and y is None:
-        if num_classes is None:
+        if labels is not None:
+            y = labels.to(gen.device)[torch.randint(0, len(labels), (n,), **draw)]
+        elif num_classes is None:
             raise ValueError(f"{spec.name} is conditional: give labels y or num_classes to draw them from")
-        y = torch.randint(0, num_classes, (n,), **draw)
+        else:
+            y = torch.randint(0, num_classes, (n,), **draw)
     cat = cat if spec.info_cat > 0 else None
     return Latent(z=_to(torch.cat(parts, 1), device), y=_to(y, device), cat=_to(cat, device), cont=_to(cont, device))
 

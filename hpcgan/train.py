@@ -249,10 +249,10 @@ def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
 
 @torch.no_grad()
 def standing_stats(G: nn.Module, spec: GANSpec, num_classes: int, *, batches: int, batch_size: int, seed: int,
-                   device=None) -> bool:
+                   device=None, labels: torch.Tensor | None = None) -> bool:
     """BigGAN's "standing statistics": G's BatchNorm running mean and variance recomputed for G's own weights,
     as the plain average (momentum None) of the batch statistics of `batches` batches of fresh latents drawn
-    as training draws them (labels uniform over the classes), with G in train mode. The latents come from
+    as training draws them (labels uniform over `labels`, default every class), with G in train mode. The latents come from
     their own generator seeded by `seed`, not the global RNG: the same weights give the same statistics.
     G is left in eval mode. False (nothing done) when G has no BatchNorm."""
     norms = batchnorms(G)
@@ -266,7 +266,7 @@ def standing_stats(G: nn.Module, spec: GANSpec, num_classes: int, *, batches: in
     G.train()
     try:
         for _ in range(batches):
-            latent = sample_latent(spec, batch_size, gen, num_classes=num_classes, device=device)
+            latent = sample_latent(spec, batch_size, gen, num_classes=num_classes, labels=labels, device=device)
             G(latent.z, latent.y)
     finally:
         for m, momentum in zip(norms, momenta):
@@ -283,13 +283,17 @@ class Trainer:
     def __init__(self, spec: GANSpec, num_classes: int, image_size: int, env: dist.DistEnv, *, seed: int,
                  precision: str = "fp32", ema: float = 0.0, ema_rampup: float | None = TrainSettings.ema_rampup,
                  standing: tuple[int, int] = (TrainSettings.ema_standing_batches, TrainSettings.batch_size),
-                 diffaug: str = "", channels_last: bool = False):
+                 diffaug: str = "", channels_last: bool = False, labels: list[int] | None = None):
         """ema: the EMA decay (0: no EMA generator); ema_rampup: see ema_beta; standing: (batches, batch size)
-        of the EMA generator's standing statistics (see standing_stats)."""
+        of the EMA generator's standing statistics (see standing_stats); labels: the classes a conditional
+        generator is trained to make (those with training images; default all): its fake labels are drawn
+        uniformly from them, so no critic or generator step is spent on a class without a real image."""
         self.spec, self.env, self.seed = spec, env, seed
         # NHWC: what tensor-core convs (cuDNN) and oneDNN want; NCHW makes them transpose around every conv.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.num_classes, self.image_size = num_classes, image_size
+        some = labels is not None and sorted(set(labels)) != list(range(num_classes))
+        self.labels = torch.tensor(sorted(set(labels)), dtype=torch.long) if some else None   # None: every class
         dtype, use_scaler = resolve_precision(precision, env.device)
         self.obj = GANObjective(spec, num_classes, diffaug=diffaug, device_type=env.device.type,
                                 autocast_dtype=dtype)
@@ -348,7 +352,7 @@ class Trainer:
         real = real.contiguous(memory_format=self.memory_format)
 
         # critic: D(real), D(fake.detach()), gradient penalty -> one backward
-        lat = sample_latent(self.spec, n, gen, num_classes=self.num_classes, device=env.device)
+        lat = sample_latent(self.spec, n, gen, num_classes=self.num_classes, labels=self.labels, device=env.device)
         with torch.no_grad(), obj.autocast():
             fake = self.G(lat.z, lat.y)
         self.opt_D.zero_grad(set_to_none=True)
@@ -365,7 +369,8 @@ class Trainer:
         # generator: D's parameters frozen and its DDP sync off (its gradients are not wanted here)
         bad_g = False
         if (step + 1) % self.n_critic == 0:
-            lat = sample_latent(self.spec, n, gen, num_classes=self.num_classes, device=env.device)
+            lat = sample_latent(self.spec, n, gen, num_classes=self.num_classes, labels=self.labels,
+                                device=env.device)
             self.opt_G.zero_grad(set_to_none=True)
             unwrap(self.D).requires_grad_(False)
             no_sync = self.D.no_sync() if isinstance(self.D, DDP) else contextlib.nullcontext()
@@ -401,7 +406,7 @@ class Trainer:
         if self.G_ema is not None and not self.ema_standing:
             batches, batch_size = self.standing
             standing_stats(self.G_ema, self.spec, self.num_classes, batches=batches, batch_size=batch_size,
-                           seed=self.seed, device=self.env.device)
+                           seed=self.seed, device=self.env.device, labels=self.labels)
             self.ema_standing = True
         return self.G_ema
 
@@ -601,7 +606,8 @@ class TrainingRun:
         self.trainer = Trainer(self.spec, len(self.classes), self.image_size, self.env, seed=s.seed,
                                precision=s.precision, ema=s.ema, ema_rampup=s.ema_rampup,
                                standing=(s.ema_standing_batches, s.batch_size), diffaug=s.diffaug or (),
-                               channels_last=s.channels_last)
+                               channels_last=s.channels_last,
+                               labels=[i for i, c in enumerate(self.classes) if self.class_counts[c] > 0])
         self.epoch, self.in_epoch, self.train_seconds = 0, 0, 0.0
         if ckpt is None:
             return

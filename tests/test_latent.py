@@ -74,3 +74,30 @@ def test_sample_grid_rows_are_classes_or_codes():
         tr = Trainer(spec, 3, 32, dist.DistEnv(), seed=0)
         a, b = tr.sample_grid(2), tr.sample_grid(2)
         assert a.shape == (3 * 2, 3, 32, 32) and torch.equal(a, b)
+
+
+def test_labels_restrict_the_drawn_classes_and_all_of_them_change_nothing():
+    from hpcgan.models.registry import load_spec
+    spec = load_spec("cgan")
+    draw = lambda **kw: sample_latent(spec, 64, torch.Generator().manual_seed(5), **kw)  # noqa: E731
+    every = draw(num_classes=12)
+    same = draw(num_classes=12, labels=torch.arange(12))
+    assert torch.equal(every.y, same.y) and torch.equal(every.z, same.z)
+    some = draw(num_classes=12, labels=torch.tensor([2, 7, 9]))
+    assert set(some.y.tolist()) == {2, 7, 9} and torch.equal(some.z, every.z)
+
+
+def test_trainer_draws_fake_labels_only_from_classes_with_images():
+    from hpcgan import dist
+    from hpcgan.models.registry import load_spec
+    from hpcgan.train import Trainer
+    spec = load_spec("cgan")
+    spec.width = 8
+    seen = []
+    t = Trainer(spec, 12, 32, dist.DistEnv(), seed=0, labels=[0, 3, 4])
+    forward = t.G.forward
+    t.G.forward = lambda z, y: (seen.append(y.clone()), forward(z, y))[1]
+    real = torch.rand(8, 3, 32, 32) * 2 - 1
+    t.step(real, torch.tensor([0, 3, 4, 0, 3, 4, 0, 3]), 0)
+    assert seen and set(torch.cat(seen).tolist()) <= {0, 3, 4}
+    assert Trainer(spec, 12, 32, dist.DistEnv(), seed=0, labels=list(range(12))).labels is None   # all: as before
