@@ -307,7 +307,9 @@ def test_tiny_study_on_slurm_survives_scancel_and_relaunch(slurm_cluster, sim_sh
     if not slurm_cluster.conf:
         monkeypatch.delenv("SLURM_CONF")
     out = tmp_path / "study"
-    args = ["study=tiny", f"out={out}", "executor=slurm", f"data.shards={sim_shards}", "gan.steps=30", *classify_args()]
+    # the DCGAN trains long enough (400 steps, seconds) for the cancel to land while it runs, even under load
+    args = ["study=tiny", f"out={out}", "executor=slurm", f"data.shards={sim_shards}", "gan.steps=30",
+            "+gan.model_overrides.dcgan=['steps=400']", *classify_args()]
     first = sweep_cli(*args, env=slurm_cluster.env)
     assert first.returncode == 0 and "train: 2 task(s) -> job" in first.stdout, first.stdout + first.stderr
     n_submitted = len(submitted_tasks(out))
@@ -343,7 +345,7 @@ def test_tiny_study_on_slurm_survives_scancel_and_relaunch(slurm_cluster, sim_sh
     assert {k: v for k, v in mtimes(out, doc).items() if k in before} == before
     check_results(out)
     dcgan = json.loads((out / "gan" / "dcgan-s0-32" / "status.json").read_text())
-    assert dcgan["state"] == "finished" and dcgan["step"] == 30
+    assert dcgan["state"] == "finished" and dcgan["step"] == 400
 
 
 @pytest.mark.slurm
