@@ -55,7 +55,9 @@ def test_demo_end_to_end(tmp_path):
     for name in ("eval/floor.json", "eval/ceiling.json", "run/eval/step-00000004-cell.json", "run/eval/results.jsonl"):
         assert (out / name).is_file(), name
     # the tiny study on the demo's shards, as tools/sweep.py runs one, and its report
-    assert "Study 'tiny'" in res.stdout and "table5_32px:" in res.stdout
+    assert "Study 'tiny'" in res.stdout
+    for table in ("table3_cell_32px", "table4_cell_32px", "table5_32px", "table6_32px"):   # Tables 3-6, printed
+        assert f"{table}:" in res.stdout
     study = json.loads((out / "study" / "study.json").read_text())
     assert study["executor"] == "local" and any(t["stage"] == "classify" for t in study["tasks"])
     for name in ("results.csv", "table3_cell_32px.md", "table5_32px.csv", "sources.csv"):

@@ -51,7 +51,7 @@ def test_tiny_study_expands_into_named_tasks_with_dependencies(tmp_path):
     assert {f"run_dir={tmp_path / 'gan' / 'dcgan-s0-32'}", "model=dcgan", "seed=0", "steps=4",
             f"shards={tmp_path / 'data' / 'shards-32'}"} <= set(train.argv)
     ev = by["eval/dcgan-s0-32"].argv
-    assert "metrics=[fid,prdc,is]" in ev and f"cache_dir={tmp_path / 'cache'}" in ev
+    assert "metrics=[fid,prdc,is,nn_fidelity]" in ev and f"cache_dir={tmp_path / 'cache'}" in ev
     assert f"feature_file={tmp_path / 'cache' / 'cell-32.pt'}" in ev
     cls = by["cls/small_cnn-original+synthetic-wgan_gp_ac-s0-32"].argv
     assert f"synthetic={tmp_path / 'synthetic' / 'wgan_gp_ac-s0-32'}" in cls and "regime=original+synthetic" in cls

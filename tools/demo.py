@@ -259,7 +259,7 @@ def demo(cfg: DemoSettings) -> None:
     if report is not None:
         print()
         print(f"Study {cfg.study.name!r}: {out / 'study'}  (status: python tools/sweep.py status out={out / 'study'})")
-        for name in ("table3", "table5"):
+        for name in ("table3", "table4", "table5", "table6"):
             for key, path in report.items():
                 if key.startswith(name) and str(path).endswith(".csv"):
                     print(f"{key}:")
