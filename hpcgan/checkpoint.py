@@ -102,6 +102,24 @@ def load_latest(run_dir: str | Path, map_location="cpu", *,
     return None, None
 
 
+def resume_point(run_dir: str | Path, env, *, map_location="cpu", required: tuple[str, ...] = REQUIRED_KEYS,
+                 none_loads: str = "loads (see the warnings)") -> tuple[dict | None, Path | None]:
+    """load_latest, agreed by every rank of `env` (hpcgan.dist.DistEnv): (state, path), or (None, None) for a
+    fresh run. RuntimeError when checkpoints exist but none `none_loads` (the caller's words: what it
+    needs and the fix), rather than starting over on top of them, or when the ranks found different newest
+    checkpoints."""
+    from hpcgan import dist
+    ckpt, path = load_latest(run_dir, map_location=map_location, required=required)
+    folder = Path(run_dir) / "checkpoints"
+    if ckpt is None and list_checkpoints(run_dir):
+        raise RuntimeError(f"{folder} has checkpoints but none {none_loads}")
+    step = float(ckpt["step"]) if ckpt else 0.0
+    both = dist.all_reduce_max(env, torch.tensor([step, -step], device=env.device)).tolist()
+    if both[0] != -both[1]:
+        raise RuntimeError(f"ranks found different newest checkpoints in {folder} (a shared filesystem "
+                           "lagging?); restart the job")
+    return ckpt, path
+
 # ---- RNG state as tensors/ints, so that weights_only=True can load it -------------------------------
 
 def capture_rng() -> dict:

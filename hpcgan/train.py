@@ -57,7 +57,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hpcgan import dist
 from hpcgan.augment import parse_policy
-from hpcgan.checkpoint import capture_rng, list_checkpoints, load_latest, restore_rng, save_checkpoint
+from hpcgan.checkpoint import capture_rng, restore_rng, resume_point, save_checkpoint
 from hpcgan.data.loader import BACKENDS
 from hpcgan.gauges import CLASS_SIGNAL_ADVICE, DIVERSITY_COLUMNS, class_signal, grid_diversity
 from hpcgan.generate import NO_TRAINING_IMAGES, unseen_classes
@@ -577,19 +577,13 @@ class TrainingRun:
 
     # ---- resume: the newest valid checkpoint, if any, on every rank
     def newest_checkpoint(self) -> dict | None:
-        run_dir = self.run_dir
-        ckpt, self.ckpt_path = load_latest(run_dir, map_location=self.env.device)
-        if ckpt is None and list_checkpoints(run_dir):
-            raise RuntimeError(f"{run_dir / 'checkpoints'} has checkpoints but none loads (see the warnings); "
-                               "refusing to start over and overwrite them: move them away or use a new run_dir")
+        ckpt, self.ckpt_path = resume_point(
+            self.run_dir, self.env, map_location=self.env.device,
+            none_loads="loads (see the warnings); refusing to start over and overwrite them: move them away or "
+                       "use a new run_dir")
         self.step = int(ckpt["step"]) if ckpt else 0
-        lo = dist.all_reduce_max(self.env, torch.tensor([float(self.step), -float(self.step)],
-                                                        device=self.env.device)).tolist()
-        if lo[0] != -lo[1]:
-            raise RuntimeError(f"ranks found different newest checkpoints in {run_dir / 'checkpoints'} "
-                               "(a shared filesystem lagging?); restart the job")
         if ckpt is not None:
-            _check_compatible(ckpt["config"], self.run_config, run_dir)
+            _check_compatible(ckpt["config"], self.run_config, self.run_dir)
         return ckpt
 
     def already_finished(self) -> int:

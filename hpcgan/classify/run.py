@@ -38,8 +38,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hpcgan import dist
-from hpcgan.checkpoint import (capture_rng, checkpoint_path, list_checkpoints, load_latest, restore_rng,
-                               save_checkpoint)
+from hpcgan.checkpoint import capture_rng, checkpoint_path, restore_rng, resume_point, save_checkpoint
 from hpcgan.classify.archs import build_classifier, get_arch, load_pretrained
 from hpcgan.classify.augment import RECIPES, augment_batch, build_recipe
 from hpcgan.classify.data import DataError, decode_split, epoch_loader, manifest_sha256, training_set
@@ -255,16 +254,10 @@ class ClassifierRun:
                             skip_batches=skip, backend=s.backend, device=env.device.type, num_threads=s.num_threads)
 
     def newest_checkpoint(self) -> dict | None:
-        ckpt, path = load_latest(self.run_dir, map_location="cpu", required=CKPT_KEYS)
-        if ckpt is None and list_checkpoints(self.run_dir):
-            raise RuntimeError(f"{self.run_dir / 'checkpoints'} has checkpoints but none is a classifier checkpoint "
-                               "that loads (see the warnings); move them away or use a new out=")
+        ckpt, path = resume_point(self.run_dir, self.env, required=CKPT_KEYS,
+                                  none_loads="is a classifier checkpoint that loads (see the warnings); move "
+                                             "them away or use a new out=")
         self.step = int(ckpt["step"]) if ckpt else 0
-        agreed = dist.all_reduce_max(self.env, torch.tensor([float(self.step), -float(self.step)],
-                                                            device=self.env.device)).tolist()
-        if agreed[0] != -agreed[1]:
-            raise RuntimeError(f"ranks found different newest checkpoints in {self.run_dir / 'checkpoints'}; "
-                               "restart the job")
         if ckpt is not None:
             diffs = [f"{k}: {ckpt['config'].get(k)!r} -> {self.run_config.get(k)!r}" for k in MUST_MATCH
                      if ckpt["config"].get(k) != self.run_config.get(k)]
