@@ -548,6 +548,21 @@ def test_near_pairs_is_exact():
     assert near_pairs(hashes, -1) == []
 
 
+def test_near_pairs_is_exact_on_clustered_hashes():
+    """Real cells' hashes share bit blocks (big buckets) and exact copies repeat a hash: still exact."""
+    rng = np.random.default_rng(1)
+    common = int(rng.integers(0, 2**63))
+    hashes = [common ^ int(rng.integers(0, 2**20)) for _ in range(150)]     # the high 44 bits all equal
+    hashes += hashes[:10] + [hashes[0]] * 3
+    for t in (0, 3, 4, 9):
+        brute = [(i, j, (a ^ b).bit_count()) for i, a in enumerate(hashes) for j, b in enumerate(hashes)
+                 if i < j and (a ^ b).bit_count() <= t]
+        assert brute, "the test must have pairs to find"
+        assert near_pairs(hashes, t) == brute
+    top = [(1 << 63) | h for h in hashes[:20]]                                  # the top bit set: uint64, not int64
+    assert near_pairs(top, 4) == near_pairs(hashes[:20], 4)
+
+
 def test_dali_reads_the_shards(built):
     pytest.importorskip("nvidia.dali", reason="DALI not installed")
     from nvidia.dali import fn, pipeline_def, types

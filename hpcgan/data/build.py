@@ -22,9 +22,7 @@ import csv
 import io
 import logging
 import math
-import multiprocessing
-import os
-import signal
+import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -37,6 +35,7 @@ from hpcgan.data.clean import CleanSettings, process_file
 from hpcgan.data.shards import MANIFEST, SPLITS, ShardWriter, write_manifest
 from hpcgan.data.sources import Rejection, SourceError, SourceFile, walk_source
 from hpcgan.data.taxonomy import SOURCES, Taxonomy
+from hpcgan.data.workers import cores, ordered_map, pool as worker_pool
 from hpcgan.fsutil import atomic_dir, sweep_stale_staging
 from hpcgan.images import check_image_size
 from hpcgan.settings import MISSING, SettingsError, check_choice, check_range
@@ -130,32 +129,51 @@ def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
 
+def _popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64."""
+    if hasattr(np, "bitwise_count"):          # numpy >= 2.0
+        return np.bitwise_count(x).astype(np.int64)
+    return _POPCOUNT8[x.view(np.uint8).reshape(-1, 8)].sum(axis=1)
+
+
+_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+
+
 def near_pairs(hashes: list[int], threshold: int) -> list[tuple[int, int, int]]:
-    """All (i, j, distance) with i < j and Hamming distance <= threshold, exactly.
+    """All (i, j, distance) with i < j and Hamming distance <= threshold, exactly, sorted.
 
     Pigeonhole: split the 64 bits into threshold+1 blocks; two hashes within the threshold agree
-    on at least one block, so only hashes sharing a block value are compared.
+    on at least one block, so only hashes sharing a block value are compared. Vectorised: per block the
+    hashes are sorted by block value and each is compared with the 1st, 2nd, ... next member of its group,
+    so the work is the number of candidate pairs (not n^2) and no Python loop runs per pair.
     """
-    if threshold < 0 or len(hashes) < 2:
+    n = len(hashes)
+    if threshold < 0 or n < 2:
         return []
+    h = np.array(hashes, dtype=np.uint64)
     n_blocks = min(threshold + 1, 64)
     edges = [int(e) for e in np.linspace(0, 64, n_blocks + 1)]
-    candidates: set[tuple[int, int]] = set()
+    found = []
     for lo, hi in zip(edges[:-1], edges[1:]):
-        mask = (1 << (hi - lo)) - 1
-        buckets: dict[int, list[int]] = defaultdict(list)
-        for i, h in enumerate(hashes):
-            buckets[(h >> lo) & mask].append(i)
-        for members in buckets.values():
-            for a in range(len(members)):
-                for b in range(a + 1, len(members)):
-                    candidates.add((members[a], members[b]))
-    out = []
-    for i, j in sorted(candidates):
-        d = hamming(hashes[i], hashes[j])
-        if d <= threshold:
-            out.append((i, j, d))
-    return out
+        key = (h >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
+        order = np.argsort(key, kind="stable")
+        k = key[order]
+        starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+        end = np.repeat(np.r_[starts[1:], n], np.diff(np.r_[starts, n]))   # group end of each sorted position
+        pos = np.arange(n)
+        for d in range(1, n):
+            pos = pos[pos + d < end[pos]]       # positions whose group has a member d further on
+            if not len(pos):
+                break
+            a, b = order[pos], order[pos + d]
+            dist = _popcount(h[a] ^ h[b])
+            close = dist <= threshold
+            if close.any():
+                found.append(np.stack([np.minimum(a, b)[close], np.maximum(a, b)[close], dist[close]], axis=1))
+    if not found:
+        return []
+    pairs = np.unique(np.concatenate(found), axis=0)    # a pair agreeing on several blocks is found once each
+    return [(int(i), int(j), int(d)) for i, j, d in pairs]
 
 
 class _UnionFind:
@@ -213,19 +231,13 @@ def _process_all(files: list[SourceFile], spool: Path, settings: BuildSettings, 
                 bar.update()
         else:
             chunk = max(1, min(32, len(tasks) // (workers * 8)))
-            with multiprocessing.Pool(workers, initializer=_ignore_sigint) as pool:  # __exit__ terminates them
+            with worker_pool(workers) as pool:  # __exit__ terminates them
                 for r in pool.imap_unordered(process_file, tasks, chunksize=chunk):
                     results[r["index"]] = r
                     bar.update()
     finally:
         bar.close()
     return results  # type: ignore[return-value]
-
-
-def _ignore_sigint() -> None:
-    """Ctrl-C is the parent's to handle (it terminates the pool and removes the staging dir);
-    workers would otherwise each print a KeyboardInterrupt traceback."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _dedupe(items: list[dict], threshold: int) -> tuple[list[dict], list[dict], int]:
@@ -303,14 +315,28 @@ def _meta(it: dict) -> dict:
     return {**{k: it[k] for k in keys}, "synthetic": False}
 
 
-def _write_shards(stage: Path, splits: dict[str, list[dict]], spool: Path, settings: BuildSettings):
-    shards = {}
-    for split in SPLITS:
-        writer = ShardWriter(stage, split, settings.shard_size)
-        for i, it in enumerate(splits[split]):
-            image = (spool / f"{it['index']:08d}").read_bytes()
-            writer.write(f"{split}{i:07d}", image, settings.encoding, it["label"], _meta(it))
-        shards[split] = writer.close()
+def _write_shard(task: tuple) -> list[dict]:
+    """Worker entry: one tar (+ .idx) of one split from spooled images -> its manifest entry."""
+    stage, split, number, shard_size, encoding, spool, rows = task
+    writer = ShardWriter(stage, split, shard_size, first=number)
+    for key, index, label, meta in rows:
+        writer.write(key, (spool / f"{index:08d}").read_bytes(), encoding, label, meta)
+    return writer.close()
+
+
+def _write_shards(stage: Path, splits: dict[str, list[dict]], spool: Path, settings: BuildSettings,
+                  workers: int) -> dict[str, list[dict]]:
+    """Every shard is independent (its samples, keys and number follow from the split order), so the
+    workers write them in parallel; the bytes are the same for any worker count."""
+    size = settings.shard_size
+    tasks = [(stage, split, k, size, settings.encoding, spool,
+              [(f"{split}{i:07d}", it["index"], it["label"], _meta(it))
+               for i, it in enumerate(splits[split][lo:lo + size], start=lo)])
+             for split in SPLITS for k, lo in enumerate(range(0, len(splits[split]), size))]
+    shards: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    with ordered_map(min(workers, len(tasks)), chunksize=1) as imap:
+        for task, written in zip(tasks, imap(_write_shard, tasks)):
+            shards[task[1]] += written
     return shards
 
 
@@ -377,8 +403,19 @@ def build(sources: dict[str, str], out: str | Path, **options) -> dict:
     return build_shards(settings)
 
 
-def build_shards(s: ShardSettings) -> dict:
-    """build() for checked settings (tools/shard.py parses them from the command line)."""
+def build_shards(s: ShardSettings, timings: dict[str, float] | None = None) -> dict:
+    """build() for checked settings (tools/shard.py parses them from the command line).
+
+    `timings`, when given, receives the seconds of each stage (walk, clean, dedupe, split, write, finish);
+    they are also logged, so a slow run says where its time went.
+    """
+    laps = {} if timings is None else timings
+    clock = [time.perf_counter()]
+
+    def lap(stage: str) -> None:
+        now = time.perf_counter()
+        laps[stage] = now - clock[0]
+        clock[0] = now
     sources = s.sources
     if not sources:
         raise BuildError("no sources given: pass at least one of pbc=DIR aml=DIR lab=DIR")
@@ -386,14 +423,16 @@ def build_shards(s: ShardSettings) -> dict:
     _check_out(out, sources)
     tax = Taxonomy.load(s.taxonomy)
     files, rejected = _walk_all(sources, tax, s.on_bad)
+    lap("walk")
     n_walk_rejected = len(rejected)
-    workers = max(1, s.workers or len(os.sched_getaffinity(0)))
+    workers = max(1, s.workers or cores())
     logger.info("%d candidate files from %s; %d workers", len(files), ", ".join(sorted(sources)), workers)
 
     with atomic_dir(out, sweep=False) as stage:
         spool = stage / ".spool"
         spool.mkdir()
         results = _process_all(files, spool, s.build_settings(), workers, s.progress)
+        lap("clean")
         items = []
         for f, r in zip(files, results):
             if not r["ok"]:
@@ -409,10 +448,13 @@ def build_shards(s: ShardSettings) -> dict:
         if bad:
             logger.warning("%d file(s) rejected (listed in %s/rejected.csv):\n%s", len(bad), out, _bad_summary(bad, 20))
         kept, dup_rows, conflicts = _dedupe(items, s.near_dup)
+        lap("dedupe")
         if not kept:
             raise BuildError("no usable images left after rejecting bad files and duplicates")
         splits = _split(kept, s)
-        shards = _write_shards(stage, splits, spool, s)
+        lap("split")
+        shards = _write_shards(stage, splits, spool, s, workers)
+        lap("write")
         for p in spool.iterdir():
             p.unlink()
         spool.rmdir()
@@ -428,7 +470,10 @@ def build_shards(s: ShardSettings) -> dict:
             from hpcgan.viz import shard_contact_sheet
             shard_contact_sheet(stage, "train", stage / "contact_sheet.png",
                                 title="train split: the first images of every class")
+    lap("finish")
     logger.info(summary_line(manifest, out))
+    logger.info("seconds per stage: %s (clean: %.1f img/s with %d workers)",
+                ", ".join(f"{k} {v:.1f}" for k, v in laps.items()), len(files) / max(laps["clean"], 1e-9), workers)
     return manifest
 
 

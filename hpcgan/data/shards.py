@@ -78,11 +78,13 @@ def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 
 @dataclass
 class ShardWriter:
-    """Writes one split's samples into `{split}-NNNNNN.tar` (+ .idx) of at most `shard_size` samples."""
+    """Writes one split's samples into `{split}-NNNNNN.tar` (+ .idx) of at most `shard_size` samples,
+    numbered from `first` (so several writers can each write some of one split's shards)."""
 
     out_dir: Path
     split: str
     shard_size: int = 1000
+    first: int = 0
     shards: list[dict] = field(default_factory=list)
     _tf: tarfile.TarFile | None = None
     _n_in_shard: int = 0
@@ -92,7 +94,7 @@ class ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
     def _open(self):
-        name = f"{self.split}-{len(self.shards):06d}.tar"
+        name = f"{self.split}-{self.first + len(self.shards):06d}.tar"
         self._tf = tarfile.open(self.out_dir / name, "w", format=tarfile.GNU_FORMAT)
         self.shards.append({"name": name, "count": 0})
         self._n_in_shard = 0

@@ -25,6 +25,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+from hpcgan.data.workers import cores, ordered_map
 from hpcgan.fsutil import atomic_dir, atomic_write_bytes
 from hpcgan.settings import MISSING, SettingsError, check_range
 
@@ -667,21 +668,29 @@ class SimulateSettings:
     scale: float = 1.0
     layouts: list[str] = field(default_factory=lambda: list(LAYOUTS))
     progress: bool = True
+    workers: int | None = None    # processes drawing images; None: all cores. The files do not depend on it.
 
     def __post_init__(self) -> None:
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise SettingsError(f"seed={self.seed!r}: must be a non-negative integer")
         check_range("seed", self.seed, 0)
+        if self.workers is not None:
+            check_range("workers", self.workers, 1)
         try:
             plan(self.scale, self.layouts)   # the scale and layout rules
         except ValueError as e:
             raise SettingsError(str(e)) from None
 
 
+def _encoded_image(task: tuple[int, str, str, int]) -> bytes:
+    seed, source, fine, index = task
+    return encode(make_image(seed, source, fine, index), LOOKS[source].ext)
+
+
 def simulate(out: str | Path, **options) -> dict:
     """Write a simulated dataset to out/{pbc,aml,lab}/... atomically and return its summary.
 
-    options: the other SimulateSettings fields (seed, scale, layouts, progress).
+    options: the other SimulateSettings fields (seed, scale, layouts, progress, workers).
     The summary (also written to out/simulation.json) gives counts per source x fine type.
     An existing `out` is replaced only if it is empty or an earlier simulator output.
     """
@@ -693,9 +702,11 @@ def simulate(out: str | Path, **options) -> dict:
         raise ValueError(f"{out} exists and is not an earlier simulator output (no {SUMMARY}); "
                          "refusing to replace it: choose a new or empty directory")
     counts: dict[str, dict[str, int]] = {s: {} for s in layouts}
-    with atomic_dir(out) as staging:
-        for source, rel, fine, index in tqdm(jobs, desc="simulate", unit="img", disable=not progress):
-            data = encode(make_image(seed, source, fine, index), LOOKS[source].ext)
+    with atomic_dir(out) as staging, ordered_map(settings.workers or cores()) as imap:
+        tasks = [(seed, source, fine, index) for source, _, fine, index in jobs]
+        images = imap(_encoded_image, tasks)
+        for (source, rel, fine, index), data in tqdm(zip(jobs, images), total=len(jobs), desc="simulate",
+                                                     unit="img", disable=not progress):
             path = staging / source / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)  # the whole directory appears atomically; no per-file rename needed

@@ -1,0 +1,35 @@
+"""Process pools of the data stage (sharding, simulation): one rule for starting and stopping them.
+
+Ctrl-C is the parent's to handle (it terminates the pool and removes its staging directory); workers
+ignore SIGINT, which would otherwise make each print a KeyboardInterrupt traceback.
+"""
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+
+
+def cores() -> int:
+    """CPU cores this process may run on (a Slurm allocation's, not the node's)."""
+    return len(os.sched_getaffinity(0))
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def pool(workers: int) -> multiprocessing.pool.Pool:
+    """A pool whose workers leave Ctrl-C to the parent; use it as a context manager (__exit__ terminates)."""
+    return multiprocessing.Pool(workers, initializer=_ignore_sigint)
+
+
+@contextlib.contextmanager
+def ordered_map(workers: int, chunksize: int = 8):
+    """map(fn, tasks) in task order: the built-in one for one worker, else a pool's imap."""
+    if workers <= 1:
+        yield map
+        return
+    with pool(workers) as p:
+        yield lambda fn, tasks: p.imap(fn, tasks, chunksize=chunksize)
