@@ -446,10 +446,13 @@ def _data_tasks(s: StudySettings, out: Path, add) -> dict[int, tuple[str, str | 
     if d.shards:
         return {size: (str(Path(shard_dir(d.shards, size)).resolve()), None) for size in s.gan.sizes}
     sources, sim_task = d.sources, None
+    # Process pools take the task's CPUs (a local run's affinity is the whole machine, not the request).
+    workers = {stage: s.stage_resources(stage).get("cpus") for stage in ("simulate", "shard")}
     if sources is None:
         sim = out / "data" / "sim"
         sim_task = add("simulate", "data/sim", sim,
-                       [TOOLS / "simulate.py", *kv(out=sim, seed=d.seed, scale=d.simulate_scale, progress=False)],
+                       [TOOLS / "simulate.py", *kv(out=sim, seed=d.seed, scale=d.simulate_scale, progress=False,
+                                                   workers=workers["simulate"])],
                        check={"kind": "file", "file": "simulation.json"}).name
         sources = {layout: str(sim / layout) for layout in SIMULATOR_LAYOUTS}
     result = {}
@@ -457,7 +460,7 @@ def _data_tasks(s: StudySettings, out: Path, add) -> dict[int, tuple[str, str | 
         target = out / "data" / f"shards-{size}"
         t = add("shard", f"data/shards-{size}", target,
                 [TOOLS / "shard.py", *kv(**{k: str(Path(v).resolve()) for k, v in sorted(sources.items())}),
-                 *kv(out=target, size=size, seed=d.seed, progress=False), *d.shard],
+                 *kv(out=target, size=size, seed=d.seed, progress=False, workers=workers["shard"]), *d.shard],
                 deps=[sim_task], grid={"size": size}, check={"kind": "file", "file": "manifest.json"})
         result[size] = (str(target), t.name)
     return result

@@ -86,6 +86,13 @@ def test_study_configs_of_the_quality_and_scarcity_studies_expand(tmp_path):
     assert len(names(q, "train")) == 9 * 2 and len(names(q, "evaluate")) == 18 and not names(q, "classify")
     argv = " ".join(next(t for t in q if t.name == "gan/sngan_proj-s1-32").argv)
     assert "steps=440" in argv and "scarce" not in argv
+    # the shard stage's process pool takes the stage's CPUs, not the machine's
+    assert "workers=2" in next(t for t in q if t.name == "data/shards-32").argv
+    one = expand(load_study("quality", ["resources.shard.cpus=1"]), tmp_path / "q1")
+    assert "workers=1" in next(t for t in one if t.name == "data/shards-32").argv
+    q64 = expand(load_study("quality64"), tmp_path / "q64")   # quality.yaml at 64 px, its own step counts
+    assert names(q64) == [n.replace("-32", "-64") for n in names(q)]
+    assert "steps=132" in " ".join(next(t for t in q64 if t.name == "gan/sngan_proj-s1-64").argv)
     sc = expand(load_study("scarcity"), tmp_path / "s")
     by = {t.name: " ".join(t.argv) for t in sc}
     cut = "scarce={monocyte:20,eosinophil:20}"
