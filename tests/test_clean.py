@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hpcgan.data.clean import (BadImage, CleanSettings, DegenerateStain, clean_image, decode_rgb, macenko,
+from hpcgan.data.build import BuildSettings
+from hpcgan.data.clean import (BadImage, DegenerateStain, clean_image, decode_rgb, macenko,
                                process_file, square_resize)
 
 
@@ -141,12 +142,12 @@ def test_macenko_refuses_blank_images():
 
 
 def test_blank_image_kept_unnormalised_with_note():
-    res = clean_image(encode(Image.new("RGB", (64, 64), (250, 250, 250)), "PNG"), CleanSettings(size=32))
+    res = clean_image(encode(Image.new("RGB", (64, 64), (250, 250, 250)), "PNG"), BuildSettings(size=32).clean())
     assert res["stain"] == "none" and "macenko skipped" in res["note"]
     assert Image.open(io.BytesIO(res["image"])).size == (32, 32)
 
 
 def test_process_file_reports_unreadable_path(tmp_path):
-    r = process_file((3, str(tmp_path / "missing.png"), str(tmp_path / "spool"), CleanSettings()))
+    r = process_file((3, str(tmp_path / "missing.png"), str(tmp_path / "spool"), BuildSettings().clean()))
     assert r["index"] == 3 and not r["ok"] and r["reason"].startswith("unreadable")
     assert not (tmp_path / "spool").exists()

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hpcgan.data.clean import CleanSettings, clean_image, decode_rgb
-from hpcgan.data.build import BuildError, build, near_pairs, split_counts
+from hpcgan.data.clean import clean_image, decode_rgb
+from hpcgan.data.build import BuildError, BuildSettings, build, near_pairs, split_counts
 from hpcgan.data.shards import SPLITS, iter_samples, read_manifest, sha256_file
 from hpcgan.data.taxonomy import Taxonomy
 
@@ -519,7 +519,7 @@ def test_unreadable_file_is_rejected_not_fatal():
             except KeyError:
                 pytest.skip("running as root and there is no 'nobody' user to lose read permission")
             # lazy imports (scipy via imagehash) live under /root: load them while still root
-            clean_image(_png(Image.fromarray(cell_image(1))), CleanSettings(size=32))
+            clean_image(_png(Image.fromarray(cell_image(1))), BuildSettings(size=32).clean())
             os.setegid(nobody.pw_gid)
             os.seteuid(nobody.pw_uid)
             try:

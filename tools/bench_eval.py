@@ -98,7 +98,9 @@ def main() -> None:
     result = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "platform": platform.platform(), "torch": torch.__version__,
                           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-              "n": args.n, "size": args.size, "extraction": {}}
+              "n": args.n, "size": args.size, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              # throughput is only as good as the machine's idle time: keep the load beside it
+              "loadavg_start": [round(x, 2) for x in os.getloadavg()], "extraction": {}}
     with tempfile.TemporaryDirectory(prefix="bench_eval-") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -115,6 +117,7 @@ def main() -> None:
             except MissingWeightsError as e:
                 result["extraction"][f"inception/{dev.type}"] = {"not_staged": str(e).splitlines()[0]}
         result["fid_cell_cpu"] = fid_wall_time(shards, cell_file, tmp / "cache")
+    result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(result, indent=2) + "\n"
     atomic_write_bytes(args.out, text.encode())
     print(text)

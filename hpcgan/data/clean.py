@@ -46,11 +46,12 @@ class DegenerateStain(ValueError):
 
 @dataclass(frozen=True)
 class CleanSettings:
-    size: int = 128
-    stain: str = "macenko"      # macenko | none
-    encoding: str = "png"       # png | jpg
-    quality: int = 95
-    min_size: int = 32
+    """What one worker needs of the build's settings; made by BuildSettings.clean(), where the defaults live."""
+    size: int
+    stain: str                  # macenko | none
+    encoding: str               # png | jpg
+    quality: int
+    min_size: int
 
 
 # ---------------------------------------------------------------- decoding
