@@ -22,6 +22,7 @@ import csv
 import io
 import logging
 import math
+import shutil
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, fields
@@ -403,19 +404,47 @@ def build(sources: dict[str, str], out: str | Path, **options) -> dict:
     return build_shards(settings)
 
 
+class _Stopwatch:
+    """Seconds per stage, in the order the stages ran."""
+
+    def __init__(self, laps: dict[str, float]):
+        self.laps, self._t = laps, time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage], self._t = now - self._t, now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v:.1f}" for k, v in self.laps.items())
+
+
+def _usable(files: list[SourceFile], results: list[dict], rejected: list[Rejection], s: ShardSettings,
+            out: Path) -> list[dict]:
+    """Clean results -> items of the images that decoded; the others join `rejected` (strict: an error)."""
+    items = []
+    for f, r in zip(files, results):
+        if not r["ok"]:
+            rejected.append(Rejection(f.path, f.source, r["reason"]))
+            continue
+        rs = f.resolved
+        items.append({**r, "path": f.path, "source": f.source, "source_label": rs.source_label,
+                      "fine": rs.fine, "class": rs.cls, "label": rs.label})
+    rejected.sort(key=lambda r: r.path)
+    bad = [r for r in rejected if not r.ignored]
+    if bad and s.on_bad == "strict":
+        raise BuildError(f"{len(bad)} bad input file(s), on_bad=strict, nothing written:\n" + _bad_summary(bad))
+    if bad:
+        logger.warning("%d file(s) rejected (listed in %s/rejected.csv):\n%s", len(bad), out, _bad_summary(bad, 20))
+    return items
+
+
 def build_shards(s: ShardSettings, timings: dict[str, float] | None = None) -> dict:
     """build() for checked settings (tools/shard.py parses them from the command line).
 
     `timings`, when given, receives the seconds of each stage (walk, clean, dedupe, split, write, finish);
     they are also logged, so a slow run says where its time went.
     """
-    laps = {} if timings is None else timings
-    clock = [time.perf_counter()]
-
-    def lap(stage: str) -> None:
-        now = time.perf_counter()
-        laps[stage] = now - clock[0]
-        clock[0] = now
+    clock = _Stopwatch({} if timings is None else timings)
     sources = s.sources
     if not sources:
         raise BuildError("no sources given: pass at least one of pbc=DIR aml=DIR lab=DIR")
@@ -423,57 +452,42 @@ def build_shards(s: ShardSettings, timings: dict[str, float] | None = None) -> d
     _check_out(out, sources)
     tax = Taxonomy.load(s.taxonomy)
     files, rejected = _walk_all(sources, tax, s.on_bad)
-    lap("walk")
     n_walk_rejected = len(rejected)
     workers = max(1, s.workers or cores())
     logger.info("%d candidate files from %s; %d workers", len(files), ", ".join(sorted(sources)), workers)
+    clock.lap("walk")
 
     with atomic_dir(out, sweep=False) as stage:
         spool = stage / ".spool"
         spool.mkdir()
         results = _process_all(files, spool, s.build_settings(), workers, s.progress)
-        lap("clean")
-        items = []
-        for f, r in zip(files, results):
-            if not r["ok"]:
-                rejected.append(Rejection(f.path, f.source, r["reason"]))
-                continue
-            rs = f.resolved
-            items.append({**r, "path": f.path, "source": f.source, "source_label": rs.source_label,
-                          "fine": rs.fine, "class": rs.cls, "label": rs.label})
-        rejected.sort(key=lambda r: r.path)
-        bad = [r for r in rejected if not r.ignored]
-        if bad and s.on_bad == "strict":
-            raise BuildError(f"{len(bad)} bad input file(s), on_bad=strict, nothing written:\n" + _bad_summary(bad))
-        if bad:
-            logger.warning("%d file(s) rejected (listed in %s/rejected.csv):\n%s", len(bad), out, _bad_summary(bad, 20))
+        clock.lap("clean")
+        items = _usable(files, results, rejected, s, out)
         kept, dup_rows, conflicts = _dedupe(items, s.near_dup)
-        lap("dedupe")
+        clock.lap("dedupe")
         if not kept:
             raise BuildError("no usable images left after rejecting bad files and duplicates")
         splits = _split(kept, s)
-        lap("split")
+        clock.lap("split")
         shards = _write_shards(stage, splits, spool, s, workers)
-        lap("write")
-        for p in spool.iterdir():
-            p.unlink()
-        spool.rmdir()
-
+        clock.lap("write")
+        shutil.rmtree(spool)
         (stage / "rejected.csv").write_bytes(
             _csv_bytes([{"path": r.path, "source": r.source, "reason": r.reason} for r in rejected],
                        ["path", "source", "reason"]))
         (stage / "duplicates.csv").write_bytes(
             _csv_bytes(dup_rows, ["kept", "dropped", "kind", "distance", "reason"]))
+        bad = [r for r in rejected if not r.ignored]
         manifest = write_manifest(stage, _manifest(s, tax, splits, kept, shards, rejected, bad, dup_rows, conflicts,
                                                    files_seen=len(files) + n_walk_rejected))
         if s.contact_sheet:
             from hpcgan.viz import shard_contact_sheet
             shard_contact_sheet(stage, "train", stage / "contact_sheet.png",
                                 title="train split: the first images of every class")
-    lap("finish")
+    clock.lap("finish")
     logger.info(summary_line(manifest, out))
-    logger.info("seconds per stage: %s (clean: %.1f img/s with %d workers)",
-                ", ".join(f"{k} {v:.1f}" for k, v in laps.items()), len(files) / max(laps["clean"], 1e-9), workers)
+    logger.info("seconds per stage: %s (clean: %.1f img/s with %d workers)", clock,
+                len(files) / max(clock.laps["clean"], 1e-9), workers)
     return manifest
 
 
