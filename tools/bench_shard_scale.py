@@ -30,7 +30,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from hpcgan.data.build import ShardSettings, build_shards  # noqa: E402
+from hpcgan.data.build import ShardSettings, build_shards, near_pairs  # noqa: E402
+from hpcgan.data.shards import SPLITS, iter_samples  # noqa: E402
 from hpcgan.data.simulate import plan, simulate  # noqa: E402
 from hpcgan.data.workers import cores, ordered_map  # noqa: E402
 from hpcgan.fsutil import atomic_write_bytes  # noqa: E402
@@ -91,12 +92,38 @@ def link_subset(files: list[Path], pool: Path, out: Path) -> None:
         os.link(f, dst)
 
 
+def dedupe_at(hashes: list[int], n: int, threshold: int = 4) -> dict:
+    """The near-duplicate search (the one stage that compares images with each other) on `n` hashes: the
+    measured ones, then copies of them with 5 of 64 bits flipped (beyond the threshold of their original),
+    so the bucket sizes grow like a real data set's, from clustered cell hashes, not uniform random ones."""
+    rng = np.random.default_rng(0)
+    h = np.array(hashes, dtype=np.uint64)
+    pick = rng.integers(0, len(h), max(n - len(h), 0))
+    flips = np.zeros(len(pick), dtype=np.uint64)
+    for _ in range(5):   # 5 distinct bits per copy
+        bit = rng.integers(0, 64, len(pick)).astype(np.uint64)
+        fresh = (flips >> bit) & np.uint64(1) == 0
+        while not fresh.all():
+            bit[~fresh] = rng.integers(0, 64, int((~fresh).sum())).astype(np.uint64)
+            fresh = (flips >> bit) & np.uint64(1) == 0
+        flips |= np.uint64(1) << bit
+    pool = [int(x) for x in np.concatenate([h, h[pick] ^ flips])[:n]]
+    t0 = time.perf_counter()
+    pairs = near_pairs(pool, threshold)
+    return {"hashes": n, "seconds": round(time.perf_counter() - t0, 2), "pairs": len(pairs), "threshold": threshold}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--points", type=int, nargs="+", default=[400, 4000, 20000, 100000])
+    p.add_argument("--points", type=int, nargs="*", default=[400, 4000, 20000, 100000],
+                   help="source sizes to shard end to end (none: only the near-duplicate search)")
     p.add_argument("--workers", type=int, default=1, help="shard workers (1: per-worker throughput)")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--variants", type=int, default=8, choices=range(1, 9), help="orientations per simulated cell")
+    p.add_argument("--dedupe-points", type=int, nargs="*", default=[1_000_000],
+                   help="also time the near-duplicate search alone on this many hashes (grown from the largest point's)")
+    p.add_argument("--hashes-from", default=None,
+                   help="a shard set whose perceptual hashes seed --dedupe-points (e.g. real cells' shards)")
     p.add_argument("--out", default="runs/bench/bench_shard_scale.json")
     p.add_argument("--work", default=None, help="scratch directory (default: a temp dir, removed afterwards)")
     args = p.parse_args(argv)
@@ -105,10 +132,11 @@ def main(argv=None) -> dict:
               "python": sys.version.split()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "loadavg_start": [round(x, 2) for x in os.getloadavg()], "points": []}
     out = Path(args.out)
+    hashes: list[int] = []
     with tempfile.TemporaryDirectory(prefix="bench_shard_scale-", dir=args.work) as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        files = make_pool(work, max(args.points), args.variants, args.workers)
+        files = make_pool(work, max(args.points), args.variants, args.workers) if args.points else []
         result["source_seconds"] = round(time.perf_counter() - t0, 1)
         for n in sorted(args.points):
             src = work / f"src-{n}"
@@ -126,14 +154,24 @@ def main(argv=None) -> dict:
                    "loadavg": [round(x, 2) for x in os.getloadavg()]}
             logger.info("%d images: %.1f img/s end to end; stages %s", n, row["images_per_s"], row["stages_s"])
             result["points"].append(row)
+            if n == max(args.points):
+                hashes = [int(meta["phash"], 16) for split in SPLITS
+                          for *_, meta in iter_samples(work / f"shards-{n}", split)]
             shutil.rmtree(src)
             shutil.rmtree(work / f"shards-{n}")
             atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())   # a partial result survives
+    result["dedupe"] = []
+    if args.hashes_from:
+        hashes = [int(meta["phash"], 16) for split in SPLITS for *_, meta in iter_samples(args.hashes_from, split)]
+        result["dedupe_hashes_from"] = {"shards": args.hashes_from, "hashes": len(hashes)}
+    for n in args.dedupe_points if hashes else []:
+        result["dedupe"].append(dedupe_at(hashes, n))
+        logger.info("near-duplicate search alone: %s", result["dedupe"][-1])
     rates = [r["images_per_s"] for r in result["points"]]
-    result["flatness"] = round(min(rates) / max(rates), 3)   # 1.0: the same img/s at every size
+    result["flatness"] = round(min(rates) / max(rates), 3) if rates else None   # 1.0: the same img/s at every size
     result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
-    logger.info("wrote %s: img/s %s, flatness %.2f", out, rates, result["flatness"])
+    logger.info("wrote %s: img/s %s, flatness %s", out, rates, result["flatness"])
     return result
 
 
