@@ -403,3 +403,18 @@ def test_a_hydra_multirun_of_training_is_one_slurm_array(slurm_cluster, sim_shar
         assert (status["state"], status["step"], status["model"]) == ("finished", 2, name.split("-")[0])
     jobs = [p.name for p in (tmp_path / "multirun" / ".submitit").iterdir() if p.is_dir() and "_" in p.name]
     assert len(jobs) == 4 and len({j.split("_")[0] for j in jobs}) == 1, jobs   # ARRAYID_0..3
+
+
+def test_bench_sweep_runs_no_op_tasks_and_reads_their_status(tmp_path):
+    """tools/bench_sweep.py: a study of no-op processes on the local executor, its status and a relaunch."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_sweep", REPO_ROOT / "tools" / "bench_sweep.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    result = tool.main(["--tasks", "12", "--grid-seeds", "4", "--out", str(tmp_path / "b.json"),
+                        "--work", str(tmp_path)])
+    assert json.loads((tmp_path / "b.json").read_text()) == result
+    assert result["expand"]["tasks"] > 142            # the paper grid (142 tasks at 3 seeds), widened
+    assert result["run"] == {**result["run"], "tasks": 12, "failed": 0}
+    assert result["status"]["finished"] == 12 and result["relaunch"]["todo"] == 0
+    assert result["files"]["per_task"] >= 2           # each task's state.json and output.log at least
