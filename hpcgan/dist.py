@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -183,3 +184,15 @@ class StopFlag:
     def restore(self) -> None:
         for s, h in self._previous.items():
             signal.signal(s, h)
+
+    def leave(self, env: DistEnv, write_status, step: int, total: int) -> int:
+        """After the run's checkpoint at a stop signal: status "interrupted" (main rank), a line saying how to go
+        on, every rank leaving together; returns the exit code (rundir.EXIT_SIGNAL)."""
+        from hpcgan.rundir import EXIT_SIGNAL
+        name = self.name or "a stop signal (on another rank)"
+        if env.is_main:
+            write_status("interrupted", signal=name)
+            print(f"stopped by {name} at step {step}/{total}; checkpoint written; rerun to resume",
+                  file=sys.stderr, flush=True)
+        barrier(env)
+        return EXIT_SIGNAL

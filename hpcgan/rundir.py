@@ -21,6 +21,9 @@ CONFIG = "config.yaml"
 STATUS = "status.json"
 LOG = "log.csv"
 
+# Exit codes of every run's entry point (train, classify); the sweep reads them from a task's return code.
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_SIGNAL = 0, 1, 2, 3   # SIGNAL: checkpointed and stopped; rerun resumes
+
 
 def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from hpcgan import CONFIG_DIR, REPO_ROOT
-from hpcgan.rundir import read_json, read_status, write_json
+from hpcgan.rundir import EXIT_SIGNAL, read_json, read_status, write_json
 from hpcgan.settings import SettingsError, check_choice, check_range, parse
 
 logger = logging.getLogger("hpcgan.sweep")
@@ -805,7 +805,7 @@ def _failure(rc: int, log: Path) -> str:
             return f"killed by {signal.Signals(-rc).name}"
         except ValueError:
             return f"killed by signal {-rc}"
-    if rc == 3:
+    if rc == EXIT_SIGNAL:
         return "stopped by a signal after a checkpoint (exit 3); relaunch to resume"
     return f"exit code {rc}"
 

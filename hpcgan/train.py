@@ -64,12 +64,11 @@ from hpcgan.generate import NO_TRAINING_IMAGES, unseen_classes
 from hpcgan.latent import sample_latent
 from hpcgan.models.registry import GANSpec, build_model, optimiser_lr
 from hpcgan.objectives import STAT_KEYS, GANObjective
-from hpcgan.rundir import LOG, CsvLog, read_status, write_config, write_json, write_status
+from hpcgan.rundir import EXIT_FAILED, EXIT_OK, LOG, CsvLog, read_status, write_config, write_json, write_status
 from hpcgan.settings import MISSING, SettingsError, check_choice, check_range, exit_on_error, parse
 
 logger = logging.getLogger("hpcgan.train")
 
-EXIT_OK, EXIT_FAILED, EXIT_SIGNAL = 0, 1, 3
 LOG_COLUMNS = ("step", "epoch", "time", *STAT_KEYS, "images_per_s", "lr", "bad_steps")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
@@ -755,13 +754,7 @@ class TrainingRun:
         """Stopped by a signal: checkpoint and samples at this step, status "interrupted"."""
         self.checkpoint()
         self.samples()
-        name = self.stop_flag.name or "a stop signal (on another rank)"
-        if self.env.is_main:
-            self.write_status("interrupted", signal=name)
-            print(f"stopped by {name} at step {self.step}/{self.total}; checkpoint written; rerun to resume",
-                  file=sys.stderr, flush=True)
-        dist.barrier(self.env)  # leave together (see finish)
-        return EXIT_SIGNAL
+        return self.stop_flag.leave(self.env, self.write_status, self.step, self.total)
 
     def finish(self) -> None:
         """The last checkpoint and samples, the class check, status "finished"."""

@@ -31,7 +31,8 @@ from hpcgan.classify.data import DataError, decode_split, epoch_loader, training
 from hpcgan.classify.metrics import confusion, expand, scores
 from hpcgan.classify.provenance import LeakageError, check_synthetic
 from hpcgan.classify.regimes import REGIMES, RegimeLoss, get_regime
-from hpcgan.classify.run import CKPT_KEYS, EXIT_OK, EXIT_SIGNAL, ClassifySettings, main
+from hpcgan.classify.run import CKPT_KEYS, ClassifySettings, main
+from hpcgan.rundir import EXIT_OK, EXIT_SIGNAL
 from hpcgan.data.shards import read_manifest, write_manifest
 from hpcgan.generate import generate
 from hpcgan.models.registry import build_model, load_spec

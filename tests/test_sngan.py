@@ -252,7 +252,8 @@ def test_sngan_proj_resumes_bit_exactly(shards, tmp_path):
 
     from hpcgan import CONFIG_DIR
     from hpcgan.checkpoint import load_latest
-    from hpcgan.train import EXIT_OK, run
+    from hpcgan.rundir import EXIT_OK
+    from hpcgan.train import run
 
     def cfg(run_dir, steps):
         with initialize_config_dir(str(CONFIG_DIR), version_base=None):

@@ -22,7 +22,8 @@ from hpcgan.checkpoint import list_checkpoints, load_latest
 from hpcgan.data.shards import ShardWriter, write_manifest
 from hpcgan.gauges import class_signal, data_diversity, grid_diversity
 from hpcgan.models.registry import MODEL_NAMES, build_model, load_spec
-from hpcgan.train import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL, LOG_COLUMNS, Trainer, resolve_precision, run, unwrap
+from hpcgan.rundir import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL
+from hpcgan.train import LOG_COLUMNS, Trainer, resolve_precision, run, unwrap
 from hpcgan import dist
 from hpcgan.settings import SettingsError
 

@@ -48,13 +48,13 @@ from hpcgan.classify.regimes import RegimeLoss, get_regime
 from hpcgan.data.loader import BACKENDS
 from hpcgan.fsutil import atomic_write_bytes
 from hpcgan.results import append_rows, number, write_result
-from hpcgan.rundir import LOG, CsvLog, read_json, read_status, write_config, write_json, write_status
+from hpcgan.rundir import (EXIT_BAD_INPUT, EXIT_OK, LOG, CsvLog, read_json, read_status, write_config, write_json,
+                           write_status)
 from hpcgan.settings import MISSING, SettingsError, check_choice, check_range, parse
 
 logger = logging.getLogger("hpcgan.classify")
 
 FORMAT = 1
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_SIGNAL = 0, 1, 2, 3
 PRECISIONS = ("auto", "fp32", "bf16")
 SELECT_ON = ("macro_f1", "accuracy")
 CKPT_KEYS = ("step", "epoch", "batch_in_epoch", "config", "model", "opt", "best", "rng", "meta")
@@ -441,13 +441,7 @@ class ClassifierRun:
     # ---- the ends of a run
     def interrupted(self) -> int:
         self.checkpoint()
-        name = self.stop_flag.name or "a stop signal (on another rank)"
-        if self.env.is_main:
-            self.write_status("interrupted", signal=name)
-            print(f"stopped by {name} at step {self.step}/{self.total}; checkpoint written; rerun to resume",
-                  file=sys.stderr, flush=True)
-        dist.barrier(self.env)
-        return EXIT_SIGNAL
+        return self.stop_flag.leave(self.env, self.write_status, self.step, self.total)
 
     def finish(self) -> None:
         """The last checkpoint, then the best weights scored on the test split, the results written."""
