@@ -9,6 +9,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+from concurrent.futures import ProcessPoolExecutor
 
 
 def cores() -> int:
@@ -27,9 +28,16 @@ def pool(workers: int) -> multiprocessing.pool.Pool:
 
 @contextlib.contextmanager
 def ordered_map(workers: int, chunksize: int = 8):
-    """map(fn, tasks) in task order: the built-in one for one worker, else a pool's imap."""
+    """map(fn, tasks) in task order: the built-in one for one worker, else a process pool's.
+
+    concurrent.futures, not multiprocessing.Pool: an exception in a worker (even KeyboardInterrupt) comes back to
+    the caller, and a worker that dies (killed, out of memory) raises BrokenProcessPool instead of hanging forever.
+    """
     if workers <= 1:
         yield map
         return
-    with pool(workers) as p:
-        yield lambda fn, tasks: p.imap(fn, tasks, chunksize=chunksize)
+    ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_ignore_sigint)
+    try:
+        yield lambda fn, tasks: ex.map(fn, tasks, chunksize=chunksize)
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
