@@ -30,14 +30,11 @@ from pathlib import Path
 import torch
 
 from hpcgan import REPO_ROOT
+from hpcgan.data.workers import cores
 from hpcgan.fsutil import atomic_write_bytes
 
 logger = logging.getLogger("bench_data")
 PBC_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "pbc-sample"
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 # ------------------------------------------------------------------------------------------ (a) sharding
