@@ -25,7 +25,7 @@ class Latent:
 
 def sample_latent(spec, n: int, gen: torch.Generator, *, num_classes: int | None = None,
                   labels: torch.Tensor | None = None, y: torch.Tensor | None = None, cat: torch.Tensor | None = None,
-                  truncation: float | None = None, device=None) -> Latent:
+                  truncation: float | None = None, pairs: bool = False, device=None) -> Latent:
     """n latents for `spec` (a GANSpec), drawn on `gen`'s device and returned on `device` (default: the same).
 
     y:   labels for a conditional spec; drawn uniformly from `labels` (a 1-D tensor of class indices: training
@@ -33,7 +33,12 @@ def sample_latent(spec, n: int, gen: torch.Generator, *, num_classes: int | None
          class in `labels` the draws are the same as from range(num_classes).
     cat: categorical code indices for an InfoGAN spec; drawn uniformly when not given.
     truncation: noise values beyond +-truncation are drawn again (fidelity over diversity).
+    pairs: the second half of the batch repeats the first half's labels and codes with fresh noise (n even),
+         so latent i and latent i + n/2 differ only in their noise: the pairs of mode-seeking regularisation
+         (hpcgan/objectives.py, `mode_seeking`).
     """
+    if pairs and n % 2:
+        raise ValueError(f"paired latents need an even batch, got {n}")
     draw = {"generator": gen, "device": gen.device}
     z = torch.randn(n, spec.z_dim, **draw)
     if truncation is not None:
@@ -42,21 +47,26 @@ def sample_latent(spec, n: int, gen: torch.Generator, *, num_classes: int | None
             z[out] = torch.randn(int(out.sum()), **draw)
             out = z.abs() > truncation
     parts, cont = [z], None
+    half = n // 2 if pairs else n
     if spec.info_cat > 0:
-        cat = torch.randint(0, spec.info_cat, (n,), **draw) if cat is None else cat.to(gen.device)
+        cat = _paired(torch.randint(0, spec.info_cat, (half,), **draw), pairs) if cat is None else cat.to(gen.device)
         parts.append(F.one_hot(cat, spec.info_cat).float())
     if spec.info_cont > 0:
-        cont = torch.rand(n, spec.info_cont, **draw) * 2 - 1
+        cont = _paired(torch.rand(half, spec.info_cont, **draw) * 2 - 1, pairs)
         parts.append(cont)
     if spec.conditional and y is None:
         if labels is not None:
-            y = labels.to(gen.device)[torch.randint(0, len(labels), (n,), **draw)]
+            y = _paired(labels.to(gen.device)[torch.randint(0, len(labels), (half,), **draw)], pairs)
         elif num_classes is None:
             raise ValueError(f"{spec.name} is conditional: give labels y or num_classes to draw them from")
         else:
-            y = torch.randint(0, num_classes, (n,), **draw)
+            y = _paired(torch.randint(0, num_classes, (half,), **draw), pairs)
     cat = cat if spec.info_cat > 0 else None
     return Latent(z=_to(torch.cat(parts, 1), device), y=_to(y, device), cat=_to(cat, device), cont=_to(cont, device))
+
+
+def _paired(t: torch.Tensor, pairs: bool) -> torch.Tensor:
+    return torch.cat([t, t]) if pairs else t
 
 
 def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:

@@ -22,6 +22,10 @@
   info_*       InfoGAN codes appended to z (hpcgan/latent.py: one-hot categorical, then uniform(-1, 1)
                continuous); the critic's Q heads recover them: CE on the categorical, MSE (a unit-variance
                Gaussian NLL up to constants) on the continuous; in both the critic and the generator loss
+  mode_seeking MSGAN (Mao et al. 2019): the generator's batch is drawn in pairs that share labels and codes
+               and differ in noise (sample_latent(pairs=True)); the generator loss adds
+               mode_seeking / (mean|x1 - x2| / mean|z1 - z2| + 1e-5): a generator that maps different noise
+               of one class to one image (the within-class collapse of conditional GANs) pays for it
 Stats (detached tensors, averaged and logged by the loop): d_loss, g_loss, gp (GP and R1), wdist (E[D(real)] -
 E[D(fake)]), ac_acc_real / ac_acc_fake (the auxiliary classifier's accuracy on real and on generated
 images, the paper's Figs. 7-8), info_loss.
@@ -38,7 +42,8 @@ from hpcgan.augment import diff_augment, parse_policy
 from hpcgan.latent import Latent
 from hpcgan.models.registry import ADVERSARIAL, GANSpec
 
-STAT_KEYS = ("d_loss", "g_loss", "gp", "wdist", "ac_acc_real", "ac_acc_fake", "info_loss")
+STAT_KEYS = ("d_loss", "g_loss", "gp", "wdist", "ac_acc_real", "ac_acc_fake", "info_loss", "ms_ratio")
+MS_EPS = 1e-5
 
 
 class GANObjective:
@@ -170,6 +175,10 @@ class GANObjective:
         info = self._info_loss(out, latent)
         if info is not None:
             loss = loss + info
+        if s.mode_seeking > 0:
+            ratio = mode_seeking_ratio(fake, latent.z[:, :s.z_dim])
+            loss = loss + s.mode_seeking / (ratio + MS_EPS)
+            stats["ms_ratio"] = ratio.detach()
         stats["g_loss"] = loss.detach()
         return loss, stats
 
@@ -179,3 +188,14 @@ class GANObjective:
         if self.spec.clip > 0:
             for p in D.parameters():
                 p.clamp_(-self.spec.clip, self.spec.clip)
+
+
+def mode_seeking_ratio(images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """MSGAN's ratio mean|x1 - x2| / mean|z1 - z2| between the two halves of a paired batch (image i and
+    i + B/2 were made from the same label and codes, different noise: sample_latent(pairs=True))."""
+    half = images.shape[0] // 2
+    if images.shape[0] != 2 * half or half == 0:
+        raise ValueError(f"mode seeking needs a paired batch of even size >= 2, got {images.shape[0]}")
+    x1, x2 = images[:half], images[half:]
+    z1, z2 = noise[:half], noise[half:]
+    return (x1 - x2).abs().mean() / (z1 - z2).abs().mean()

@@ -369,7 +369,7 @@ class Trainer:
         bad_g = False
         if (step + 1) % self.n_critic == 0:
             lat = sample_latent(self.spec, n, gen, num_classes=self.num_classes, labels=self.labels,
-                                device=env.device)
+                                pairs=self.spec.mode_seeking > 0, device=env.device)
             self.opt_G.zero_grad(set_to_none=True)
             unwrap(self.D).requires_grad_(False)
             no_sync = self.D.no_sync() if isinstance(self.D, DDP) else contextlib.nullcontext()

@@ -101,3 +101,21 @@ def test_trainer_draws_fake_labels_only_from_classes_with_images():
     t.step(real, torch.tensor([0, 3, 4, 0, 3, 4, 0, 3]), 0)
     assert seen and set(torch.cat(seen).tolist()) <= {0, 3, 4}
     assert Trainer(spec, 12, 32, dist.DistEnv(), seed=0, labels=list(range(12))).labels is None   # all: as before
+
+
+def test_pairs_share_labels_and_codes_not_noise():
+    """pairs=True (mode seeking): latent i and i + n/2 have the same label and InfoGAN codes, fresh noise; the
+    draws are half as many labels/codes from the same stream; an odd batch is refused."""
+    spec = _spec(conditional=True, info_cat=3, info_cont=2)
+    lat = sample_latent(spec, 8, torch.Generator().manual_seed(4), num_classes=C, pairs=True)
+    assert torch.equal(lat.y[:4], lat.y[4:]) and torch.equal(lat.cat[:4], lat.cat[4:])
+    assert torch.equal(lat.cont[:4], lat.cont[4:]) and torch.equal(lat.z[:4, 6:], lat.z[4:, 6:])
+    assert not torch.isclose(lat.z[:4, :6], lat.z[4:, :6]).any()
+    g = torch.Generator().manual_seed(4)
+    noise = torch.randn(8, 6, generator=g)
+    cat = torch.randint(0, 3, (4,), generator=g)
+    assert torch.equal(lat.z[:, :6], noise) and torch.equal(lat.cat[:4], cat)
+    only = sample_latent(spec, 8, torch.Generator().manual_seed(4), labels=torch.tensor([1, 3]), pairs=True)
+    assert set(only.y.tolist()) <= {1, 3} and torch.equal(only.y[:4], only.y[4:])
+    with pytest.raises(ValueError, match="even"):
+        sample_latent(spec, 7, torch.Generator(), num_classes=C, pairs=True)

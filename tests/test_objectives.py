@@ -203,3 +203,43 @@ def test_twin_classifier_losses():
 def test_twin_needs_a_classifier():
     with pytest.raises(ValueError, match="ac_twin needs an auxiliary classifier"):
         GANSpec.from_config({"name": "t", "ac_twin": True})
+
+
+def test_mode_seeking_ratio_known_answer():
+    """MSGAN's ratio: mean |x1 - x2| over mean |z1 - z2|, between the two halves of a paired batch."""
+    from hpcgan.objectives import mode_seeking_ratio
+    x = torch.zeros(4, 3, S, S)
+    x[2:] = 0.5                                   # every pixel differs by 0.5 between the pairs
+    z = torch.zeros(4, 4)
+    z[2:] = 2.0                                   # every noise value differs by 2
+    assert mode_seeking_ratio(x, z).item() == pytest.approx(0.25)
+    assert mode_seeking_ratio(torch.ones(4, 3, S, S), z).item() == 0.0   # a collapsed pair: ratio 0
+    with pytest.raises(ValueError, match="even"):
+        mode_seeking_ratio(x[:3], z[:3])
+
+
+def test_mode_seeking_term_in_generator_loss_only():
+    """mode_seeking = w adds w / (ratio + 1e-5) to the generator loss on the paired batch (not the noise codes),
+    logs the ratio, and leaves the critic's loss alone; a collapsed generator pays about w * 1e5."""
+    from hpcgan.objectives import MS_EPS, mode_seeking_ratio
+    spec = _spec(gp_lambda=0.0, conditional=True, mode_seeking=2.0, info_cont=1, info_weight=0.0)
+    obj, plain = GANObjective(spec, C), GANObjective(_spec(gp_lambda=0.0, conditional=True, info_cont=1), C)
+    D = LinearCritic(1.0)
+    lat = sample_latent(spec, 16, torch.Generator().manual_seed(0), num_classes=C, pairs=True)
+    fake, _ = _batch(seed=1)
+    loss, stats = obj.generator_loss(D, fake, lat, torch.Generator().manual_seed(2))
+    base, _ = plain.generator_loss(D, fake, lat, torch.Generator().manual_seed(2))
+    ratio = mode_seeking_ratio(fake, lat.z[:, :4])
+    assert stats["ms_ratio"].item() == pytest.approx(ratio.item())
+    assert loss.item() == pytest.approx(base.item() + 2.0 / (ratio.item() + MS_EPS), rel=1e-5)
+    real, y = _batch(seed=3)
+    d_ms, _ = obj.critic_loss(D, real, y, fake, lat, torch.Generator().manual_seed(4))
+    d_plain, _ = plain.critic_loss(D, real, y, fake, lat, torch.Generator().manual_seed(4))
+    assert d_ms.item() == pytest.approx(d_plain.item())
+    collapsed, _ = obj.generator_loss(D, fake[:1].expand(16, -1, -1, -1), lat, torch.Generator().manual_seed(2))
+    assert collapsed.item() > 1e5
+
+
+def test_mode_seeking_must_not_be_negative():
+    with pytest.raises(ValueError, match="mode_seeking"):
+        GANSpec.from_config({"name": "t", "mode_seeking": -1.0})

@@ -71,6 +71,7 @@ class GANSpec:
     info_cat: int = 0                  # InfoGAN categorical code size
     info_cont: int = 0                 # InfoGAN continuous codes
     info_weight: float = 0.0
+    mode_seeking: float = 0.0          # mode-seeking regularisation weight (MSGAN, Mao et al. 2019; 0 = off)
     z_dim: int = 128
     width: int = 64                    # base channel count
     critic_norm: str = "none"          # "none" | "batch" (never with a gradient penalty)
@@ -96,6 +97,7 @@ class GANSpec:
         spec.optim = asdict(parse(OptimSpec, optim, prefix="model.optim."))
         check_choice("model.adversarial", spec.adversarial, ADVERSARIAL)
         check_range("model.r1_gamma", spec.r1_gamma, 0)
+        check_range("model.mode_seeking", spec.mode_seeking, 0)
         try:
             spec.diffaug = list(parse_policy(spec.diffaug))
         except ValueError as e:
