@@ -36,7 +36,7 @@ from hpcgan.data.clean import CleanSettings, process_file
 from hpcgan.data.shards import MANIFEST, SPLITS, ShardWriter, write_manifest
 from hpcgan.data.sources import Rejection, SourceError, SourceFile, walk_source
 from hpcgan.data.taxonomy import SOURCES, Taxonomy
-from hpcgan.data.workers import cores, ordered_map, pool as worker_pool
+from hpcgan.data.workers import cores, ordered_map
 from hpcgan.fsutil import atomic_dir, sweep_stale_staging
 from hpcgan.images import check_image_size
 from hpcgan.settings import MISSING, SettingsError, check_choice, check_range
@@ -222,23 +222,17 @@ def _process_all(files: list[SourceFile], spool: Path, settings: BuildSettings, 
     """Decode, normalise, resize and hash every file; results in `files` order whatever the workers do."""
     clean = settings.clean()
     tasks = [(i, f.abspath, str(spool / f"{i:08d}"), clean) for i, f in enumerate(files)]
-    results: list[dict | None] = [None] * len(tasks)
+    results: list[dict] = []
+    chunk = max(1, min(32, len(tasks) // (max(workers, 1) * 8)))
     bar = tqdm(total=len(tasks), desc="shard", unit="img", disable=not progress, dynamic_ncols=True)
     try:
-        if workers <= 1:
-            for t in tasks:
-                r = process_file(t)
-                results[r["index"]] = r
+        with ordered_map(workers, chunksize=chunk) as pmap:
+            for r in pmap(process_file, tasks):
+                results.append(r)
                 bar.update()
-        else:
-            chunk = max(1, min(32, len(tasks) // (workers * 8)))
-            with worker_pool(workers) as pool:  # __exit__ terminates them
-                for r in pool.imap_unordered(process_file, tasks, chunksize=chunk):
-                    results[r["index"]] = r
-                    bar.update()
     finally:
         bar.close()
-    return results  # type: ignore[return-value]
+    return results
 
 
 def _dedupe(items: list[dict], threshold: int) -> tuple[list[dict], list[dict], int]:

@@ -1,6 +1,6 @@
 """Process pools of the data stage (sharding, simulation): one rule for starting and stopping them.
 
-Ctrl-C is the parent's to handle (it terminates the pool and removes its staging directory); workers
+Ctrl-C is the parent's to handle (it stops the pool and removes its staging directory); workers
 ignore SIGINT, which would otherwise make each print a KeyboardInterrupt traceback.
 """
 from __future__ import annotations
@@ -19,11 +19,6 @@ def cores() -> int:
 
 def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def pool(workers: int) -> multiprocessing.pool.Pool:
-    """A pool whose workers leave Ctrl-C to the parent; use it as a context manager (__exit__ terminates)."""
-    return multiprocessing.Pool(workers, initializer=_ignore_sigint)
 
 
 @contextlib.contextmanager
