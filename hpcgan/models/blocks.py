@@ -206,6 +206,6 @@ def dcgan_init(module: nn.Module) -> None:
             nn.init.normal_(m.weight, 0.0, 0.02)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:   # conditional batch norm: no affine of its own
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)

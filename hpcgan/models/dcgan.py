@@ -6,13 +6,16 @@ per doubling; the last one outputs RGB through tanh. Unconditional variants drop
 Critic: stride-2 4x4 convs with LeakyReLU(0.2) down to 4x4 (no norm on the first layer, then the
 spec's critic_norm), flattened into the spec's heads (CriticHeads).
 Both use the DCGAN init: N(0, 0.02).
+dcgan_cbn generator: the conditional DCGAN generator whose batch norms are class-conditional (gain and bias
+chosen by the label in every layer, as SNGAN / BigGAN's generators), besides [z, embed(y)] at the input: the
+class shapes every scale, not only the 4x4 seed that the generator can learn to ignore.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from hpcgan.models.blocks import (CriticHeads, channels_at, check_labels, check_latent, dcgan_init, norm_2d,
+from hpcgan.models.blocks import (ConditionalBatchNorm2d, CriticHeads, channels_at, check_labels, check_latent, dcgan_init, norm_2d,
                                   num_resamples)
 from hpcgan.models.registry import register_critic, register_generator
 
@@ -42,6 +45,33 @@ class DCGANGenerator(nn.Module):
         return self.net(z[:, :, None, None])
 
 
+class CBNDCGANGenerator(nn.Module):
+    """DCGANGenerator (conditional) with ConditionalBatchNorm2d in place of every BatchNorm2d."""
+
+    def __init__(self, latent_dim: int, num_classes: int, image_size: int, width: int):
+        super().__init__()
+        self.latent_dim = latent_dim
+        n_up = num_resamples(image_size)
+        ch = [channels_at(4 * 2 ** i, image_size, width) for i in range(n_up)]  # 4x4 ... image_size/2
+        self.embed = nn.Embedding(num_classes, LABEL_EMBED_DIM)
+        self.convs = nn.ModuleList([nn.ConvTranspose2d(latent_dim + LABEL_EMBED_DIM, ch[0], 4, 1, 0, bias=False)]
+                                   + [nn.ConvTranspose2d(ch[i], ch[i + 1], 4, 2, 1, bias=False) for i in range(n_up - 1)])
+        self.norms = nn.ModuleList([ConditionalBatchNorm2d(c, num_classes) for c in ch])
+        self.to_rgb = nn.Sequential(nn.ConvTranspose2d(ch[-1], 3, 4, 2, 1), nn.Tanh())
+        dcgan_init(self)
+        for norm in self.norms:   # dcgan_init drew the embeddings N(0, 0.02): gains start near 1, biases at 0
+            nn.init.normal_(norm.gain.weight, 1.0, 0.02)
+            nn.init.zeros_(norm.bias.weight)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        check_latent(z, self.latent_dim)
+        check_labels(y, z.shape[0])
+        h = torch.cat([z, self.embed(y).to(z.dtype)], dim=1)[:, :, None, None]
+        for conv, norm in zip(self.convs, self.norms):
+            h = torch.relu(norm(conv(h), y))
+        return self.to_rgb(h)
+
+
 class DCGANCritic(nn.Module):
     def __init__(self, spec, num_classes: int, image_size: int):
         super().__init__()
@@ -64,6 +94,14 @@ class DCGANCritic(nn.Module):
 @register_generator("dcgan")
 def build_dcgan_generator(spec, num_classes: int, image_size: int) -> nn.Module:
     return DCGANGenerator(spec.latent_dim, num_classes, image_size, spec.width, spec.conditional)
+
+
+@register_generator("dcgan_cbn")
+def build_dcgan_cbn_generator(spec, num_classes: int, image_size: int) -> nn.Module:
+    if not spec.conditional:
+        raise ValueError(f"{spec.name}: generator dcgan_cbn is class-conditional; set conditional: true "
+                         "or use generator: dcgan")
+    return CBNDCGANGenerator(spec.latent_dim, num_classes, image_size, spec.width)
 
 
 @register_critic("dcgan")
