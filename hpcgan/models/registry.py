@@ -28,7 +28,8 @@ from hpcgan.augment import parse_policy
 from hpcgan.images import check_image_size
 from hpcgan.settings import SettingsError, check_choice, check_range, parse
 
-MODEL_NAMES = ("wgan_gp_ac", "acgan", "wgan", "wgan_gp", "infogan", "wgan_gp_info", "dcgan", "cgan", "sngan_proj")
+MODEL_NAMES = ("wgan_gp_ac", "acgan", "wgan", "wgan_gp", "infogan", "wgan_gp_info", "dcgan", "cgan", "sngan_proj",
+               "cellgan")
 ADVERSARIAL = ("wasserstein", "bce", "hinge")   # the adversarial losses of hpcgan/objectives.py
 
 
