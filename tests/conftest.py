@@ -50,6 +50,33 @@ def simulated_shards(tmp_path_factory):
     return make
 
 
+def train_4_and_2_plus_2(shards: Path, tmp_path: Path, model: str, *extra: str) -> tuple[dict, dict, Path]:
+    """Train `model` (width 8, batch 4, CPU) 4 steps straight and 2 + 2 steps with a resume in between; returns
+    (straight newest checkpoint, resumed newest checkpoint, straight run dir) for bit-exact resume tests."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from hpcgan import CONFIG_DIR
+    from hpcgan.checkpoint import load_latest
+    from hpcgan.rundir import EXIT_OK
+    from hpcgan.train import run
+
+    def cfg(run_dir, steps):
+        with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+            c = compose("train", overrides=[f"shards={shards}", f"run_dir={run_dir}", f"model={model}",
+                                            f"steps={steps}", "batch_size=4", "model.width=8", "backend=webdataset",
+                                            "num_threads=1", "progress=false", "tensorboard=false", "ckpt_every=2",
+                                            "log_every=2", "sample_every=0", "samples_per_class=1", "device=cpu",
+                                            *extra])
+        return OmegaConf.to_container(c, resolve=True)
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run(cfg(straight, 4)) == EXIT_OK
+    assert run(cfg(resumed, 2)) == EXIT_OK
+    assert run(cfg(resumed, 4)) == EXIT_OK
+    return load_latest(straight)[0], load_latest(resumed)[0], straight
+
+
 @dataclass
 class SlurmCluster:
     env: dict          # os.environ + SLURM_CONF: pass to every subprocess that calls sbatch/squeue/scontrol

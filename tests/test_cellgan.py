@@ -11,6 +11,7 @@ import torch
 
 from hpcgan.models.blocks import ConditionalBatchNorm2d
 from hpcgan.models.registry import build_model, critic_heads, load_spec
+from conftest import train_4_and_2_plus_2
 
 C = 12
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -51,7 +52,7 @@ def test_needs_labels_and_a_conditional_spec():
     G, _ = build_model(_spec(), C, 32)
     with pytest.raises(ValueError, match="labels"):
         G(torch.randn(2, G.latent_dim), None)
-    with pytest.raises(ValueError, match="dcgan_cbn is class-conditional"):
+    with pytest.raises(ValueError, match="dcgan_cbn' is class-conditional"):
         build_model(_spec(conditional=False, critic_condition="none"), C, 32)
 
 
@@ -73,32 +74,9 @@ def test_cellgan_spec_and_critic_heads():
 def test_cellgan_resumes_bit_exactly(simulated_shards, tmp_path, extra):
     """2 + 2 steps give the bytes of 4 straight ones (weights, batch-norm statistics, optimiser state), with the
     model's DiffAugment and (mode seeking) the paired latents drawn from each step's generator."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from hpcgan import CONFIG_DIR
-    from hpcgan.checkpoint import load_latest
     import csv
 
-    from hpcgan.rundir import EXIT_OK
-    from hpcgan.train import run
-
-    shards = simulated_shards(0.05)
-
-    def cfg(run_dir, steps):
-        with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-            c = compose("train", overrides=[f"shards={shards}", f"run_dir={run_dir}", "model=cellgan",
-                                            f"steps={steps}", "batch_size=4", "model.width=8", "backend=webdataset",
-                                            "num_threads=1", "progress=false", "tensorboard=false", "ckpt_every=2",
-                                            "log_every=2", "sample_every=0", "samples_per_class=1", "device=cpu",
-                                            "ema=0.9", *extra])
-        return OmegaConf.to_container(c, resolve=True)
-
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run(cfg(straight, 4)) == EXIT_OK
-    assert run(cfg(resumed, 2)) == EXIT_OK
-    assert run(cfg(resumed, 4)) == EXIT_OK
-    a, b = load_latest(straight)[0], load_latest(resumed)[0]
+    a, b, straight = train_4_and_2_plus_2(simulated_shards(0.05), tmp_path, "cellgan", "ema=0.9", *extra)
     assert a["step"] == b["step"] == 4 and a["config"]["diffaug"] == ["color", "translation"]
     for net in ("G", "D", "G_ema"):
         assert a[net].keys() == b[net].keys()

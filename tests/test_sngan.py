@@ -15,6 +15,7 @@ from hpcgan.models.blocks import ConditionalBatchNorm2d, apply_spectral_norm
 from hpcgan.models.registry import GANSpec, build_model, load_spec, optimiser_lr
 from hpcgan.objectives import GANObjective
 from hpcgan.settings import SettingsError
+from conftest import train_4_and_2_plus_2
 
 C = 12
 
@@ -247,27 +248,7 @@ def shards(tmp_path_factory):
 def test_sngan_proj_resumes_bit_exactly(shards, tmp_path):
     """2 + 2 steps give the bytes of 4 straight ones: weights, spectral-norm vectors (buffers of D), optimiser
     state, with the model's own DiffAugment drawn from the step's generator."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from hpcgan import CONFIG_DIR
-    from hpcgan.checkpoint import load_latest
-    from hpcgan.rundir import EXIT_OK
-    from hpcgan.train import run
-
-    def cfg(run_dir, steps):
-        with initialize_config_dir(str(CONFIG_DIR), version_base=None):
-            c = compose("train", overrides=[f"shards={shards}", f"run_dir={run_dir}", "model=sngan_proj",
-                                            f"steps={steps}", "batch_size=4", "model.width=8", "backend=webdataset",
-                                            "num_threads=1", "progress=false", "tensorboard=false", "ckpt_every=2",
-                                            "log_every=2", "sample_every=0", "samples_per_class=1", "device=cpu"])
-        return OmegaConf.to_container(c, resolve=True)
-
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run(cfg(straight, 4)) == EXIT_OK
-    assert run(cfg(resumed, 2)) == EXIT_OK
-    assert run(cfg(resumed, 4)) == EXIT_OK
-    a, b = load_latest(straight)[0], load_latest(resumed)[0]
+    a, b, _ = train_4_and_2_plus_2(shards, tmp_path, "sngan_proj")
     assert a["step"] == b["step"] == 4 and a["config"]["diffaug"] == ["color", "translation"]
     assert any(k.endswith("._u") for k in a["D"])
     for net in ("G", "D"):

@@ -192,6 +192,13 @@ def check_latent(z: torch.Tensor, latent_dim: int) -> None:
                          f"got {tuple(z.shape)}")
 
 
+def require_conditional(spec, arch: str, plain: str) -> None:
+    """A class-conditional generator architecture (conditional batch norm) refuses an unconditional spec."""
+    if not spec.conditional:
+        raise ValueError(f"{spec.name}: generator {arch!r} is class-conditional (conditional batch norm); "
+                         f"set conditional: true or use generator {plain!r}")
+
+
 def check_labels(y, batch: int) -> None:
     if y is None:
         raise ValueError("this generator is class-conditional: call G(z, y) with labels y [B] int64")

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from hpcgan.models.blocks import (ConditionalBatchNorm2d, CriticHeads, channels_at, check_labels, check_latent, dcgan_init, norm_2d,
-                                  num_resamples)
+from hpcgan.models.blocks import (ConditionalBatchNorm2d, CriticHeads, channels_at, check_labels, check_latent,
+                                  dcgan_init, norm_2d, num_resamples, require_conditional)
 from hpcgan.models.registry import register_critic, register_generator
 
 LABEL_EMBED_DIM = 64
@@ -98,9 +98,7 @@ def build_dcgan_generator(spec, num_classes: int, image_size: int) -> nn.Module:
 
 @register_generator("dcgan_cbn")
 def build_dcgan_cbn_generator(spec, num_classes: int, image_size: int) -> nn.Module:
-    if not spec.conditional:
-        raise ValueError(f"{spec.name}: generator dcgan_cbn is class-conditional; set conditional: true "
-                         "or use generator: dcgan")
+    require_conditional(spec, "dcgan_cbn", "dcgan")
     return CBNDCGANGenerator(spec.latent_dim, num_classes, image_size, spec.width)
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from hpcgan.models.blocks import (CondResBlockUp, CriticHeads, LabelTo4x4, ResBlockDown, ResBlockUp, activation,
-                                  channels_at, check_labels, check_latent, num_resamples)
+                                  channels_at, check_labels, check_latent, num_resamples, require_conditional)
 from hpcgan.models.registry import register_critic, register_generator
 
 
@@ -103,9 +103,7 @@ def build_resnet_critic(spec, num_classes: int, image_size: int) -> nn.Module:
 
 @register_generator("resnet_cbn")
 def build_cbn_resnet_generator(spec, num_classes: int, image_size: int) -> nn.Module:
-    if not spec.conditional:
-        raise ValueError(f"{spec.name}: generator 'resnet_cbn' is class-conditional (conditional batch norm); "
-                         "set conditional: true or use generator 'resnet'")
+    require_conditional(spec, "resnet_cbn", "resnet")
     return CBNResNetGenerator(spec.latent_dim, num_classes, image_size, spec.width)
 
 
