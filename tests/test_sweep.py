@@ -83,7 +83,7 @@ def test_paper_study_grid_sizes_and_resources(tmp_path):
 
 def test_study_configs_of_the_quality_and_scarcity_studies_expand(tmp_path):
     q = expand(load_study("quality"), tmp_path / "q")
-    assert len(names(q, "train")) == 9 * 2 and len(names(q, "evaluate")) == 18 and not names(q, "classify")
+    assert len(names(q, "train")) == 10 * 2 and len(names(q, "evaluate")) == 20 and not names(q, "classify")
     argv = " ".join(next(t for t in q if t.name == "gan/sngan_proj-s1-32").argv)
     assert "steps=440" in argv and "scarce" not in argv
     # the shard stage's process pool takes the stage's CPUs, not the machine's
@@ -93,6 +93,12 @@ def test_study_configs_of_the_quality_and_scarcity_studies_expand(tmp_path):
     q64 = expand(load_study("quality64"), tmp_path / "q64")   # quality.yaml at 64 px, its own step counts
     assert names(q64) == [n.replace("-32", "-64") for n in names(q)]
     assert "steps=132" in " ".join(next(t for t in q64 if t.name == "gan/sngan_proj-s1-64").argv)
+    x4 = expand(load_study("quality64x4"), tmp_path / "x4")   # quality64 at 4x each model's steps
+    assert names(x4) == names(q64)
+    for t in (t for t in q64 if t.stage == "train"):
+        steps = int(next(a for a in t.argv if a.startswith("steps="))[6:])
+        steps_x4 = int(next(a for a in next(u for u in x4 if u.name == t.name).argv if a.startswith("steps="))[6:])
+        assert 3.9 < steps_x4 / steps < 4.1, t.name
     sc = expand(load_study("scarcity"), tmp_path / "s")
     by = {t.name: " ".join(t.argv) for t in sc}
     cut = "scarce={monocyte:20,eosinophil:20}"
