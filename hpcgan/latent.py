@@ -38,7 +38,8 @@ def sample_latent(spec, n: int, gen: torch.Generator, *, num_classes: int | None
          (hpcgan/objectives.py, `mode_seeking`).
     """
     if pairs and n % 2:
-        raise ValueError(f"paired latents need an even batch, got {n}")
+        raise ValueError(f"paired latents (model.mode_seeking > 0) need an even batch per rank, got {n}: "
+                         "set an even batch_size")
     draw = {"generator": gen, "device": gen.device}
     z = torch.randn(n, spec.z_dim, **draw)
     if truncation is not None:

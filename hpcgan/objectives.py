@@ -28,7 +28,7 @@
                of one class to one image (the within-class collapse of conditional GANs) pays for it
 Stats (detached tensors, averaged and logged by the loop): d_loss, g_loss, gp (GP and R1), wdist (E[D(real)] -
 E[D(fake)]), ac_acc_real / ac_acc_fake (the auxiliary classifier's accuracy on real and on generated
-images, the paper's Figs. 7-8), info_loss.
+images, the paper's Figs. 7-8), info_loss, ms_ratio (mode seeking's image/noise distance ratio).
 """
 from __future__ import annotations
 
