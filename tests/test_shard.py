@@ -468,9 +468,12 @@ def test_interrupted_run_leaves_previous_output_intact(built, tmp_path, sig, wor
     shutil.copytree(built[0], out)
     before = tree_digest(out)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # SIGINT as at a terminal, whatever this suite inherited: a suite started in the background of a
+    # non-interactive shell (`./.ci/run &`) ignores SIGINT, and an ignored signal stays ignored across exec
     proc = subprocess.Popen([sys.executable, str(REPO / "tools/shard.py"), f"lab={src}", f"out={out}",
                              "size=32", f"workers={workers}", "progress=false"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     spooled = 0
     while time.time() < deadline and proc.poll() is None:
