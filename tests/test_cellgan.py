@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from hpcgan.models.blocks import ConditionalBatchNorm2d
+from hpcgan.models.blocks import ConditionalBatchNorm2d, num_resamples
 from hpcgan.models.registry import build_model, critic_heads, load_spec
 from conftest import train_4_and_2_plus_2
 
@@ -26,7 +26,7 @@ def test_every_layer_is_conditioned_on_the_class(size):
     torch.manual_seed(0)
     G, _ = build_model(_spec(), C, size)
     cbns = [m for m in G.modules() if isinstance(m, ConditionalBatchNorm2d)]
-    assert len(cbns) == size.bit_length() - 3              # one per layer before RGB: 32 px 3, 64 px 4
+    assert len(cbns) == num_resamples(size)                # one per layer before RGB: 32 px 3, 64 px 4
     assert not any(isinstance(m, torch.nn.BatchNorm2d) and m.affine for m in G.modules())
     G.eval()
     z = torch.randn(3, G.latent_dim)
