@@ -438,8 +438,7 @@ def evaluate(settings: EvaluateSettings | dict, env: dist.DistEnv | None = None)
     data = EvalData(real.classes, real_ex.side(), fake_ex.side(), out_prefix=out.with_suffix(""), lpips=lpips,
                     lpips_missing=lpips_missing, seed=s.seed)
     results, skipped = compute(s.metrics, data)
-    for name, why in skipped.items():
-        logger.warning("%s not computed: %s", name, why)
+    say_skipped(skipped)
     meta = {"format": FORMAT, "stage": "evaluate", "time": time.time(), "seconds": round(time.time() - t0, 2),
             "source": what, "tag": s.tag, "classes": real.classes, "image_size": real.image_size,
             "real": {"shards": str(real.dir.resolve()), "split": real.split, "manifest_sha256": real.manifest_sha256,
@@ -471,7 +470,19 @@ def load_lpips_or_reason(s: EvaluateSettings, device):
     try:
         return load_lpips(weights_dir=s.weights_dir, device=device), ""
     except MissingWeightsError as e:
-        return None, str(e)
+        return None, e.short
+
+
+_said: set[str] = set()  # reasons this process has already warned about
+
+
+def say_skipped(skipped: dict[str, str]) -> None:
+    """Warn once per process and reason for each metric not computed (a study evaluates many runs); repeats
+    go to the debug log. The JSON keeps every reason."""
+    for name, why in skipped.items():
+        said = f"{name}: {why}"
+        (logger.debug if said in _said else logger.warning)("%s not computed: %s", name, why)
+        _said.add(said)
 
 
 def _rows(meta: dict, results: dict[str, MetricResult], skipped: dict[str, str]) -> list[dict]:

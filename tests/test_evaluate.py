@@ -181,6 +181,24 @@ def test_unconditional_generators_skip_per_class_metrics_with_the_reason(shards,
     assert any(r["metric"] == "intra_fid" and r["value"] is None and r["skipped"] for r in doc["rows"])
 
 
+def test_unstaged_lpips_is_said_once_per_process_short_with_the_staging_command(shards, cache, tmp_path, caplog):
+    import hpcgan.evaluate as ev
+    ev._said.clear()
+    caplog.set_level("DEBUG", logger=ev.logger.name)
+    run = tmp_path / "run"
+    tiny_checkpoint(run, read_manifest(shards)["classes"])
+    for i in range(2):
+        doc = run_eval(shards, cache, tmp_path, run=str(run), n_per_class=2, metrics=["fid", "lpips"],
+                       weights_dir=str(tmp_path / "empty"), out=str(tmp_path / f"{i}.json"))
+        assert "stage_weights.py lpips" in doc["skipped"]["lpips"]
+    said = [r for r in caplog.records if "lpips not computed" in r.getMessage()]
+    warned = [r for r in said if r.levelname == "WARNING"]
+    assert len(said) == 2 and len(warned) == 1, [(r.levelname, r.getMessage()) for r in said]
+    msg = warned[0].getMessage()
+    where = str(tmp_path / "empty")
+    assert "tools/stage_weights.py lpips" in msg and where in msg and len(msg.replace(where, "")) < 160, msg
+
+
 def test_bad_input_is_a_clear_error(shards, cache, tmp_path):
     with pytest.raises(SettingsError, match="nothing to evaluate"):
         parse(EvaluateSettings, {"shards": str(shards)})

@@ -68,6 +68,8 @@ class MissingWeightsError(FileNotFoundError):
     def __init__(self, name: str, path: Path):
         self.name, self.path = name, Path(path)
         folder = self.path.parent
+        self.short = (f"{name} weights not staged; stage them: `{STAGE_COMMAND.format(name=name, dir=folder)}` "
+                      f"(or set {ENV})")
         super().__init__(
             f"{name} weights ({STAGED[name]['what']}) not found at {self.path}. Stage them on a machine with "
             f"internet: `{STAGE_COMMAND.format(name=name, dir=folder)}`, then copy {folder} to the cluster and "
