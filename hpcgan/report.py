@@ -35,9 +35,14 @@ import pandas as pd
 
 from hpcgan.fsutil import atomic_write_bytes
 from hpcgan.results import read_rows
+from hpcgan.rundir import EXIT_BAD_INPUT, EXIT_FAILED
 from hpcgan.settings import MISSING
 
 logger = logging.getLogger("hpcgan.report")
+
+
+class NoRowsError(ValueError):
+    """The folder holds no results rows: the user's input, not a bug."""
 
 # the paper's columns first, then what a GAN researcher now also expects
 TABLE3 = ("is", "fid", "lpips", "precision", "recall", "f1", "kid", "intra_fid", "density", "coverage",
@@ -253,21 +258,23 @@ def fig_samples(runs: list[Path], path: Path) -> Path | None:
     return save_png(canvas, path)
 
 
-def fig_per_class(wide: pd.DataFrame, path: Path, metric: str = "sensitivity") -> Path | None:
-    """Bars of a per-class metric (Table 6) for every architecture x regime."""
+def fig_per_class(wide: pd.DataFrame, by: list[str], path: Path, metric: str = "sensitivity") -> Path | None:
+    """Bars of a per-class metric (Table 6), one bar per row of the table's grouping (`by` less the class:
+    architecture x regime x synthetic source x cut) and class."""
     from matplotlib.figure import Figure
     col = f"{metric}_mean"
     if wide.empty or col not in wide:
         return None
+    keys = [c for c in by if c != "class"]
     classes = list(dict.fromkeys(wide["class"]))
-    groups = list(dict.fromkeys(zip(wide["arch"], wide["regime"])))
+    groups = list(dict.fromkeys(wide[keys].itertuples(index=False, name=None)))
     fig = Figure(figsize=(max(6, 0.6 * len(classes) * max(1, len(groups)) ** 0.5), 3.5))
     ax = fig.subplots()
     width = 0.8 / len(groups)
-    for k, (arch, regime) in enumerate(groups):
-        part = wide[(wide["arch"] == arch) & (wide["regime"] == regime)].set_index("class")
+    for k, group in enumerate(groups):
+        part = wide[(wide[keys] == pd.Series(group, index=keys)).all(axis=1)].set_index("class")
         ys = [part[col].get(c, np.nan) for c in classes]
-        ax.bar(np.arange(len(classes)) + k * width, ys, width, label=f"{arch} / {regime}")
+        ax.bar(np.arange(len(classes)) + k * width, ys, width, label=" / ".join(str(g) for g in group))
     ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=45, ha="right", fontsize=7)
     ax.set_ylabel(metric, fontsize=8)
     ax.set_ylim(0, 1)
@@ -294,7 +301,7 @@ def report(study: str | Path, out: str | Path | None = None, figures: bool = Tru
     out = Path(out) if out else study / "report"
     df = load_rows(study)
     if df.empty:
-        raise ValueError(f"no results rows below {study} (results.jsonl files, written by tools/evaluate.py "
+        raise NoRowsError(f"no results rows below {study} (results.jsonl files, written by tools/evaluate.py "
                          "and tools/classify.py)")
     written = {"results": _csv(tidy(df), out / "results.csv")}
     sources = []
@@ -306,18 +313,30 @@ def report(study: str | Path, out: str | Path | None = None, figures: bool = Tru
     if sources:
         written["sources"] = _csv(pd.concat(sources, ignore_index=True), out / "sources.csv")
     if figures:
-        runs = gan_runs(df)
-        for name, path in (("fig_ac_accuracy", fig_ac_accuracy(runs, out / "fig_ac_accuracy.png")),
-                           ("fig_samples", fig_samples(runs, out / "fig_samples.png"))):
-            if path is not None:
-                written[name] = path
-        for name, (wide, *_rest) in tables.items():
-            if name.startswith("table6_"):
-                path = fig_per_class(wide, out / f"fig_per_class_{name.split('_', 1)[1]}.png")
-                if path is not None:
-                    written[f"fig_per_class_{name.split('_', 1)[1]}"] = path
+        written.update(draw_figures(df, tables, out))
     atomic_write_bytes(out / "index.json", (json.dumps({k: str(v) for k, v in written.items()}, indent=1)
                                             + "\n").encode())
+    return written
+
+
+def draw_figures(df: pd.DataFrame, tables: dict, out: Path) -> dict[str, Path]:
+    """Every figure the rows allow; one that fails is a warning naming it (the tables are written already)."""
+    runs = gan_runs(df)
+    todo = {"fig_ac_accuracy": lambda: fig_ac_accuracy(runs, out / "fig_ac_accuracy.png"),
+            "fig_samples": lambda: fig_samples(runs, out / "fig_samples.png")}
+    for name, (wide, _src, by, _metrics) in tables.items():
+        if name.startswith("table6_"):
+            fig = f"fig_per_class_{name.split('_', 1)[1]}"
+            todo[fig] = lambda wide=wide, by=by, fig=fig: fig_per_class(wide, by, out / f"{fig}.png")
+    written = {}
+    for name, draw in todo.items():
+        try:
+            path = draw()
+        except Exception as e:  # noqa: BLE001 - a figure is never worth the tables
+            logger.warning("report: figure %s not drawn: %s: %s", name, type(e).__name__, e, exc_info=True)
+            continue
+        if path is not None:
+            written[name] = path
     return written
 
 
@@ -345,9 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = parse(ReportSettings, cfg)
         written = report(s.study, s.out, s.figures)
-    except (SettingsError, FileNotFoundError, ValueError) as e:
+    except (SettingsError, FileNotFoundError, NoRowsError) as e:
         print(f"report: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except Exception:  # noqa: BLE001 - a bug, not the user's input: its traceback, and the failure code
+        logger.exception("report: internal error (please report it with this traceback)")
+        return EXIT_FAILED
     for name, path in written.items():
         print(f"{name:<24}{path}")
     for name in sorted(written):

@@ -125,3 +125,48 @@ def test_scarcity_table_keeps_cuts_and_gan_sources_apart(tmp_path):
     mono = t6[(t6["class"] == "monocyte") & (t6["regime"] == "original")].set_index("scarce")
     assert mono.loc["–", "sensitivity_mean"] == 0.99
     assert mono.loc["monocyte=20", "sensitivity_mean"] == pytest.approx(0.2)
+
+
+def two_gan_rows(study):
+    """Classifier rows of a study whose `original+synthetic` regime is fed by two GANs."""
+    rows = []
+    for gan in (None, "cellgan", "cgan"):
+        regime = "original" if gan is None else "original+synthetic"
+        run = str(study / f"cls/{regime}-{gan}")
+        for metric, value in (("accuracy", 0.8), ("balanced_accuracy", 0.7)):
+            rows.append({**cl(run, "small_cnn", regime, 0, metric, value), "synthetic_from": gan})
+        for c, v in (("basophil", 0.4), ("monocyte", 0.9)):
+            rows.append({**cl(run, "small_cnn", regime, 0, "sensitivity", v, cls=c), "synthetic_from": gan})
+    append_rows(study / "cls/results.jsonl", rows)
+
+
+def test_per_class_figure_keeps_the_synthetic_sources_apart(tmp_path):
+    from PIL import Image
+    two_gan_rows(tmp_path)
+    written = report(tmp_path)
+    assert Image.open(written["fig_per_class_32px"]).width > 100
+    t6 = pd.read_csv(written["table6_32px"])
+    assert len(t6) == 3 * 2 and set(t6["synthetic_from"].fillna("–")) == {"–", "cellgan", "cgan"}
+
+
+def test_a_figure_that_fails_is_a_warning_naming_it_and_the_tables_stay(tmp_path, monkeypatch, caplog):
+    import hpcgan.report as rep
+    two_gan_rows(tmp_path)
+
+    def broken(*a, **k):
+        raise RuntimeError("drawing went wrong")
+    monkeypatch.setattr(rep, "fig_per_class", broken)
+    written = report(tmp_path)
+    assert "fig_per_class_32px" not in written and written["table6_32px"].is_file()
+    assert any(r.levelname == "WARNING" and "fig_per_class_32px" in r.getMessage() for r in caplog.records)
+
+
+def test_an_internal_error_is_exit_1_with_its_traceback_never_the_bad_input_code(tmp_path, monkeypatch, caplog):
+    import hpcgan.report as rep
+    two_gan_rows(tmp_path)
+
+    def broken(*a, **k):
+        raise IndexError("a bug")
+    monkeypatch.setattr(rep, "classifier_tables", broken)
+    assert rep.main([str(tmp_path), "figures=false"]) == 1
+    assert any(r.exc_info and "IndexError: a bug" in caplog.text for r in caplog.records)

@@ -238,35 +238,43 @@ def check_results(out: Path) -> None:
     from hpcgan.results import read_rows
     rows = [r for p in sorted((out / "gan").glob("*/eval/results.jsonl")) for r in read_rows(p)]
     fids = {r["model"]: r["value"] for r in rows if r["metric"] == "fid" and r["class"] is None}
-    assert set(fids) == {"wgan_gp_ac", "dcgan"} and all(math.isfinite(v) for v in fids.values()), fids
+    assert set(fids) == {"wgan_gp_ac", "cgan"} and all(math.isfinite(v) for v in fids.values()), fids
     syn = json.loads((out / "synthetic" / "wgan_gp_ac-s0-32" / "manifest.json").read_text())
     assert syn["synthetic"] is True and sum(syn["counts"]["train"].values()) > 0
 
 
 def check_report(out: Path) -> None:
-    """The report stage reads the study: Table 3 has both GANs (and Table 5 both regimes), numbers finite."""
+    """The report reads the study: Table 3 has both GANs (and Table 5 each regime, the synthetic one once per
+    GAN), numbers finite, and it draws every figure."""
     import pandas as pd
-
-    from hpcgan.report import report
-    written = report(out, figures=False)
+    r = subprocess.run([sys.executable, "tools/report.py", str(out)], cwd=REPO_ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "not drawn" not in r.stderr, r.stdout + r.stderr
+    written = json.loads((out / "report" / "index.json").read_text())
     table3 = pd.read_csv(written["table3_cell_32px"])
-    assert sorted(table3["model"]) == ["dcgan", "wgan_gp_ac"] and table3["fid_mean"].map(math.isfinite).all()
+    assert sorted(table3["model"]) == ["cgan", "wgan_gp_ac"] and table3["fid_mean"].map(math.isfinite).all()
+    assert {"fig_samples", "fig_ac_accuracy"} <= set(written), written
     if HAVE_CLASSIFY:
         table5 = pd.read_csv(written["table5_32px"])
-        assert sorted(table5["regime"]) == ["original", "original+synthetic"]
+        assert sorted(zip(table5["regime"], table5["synthetic_from"].fillna("–"))) == [
+            ("original", "–"), ("original+synthetic", "cgan"), ("original+synthetic", "wgan_gp_ac")]
         assert table5["accuracy_mean"].between(0, 1).all()
+        assert "fig_per_class_32px" in written, written
+
+
+TWO_GANS = ("gan.models=[wgan_gp_ac,cgan]", "generate.models=[wgan_gp_ac,cgan]")  # two synthetic sets: issue 18
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_tiny_study_runs_here_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "study"
-    r = sweep_cli("study=tiny", f"out={out}", "executor=local", *classify_args())
+    r = sweep_cli("study=tiny", f"out={out}", "executor=local", *TWO_GANS, *classify_args())
     assert r.returncode == 0, r.stdout + r.stderr
     doc = read_study(out)
     statuses = collect_status(out, doc)
     assert {st.state for st in statuses} == {"finished"}, [(st.name, st.state, st.note) for st in statuses]
-    assert len(statuses) == (10 if HAVE_CLASSIFY else 8)
+    assert len(statuses) == (12 if HAVE_CLASSIFY else 9)
     check_results(out)
     check_report(out)
     before = mtimes(out, doc)
