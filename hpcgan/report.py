@@ -25,7 +25,6 @@ a run that is missing shows as missing ("–" / empty), never as zero.
 from __future__ import annotations
 
 import io
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from hpcgan.fsutil import atomic_write_bytes
+from hpcgan.jsonfile import write_json
 from hpcgan.results import read_rows
 from hpcgan.rundir import EXIT_BAD_INPUT, EXIT_FAILED
 from hpcgan.settings import MISSING
@@ -314,8 +314,7 @@ def report(study: str | Path, out: str | Path | None = None, figures: bool = Tru
         written["sources"] = _csv(pd.concat(sources, ignore_index=True), out / "sources.csv")
     if figures:
         written.update(draw_figures(df, tables, out))
-    atomic_write_bytes(out / "index.json", (json.dumps({k: str(v) for k, v in written.items()}, indent=1)
-                                            + "\n").encode())
+    write_json(out / "index.json", {k: str(v) for k, v in written.items()}, indent=1)
     return written
 
 

@@ -16,9 +16,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
-
 from hpcgan.fsutil import atomic_write_bytes
+from hpcgan.jsonfile import dumps
 
 REQUIRED = ("stage", "run_dir", "metric", "class", "value")
 
@@ -29,18 +28,6 @@ def number(v) -> float | None:
         return None
     v = float(v)
     return v if math.isfinite(v) else None
-
-
-def _default(o):
-    if isinstance(o, (np.floating, np.integer, np.bool_)):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def dumps(obj, **kw) -> str:
-    return json.dumps(obj, default=_default, **kw)
 
 
 def check_rows(rows: Iterable[dict]) -> list[dict]:

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
+from hpcgan import jsonfile
 from hpcgan.fsutil import atomic_write_bytes
 
 CONFIG = "config.yaml"
@@ -26,7 +27,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_SIGNAL = 0, 1, 2, 3   # SIGNAL: check
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    jsonfile.write_json(path, obj, indent=2, sort_keys=True)
 
 
 def read_json(path: str | Path, default: Any = None) -> Any:

@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from hpcgan import CONFIG_DIR, REPO_ROOT
+from hpcgan.jsonfile import dumps
 from hpcgan.rundir import EXIT_SIGNAL, read_json, read_status, write_json
 from hpcgan.settings import SettingsError, check_choice, check_range, parse
 
@@ -563,7 +564,7 @@ def write_study(out: Path, s: StudySettings, tasks: list[Task], study: str, over
 
 def record_submission(out: Path, row: dict) -> None:
     """Append one row to submissions.jsonl in one write (O_APPEND: concurrent writers do not interleave)."""
-    data = (json.dumps(row, sort_keys=True) + "\n").encode()
+    data = (dumps(row, sort_keys=True) + "\n").encode()
     fd = os.open(Path(out) / SUBMISSIONS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         os.write(fd, data)

@@ -158,6 +158,19 @@ def test_a_run_directory_is_evaluated_and_every_row_is_traceable(shards, cache, 
     assert doc["metrics"]["fid"]["fid"] > 3 * floor["metrics"]["fid"]["fid"]
 
 
+def test_unscored_numbers_are_null_and_the_files_strict_json(shards, cache, tmp_path):
+    """One image per class: intra-FID and diversity cannot be scored per class. The files say null."""
+    from hpcgan.jsonfile import loads_strict
+    run = tmp_path / "run"
+    tiny_checkpoint(run, read_manifest(shards)["classes"])
+    run_eval(shards, cache, tmp_path, run=str(run), n_per_class=1, metrics=["fid", "intra_fid", "diversity"])
+    doc = loads_strict((run / "eval" / "step-00000005-cell.json").read_text())
+    per_class = doc["per_class"]["intra_fid"]["intra_fid"]
+    assert per_class and all(v is None for v in per_class.values()), per_class
+    rows = [loads_strict(line) for line in (run / "eval" / "results.jsonl").read_text().splitlines()]
+    assert any(r["metric"] == "intra_fid" and r["class"] and r["value"] is None for r in rows)
+
+
 def test_classes_the_generator_never_saw_are_not_scored(shards, cache, tmp_path):
     man = read_manifest(shards)
     classes, train = man["classes"], man["counts"]["train"]

@@ -243,6 +243,18 @@ def check_results(out: Path) -> None:
     assert syn["synthetic"] is True and sum(syn["counts"]["train"].values()) > 0
 
 
+def check_strict_json(out: Path) -> None:
+    """Every JSON and JSON-lines file the study wrote parses without NaN / Infinity (issue 18)."""
+    from hpcgan.jsonfile import loads_strict
+    files = [p for p in out.rglob("*.json*") if p.suffix in (".json", ".jsonl")]
+    assert len(files) > 20, files
+    for p in files:
+        text = p.read_text()
+        for doc in (text.splitlines() if p.suffix == ".jsonl" else [text]):
+            if doc.strip():
+                loads_strict(doc)
+
+
 def check_report(out: Path) -> None:
     """The report reads the study: Table 3 has both GANs (and Table 5 each regime, the synthetic one once per
     GAN), numbers finite, and it draws every figure."""
@@ -277,6 +289,7 @@ def test_tiny_study_runs_here_end_to_end_and_resumes(tmp_path):
     assert len(statuses) == (12 if HAVE_CLASSIFY else 9)
     check_results(out)
     check_report(out)
+    check_strict_json(out)
     before = mtimes(out, doc)
     again = sweep_cli(f"out={out}", "executor=local")   # same study (study.json), nothing left to do
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from hpcgan.classify.archs import ARCHS, build_classifier  # noqa: E402
 from hpcgan.classify.data import TrainingSet, epoch_loader  # noqa: E402
 from hpcgan.data.loader import load_index, resolve_backend  # noqa: E402
-from hpcgan.fsutil import atomic_write_bytes  # noqa: E402
+from hpcgan.jsonfile import write_json  # noqa: E402
 
 
 def random_shards(out: Path, n: int, size: int, classes: int = 12) -> Path:
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
                     print(json.dumps(r), flush=True)
     doc = {"device": where, "torch": torch.__version__, "threads": torch.get_num_threads(),
            "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}
-    atomic_write_bytes(out, (json.dumps(doc, indent=1) + "\n").encode())
+    write_json(out, doc, indent=1)
     print(f"written {out}")
     return 0
 

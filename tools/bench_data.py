@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -31,7 +30,7 @@ import torch
 
 from hpcgan import REPO_ROOT
 from hpcgan.data.workers import cores
-from hpcgan.fsutil import atomic_write_bytes
+from hpcgan.jsonfile import write_json
 
 logger = logging.getLogger("bench_data")
 PBC_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "pbc-sample"
@@ -224,7 +223,7 @@ def main(argv=None) -> dict:
     result["all_targets_pass"] = all(targets) if targets else None
     result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     out = Path(args.out)
-    atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
+    write_json(out, result, indent=2)
     logger.info("wrote %s (targets pass: %s)", out, result["all_targets_pass"])
     return result
 

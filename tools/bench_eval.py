@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import os
 import platform
@@ -31,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
 from hpcgan.fsutil import atomic_write_bytes  # noqa: E402
+from hpcgan.jsonfile import dumps  # noqa: E402
 
 logger = logging.getLogger("bench_eval")
 
@@ -118,7 +118,7 @@ def main() -> None:
                 result["extraction"][f"inception/{dev.type}"] = {"not_staged": str(e).splitlines()[0]}
         result["fid_cell_cpu"] = fid_wall_time(shards, cell_file, tmp / "cache")
     result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    text = json.dumps(result, indent=2) + "\n"
+    text = dumps(result, indent=2) + "\n"
     atomic_write_bytes(args.out, text.encode())
     print(text)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import os
 import platform
@@ -34,7 +33,7 @@ from hpcgan.data.build import ShardSettings, build_shards, near_pairs  # noqa: E
 from hpcgan.data.shards import SPLITS, iter_samples  # noqa: E402
 from hpcgan.data.simulate import plan, simulate  # noqa: E402
 from hpcgan.data.workers import cores, ordered_map  # noqa: E402
-from hpcgan.fsutil import atomic_write_bytes  # noqa: E402
+from hpcgan.jsonfile import write_json  # noqa: E402
 
 logger = logging.getLogger("bench_shard_scale")
 ORIENTATIONS = [None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_90,
@@ -159,7 +158,7 @@ def main(argv=None) -> dict:
                           for *_, meta in iter_samples(work / f"shards-{n}", split)]
             shutil.rmtree(src)
             shutil.rmtree(work / f"shards-{n}")
-            atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())   # a partial result survives
+            write_json(out, result, indent=2)   # a partial result survives
     result["dedupe"] = []
     if args.hashes_from:
         hashes = [int(meta["phash"], 16) for split in SPLITS for *_, meta in iter_samples(args.hashes_from, split)]
@@ -170,7 +169,7 @@ def main(argv=None) -> dict:
     rates = [r["images_per_s"] for r in result["points"]]
     result["flatness"] = round(min(rates) / max(rates), 3) if rates else None   # 1.0: the same img/s at every size
     result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
+    write_json(out, result, indent=2)
     logger.info("wrote %s: img/s %s, flatness %s", out, rates, result["flatness"])
     return result
 

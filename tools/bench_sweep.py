@@ -14,7 +14,6 @@ Measures, with the sweep's own functions:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from hpcgan import sweep  # noqa: E402
 from hpcgan.fsutil import atomic_write_bytes  # noqa: E402
+from hpcgan.jsonfile import dumps  # noqa: E402
 
 NOOP = "import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.mkdir(parents=True, exist_ok=True); (p / 'done').touch()"
 
@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
         result["files"] = {"files": len(files), "bytes": sum(f.stat().st_size for f in files),
                            "per_task": round(len(files) / args.tasks, 2)}
     result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    text = json.dumps(result, indent=2) + "\n"
+    text = dumps(result, indent=2) + "\n"
     atomic_write_bytes(Path(args.out), text.encode())
     print(text)
     return result

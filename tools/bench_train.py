@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpcgan.fsutil import atomic_write_bytes
+from hpcgan.jsonfile import write_json
 
 logger = logging.getLogger("bench_train")
 TARGET_EFFICIENCY = 0.8
@@ -192,7 +192,7 @@ def main(argv=None) -> dict:
     result["all_targets_pass"] = all(e is True for e in effs) if effs else None  # None: no CPU section run
     result["load_avg_end"] = os.getloadavg()
     out = Path(args.out)
-    atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
+    write_json(out, result, indent=2)
     print(json.dumps(result, indent=2))
     logger.info("wrote %s", out)
     return result

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hpcgan.jsonfile import dumps, write_json
+
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = ("png", "jpg")
 MANIFEST = "manifest.json"
@@ -123,7 +125,7 @@ class ShardWriter:
             self._open()
         _add_member(self._tf, f"{key}.{ext}", image)
         _add_member(self._tf, f"{key}.label", encode_label(label))
-        _add_member(self._tf, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        _add_member(self._tf, f"{key}.json", dumps(meta, sort_keys=True).encode())
         self._n_in_shard += 1
 
     def close(self) -> list[dict]:
@@ -154,10 +156,9 @@ def write_manifest(shard_dir: str | Path, manifest: dict) -> dict:
     and return what was written. Contract: classes (unique names, label order), image_size (one of
     hpcgan.images.IMAGE_SIZES), counts {split: {class: n}} and shards {split: [{"name", "count", ...}]}
     whose counts add up to the split's. Other fields are the producer's (e.g. synthetic, settings)."""
-    from hpcgan.fsutil import atomic_write_bytes
     manifest = {"format": FORMAT, **manifest}
     _check_manifest(manifest)
-    atomic_write_bytes(Path(shard_dir) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_json(Path(shard_dir) / MANIFEST, manifest)
     return manifest
 
 

@@ -14,7 +14,6 @@ are byte-identical across runs and changing `scale` only adds or drops images at
 from __future__ import annotations
 
 import io
-import json
 import logging
 import zlib
 from dataclasses import dataclass, field
@@ -26,7 +25,8 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from hpcgan.data.workers import cores, ordered_map
-from hpcgan.fsutil import atomic_dir, atomic_write_bytes
+from hpcgan.fsutil import atomic_dir
+from hpcgan.jsonfile import write_json
 from hpcgan.settings import MISSING, SettingsError, check_range
 
 logger = logging.getLogger(__name__)
@@ -720,7 +720,7 @@ def simulate(out: str | Path, **options) -> dict:
             "total": len(jobs),
             "counts": counts,
         }
-        atomic_write_bytes(staging / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+        write_json(staging / SUMMARY, summary)
     summary["out"] = str(out.resolve())
     logger.info("simulated %d images in %s: %s", len(jobs), summary["out"],
                 {s: sum(c.values()) for s, c in counts.items()})
