@@ -10,10 +10,11 @@ Output directory `out` (written atomically, via hpcgan.fsutil.atomic_dir):
                             "syn_" so a synthetic image can never be mistaken for a patient's
 
 Conditional models (G(z, y)) write `per_class=N` images of each chosen class, or top up every class of
-a real shard set's split to `balance=TARGET` ("max": the largest class). A class the generator never saw
-a training image of (its run's class_counts, recorded since issue 9) is refused under per_class (a
-GenerateError naming it) and skipped with a warning under balance (manifest: balance.skipped_classes):
-what a generator makes of a class it never saw is mislabelled data. A checkpoint without counts is
+a real shard set's split to `balance=TARGET` ("max": the largest class). One rule for a class the generator
+never saw a training image of (its run's class_counts, recorded since issue 9), under per_class and balance
+alike: it is skipped, said once, and recorded (manifest: skipped_classes); only a class asked for by name
+(`classes=[monoblast]`) is refused (a GenerateError naming it): what a generator makes of a class it never
+saw is mislabelled data. A checkpoint without counts is
 generated as before, with a warning. Unconditional models cannot generate a chosen class; for them
 `count=N` writes unlabelled images (label -1, class "unlabelled") into png/unlabelled/ and the manifest
 only: no shards, since every shard sample needs a class label.
@@ -450,19 +451,28 @@ def _plan(s: GenerateSettings, spec: GANSpec, classes: list[str], image_size: in
     if counts is None:
         logger.warning("the checkpoint does not record how many training images each class had (it predates "
                        "class_counts): classes it never saw cannot be told apart and are generated like the others")
-    if s.balance is None:
-        if unseen:
-            raise GenerateError(f"the generator never saw a training image of {unseen} ({NO_TRAINING_IMAGES} in its "
-                                "run): what it makes of them is not those cells, only mislabelled data. Choose "
-                                f"among the classes it was trained on: classes={_seen_list(chosen, unseen)}")
-        return {c: s.per_class for c in chosen}, None, None
+    if unseen and s.classes not in (None, "all"):   # asked for by name: refused, never silently dropped
+        raise GenerateError(f"classes={s.classes!r}: the generator never saw a training image of {unseen} "
+                            f"({NO_TRAINING_IMAGES} in its run): what it makes of them is not those cells, only "
+                            f"mislabelled data. Choose among the classes it was trained on: "
+                            f"classes={_seen_list(chosen, unseen)}")
     if unseen:
-        logger.warning("balance: skipping %s: the generator never saw a training image of them (%s)", unseen,
-                       NO_TRAINING_IMAGES)
-    plan, info = balance_counts(classes, [c for c in chosen if c not in unseen], s.balance, s.shards, s.real_split,
-                                image_size, seen)
+        logger.warning("skipping %s: the generator never saw a training image of them (%s); recorded in the "
+                       "manifest's skipped_classes", unseen, NO_TRAINING_IMAGES)
+    kept = [c for c in chosen if c not in unseen]
+    if not kept:
+        raise GenerateError(f"the generator never saw a training image of any class chosen ({chosen}): nothing "
+                            "to generate")
+    if s.balance is None:
+        return {c: s.per_class for c in kept}, None, None
+    plan, info = balance_counts(classes, kept, s.balance, s.shards, s.real_split, image_size, seen)
     info["skipped_classes"] = unseen
     return plan, info, info.pop("taxonomy")
+
+
+def _skipped(s: GenerateSettings, classes: list[str], counts: dict[str, int] | None) -> list[str]:
+    """The chosen classes skipped because the generator never saw them (none for unlabelled images)."""
+    return [] if s.count is not None else unseen_classes(counts, select_classes(classes, s.classes))
 
 
 def _seen_list(chosen: list[str], unseen: list[str]) -> str:
@@ -529,6 +539,7 @@ def _manifest(s: GenerateSettings, spec: GANSpec, classes, image_size, plan, sha
         "trained_counts": ckpt["class_counts"],    # the checkpoint's training images per class (null: unknown)
         "trained_on": trained_on(ckpt["config"]),  # its shards, split(s) and scarce cut (the leakage guard reads it)
         "balance": balance_info,
+        "skipped_classes": _skipped(s, classes, ckpt["class_counts"]),  # never seen by the generator: none made
         "images": images,
     }
 

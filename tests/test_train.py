@@ -381,9 +381,11 @@ def test_run_knows_its_class_counts_marks_empty_rows_and_generation_refuses_them
     labels = {r: (grid[2 + r * 34: 2 + r * 34 + 32, :left] < 128).sum() for r in range(4)}
     assert labels[3] > 3 * max(labels[r] for r in range(3))                 # "d (no training images)"
     with pytest.raises(GenerateError, match=r"never saw a training image of \['d'\]"):
-        generate(rd, tmp_path / "syn", per_class=2, progress=False)
+        generate(rd, tmp_path / "syn", per_class=2, classes=["a", "d"], progress=False)
     m = generate(rd, tmp_path / "syn", per_class=2, classes=["a", "c"], progress=False)
     assert m["trained_counts"] == counts and m["counts"]["train"] == {"a": 2, "b": 0, "c": 2, "d": 0}
+    m = generate(rd, tmp_path / "all", per_class=2, progress=False)   # every class: the unseen one skipped
+    assert m["counts"]["train"] == {"a": 2, "b": 2, "c": 2, "d": 0} and m["skipped_classes"] == ["d"]
 
 
 def test_ema_with_standing_statistics_resumes_exactly_in_process(shards, tmp_path):
