@@ -308,8 +308,18 @@ def _add_or_set(override: str) -> str:
     return f"++{override}" if "." in key and not key.startswith(("+", "~")) else override
 
 
+# Settings that select the data: given on the command line they replace the study's value (a cut of basophil
+# alone is that cut, not the study's plus basophil); every other mapping (resources, ...) merges as Hydra does.
+REPLACED_KEYS = ("data.scarce", "data.sources")
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def load_study(name: str, overrides: Iterable[str] = ()) -> StudySettings:
-    """configs/study/<name>.yaml (with its cluster file) + Hydra overrides -> StudySettings."""
+    """configs/study/<name>.yaml (with its cluster file) + Hydra overrides -> StudySettings. `~KEY` removes a
+    key (its schema default applies); REPLACED_KEYS are replaced, not merged."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -317,9 +327,12 @@ def load_study(name: str, overrides: Iterable[str] = ()) -> StudySettings:
     if not (CONFIG_DIR / "study" / f"{name}.yaml").is_file():
         known = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "study").glob("*.yaml")))
         raise SettingsError(f"study={name}: no configs/study/{name}.yaml (studies: {known})")
+    overrides = list(overrides)
+    after = [o for o in overrides if o.startswith("~") or _key(o) in REPLACED_KEYS]
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            cfg = compose(f"study/{name}", overrides=[_add_or_set(o) for o in overrides])
+            cfg = compose(f"study/{name}", overrides=[_add_or_set(o) for o in overrides if o not in after])
+        _replace_or_remove(cfg, after)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         raise SettingsError(" ".join(str(e).split("\nSee https://")[0].split())) from None
     from omegaconf import OmegaConf
@@ -327,6 +340,38 @@ def load_study(name: str, overrides: Iterable[str] = ()) -> StudySettings:
     if missing:  # (a ??? in the study file: merged into the schema it would silently keep the default)
         raise SettingsError(f"study {name}: {', '.join(missing)} required: pass " + " ".join(f"{k}=..." for k in missing))
     return parse(StudySettings, cfg)
+
+
+def _replace_or_remove(cfg, overrides: list[str]) -> None:
+    """Apply `~KEY` (remove) and `KEY=VALUE` (replace whole) overrides to the composed study, in order."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf, open_dict
+    parser = OverridesParser.create()
+    with open_dict(cfg):
+        for o in overrides:
+            key = _key(o)
+            if not _schema_has(StudySettings, key.split(".")):
+                raise SettingsError(f"{o}: the study has no key {key}")
+            if o.startswith("~"):
+                parent, _, leaf = key.rpartition(".")
+                node = OmegaConf.select(cfg, parent) if parent else cfg
+                if node is not None and leaf in node:
+                    del node[leaf]
+            else:
+                OmegaConf.update(cfg, key, parser.parse_override(o.lstrip("+")).value(), merge=False)
+
+
+def _schema_has(cls, path: list[str]) -> bool:
+    """Whether the dotted path names a field of dataclass `cls` (a mapping field takes any key below it)."""
+    import dataclasses
+    import typing
+    if not dataclasses.is_dataclass(cls):
+        return True
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if path[0] not in fields:
+        return False
+    hints = typing.get_type_hints(cls)
+    return len(path) == 1 or _schema_has(hints[path[0]], path[1:])
 
 
 # ================================================================ tasks
@@ -1087,12 +1132,25 @@ def _submitit_log(out: Path, job: str, n: int) -> tuple[Path, str]:
     return paths.stderr, ""
 
 
+def study_summary(settings: dict) -> str:
+    """What the study resolved to, in a few lines: the data (shards or sources, the cut), models, regimes, seeds."""
+    d, g, gen, c = settings["data"], settings["gan"], settings["generate"], settings["classify"]
+    data = (f"shards {d['shards']}" if d.get("shards") else
+            f"sources {d['sources']}" if d.get("sources") else f"the embedded simulator (scale {d['simulate_scale']})")
+    lines = [f"  data      {data}; cut (data.scarce): {d.get('scarce') or 'none'}",
+             f"  gan       models {g['models']}, seeds {g['seeds']}, sizes {g['sizes']}, steps {g['steps']}",
+             f"  generate  {gen['models'] or 'none'}"]
+    if c["enabled"]:
+        lines.append(f"  classify  archs {c['archs']}, regimes {c['regimes']}, seeds {c['seeds']}")
+    return "\n".join(lines)
+
+
 def status_report(out: str | Path, all_rows: bool = True) -> tuple[str, list[TaskStatus]]:
     out = Path(out).resolve()
     doc = read_study(out)
     statuses = collect_status(out, doc)
     done = sum(st.state == "finished" for st in statuses)
-    parts = [f"study {doc['name']} in {out}: {done}/{len(statuses)} tasks finished",
+    parts = [f"study {doc['name']} in {out}: {done}/{len(statuses)} tasks finished\n" + study_summary(doc["settings"]),
              status_table(statuses, None if all_rows else ("running", "requeued", "pending", "failed", "missing")),
              summary_table(statuses)]
     tails = failure_tails(out, statuses)
@@ -1198,6 +1256,7 @@ def launch(s: StudySettings, out: str | Path, executor: str = "auto", study: str
     tasks = expand(s, out)
     with launch_lock(out):
         doc = write_study(out, s, tasks, study or s.name, list(overrides), executor)
+        write(f"study {doc['name']} ({len(tasks)} tasks) in {out}:\n" + study_summary(doc["settings"]))
         statuses = {st.name: st for st in collect_status(out, doc)}
         todo = [t for t in doc["tasks"] if statuses[t["name"]].state in ("failed", "missing")]
         result = LaunchResult(executor)

@@ -132,6 +132,34 @@ def test_bad_study_settings_fail_with_one_line_naming_the_key(override, message)
     assert "\n" not in str(e.value)
 
 
+def test_a_command_line_cut_replaces_the_studys_and_tilde_removes_it():
+    """Issue 18: data.scarce={basophil: 30} also cut the study's monocyte and eosinophil (merged)."""
+    assert load_study("scarcity").data.scarce == {"monocyte": 20, "eosinophil": 20}
+    assert load_study("scarcity", ["data.scarce={basophil: 30}"]).data.scarce == {"basophil": 30}
+    assert load_study("scarcity", ["~data.scarce"]).data.scarce is None
+    assert load_study("scarcity", ["data.sources={pbc: /x}"]).data.sources == {"pbc": "/x"}
+    # the last one given wins, in order; other mappings keep merging
+    s = load_study("scarcity", ["~data.scarce", "data.scarce={basophil: 5}", "resources.train.cpus=3"])
+    assert s.data.scarce == {"basophil": 5}
+    assert s.resources["train"].cpus == 3 and s.resources["train"].time_min == load_study("scarcity").resources["train"].time_min
+    with pytest.raises(SettingsError, match="no key data.scrace"):
+        load_study("scarcity", ["~data.scrace"])
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    try:
+        from sweep import split_args   # tools/sweep.py: ~KEY is an override, not a bad argument
+    finally:
+        sys.path.pop(0)
+    assert split_args(["study=scarcity", "out=x", "~data.scarce"])[2] == ["~data.scarce"]
+
+
+def test_status_says_what_the_study_resolved_to(tmp_path):
+    from hpcgan.sweep import status_report
+    _tiny_study_dir(tmp_path)
+    text, _ = status_report(tmp_path)
+    assert "cut (data.scarce): none" in text and "models ['wgan_gp_ac', 'dcgan'], seeds [0]" in text, text
+    assert "the embedded simulator" in text and "regimes ['original', 'original+synthetic']" in text, text
+
+
 def test_cluster_file_documents_the_dataclass_defaults():
     documented = yaml.safe_load((CONFIG_DIR / "cluster" / "default.yaml").read_text())
     assert documented == OmegaConf.to_container(OmegaConf.structured(ClusterSettings))
@@ -283,6 +311,8 @@ def test_tiny_study_runs_here_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "study"
     r = sweep_cli("study=tiny", f"out={out}", "executor=local", *TWO_GANS, *classify_args())
     assert r.returncode == 0, r.stdout + r.stderr
+    said = r.stdout.index("  gan       models ['wgan_gp_ac', 'cgan']")   # what it resolved to, said first
+    assert said < r.stdout.index("data/sim") and "cut (data.scarce): none" in r.stdout, r.stdout
     doc = read_study(out)
     statuses = collect_status(out, doc)
     assert {st.state for st in statuses} == {"finished"}, [(st.name, st.state, st.note) for st in statuses]

@@ -7,7 +7,8 @@ or run here in order; re-running resumes (hpcgan/sweep.py, configs/study/, confi
   python tools/sweep.py status out=studies/tiny [--watch] [--interval=S] [--active]
 
 OVERRIDES are Hydra overrides of the study (gan.steps=50 gan.seeds=[0,1] resources.train.gpus=2
-cluster=mysite). executor=auto: slurm where sbatch is on PATH, else local. Relaunching without study=
+cluster=mysite); the data-selecting data.scarce and data.sources are replaced, not merged, and ~KEY
+removes a key ('~data.scarce': no cut). The launch prints the resolved data, models, regimes and seeds. executor=auto: slurm where sbatch is on PATH, else local. Relaunching without study=
 reuses the study and overrides of the last launch (study.json).
 `status` prints every task (pending, running, requeued, finished, failed, missing) with Slurm's view where it
 has one, a count per stage, and the last log lines of failed tasks; --watch redraws until nothing is under way
@@ -43,7 +44,7 @@ def split_args(argv: list[str]) -> tuple[str, dict[str, str], list[str], set[str
         elif a.split("=", 1)[0] in ("study", "out", "executor"):
             k, _, v = a.partition("=")
             own[k] = v
-        elif "=" in a:
+        elif "=" in a or a.startswith("~"):   # ~KEY removes a key of the study
             overrides.append(a)
         else:
             raise SettingsError(f"{a!r}: expected key=value (usage below)\n{USAGE}")
