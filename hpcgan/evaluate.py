@@ -424,8 +424,10 @@ def evaluate(settings: EvaluateSettings | dict, env: dist.DistEnv | None = None)
         raise EvaluateError(str(e)) from None
     want = needs(s.metrics)
     pixels = "pixels" in want
-    extractor, classifier = load_extractors(s, real, env, "classifier" in want)
+    # what is evaluated loads (and is checked against the real shards) before an extractor is trained or read:
+    # a typo in run= costs a second, not the minutes of training the cell extractor
     source, what = fake_source(s, real, env.device)
+    extractor, classifier = load_extractors(s, real, env, "classifier" in want)
 
     cache_dir = cache_root(s.cache_dir)
     real_ex, cache_info = real_features(real, extractor, classifier, env, cache_dir, pixels, s.progress)

@@ -201,7 +201,12 @@ def select_weights(state: dict, weights: str, path: Path) -> tuple[dict, str]:
 def build_generator(spec: GANSpec, classes: list[str], image_size: int, weights: dict,
                     device: torch.device) -> torch.nn.Module:
     G, _ = build_model(spec, len(classes), image_size)
-    G.load_state_dict(weights)
+    try:
+        G.load_state_dict(weights)
+    except RuntimeError as e:   # weights of another architecture, size or width than its own config says
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise GenerateError(f"the checkpoint's generator weights do not fit the {spec.name} at {image_size} px its "
+                            f"config describes ({first} ...): a damaged or hand-edited checkpoint") from None
     return G.to(device).eval()
 
 

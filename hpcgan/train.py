@@ -820,6 +820,14 @@ def _check_compatible(saved: dict, now: dict, run_dir: Path) -> None:
                          "use a new run_dir or the original settings")
 
 
+def check_inputs(s: TrainSettings) -> None:
+    """Every shard set given is one (its manifest.json), before a process group or model is made."""
+    for d in s.shards if isinstance(s.shards, (list, tuple)) else [s.shards]:
+        if not (Path(d) / "manifest.json").is_file():
+            what = "does not exist" if not Path(d).exists() else "is not a shard set (no manifest.json)"
+            raise SettingsError(f"shards={d} {what}; build one with tools/shard.py")
+
+
 def _setup_logging() -> None:
     rank = dist.launch_env()[0]
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -832,6 +840,7 @@ def hydra_task(cfg) -> None:
     _setup_logging()
     with exit_on_error("hpcgan.train"):
         settings = parse(TrainSettings, cfg)
+        check_inputs(settings)
     code = run(settings)
     if code != EXIT_OK:
         sys.exit(code)

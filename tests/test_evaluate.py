@@ -57,12 +57,13 @@ def png_folder(root: Path, shards: Path, split: str, transform=None, relabel=Non
     return root
 
 
-def tiny_checkpoint(run_dir: Path, classes: list[str], model="wgan_gp_ac", step=5, class_counts=None) -> Path:
+def tiny_checkpoint(run_dir: Path, classes: list[str], model="wgan_gp_ac", step=5, class_counts=None,
+                    size=32) -> Path:
     spec = dataclasses.replace(load_spec(model), width=8, z_dim=16)
     torch.manual_seed(0)
-    G, D = build_model(spec, len(classes), 32)
+    G, D = build_model(spec, len(classes), size)
     state = {"step": step, "epoch": 0, "batch_in_epoch": 0,
-             "config": {"model": dataclasses.asdict(spec), "image_size": 32, "classes": list(classes), "seed": 3,
+             "config": {"model": dataclasses.asdict(spec), "image_size": size, "classes": list(classes), "seed": 3,
                         "steps": step, "balance_classes": False, "class_counts": class_counts},
              "G": G.state_dict(), "D": D.state_dict(), "G_ema": None, "opt_G": {}, "opt_D": {}, "scaler": None,
              "rng": {}, "meta": {}}
@@ -210,6 +211,24 @@ def test_unstaged_lpips_is_said_once_per_process_short_with_the_staging_command(
     msg = warned[0].getMessage()
     where = str(tmp_path / "empty")
     assert "tools/stage_weights.py lpips" in msg and where in msg and len(msg.replace(where, "")) < 160, msg
+
+
+def test_a_bad_run_fails_before_the_extractor_cache_is_touched(shards, tmp_path):
+    """Issue 18: run=/nonexistent first trained the cell extractor (minutes), then looked for the run."""
+    fresh = tmp_path / "cache"
+    with pytest.raises(EvaluateError, match="nonexistent"):
+        run_eval(shards, fresh, tmp_path, run=str(tmp_path / "nonexistent"))
+    classes = read_manifest(shards)["classes"]
+    tiny_checkpoint(tmp_path / "big", classes, size=64)   # a checkpoint at another size: refused as early
+    with pytest.raises(EvaluateError, match="64 px"):
+        run_eval(shards, fresh, tmp_path, run=str(tmp_path / "big"))
+    ckpt = tiny_checkpoint(tmp_path / "edited", classes)   # weights that do not fit their config: a clear error
+    state = torch.load(ckpt, weights_only=False)
+    state["config"]["model"]["width"] = 16
+    torch.save(state, ckpt)
+    with pytest.raises(EvaluateError, match="do not fit"):
+        run_eval(shards, fresh, tmp_path, run=str(tmp_path / "edited"))
+    assert not (fresh / "extractors").exists() and not (fresh / "stats").exists()
 
 
 def test_bad_input_is_a_clear_error(shards, cache, tmp_path):

@@ -130,6 +130,12 @@ def test_bad_setting_is_one_line_exit_2(shards, tmp_path):
             run(compose(shards, tmp_path / "run", arg))
         assert words in str(e.value) and "\n" not in str(e.value), (arg, str(e.value))
     assert not (tmp_path / "run").exists()
+    # a shard set that is not one: the same one line, not a traceback from the loader (issue 18)
+    p = subprocess.run(cli(tmp_path / "nonexistent", tmp_path / "run"), env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"hpcgan.train: error: shards={tmp_path / 'nonexistent'} does not exist; build one with tools/shard.py"], p.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_fp16_on_cpu_rejected_by_the_run(shards, tmp_path):
