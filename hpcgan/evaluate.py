@@ -41,13 +41,13 @@ from typing import Iterator
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from hpcgan import dist
 from hpcgan.data.shards import iter_samples, read_manifest, sha256_file
 from hpcgan.fsutil import atomic_write_bytes
 from hpcgan.results import append_rows, number, write_result
 from hpcgan.metrics import DEFAULT_METRICS, EvalData, MetricResult, Side, check_names, compute, needs
+from hpcgan.progress import Progress
 from hpcgan.settings import SettingsError, check_choice, compose_settings, parse
 
 logger = logging.getLogger("hpcgan.evaluate")
@@ -235,7 +235,8 @@ def _extract_units(source, extractor, classifier, env: dist.DistEnv, keep_pixels
     """Every unit of `source` through the extractor (and the classifier), split over ranks, gathered."""
     mine = (lambda i: i % env.world_size == env.rank)
     parts = []
-    bar = tqdm(total=len(source), desc=desc, unit="img", disable=not (progress and env.is_main))
+    bar = Progress(len(source), desc, "img", bar=progress and env.is_main,
+                   every=None if env.is_main else float("inf"))   # one rank speaks
     for unit in source.units(mine):
         feats, logits, cls_logits = [], [], []
         for start in range(0, len(unit.images), source.batch_size):

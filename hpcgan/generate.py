@@ -40,7 +40,6 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from hpcgan import dist
 from hpcgan.data.shards import MANIFEST, ShardWriter, read_manifest, sha256_file, write_manifest
@@ -49,6 +48,7 @@ from hpcgan.fsutil import atomic_dir
 from hpcgan.images import check_image_size, to_uint8
 from hpcgan.latent import sample_latent
 from hpcgan.models.registry import GANSpec, build_model
+from hpcgan.progress import Progress
 from hpcgan.settings import MISSING
 
 logger = logging.getLogger(__name__)
@@ -496,7 +496,7 @@ def _write_images(staging: Path, G, spec: GANSpec, classes: list[str], plan: dic
     images: list[dict] = []
     with contextlib.ExitStack() as stack:
         writer = stack.enter_context(ShardWriter(staging, s.split, s.shard_size)) if labelled else None
-        bar = stack.enter_context(tqdm(total=sum(plan.values()), unit="img", desc="generate", disable=not s.progress))
+        bar = stack.enter_context(Progress(sum(plan.values()), "generate", "img", bar=s.progress))
         for cls, n in plan.items():
             label = classes.index(cls) if labelled else -1
             g_label = label if labelled else None

@@ -64,6 +64,7 @@ from hpcgan.generate import NO_TRAINING_IMAGES, unseen_classes
 from hpcgan.latent import sample_latent
 from hpcgan.models.registry import GANSpec, build_model, optimiser_lr
 from hpcgan.objectives import STAT_KEYS, GANObjective
+from hpcgan.progress import Progress
 from hpcgan.rundir import EXIT_FAILED, EXIT_OK, LOG, CsvLog, read_status, write_config, write_json, write_status
 from hpcgan.settings import MISSING, SettingsError, check_choice, check_range, exit_on_error, parse
 
@@ -628,10 +629,7 @@ class TrainingRun:
             self.log = CsvLog(run_dir / LOG, LOG_COLUMNS, self.step)
             self.diversity_log = CsvLog(run_dir / "samples" / "diversity.csv", DIVERSITY_COLUMNS, self.step)
             self.tb = _tensorboard(s.tensorboard, run_dir)
-            if s.progress:
-                from tqdm import tqdm
-                self.pbar = tqdm(total=self.total, initial=self.step, desc=f"train {self.spec.name}", unit="step",
-                                 dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)  # Slurm logs
+            self.pbar = Progress(self.total, f"train {self.spec.name}", "step", bar=s.progress, initial=self.step)
         dist.barrier(self.env)
 
     # ---- the loop
@@ -705,7 +703,7 @@ class TrainingRun:
             for k, v in zip(keys, vals):
                 self.tb.add_scalar(f"train/{k}", v, self.step)
         if self.pbar is not None:
-            self.pbar.set_postfix(d=row.get("d_loss"), g=row.get("g_loss"), refresh=False)
+            self.pbar.set_postfix(d=row.get("d_loss"), g=row.get("g_loss"))
         self.write_status("running")
 
     # ---- outputs at a step

@@ -47,6 +47,7 @@ from hpcgan.classify.provenance import LeakageError, check_synthetic
 from hpcgan.classify.regimes import RegimeLoss, get_regime
 from hpcgan.data.loader import BACKENDS
 from hpcgan.fsutil import atomic_write_bytes
+from hpcgan.progress import Progress
 from hpcgan.results import append_rows, number, write_result
 from hpcgan.rundir import (EXIT_BAD_INPUT, EXIT_OK, LOG, CsvLog, read_json, read_status, write_config, write_json,
                            write_status)
@@ -310,11 +311,9 @@ class ClassifierRun:
                 write_json(self.run_dir / SCARCE, self.data.scarce)
             self.write_status("running")
             self.log = CsvLog(self.run_dir / LOG, LOG_COLUMNS, self.step)
-            if self.s.progress and self.step < self.total:
-                from tqdm import tqdm
-                self.pbar = tqdm(total=self.total, initial=self.step, unit="step", dynamic_ncols=True,
-                                 desc=f"classify {self.s.arch} {self.s.regime}",
-                                 mininterval=0.5 if sys.stderr.isatty() else 30)
+            if self.step < self.total:
+                self.pbar = Progress(self.total, f"classify {self.s.arch} {self.s.regime}", "step",
+                                     bar=self.s.progress, initial=self.step)
         dist.barrier(self.env)
 
     # ---- the loop
@@ -413,7 +412,7 @@ class ClassifierRun:
         if env.is_main:
             self.log.write(row)
             if self.pbar is not None:
-                self.pbar.set_postfix(loss=row["loss"], val=row["val_macro_f1"] or None, refresh=False)
+                self.pbar.set_postfix(loss=row["loss"], val=row["val_macro_f1"] or None)
             if val:  # curves.png: the loss and the train / val accuracies so far
                 from hpcgan.viz import CLASSIFIER_PANELS, training_curves
                 training_curves(self.run_dir, self.run_dir / "curves.png",

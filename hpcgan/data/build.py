@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 import hpcgan
 from hpcgan.data.clean import CleanSettings, process_file
@@ -39,6 +38,7 @@ from hpcgan.data.taxonomy import SOURCES, Taxonomy
 from hpcgan.data.workers import cores, ordered_map
 from hpcgan.fsutil import atomic_dir, sweep_stale_staging
 from hpcgan.images import check_image_size
+from hpcgan.progress import Progress
 from hpcgan.settings import MISSING, SettingsError, check_choice, check_range
 
 logger = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def _process_all(files: list[SourceFile], spool: Path, settings: BuildSettings, 
     tasks = [(i, f.abspath, str(spool / f"{i:08d}"), clean) for i, f in enumerate(files)]
     results: list[dict] = []
     chunk = max(1, min(32, len(tasks) // (max(workers, 1) * 8)))
-    bar = tqdm(total=len(tasks), desc="shard", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = Progress(len(tasks), "shard", "img", bar=progress)
     try:
         with ordered_map(workers, chunksize=chunk) as pmap:
             for r in pmap(process_file, tasks):

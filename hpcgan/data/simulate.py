@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-from tqdm import tqdm
 
 from hpcgan.data.workers import cores, ordered_map
 from hpcgan.fsutil import atomic_dir
 from hpcgan.jsonfile import write_json
+from hpcgan.progress import Progress
 from hpcgan.settings import MISSING, SettingsError, check_range
 
 logger = logging.getLogger(__name__)
@@ -705,12 +705,14 @@ def simulate(out: str | Path, **options) -> dict:
     with atomic_dir(out) as staging, ordered_map(settings.workers or cores()) as imap:
         tasks = [(seed, source, fine, index) for source, _, fine, index in jobs]
         images = imap(_encoded_image, tasks)
-        for (source, rel, fine, index), data in tqdm(zip(jobs, images), total=len(jobs), desc="simulate",
-                                                     unit="img", disable=not progress):
+        bar = Progress(len(jobs), "simulate", "img", bar=progress)
+        for (source, rel, fine, index), data in zip(jobs, images):
             path = staging / source / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)  # the whole directory appears atomically; no per-file rename needed
             counts[source][fine] = counts[source].get(fine, 0) + 1
+            bar.update()
+        bar.close()
         summary = {
             "generator": "hpcgan.data.simulate",
             "synthetic": True,

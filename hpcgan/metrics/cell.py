@@ -220,7 +220,7 @@ def train_cell_extractor(shards: str | os.PathLike, out: str | os.PathLike, *, e
     """Train a CellNet on `shards`' train split, keep the epoch with the best val accuracy, save it to `out`
     (atomically). Returns info: path, sha256, val_accuracy, train_accuracy, best_epoch, seconds, ..."""
     from hpcgan import dist
-    from tqdm import tqdm
+    from hpcgan.progress import Progress
     s = CellTrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
                           device=str(device), backend=backend, num_threads=num_threads)
     shards, out = Path(shards), Path(out)
@@ -240,8 +240,8 @@ def train_cell_extractor(shards: str | os.PathLike, out: str | os.PathLike, *, e
     val_x, val_y = load_split(shards, "val", s, dev)
     bs = min(s.batch_size, len(train_x))
     best = (-1.0, -1, None)  # (val accuracy, epoch, state)
-    bar = tqdm(range(s.epochs), desc="cell extractor", unit="epoch", disable=not progress)
-    for epoch in bar:
+    bar = Progress(s.epochs, "cell extractor", "epoch", bar=progress)
+    for epoch in range(s.epochs):
         net.train()
         order = torch.randperm(len(train_x), generator=gen).to(dev)
         for i in range(0, len(order) - bs + 1, bs):  # full batches only (BatchNorm, equal steps)
@@ -256,6 +256,7 @@ def train_cell_extractor(shards: str | os.PathLike, out: str | os.PathLike, *, e
         if val > best[0]:
             best = (val, epoch, copy.deepcopy(net.state_dict()))
         bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}", best=f"{best[0]:.3f}")
+        bar.update()
     bar.close()
     net.load_state_dict(best[2])
     train_acc = accuracy(net, train_x, train_y)

@@ -163,10 +163,10 @@ def extract_all(extractor: Extractor, batches: Iterable[torch.Tensor], device="c
                 total: int | None = None, desc: str = "features") -> tuple[np.ndarray, np.ndarray | None]:
     """Every batch (uint8 [B, 3, H, W]) through the extractor on `device`: (features float32 [N, D],
     logits float32 [N, C] or None). `total`: number of images, for the progress bar."""
-    from tqdm import tqdm
+    from hpcgan.progress import Progress
     extractor.to(_device(device)).eval()
     feats, logits = [], []
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
+    with Progress(total, desc, "img", bar=progress) as bar:
         for images in batches:
             f, lg = extractor.extract(images)
             feats.append(f.cpu().numpy().astype(np.float32, copy=False))

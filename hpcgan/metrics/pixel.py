@@ -27,9 +27,9 @@ import math
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from hpcgan.metrics.prdc import as_numpy, nearest
+from hpcgan.progress import Progress
 
 PSNR_CAP = 100.0   # dB, the PSNR reported for an exact copy (and the most ever reported)
 
@@ -78,7 +78,7 @@ def nn_fidelity(fake_images, fake_labels, real_images, real_labels, block: int =
         raise ValueError(f"generated images are {fake.shape[1:]}, real ones {real.shape[1:]}: resize one side")
     scores: dict[str, list[np.ndarray]] = {"l1": [], "l2": [], "psnr": [], "ssim": []}
     skipped = 0
-    bar = tqdm(total=len(fake), desc="nn fidelity", leave=False, disable=len(fake) < 2000)
+    bar = Progress(len(fake), "nn fidelity", "img", bar=len(fake) >= 2000, leave=False)
     for c in np.unique(fy):
         f_idx, r_idx = np.nonzero(fy == c)[0], np.nonzero(ry == c)[0]
         if len(r_idx) == 0:

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm import tqdm
+
+from hpcgan.progress import Progress
 
 BLOCK = 1024   # rows per torch.cdist call: 1024 x 10k float32 distances = 40 MB
 
@@ -42,7 +43,10 @@ def as_features(x, name: str = "features") -> torch.Tensor:
 
 def _blocks(n: int, block: int, desc: str):
     starts = range(0, n, block)
-    return tqdm(starts, desc=desc, leave=False, disable=len(starts) < 8)
+    with Progress(len(starts), desc, "block", bar=len(starts) >= 8, leave=False) as p:
+        for s in starts:
+            yield s
+            p.update()
 
 
 def kth_neighbour_distance(x: torch.Tensor, k: int, block: int = BLOCK) -> torch.Tensor:
