@@ -349,6 +349,50 @@ def test_pretrained_weights_come_from_a_file_and_the_head_is_fresh(tmp_path):
         load_pretrained(model, tmp_path / "missing.pth")
 
 
+def test_pretrained_true_finds_the_imagenet_weights_staged_by_arch_name(shards, tmp_path, capsys):
+    """Issue 18: `tools/stage_weights.py timm:resnet50` saves timm's state dict with its sha256 and the timm
+    version; pretrained=true finds it by name. Here the test makes the state dict (no internet)."""
+    from hpcgan.classify.pretrained import find_staged, save_staged
+    wd, out = tmp_path / "weights", tmp_path / "run"
+    args = [f"shards={shards}", "arch=resnet50", "pretrained=true", f"weights_dir={wd}", "steps=2", "eval_every=2",
+            "batch_size=8", "precision=fp32", "device=cpu", *FAST]
+    assert main([*args, f"out={out}"]) == 2   # not staged: exit 2 naming the command, nothing trained
+    err = capsys.readouterr().err
+    assert f"python tools/stage_weights.py timm:resnet50 weights_dir={wd}" in err and not (out / "checkpoints").exists()
+    torch.manual_seed(1)
+    imagenet, _ = build_classifier("resnet50", 1000, 32)   # stands for timm's resnet50.tv_in1k
+    path = save_staged("resnet50", imagenet.state_dict(), wd, timm_version="9.9.9")
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert record == {"arch": "resnet50", "timm_model": "resnet50", "pretrained_tag": "tv_in1k", "timm_version": "9.9.9",
+                      "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size}
+    assert find_staged("resnet50", wd) == path
+    assert main([*args, f"out={out}"]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["arch"]["pretrained"]["sha256"] == doc["rows"][0]["pretrained_sha256"] == record["sha256"]
+    torch.manual_seed(2)   # pretrained_file= wins over the staged file
+    torch.save(build_classifier("resnet50", 1000, 32)[0].state_dict(), tmp_path / "mine.pth")
+    assert main([*args, f"out={tmp_path / 'run2'}", f"pretrained_file={tmp_path / 'mine.pth'}"]) == 0
+    assert (json.loads((tmp_path / "run2" / "results.json").read_text())["rows"][0]["pretrained_sha256"]
+            == hashlib.sha256((tmp_path / "mine.pth").read_bytes()).hexdigest())
+    path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)   # a damaged staged file is refused
+    with pytest.raises(ValueError, match="not the file staged"):
+        find_staged("resnet50", wd)
+    with pytest.raises(SettingsError, match="small_cnn has no ImageNet weights"):
+        parse(ClassifySettings, {"shards": "s", "out": "o", "pretrained": True})
+
+
+def test_stage_weights_knows_the_classifier_archs_by_name():
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    try:
+        from stage_weights import parse_args
+    finally:
+        sys.path.pop(0)
+    assert parse_args(["timm:resnet50", "timm:xception", "weights_dir=/w"]) == (
+        ["timm:resnet50", "timm:xception"], {"weights_dir": "/w"})
+    with pytest.raises(ValueError, match="timm:vgg19"):
+        parse_args(["timm:small_cnn"])
+
+
 # ---- settings --------------------------------------------------------------------------------------
 
 def test_yaml_documents_the_settings_defaults():

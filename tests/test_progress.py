@@ -4,7 +4,6 @@ minute, in process, on tiny inputs."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 

@@ -15,9 +15,11 @@ stage-wise from shallower nets; from scratch in one go with AdamW it tends to st
 names map to the `_bn` variants. Inputs smaller than an architecture's minimum are resized (bilinear,
 antialiased) inside the model (`Resized`), so training and scoring see the same thing.
 
-Weights: from scratch (seeded by the caller). `timm.create_model(..., pretrained=True)` is never called: it
-would download. ImageNet weights come only from a file given by path (`load_pretrained`), whose sha256 is
-recorded; its classification head (1000 classes) is replaced by a fresh one.
+Weights: from scratch (seeded by the caller). `timm.create_model(..., pretrained=True)` is never called while
+training: it would download. ImageNet weights come only from a file (`load_pretrained`), whose sha256 is
+recorded; its classification head (1000 classes) is replaced by a fresh one. The file is given by path
+(`pretrained_file=`) or staged by name (hpcgan.classify.pretrained: `tools/stage_weights.py timm:resnet50`
+on a machine with internet, then `pretrained=true`).
 """
 from __future__ import annotations
 
@@ -38,15 +40,18 @@ class Arch:
     name: str
     timm: str | None      # the timm model name; None: small_cnn
     min_size: int         # the smallest input it takes; smaller images are resized up to this
+    pretrained: str | None = None   # timm's pretrained tag of its ImageNet weights (tools/stage_weights.py timm:NAME)
 
 
+# The one place the paper's names map to timm models and ImageNet weights (torchvision's, as Keras's
+# applications the paper used are; Xception: the TensorFlow port, timm's only one).
 ARCHS: dict[str, Arch] = {a.name: a for a in (
     Arch("small_cnn", None, 8),
-    Arch("inception_v3", "inception_v3", 75),
-    Arch("resnet50", "resnet50", 32),
-    Arch("vgg16", "vgg16_bn", 32),
-    Arch("vgg19", "vgg19_bn", 32),
-    Arch("xception", "legacy_xception", 32),
+    Arch("inception_v3", "inception_v3", 75, "tv_in1k"),
+    Arch("resnet50", "resnet50", 32, "tv_in1k"),
+    Arch("vgg16", "vgg16_bn", 32, "tv_in1k"),
+    Arch("vgg19", "vgg19_bn", 32, "tv_in1k"),
+    Arch("xception", "legacy_xception", 32, "tf_in1k"),
 )}
 
 

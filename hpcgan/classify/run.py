@@ -90,6 +90,8 @@ class ClassifySettings:
     scarce_seed: int | None = None          # which cut (null: seed); a GAN for it must use the same
     augment: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: copy.deepcopy(RECIPES))
     pretrained_file: str | None = None      # ImageNet weights staged as a file (never downloaded); null: from scratch
+    pretrained: bool = False                # ImageNet weights staged by name (tools/stage_weights.py timm:ARCH)
+    weights_dir: str | None = None          # where they are staged (null: $HPCGAN_WEIGHTS, else ~/.cache/hpcgan/weights)
     allow_unknown_provenance: bool = False  # accept a synthetic set whose GAN's training data cannot be checked
     precision: str = "auto"                 # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16
     device: str = "auto"
@@ -110,6 +112,10 @@ class ClassifySettings:
             regime = get_regime(self.regime)
         except ValueError as e:
             raise SettingsError(str(e)) from None
+        if self.pretrained and not self.pretrained_file and not get_arch(self.arch).pretrained:
+            from hpcgan.classify.pretrained import stageable
+            raise SettingsError(f"pretrained=true: arch={self.arch} has no ImageNet weights staged by name (those "
+                                f"that do: {', '.join(stageable())}); pass pretrained_file=PATH instead")
         if regime.reads_synthetic and not self.synthetic:
             raise SettingsError(f"regime={self.regime} trains on synthetic images: pass synthetic=DIR")
         if not regime.reads_synthetic and self.synthetic:
@@ -235,10 +241,11 @@ class ClassifierRun:
         self.loss_fn = RegimeLoss(self.regime, self.data.class_counts, s.logit_adjust_tau, env.device)
         sha = manifest_sha256(s.shards)
         syn_sha = manifest_sha256(s.synthetic) if s.synthetic else None
+        self.pretrained = self.pretrained_path()
         pre_sha = None
-        if s.pretrained_file:
+        if self.pretrained:
             from hpcgan.data.shards import sha256_file
-            pre_sha = sha256_file(Path(s.pretrained_file).expanduser())
+            pre_sha = sha256_file(self.pretrained)
         self.run_config = {**asdict(s), "shards": str(Path(s.shards).resolve()), "out": str(self.run_dir),
                            "synthetic": str(Path(s.synthetic).resolve()) if s.synthetic else None,
                            "classes": self.classes, "image_size": self.image_size, "world_size": env.world_size,
@@ -248,6 +255,23 @@ class ClassifierRun:
         self.data_order = {"world_size": env.world_size}
         self.status_fields = {"steps": self.total, "arch": s.arch, "regime": s.regime, "seed": s.seed,
                               "world_size": env.world_size}
+
+    def pretrained_path(self) -> Path | None:
+        """The ImageNet weights file: pretrained_file= as given, else the one staged for the arch (pretrained=true)."""
+        s = self.s
+        if s.pretrained_file:
+            path = Path(s.pretrained_file).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"pretrained_file={path} does not exist: stage the ImageNet weights file "
+                                        "there first (compute nodes cannot download)")
+            return path
+        if s.pretrained:
+            from hpcgan.classify.pretrained import find_staged
+            try:
+                return find_staged(s.arch, s.weights_dir)
+            except ValueError as e:
+                raise DataError(str(e)) from None
+        return None
 
     def loader(self, epoch: int, skip: int = 0):
         s, env = self.s, self.env
@@ -279,8 +303,8 @@ class ClassifierRun:
         s, env = self.s, self.env
         torch.manual_seed(s.seed)  # the same initial weights on every rank
         model, self.arch_info = build_classifier(s.arch, len(self.classes), self.image_size)
-        if s.pretrained_file:
-            self.arch_info["pretrained"] = load_pretrained(model, s.pretrained_file)
+        if self.pretrained:
+            self.arch_info["pretrained"] = load_pretrained(model, self.pretrained)
         self.memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
         model = model.to(env.device, memory_format=self.memory_format)
         self.opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
