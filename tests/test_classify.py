@@ -143,6 +143,35 @@ def test_regime_image_counts(shards, topup, per_class):
         training_set(get_regime("synthetic"), shards, topup)
 
 
+def test_synthetic_count_in_all_three_forms_and_a_composed_regimes_shares(shards, per_class):
+    """Issue 19: real cut to 1 per class, a synthetic set of 5 per class. topup fills to the largest real class,
+    N adds N, Fx adds F times the real count; the composed regime keeps every axis."""
+    classes = read_manifest(shards)["classes"]
+    present = [c for c, n in counts(shards, "train").items() if n > 0]
+    cut = {c: 1 for c in present}
+    real = {c: 1 for c in present}
+
+    def syn(spec):
+        return training_set(get_regime(spec), shards, per_class, scarce=cut).counts["synthetic"]
+    assert not any(syn("original+synthetic").values())   # topup: every class already has the largest count
+    assert {c: n for c, n in syn("original+synthetic synthetic_count=3").items() if n} == {c: 3 for c in present}
+    assert {c: n for c, n in syn("original+synthetic synthetic_count=4x").items() if n} == {c: 4 for c in present}
+    assert {c: n for c, n in syn("original+synthetic synthetic_count=1.5x").items() if n} == {c: 2 for c in present}
+    with pytest.raises(DataError, match="synthetic_count=6"):   # the set has 5 per class
+        syn("original+synthetic synthetic_count=6")
+    r = get_regime("original+synthetic sampling=balanced augment=aug2 synthetic_count=3 real_share=0.25")
+    assert r.name == "original+synthetic(3)+balanced+aug2+real_share=0.25"
+    assert r.axes() == {"data": "real+synthetic", "sampling": "balanced", "loss": "ce", "augment": "aug2",
+                        "synthetic_count": "3", "real_share": 0.25}
+    ts = training_set(r, shards, per_class, scarce=cut)
+    assert ts.describe()["per_class"] == {c: (4 if c in present else 0) for c in classes}
+    group, share = ts.balance_share()
+    assert share == 0.25 and int(group.sum()) == 3 * len(present) and (group[:len(present)] == 0).all()
+    assert ts.counts["real"] == {c: real.get(c, 0) for c in classes}
+    # a preset spelled out by its axes is the preset
+    assert get_regime("original sampling=balanced").name == "balanced" and get_regime("aug2 augment=none").name == "original"
+
+
 def test_the_synthetic_top_up_is_the_first_images_of_each_class(shards, topup):
     """Taking the first n of a class = what generate(per_class=n) writes: independent of the classifier seed."""
     both = training_set(get_regime("original+synthetic"), shards, topup)
@@ -400,13 +429,20 @@ def test_yaml_documents_the_settings_defaults():
     doc = yaml.safe_load((CONFIG_DIR / "classify.yaml").read_text())
     doc.pop("hydra"), doc.pop("defaults")
     assert doc == OmegaConf.to_container(OmegaConf.structured(ClassifySettings))
-    assert set(doc["augment"]) == {r.augment for r in REGIMES.values() if r.augment}
+    assert set(doc["recipes"]) == {r.augment for r in REGIMES.values() if r.augment}
 
 
 @pytest.mark.parametrize("bad, msg", [({"regime": "mixup"}, "regime='mixup'"), ({"arch": "alexnet"}, "arch='alexnet'"),
                                       ({"regime": "synthetic"}, "pass synthetic=DIR"),
                                       ({"synthetic": "x"}, "drop synthetic="), ({"select_on": "loss"}, "select_on"),
-                                      ({"augment": {"aug1": [{"name": "flip", "angle": 3}]}}, "augment.aug1")])
+                                      ({"recipes": {"aug1": [{"name": "flip", "angle": 3}]}}, "recipes.aug1"),
+                                      ({"sampling": "random"}, "sampling='random'"), ({"augment": "aug9"}, "augment='aug9'"),
+                                      ({"loss": "focal"}, "loss='focal'"), ({"synthetic_count": 90}, r"only for real\+synthetic"),
+                                      ({"regime": "original+synthetic", "synthetic": "x", "synthetic_count": "3y"},
+                                       "synthetic_count='3y'"),
+                                      ({"regime": "original+synthetic", "synthetic": "x", "real_share": 0.5},
+                                       "with sampling=balanced"),
+                                      ({"regime": "balanced augmnt=aug2"}, "not axis=value")])
 def test_bad_settings_are_one_line_errors(bad, msg):
     with pytest.raises(SettingsError, match=msg):
         parse(ClassifySettings, {"shards": "s", "out": "o", **bad})
@@ -459,6 +495,20 @@ def test_original_plus_synthetic_runs_and_records_its_synthetic_set(shards, topu
     assert {r["synthetic_from"] for r in rows} == {"wgan_gp_ac"}
     ts = json.loads((out / "training_set.json").read_text())
     assert len(set(ts["per_class"].values())) == 1 and ts["provenance"]["gan"]["splits"] == ["train"]
+
+
+def test_a_composed_regime_runs_and_records_every_axis(shards, per_class, tmp_path):
+    out = tmp_path / "run"
+    assert main(overrides(shards, out, f"synthetic={per_class}", "regime=original+synthetic", "sampling=balanced",
+                          "augment=aug2", "synthetic_count=3", "steps=4", "eval_every=4")) == EXIT_OK
+    doc = json.loads((out / "results.json").read_text())
+    name = "original+synthetic(3)+balanced+aug2"
+    assert doc["regime"]["name"] == name and doc["regime"]["synthetic_count"] == "3" and doc["regime"]["augment"] == "aug2"
+    row = doc["rows"][0]
+    assert (row["regime"], row["preset"], row["sampling"], row["loss"], row["augment"], row["synthetic_count"],
+            row["real_share"]) == (name, "original+synthetic", "balanced", "ce", "aug2", "3", None)
+    present = [c for c, n in counts(shards, "train").items() if n > 0]
+    assert {c: n for c, n in doc["training_set"]["counts"]["synthetic"].items() if n} == {c: 3 for c in present}
 
 
 def cli(shards: Path, out: Path, *extra: str) -> list[str]:

@@ -173,6 +173,30 @@ def test_balance_classes(imbalanced, backend):
         assert abs(counts[c] / total - 1 / 3) < 0.1, counts
 
 
+def test_balanced_draws_with_a_real_share_known_answer():
+    """Issue 19: classes drawn uniformly; within a class, a draw is real with probability real_share, and each
+    group cycles through its members (no member repeats before all were used). Without a share the plan is the
+    one balanced sampling always made."""
+    labels = np.array([0] * 2 + [1] * 40 + [0] * 6 + [1] * 10)    # class 0: 2 real + 6 synthetic; class 1: 40 + 10
+    group = np.array([0] * 42 + [1] * 16, np.int8)
+    plan = loader_mod.epoch_plan(np.tile(labels, 400), 64, 0, 1, seed=3, epoch=0, shuffle=True, flip=False,
+                                 balance_classes=True, balance_share=(np.tile(group, 400), 0.25))
+    drawn = plan.indices % len(labels)
+    y, g = labels[drawn], group[drawn]
+    for c in (0, 1):
+        assert abs((y == c).mean() - 0.5) < 0.02
+        assert abs((g[y == c] == 0).mean() - 0.25) < 0.02, (c, (g[y == c] == 0).mean())
+    old = loader_mod.epoch_plan(labels, 8, 0, 1, seed=3, epoch=1, shuffle=True, flip=False, balance_classes=True)
+    new = loader_mod.epoch_plan(labels, 8, 0, 1, seed=3, epoch=1, shuffle=True, flip=False, balance_classes=True,
+                                balance_share=None)
+    assert (old.indices == new.indices).all()
+    # each group is a cycle: over 2 x 2 draws the 2 real images of class 0 are each used twice
+    rng = np.random.default_rng(1)
+    small = loader_mod._balanced_order(labels, 400, rng, (group, 0.5))
+    real0 = Counter(int(i) for i in small if labels[i] == 0 and group[i] == 0)
+    assert set(real0) == {0, 1} and abs(real0[0] - real0[1]) <= 1, real0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_flip_mirrors_some_images(shards, backend):
     truth = {s for s, _ in ground_truth(shards)}

@@ -152,6 +152,18 @@ def test_a_command_line_cut_replaces_the_studys_and_tilde_removes_it():
     assert split_args(["study=scarcity", "out=x", "~data.scarce"])[2] == ["~data.scarce"]
 
 
+def test_a_study_grid_takes_composed_regimes(tmp_path):
+    """Issue 19: a grid entry is a preset with axes; its classifier gets them, its run name says them."""
+    s = load_study("tiny", ["classify.regimes=[original,'balanced augment=aug2','original+synthetic synthetic_count=3x']"])
+    cls = {t.grid["regime"]: t for t in expand(s, tmp_path) if t.stage == "classify"}
+    assert set(cls) == {"original", "balanced augment=aug2", "original+synthetic synthetic_count=3x"}
+    assert "regime='balanced augment=aug2'" in cls["balanced augment=aug2"].argv
+    assert cls["original+synthetic synthetic_count=3x"].deps[-1].startswith("synthetic/")   # reads a synthetic set
+    assert "balanced_augment_aug2" in cls["balanced augment=aug2"].name
+    with pytest.raises(SettingsError, match="sampling='often'"):
+        load_study("tiny", ["classify.regimes=['balanced sampling=often']"])
+
+
 def test_status_says_what_the_study_resolved_to(tmp_path):
     from hpcgan.sweep import status_report
     _tiny_study_dir(tmp_path)

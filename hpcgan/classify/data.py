@@ -6,9 +6,11 @@ Training set of a regime (hpcgan.classify.regimes):
   synthetic part  from a synthetic shard set's `train` split, the first n images of each class in generation
                   order (tools/generate.py draws each class from its own stream, so the first n are exactly
                   what `per_class=n` would have written: the choice does not depend on the classifier seed):
-                    original+synthetic  n_c = (largest real class) - (real images of c): real topped up to
-                                        balance; a synthetic set with fewer is an error naming the fix
-                                        (classes the real train split lacks are never taken, in either)
+                    original+synthetic  n_c by the regime's synthetic_count: topup (the default) = (largest
+                                        real class) - (real images of c), real topped up to balance; N; or
+                                        F x (real images of c); a synthetic set with fewer is an error
+                                        naming the fix (classes the real train split lacks are never
+                                        taken, in either)
                     synthetic           n = synthetic_per_class, default the smallest class of the set: every
                                         class equally; a class with none is an error
 The result is one ShardIndex (hpcgan.data.loader) over the chosen samples, read with the loader's own epoch
@@ -42,6 +44,15 @@ class TrainingSet:
     counts: dict[str, dict[str, int]]    # {"real": {class: n}, "synthetic": {class: n}}
     balanced_sampling: bool
     scarce: dict = field(default_factory=dict)   # the cut record (hpcgan.data.scarce), {} without a cut
+    synthetic: np.ndarray | None = None          # [N] 1 where the sample is synthetic (real+synthetic data)
+    real_share: float | None = None              # balanced sampling: share of a class's draws from real images
+
+    def balance_share(self) -> tuple[np.ndarray, float] | None:
+        """(group, share) for the loader's balanced sampling with the regime's real_share; None otherwise (a
+        class's draws then fall on its real and synthetic images in proportion to their counts)."""
+        if not self.balanced_sampling or self.synthetic is None or self.real_share is None:
+            return None
+        return self.synthetic, self.real_share
 
     @property
     def class_counts(self) -> np.ndarray:
@@ -74,12 +85,14 @@ def synthetic_wanted(regime: Regime, real_counts: np.ndarray, syn_counts: np.nda
     has are taken: a GAN never saw the others (tools/generate.py skips them), and the test split has none."""
     present = [c for c in range(len(classes)) if real_counts[c] > 0]
     if regime.data == "real+synthetic":
-        target = int(real_counts.max())
-        need = {c: target - int(real_counts[c]) for c in present}
+        largest = int(real_counts.max())
+        need = {c: regime.synthetic_per_class(int(real_counts[c]), largest) for c in present}
         short = {classes[c]: f"{int(syn_counts[c])} < {n}" for c, n in need.items() if syn_counts[c] < n}
         if short:
-            raise DataError(f"the synthetic set is too small to top every class up to {target} (the largest real "
-                            f"class): {short}; generate it with `tools/generate.py balance=max shards=REAL`")
+            how = ("top every class up to the largest real class" if regime.synthetic_count == "topup" else
+                   f"give every class synthetic_count={regime.synthetic_count}")
+            raise DataError(f"the synthetic set is too small to {how}: {short}; generate more with "
+                            "`tools/generate.py per_class=N` or `balance=max shards=REAL`")
         return {c: n for c, n in need.items() if n > 0}
     empty = [classes[c] for c in present if syn_counts[c] == 0]
     if empty:
@@ -119,8 +132,11 @@ def training_set(regime: Regime, shards: str | Path, synthetic: str | Path | Non
         chosen = syn.subset(first_per_class(syn.labels, synthetic_wanted(regime, real_counts, syn_counts, classes,
                                                                           synthetic_per_class)))
         counts["synthetic"] = _counts(classes, chosen.labels)
+        mixed = None if index is None else np.r_[np.zeros(len(index), np.int8), np.ones(len(chosen), np.int8)]
         index = chosen if index is None else index.concat(chosen)
-    elif synthetic is not None:
+        return TrainingSet(index, classes, int(real.image_size), counts, regime.balanced_sampling, cut, mixed,
+                           regime.real_share)
+    if synthetic is not None:
         raise DataError(f"regime {regime.name} does not read a synthetic set: drop synthetic=")
     return TrainingSet(index, classes, int(real.image_size), counts, regime.balanced_sampling, cut)
 
@@ -130,7 +146,8 @@ def epoch_loader(ts: TrainingSet, batch_size: int, rank: int, world_size: int, *
                  num_threads: int | None = None) -> ShardLoader:
     """One epoch of the training set, as make_loader would give it for a whole split (same plan, backends)."""
     return make_loader(None, TRAIN_SPLIT, batch_size, rank, world_size, seed=seed, epoch=epoch, shuffle=True,
-                       balance_classes=ts.balanced_sampling, backend=backend, device=device,
+                       balance_classes=ts.balanced_sampling, balance_share=ts.balance_share(), backend=backend,
+                       device=device,
                        num_threads=num_threads, skip_batches=skip_batches, index=ts.index)
 
 

@@ -15,13 +15,33 @@ logit_adjust        the real train split                              shuffled  
 the logit-adjusted loss of Menon et al. (ICLR 2021): cross-entropy of logits + tau * log(prior), prior = the
 training class frequencies; at test time the plain logits are used, which is what makes it balance the
 classes. Every regime trains the same number of optimisation steps with the same model selection.
+
+A regime is the composition of its axes; the names above are presets, and each axis can override its
+preset (`compose`; tools/classify.py takes them as settings, a study's grid as "PRESET axis=value ..."):
+  sampling         shuffled | balanced (every class equally often in a batch)
+  loss             ce | weighted | logit_adjust
+  augment          none | a recipe name (aug1, aug2, aug3)
+  synthetic_count  how many synthetic images join each class the real train split has (real+synthetic data):
+                   topup (up to the largest real class), N (N more), Nx (N times the class's real count)
+  real_share       with balanced sampling and real+synthetic data: the share of a class's draws taken from its
+                   real images (default: in proportion to its real and synthetic counts)
+A composed regime is named by its preset when its axes are a preset's, else by its parts
+("balanced+aug2", "original+synthetic(3x)+balanced+aug2"); every axis is recorded with the results.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import re
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
+
+
+SAMPLING = ("shuffled", "balanced")
+LOSSES = ("ce", "weighted", "logit_adjust")
+AXES = ("sampling", "loss", "augment", "synthetic_count", "real_share")
+_COUNT = re.compile(r"(topup)|(\d+)|(\d+(?:\.\d+)?)x")
 
 
 @dataclass(frozen=True)
@@ -31,10 +51,29 @@ class Regime:
     balanced_sampling: bool = False
     loss: str = "ce"          # "ce" | "weighted" | "logit_adjust"
     augment: str | None = None
+    synthetic_count: str = "topup"    # real+synthetic: topup | N | Nx
+    real_share: float | None = None   # balanced sampling of real+synthetic: share of a class's draws from real
 
     @property
     def reads_synthetic(self) -> bool:
         return "synthetic" in self.data
+
+    @property
+    def sampling(self) -> str:
+        return "balanced" if self.balanced_sampling else "shuffled"
+
+    def axes(self) -> dict:
+        """Every axis of the regime (recorded with its results)."""
+        return {"data": self.data, "sampling": self.sampling,
+                "loss": self.loss, "augment": self.augment or "none", "synthetic_count": self.synthetic_count,
+                "real_share": self.real_share}
+
+    def synthetic_per_class(self, real_count: int, largest: int) -> int:
+        """Synthetic images a class with `real_count` real ones takes (real+synthetic data)."""
+        kind, value = parse_count(self.synthetic_count)
+        if kind == "topup":
+            return largest - real_count
+        return int(value) if kind == "n" else int(math.floor(value * real_count + 0.5))   # halves round up
 
 
 REGIMES: dict[str, Regime] = {r.name: r for r in (
@@ -51,9 +90,71 @@ REGIMES: dict[str, Regime] = {r.name: r for r in (
 
 
 def get_regime(name: str) -> Regime:
-    if name not in REGIMES:
-        raise ValueError(f"regime={name!r}: choose one of {', '.join(REGIMES)}")
-    return REGIMES[name]
+    """A preset, or a spec "PRESET axis=value ..." (a study grid's form) composed."""
+    preset, axes = parse_spec(name)
+    if preset not in REGIMES:
+        raise ValueError(f"regime={preset!r}: choose one of {', '.join(REGIMES)}")
+    return compose(preset, **axes) if axes else REGIMES[preset]
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """"original+synthetic sampling=balanced augment=aug2" -> ("original+synthetic", {sampling:..., augment:...})."""
+    first, *rest = str(spec).split()
+    axes = {}
+    for item in rest:
+        key, eq, value = item.partition("=")
+        if not eq or key not in AXES:
+            raise ValueError(f"regime={spec!r}: {item!r} is not axis=value (axes: {', '.join(AXES)})")
+        axes[key] = value
+    return first, axes
+
+
+def parse_count(value) -> tuple[str, float | None]:
+    """synthetic_count: ("topup", None) | ("n", N) | ("x", F)."""
+    m = _COUNT.fullmatch(str(value).strip())
+    if not m:
+        raise ValueError(f"synthetic_count={value!r}: topup, a number of images (90) or a multiple of the real "
+                         "count (3x)")
+    return ("topup", None) if m.group(1) else ("n", float(m.group(2))) if m.group(2) else ("x", float(m.group(3)))
+
+
+def compose(preset: str, sampling: str | None = None, loss: str | None = None, augment: str | None = None,
+            synthetic_count=None, real_share=None, recipes=("aug1", "aug2", "aug3")) -> Regime:
+    """The preset with the axes given (None: the preset's) overriding it; ValueError naming a bad one."""
+    r = get_regime(preset)
+    if sampling is not None and sampling not in SAMPLING:
+        raise ValueError(f"sampling={sampling!r}: choose one of {', '.join(SAMPLING)}")
+    if loss is not None and loss not in LOSSES:
+        raise ValueError(f"loss={loss!r}: choose one of {', '.join(LOSSES)}")
+    if augment is not None and augment != "none" and augment not in recipes:
+        raise ValueError(f"augment={augment!r}: choose none or a recipe ({', '.join(recipes)})")
+    if synthetic_count is not None:
+        parse_count(synthetic_count)
+        if r.data != "real+synthetic":
+            raise ValueError(f"synthetic_count={synthetic_count}: only for real+synthetic data (regime "
+                             f"original+synthetic), not {preset}")
+    r = replace(r, balanced_sampling=r.balanced_sampling if sampling is None else sampling == "balanced",
+                loss=loss or r.loss, augment=r.augment if augment is None else (None if augment == "none" else augment),
+                synthetic_count=str(synthetic_count if synthetic_count is not None else r.synthetic_count).strip(),
+                real_share=None if real_share is None else float(real_share))
+    if r.real_share is not None and not (r.balanced_sampling and r.data == "real+synthetic" and 0 < r.real_share <= 1):
+        raise ValueError(f"real_share={real_share}: a share in (0, 1], with sampling=balanced and real+synthetic data")
+    return replace(r, name=label(r))
+
+
+def label(r: Regime) -> str:
+    """The preset's name when the axes are a preset's, else its parts."""
+    for name, p in REGIMES.items():
+        if {**asdict(p), "name": None} == {**asdict(r), "name": None}:
+            return name
+    data = {"real": [], "synthetic": ["synthetic"], "real+synthetic": ["original+synthetic"]}[r.data]
+    if r.data == "real+synthetic" and r.synthetic_count != "topup":
+        data = [f"original+synthetic({r.synthetic_count})"]
+    parts = [*data, *(["balanced"] if r.balanced_sampling else []),
+             *({"weighted": ["weighted_loss"], "logit_adjust": ["logit_adjust"]}.get(r.loss, [])),
+             *([r.augment] if r.augment else []),
+             *([f"real_share={r.real_share:g}"] if r.real_share is not None else [])]
+    return "+".join(parts) or "original"
 
 
 class RegimeLoss:

@@ -44,7 +44,7 @@ from hpcgan.classify.augment import RECIPES, augment_batch, build_recipe
 from hpcgan.classify.data import DataError, decode_split, epoch_loader, manifest_sha256, training_set
 from hpcgan.classify.metrics import confusion_csv, confusion_png, scores
 from hpcgan.classify.provenance import LeakageError, check_synthetic
-from hpcgan.classify.regimes import RegimeLoss, get_regime
+from hpcgan.classify.regimes import RegimeLoss, get_regime, parse_spec
 from hpcgan.data.loader import BACKENDS
 from hpcgan.fsutil import atomic_write_bytes
 from hpcgan.progress import Progress
@@ -64,7 +64,7 @@ LOG_COLUMNS = ("step", "epoch", "time", "loss", "train_accuracy", "lr", "images_
 RESULT, RESULTS, TRAINING_SET, SCARCE = "results.json", "results.jsonl", "training_set.json", "scarce.json"
 # a checkpoint from other values of these cannot be continued (another model, data or schedule)
 MUST_MATCH = ("arch", "regime", "seed", "steps", "batch_size", "lr", "weight_decay", "warmup", "synthetic_per_class",
-              "logit_adjust_tau", "augment", "scarce", "scarce_seed", "classes", "image_size", "manifest_sha256",
+              "logit_adjust_tau", "recipes", "regime_axes", "scarce", "scarce_seed", "classes", "image_size", "manifest_sha256",
               "synthetic_manifest_sha256", "pretrained_sha256")
 
 
@@ -88,7 +88,13 @@ class ClassifySettings:
     synthetic_per_class: int | None = None  # regime synthetic: images per class (null: the set's smallest class)
     scarce: dict[str, int] | None = None    # scarcity study: {class: N} cuts the real train split (hpcgan.data.scarce)
     scarce_seed: int | None = None          # which cut (null: seed); a GAN for it must use the same
-    augment: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: copy.deepcopy(RECIPES))
+    # the regime's axes over its preset (hpcgan.classify.regimes; null: the preset's)
+    sampling: str | None = None             # shuffled | balanced
+    loss: str | None = None                 # ce | weighted | logit_adjust
+    augment: str | None = None              # none | a recipe name below
+    synthetic_count: Any = None             # real+synthetic: topup | N | Nx
+    real_share: float | None = None         # balanced real+synthetic: share of a class's draws from real images
+    recipes: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: copy.deepcopy(RECIPES))
     pretrained_file: str | None = None      # ImageNet weights staged as a file (never downloaded); null: from scratch
     pretrained: bool = False                # ImageNet weights staged by name (tools/stage_weights.py timm:ARCH)
     weights_dir: str | None = None          # where they are staged (null: $HPCGAN_WEIGHTS, else ~/.cache/hpcgan/weights)
@@ -109,7 +115,7 @@ class ClassifySettings:
     def __post_init__(self) -> None:
         try:
             get_arch(self.arch)
-            regime = get_regime(self.regime)
+            regime = self.composed_regime()
         except ValueError as e:
             raise SettingsError(str(e)) from None
         if self.pretrained and not self.pretrained_file and not get_arch(self.arch).pretrained:
@@ -140,13 +146,20 @@ class ClassifySettings:
             check_range(f"scarce.{name}", n, 1)
         if self.scarce_seed is not None:
             check_range("scarce_seed", self.scarce_seed, 0)
-        if regime.augment and regime.augment not in self.augment:
-            raise SettingsError(f"regime={self.regime} needs augment.{regime.augment} (a recipe)")
-        for name, steps in self.augment.items():
+        for name, steps in self.recipes.items():
             try:
                 build_recipe(steps, 32)
             except ValueError as e:
-                raise SettingsError(f"augment.{name}: {e}") from None
+                raise SettingsError(f"recipes.{name}: {e}") from None
+
+    def composed_regime(self):
+        """The regime preset (or spec) with this run's axes over it (hpcgan.classify.regimes.compose)."""
+        from hpcgan.classify.regimes import compose
+        preset, axes = parse_spec(self.regime)
+        get_regime(preset)
+        given = {k: getattr(self, k) for k in ("sampling", "loss", "augment", "synthetic_count", "real_share")}
+        axes.update({k: v for k, v in given.items() if v is not None})
+        return compose(preset, **axes, recipes=tuple(self.recipes))
 
 
 # ---- small pieces ----------------------------------------------------------------------------------
@@ -224,7 +237,7 @@ class ClassifierRun:
     # ---- setup: what this run is, before any work
     def setup(self) -> None:
         s, env = self.s, self.env
-        self.regime, self.arch = get_regime(s.regime), get_arch(s.arch)
+        self.regime, self.arch = s.composed_regime(), get_arch(s.arch)
         self.autocast = resolve_precision(s.precision, env.device)
         self.scarce_seed = s.seed if s.scarce_seed is None else s.scarce_seed
         self.provenance = (check_synthetic(s.shards, s.synthetic, s.allow_unknown_provenance, s.scarce,
@@ -237,7 +250,7 @@ class ClassifierRun:
         except ValueError as e:  # e.g. a batch larger than the training set
             raise DataError(f"regime {s.regime}: {e}") from None
         self.total = s.steps
-        self.aug = (build_recipe(s.augment[self.regime.augment], self.image_size) if self.regime.augment else None)
+        self.aug = (build_recipe(s.recipes[self.regime.augment], self.image_size) if self.regime.augment else None)
         self.loss_fn = RegimeLoss(self.regime, self.data.class_counts, s.logit_adjust_tau, env.device)
         sha = manifest_sha256(s.shards)
         syn_sha = manifest_sha256(s.synthetic) if s.synthetic else None
@@ -251,9 +264,10 @@ class ClassifierRun:
                            "classes": self.classes, "image_size": self.image_size, "world_size": env.world_size,
                            "manifest_sha256": sha, "synthetic_manifest_sha256": syn_sha, "pretrained_sha256": pre_sha,
                            "timm": self.arch.timm, "training_set": self.data.describe(),
+                           "regime_name": self.regime.name, "regime_axes": self.regime.axes(),
                            "scarce_seed": self.scarce_seed if s.scarce else None}
         self.data_order = {"world_size": env.world_size}
-        self.status_fields = {"steps": self.total, "arch": s.arch, "regime": s.regime, "seed": s.seed,
+        self.status_fields = {"steps": self.total, "arch": s.arch, "regime": self.regime.name, "seed": s.seed,
                               "world_size": env.world_size}
 
     def pretrained_path(self) -> Path | None:
@@ -336,7 +350,7 @@ class ClassifierRun:
             self.write_status("running")
             self.log = CsvLog(self.run_dir / LOG, LOG_COLUMNS, self.step)
             if self.step < self.total:
-                self.pbar = Progress(self.total, f"classify {self.s.arch} {self.s.regime}", "step",
+                self.pbar = Progress(self.total, f"classify {self.s.arch} {self.regime.name}", "step",
                                      bar=self.s.progress, initial=self.step)
         dist.barrier(self.env)
 
@@ -440,7 +454,7 @@ class ClassifierRun:
             if val:  # curves.png: the loss and the train / val accuracies so far
                 from hpcgan.viz import CLASSIFIER_PANELS, training_curves
                 training_curves(self.run_dir, self.run_dir / "curves.png",
-                                f"{self.s.arch} / {self.s.regime}: {self.run_dir.name}", CLASSIFIER_PANELS)
+                                f"{self.s.arch} / {self.regime.name}: {self.run_dir.name}", CLASSIFIER_PANELS)
             self.write_status("running")
 
     def elapsed(self) -> float:
@@ -493,7 +507,8 @@ class ClassifierRun:
         if s.synthetic:
             syn = {"path": cfg["synthetic"], "manifest_sha256": cfg["synthetic_manifest_sha256"],
                    "provenance": self.provenance}
-        base = {"stage": "classify", "run_dir": str(rd), "arch": s.arch, "timm": self.arch.timm, "regime": s.regime,
+        base = {"stage": "classify", "run_dir": str(rd), "arch": s.arch, "timm": self.arch.timm, "regime": self.regime.name,
+                "preset": parse_spec(s.regime)[0], **self.regime.axes(),
                 "seed": s.seed, "steps": self.total, "image_size": self.image_size,
                 "input_size": self.arch_info["input_size"], "pretrained_sha256": cfg["pretrained_sha256"],
                 "manifest_sha256": cfg["manifest_sha256"],
@@ -521,7 +536,7 @@ class ClassifierRun:
                "settings": asdict(s), "world_size": self.env.world_size, "rows": rows}
         atomic_write_bytes(rd / "confusion_matrix.csv", confusion_csv(cm, self.classes).encode())
         atomic_write_bytes(rd / "confusion_matrix.png", confusion_png(
-            cm, self.classes, f"{s.arch} / {s.regime} / seed {s.seed}: test accuracy {sc['overall']['accuracy']:.3f}, "
+            cm, self.classes, f"{s.arch} / {self.regime.name} / seed {s.seed}: test accuracy {sc['overall']['accuracy']:.3f}, "
                               f"macro-F1 {sc['overall']['macro_f1']:.3f}"))
         write_result(rd / RESULT, doc)
         append_rows(Path(s.results) if s.results else rd / RESULTS, rows)
@@ -579,6 +594,6 @@ def main(argv: list[str] | None = None) -> int:
         doc = read_json(Path(s.out) / RESULT) or {}
         m = doc.get("metrics") or {}
         if m:
-            print(f"{s.arch} / {s.regime} / seed {s.seed}: test accuracy {m['accuracy']:.4f}, macro-F1 "
+            print(f"{s.arch} / {doc.get('regime', {}).get('name', s.regime)} / seed {s.seed}: test accuracy {m['accuracy']:.4f}, macro-F1 "
                   f"{m['macro_f1']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f} -> {Path(s.out) / RESULT}")
     return code

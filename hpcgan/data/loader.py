@@ -279,26 +279,42 @@ def batches_per_rank(n: int, batch_size: int, world_size: int) -> int:
     return -(-per_rank // batch_size)
 
 
-def _balanced_order(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+def _cycle(members: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n draws from `members`: shuffled cycles, each member used once before any repeats."""
+    reps = -(-n // len(members))
+    return np.concatenate([rng.permutation(members) for _ in range(reps)])[:n]
+
+
+def _balanced_order(labels: np.ndarray, n: int, rng: np.random.Generator,
+                    share: tuple[np.ndarray, float] | None = None) -> np.ndarray:
+    """Classes uniformly; within a class, with `share` = (group, f): a draw is from the class's group-0 members
+    (real images) with probability f, else from its group-1 ones (synthetic), each group in its own cycle."""
     present = np.unique(labels)
     draws = present[rng.integers(len(present), size=n)]
     order = np.empty(n, np.int64)
     for c in present:
         where = np.nonzero(draws == c)[0]
         members = np.nonzero(labels == c)[0]
-        reps = -(-len(where) // len(members))
-        cycle = np.concatenate([rng.permutation(members) for _ in range(reps)])
-        order[where] = cycle[: len(where)]
+        if share is None:
+            order[where] = _cycle(members, len(where), rng)
+            continue
+        group, f = share
+        real, syn = members[group[members] == 0], members[group[members] == 1]
+        from_real = rng.random(len(where)) < f if len(real) and len(syn) else np.full(len(where), len(real) > 0)
+        for pick, pool in ((from_real, real), (~from_real, syn)):
+            if pick.any():
+                order[where[pick]] = _cycle(pool, int(pick.sum()), rng)
     return order
 
 
 def epoch_plan(labels: np.ndarray, batch_size: int, rank: int, world_size: int, *, seed: int, epoch: int,
-               shuffle: bool, flip: bool, balance_classes: bool) -> EpochPlan:
+               shuffle: bool, flip: bool, balance_classes: bool,
+               balance_share: tuple[np.ndarray, float] | None = None) -> EpochPlan:
     n = len(labels)
     nb = batches_per_rank(n, batch_size, world_size)
     rng = np.random.default_rng([seed, epoch])
     if balance_classes:
-        order = _balanced_order(labels, n, rng)
+        order = _balanced_order(labels, n, rng, balance_share)
     elif shuffle:
         order = rng.permutation(n)
     else:
@@ -405,12 +421,15 @@ def make_loader(shards: str | os.PathLike | Sequence[str | os.PathLike], split: 
                 rank: int = 0, world_size: int = 1, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
                 flip: bool = False, balance_classes: bool = False, backend: str = "auto",
                 device: str = "auto", num_threads: int | None = None, skip_batches: int = 0,
-                dali_source: str = "index", index: ShardIndex | None = None) -> ShardLoader:
+                dali_source: str = "index", index: ShardIndex | None = None,
+                balance_share: tuple[np.ndarray, float] | None = None) -> ShardLoader:
     """One epoch of `split` (a name, or several read as one: ["train", "val"]) for `rank` of `world_size`
     (see the module docstring for the exact semantics).
 
     index: the samples to read instead of the whole split (load_index(shards, split) with .subset/.concat:
     a scarce cut, real + synthetic); `split` then only names them.
+    balance_share: with balance_classes, (group [N] of 0/1, f): a class's draws come from its group-0 samples
+    with probability f (a classifier's real share of real + synthetic).
 
     dali_source: "index" (default; exact plan, skip without decode, balance_classes) or "reader"
     (fn.readers.webdataset; order decided by DALI, see dali_pipeline.py).
@@ -432,7 +451,7 @@ def make_loader(shards: str | os.PathLike | Sequence[str | os.PathLike], split: 
                          "use dali_source='index'")
     plan = None if use_reader else epoch_plan(
         index.labels, batch_size, rank, world_size, seed=seed, epoch=epoch, shuffle=shuffle, flip=flip,
-        balance_classes=balance_classes)
+        balance_classes=balance_classes, balance_share=balance_share)
     nb = plan.epoch_batches if plan is not None else batches_per_rank(len(index), batch_size, world_size)
     if not (0 <= skip_batches <= nb):
         raise ValueError(f"skip_batches={skip_batches} outside [0, {nb}] (batches in this epoch)")
