@@ -50,9 +50,10 @@ TABLE3 = ("is", "fid", "lpips", "precision", "recall", "f1", "kid", "intra_fid",
 TABLE4 = ("l1", "l2", "psnr", "ssim")
 # the quality study (issue 9): the numbers its targets are about, one table
 QUALITY = ("intra_fid", "fid", "precision", "recall", "class_accuracy", "diversity_ratio", "memorisation")
-TABLE5 = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "balanced_accuracy")
-# the scarcity study: the whole test set, then each scarce class's recall (sensitivity) on real test cells
-SCARCITY = ("balanced_accuracy", "macro_f1", "accuracy")
+TABLE5 = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "balanced_accuracy", "steps_run")
+# the scarcity study: the whole test set, then each scarce class's recall (sensitivity) on real test cells, and
+# the steps each classifier trained (early stopping: the step it stopped at)
+SCARCITY = ("balanced_accuracy", "macro_f1", "accuracy", "steps_run")
 TABLE6 = ("accuracy", "specificity", "sensitivity")
 KEY = ("run_dir", "stage", "metric", "class", "extractor", "weights", "steps", "tag", "real_split")
 CONFIG = ("stage", "model", "arch", "regime", "synthetic_from", "scarce", "seed", "steps", "image_size", "extractor",

@@ -602,3 +602,31 @@ def test_classes_without_real_training_images_are_never_topped_up():
     assert cas == {0: 4, 2: 4}
     with pytest.raises(DataError, match=r"\{'c': '2 < 3'\}"):
         synthetic_wanted(get_regime("original+synthetic"), real, np.array([0, 9, 2]), names, None)
+
+
+def test_early_stopping_stops_where_a_planted_validation_curve_peaks(shards, tmp_path, monkeypatch):
+    """Issue 19: val macro-F1 planted to rise to a peak at the 3rd scoring (step 6) and fall after: with
+    patience 2 the run stops at step 10 (two scorings later), keeps step 6's weights, and says so; a rerun
+    finds it finished."""
+    import hpcgan.classify.run as run_mod
+    curve = iter([0.2, 0.5, 0.9, 0.6, 0.4, 0.3, 0.3, 0.3, 0.3, 0.3])
+    real = run_mod.confusion_on
+
+    def planted(model, images, labels, num_classes, *a, **k):
+        cm = real(model, images, labels, num_classes, *a, **k)
+        if len(labels) != len(test_y):   # val: a confusion matrix whose macro-F1 is the next point of the curve
+            f = next(curve)   # class 1: 100 f right, 100 (1 - f) taken for class 0
+            cm = np.zeros((num_classes, num_classes), np.int64)
+            cm[0, 0], cm[1, 1], cm[1, 0] = 100, int(100 * f), int(100 * (1 - f))
+        return cm
+    test_y = decode_split(shards, "test", torch.device("cpu"))[1]
+    monkeypatch.setattr(run_mod, "confusion_on", planted)
+    out = tmp_path / "run"
+    assert main(overrides(shards, out, "steps=40", "eval_every=2", "patience=2", "ckpt_every=1000")) == EXIT_OK
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["selection"]["best_step"] == 6
+    row = doc["rows"][0]
+    assert (row["steps_run"], row["stopped_early"], row["patience"]) == (10, True, 2)
+    assert [r["value"] for r in doc["rows"] if r["metric"] == "steps_run"] == [10.0]
+    assert main(overrides(shards, out, "steps=40", "eval_every=2", "patience=2", "ckpt_every=1000")) == EXIT_OK
+    assert json.loads((out / "results.json").read_text())["time"] == doc["time"]   # not trained again

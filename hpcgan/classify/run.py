@@ -83,6 +83,8 @@ class ClassifySettings:
     weight_decay: float = 0.05
     warmup: float = 0.05                    # share of the steps with a linear learning-rate warm-up
     eval_every: int = 250                   # val scoring (and model selection) every N steps and at the end
+    patience: int | None = None             # early stopping: stop after this many val scorings without a new
+                                            # best (select_on); `steps` is then the cap. null: train all steps
     select_on: str = "macro_f1"             # macro_f1 | accuracy (on val)
     logit_adjust_tau: float = 1.0           # regime logit_adjust: tau of Menon et al. (2021)
     synthetic_per_class: int | None = None  # regime synthetic: images per class (null: the set's smallest class)
@@ -140,6 +142,8 @@ class ClassifySettings:
         check_range("logit_adjust_tau", self.logit_adjust_tau, 0)
         if self.synthetic_per_class is not None:
             check_range("synthetic_per_class", self.synthetic_per_class, 1)
+        if self.patience is not None:
+            check_range("patience", self.patience, 1)
         if self.num_threads is not None:
             check_range("num_threads", self.num_threads, 1)
         for name, n in (self.scarce or {}).items():
@@ -224,7 +228,8 @@ class ClassifierRun:
     def run(self) -> int:
         self.setup()
         ckpt = self.newest_checkpoint()
-        if self.step >= self.total and read_json(self.run_dir / RESULT) is not None:
+        best_step = ckpt["best"]["step"] if ckpt else -1
+        if (self.step >= self.total or self.patience_spent(best_step)) and read_json(self.run_dir / RESULT) is not None:
             return self.already_finished()
         self.build(ckpt)
         del ckpt
@@ -374,9 +379,20 @@ class ClassifierRun:
                 self.log_row(val=self.last_val if evaluated else None)
             if stop:
                 return True
+            if evaluated and self.patience_spent(self.best["step"]):
+                logger.info("early stop at step %d: no better val %s than step %d's (%.4f) in %d scorings",
+                            self.step, s.select_on, self.best["step"], self.best["score"], s.patience)
+                return False
             if self.step % s.ckpt_every == 0 and self.step < self.total:
                 self.checkpoint()
         return False
+
+    def patience_spent(self, best_step: int) -> bool:
+        """Whether `patience` val scorings have passed since the best one (early stopping; from the step alone, so
+        a resumed run stops where an uninterrupted one would)."""
+        s = self.s
+        return (s.patience is not None and best_step >= 0 and self.step < self.total
+                and self.step - best_step >= s.patience * s.eval_every)
 
     def next_batch(self):
         while True:
@@ -517,8 +533,10 @@ class ClassifierRun:
                 "provenance_unknown": bool((self.provenance or {}).get("unknown")),
                 "scarce": s.scarce or None, "scarce_seed": cfg["scarce_seed"],
                 "real_split": "test", "selected_on": f"val_{s.select_on}", "best_step": self.best["step"],
+                "steps_run": self.step, "stopped_early": self.step < self.total, "patience": s.patience,
                 "n_train": len(self.data.index), "n_test": n_test, "world_size": self.env.world_size}
         rows = [{**base, "metric": m, "class": None, "value": number(v)} for m, v in sc["overall"].items()]
+        rows.append({**base, "metric": "steps_run", "class": None, "value": float(self.step)})  # the tables show it
         for m, per in sc["per_class"].items():
             for c, v in per.items():
                 row = {**base, "metric": m, "class": c, "value": number(v)}
