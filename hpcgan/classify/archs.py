@@ -4,6 +4,8 @@
 |----------------|---------------------------------------------------|--------------------------------|
 | small_cnn      | hpcgan.metrics.cell's CellNet (the `cell` feature  | the shard size                 |
 |                | extractor's network, ~0.4 M parameters)            |                                |
+| small_resnet   | SmallResNet: a CIFAR-style ResNet, 3x3 stem, four  | the shard size (a stride-2 stem|
+|                | residual stages of widths 16-128 (~0.3 M)          | conv per doubling above 32 px) |
 | inception_v3   | timm inception_v3 (~22 M)                          | >= 75 px: 32/64 px resized up  |
 | resnet50       | timm resnet50 (~24 M)                              | the shard size (>= 32)         |
 | vgg16, vgg19   | timm vgg16_bn, vgg19_bn (~134/140 M)               | the shard size (>= 32)         |
@@ -23,6 +25,7 @@ on a machine with internet, then `pretrained=true`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +50,7 @@ class Arch:
 # applications the paper used are; Xception: the TensorFlow port, timm's only one).
 ARCHS: dict[str, Arch] = {a.name: a for a in (
     Arch("small_cnn", None, 8),
+    Arch("small_resnet", None, 8),
     Arch("inception_v3", "inception_v3", 75, "tv_in1k"),
     Arch("resnet50", "resnet50", 32, "tv_in1k"),
     Arch("vgg16", "vgg16_bn", 32, "tv_in1k"),
@@ -90,7 +94,9 @@ def build_classifier(name: str, num_classes: int, image_size: int) -> tuple[nn.M
     Randomly initialised from the global torch RNG (seed it first)."""
     arch = get_arch(name)
     size = input_size(arch, image_size)
-    if arch.timm is None:
+    if arch.name == "small_resnet":
+        net = SmallResNet(num_classes, stem_downsamples=max(0, round(math.log2(size / 32))))
+    elif arch.timm is None:
         from hpcgan.metrics.cell import build_net, default_arch
         net = build_net(default_arch(size), num_classes)
     else:
@@ -99,6 +105,43 @@ def build_classifier(name: str, num_classes: int, image_size: int) -> tuple[nn.M
     info = {"arch": arch.name, "timm": arch.timm, "input_size": size,
             "parameters": sum(p.numel() for p in net.parameters())}
     return (Resized(net, size) if size != image_size else net), info
+
+
+class _Block(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the input (a 1x1 strided conv when the shape changes), then ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+                                  nn.ReLU(inplace=True), nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(cout))
+        self.skip = (nn.Identity() if stride == 1 and cin == cout else
+                     nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + self.skip(x))
+
+
+class SmallResNet(nn.Module):
+    """The study's default classifier: a 3x3 stem and four residual stages (the first at full resolution, each
+    next one halving it), global average pooling, a linear head. Strong enough at 32 px to show the gaps between
+    regimes that small_cnn compresses (README, issue 19), and minutes on CPU."""
+
+    def __init__(self, num_classes: int, widths=(16, 32, 64, 128), stem_downsamples: int = 0):
+        super().__init__()
+        stem: list[nn.Module] = []
+        cin = 3
+        for k in range(stem_downsamples + 1):
+            stem += [nn.Conv2d(cin, widths[0], 3, 2 if k < stem_downsamples else 1, 1, bias=False),
+                     nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
+            cin = widths[0]
+        self.stem = nn.Sequential(*stem)
+        self.stages = nn.Sequential(*(_Block(widths[max(i - 1, 0)], w, 1 if i == 0 else 2)
+                                      for i, w in enumerate(widths)))
+        self.head = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)).mean(dim=(2, 3)))
 
 
 def _state_dict_of(blob) -> dict:
