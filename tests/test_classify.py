@@ -447,6 +447,21 @@ def test_bad_settings_are_one_line_errors(bad, msg):
     with pytest.raises(SettingsError, match=msg):
         parse(ClassifySettings, {"shards": "s", "out": "o", **bad})
 
+@pytest.mark.parametrize("size, stem_strides", [(32, 0), (64, 1), (128, 2)])
+def test_small_resnet_brings_every_size_to_32px_stages_with_strided_stem_convs(size, stem_strides):
+    """The study's default classifier: its four residual stages see 32, 16, 8 and 4 px whatever the shard size
+    (a stride-2 stem conv per doubling), so its cost per image stays that of 32 px."""
+    from hpcgan.classify.archs import SmallResNet
+    torch.manual_seed(0)
+    model, info = build_classifier("small_resnet", 9, size)
+    assert isinstance(model, SmallResNet) and info["input_size"] == size
+    strides = [m.stride[0] for m in model.stem if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [2] * stem_strides + [1]
+    seen = []
+    model.stages[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
+    assert model(torch.zeros(1, 3, size, size)).shape == (1, 9) and seen == [32]
+
+
 
 # ---- training --------------------------------------------------------------------------------------
 
