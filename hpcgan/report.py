@@ -13,6 +13,11 @@ key (run, stage, metric, class, extractor, weights, steps, tag, split): the last
   table4_<ext>_<px>.csv/.md   per GAN model: l1, l2, PSNR, SSIM (nearest same-class real image) - Table 4
   table5_<px>.csv/.md   per classifier architecture x data regime: accuracy, macro P/R/F1 - Table 5
   table6_<px>.csv/.md   per class (for each architecture x regime): accuracy, specificity, sensitivity - Table 6
+  scarcity_<px>_<cut>.csv/.md  per scarce cut: every regime's balanced accuracy, macro-F1, accuracy, steps and
+                        the recall of each cut class on real test cells, with the study's `full` (the rival's
+                        recipe on the uncut split) and `rival` rows and, under the table, which recipe won the
+                        rival search and by how much on val
+  rival_search_<px>_<cut>.csv/.md  the rival search: every cheap recipe's val scores (never test), best first
   sources.csv           for every table cell, the run directories its number comes from
   fig_ac_accuracy.png   the auxiliary classifier's accuracy on real and generated images against the step, a
                         line per GAN run (the paper's Figs. 7-8), from the runs' log.csv
@@ -138,7 +143,8 @@ def markdown(wide: pd.DataFrame, by: list[str], metrics: tuple[str, ...]) -> str
     for m in metrics:
         if f"{m}_mean" in wide:
             shown[m] = [_cell(a, b, n) for a, b, n in zip(wide[f"{m}_mean"], wide[f"{m}_std"], wide[f"{m}_n"])]
-    return shown.to_markdown(index=False)
+    note = wide.attrs.get("note")   # a line said under the table (the rival's choice)
+    return shown.to_markdown(index=False) + (f"\n\n{note}" if note else "")
 
 
 def _cell(mean, std, n) -> str:
@@ -168,10 +174,14 @@ def gan_tables(df: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, pd.DataFrame, 
 def classifier_tables(df: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, pd.DataFrame, list[str], tuple]]:
     """Tables 5 (whole test set) and 6 (per class), one per image size."""
     cl = df[df["stage"] == "classify"]
+    search = cl[cl["real_split"] == "val"]          # a rival search's runs: scored on val, kept out of the tables
+    cl = cl[cl["real_split"] != "val"]
     out = {}
+    for size, part in search.groupby("image_size", dropna=False):
+        out.update(search_tables(part, size))
     for size, part in cl.groupby("image_size", dropna=False):
         # which GAN's synthetic set, and which scarce cut, make a regime's row: never averaged together
-        by = ["arch", "regime"] + [c for c in ("synthetic_from", "scarce") if part[c].notna().any()]
+        by = ["arch", "regime"] + [c for c in ("synthetic_from", "scarce", "tag") if part[c].notna().any()]
         wide, sources = summarise(part[part["class"].isna()], by, TABLE5)
         if not wide.empty:
             out[f"table5_{_px(size)}"] = (wide, sources, by, TABLE5)
@@ -185,19 +195,59 @@ def classifier_tables(df: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, pd.Data
 
 def scarcity_tables(cl: pd.DataFrame, size) -> dict[str, tuple[pd.DataFrame, pd.DataFrame, list[str], tuple]]:
     """Per scarce cut: every regime's balanced accuracy, macro-F1, accuracy and the recall (sensitivity) of
-    each scarce class on the real test split, mean ± std over seeds."""
+    each scarce class on the real test split, mean ± std over seeds; the study's `full` rows (uncut, the rival's
+    recipe) join every cut's table as its reference, and the rival's choice is said under it."""
     out = {}
+    full = cl[(cl["tag"] == "full") & cl["scarce"].isna()]
     for cut, part in cl[cl["scarce"].notna()].groupby("scarce"):
-        scarce = [kv.split("=")[0] for kv in str(cut).split(",")]
-        recall = part[part["class"].isin(scarce) & (part["metric"] == "sensitivity")]
-        recall = recall.assign(metric="recall_" + recall["class"].astype(str))
-        both = pd.concat([part[part["class"].isna()], recall], ignore_index=True)
-        metrics = (*SCARCITY, *(f"recall_{c}" for c in scarce))
-        by = ["arch", "regime", "synthetic_from"]
-        wide, sources = summarise(both, by, metrics)
+        part = pd.concat([full[full["arch"].isin(part["arch"])], part], ignore_index=True)
+        wide, sources, by, metrics = _with_recalls(part, str(cut), SCARCITY, ["arch", "regime", "synthetic_from"])
         if not wide.empty:
-            out[f"scarcity_{_px(size)}_{cut.replace(',', '_').replace('=', '')}"] = (wide, sources, by, metrics)
+            wide.attrs["note"] = rival_note(part)
+            out[f"scarcity_{_px(size)}_{_cut_slug(cut)}"] = (wide, sources, by, metrics)
     return out
+
+
+def search_tables(search: pd.DataFrame, size) -> dict[str, tuple[pd.DataFrame, pd.DataFrame, list[str], tuple]]:
+    """Per scarce cut, the rival search's recipes with their val scores, best val macro-F1 first."""
+    out = {}
+    for cut, part in search.groupby(search["scarce"].fillna("uncut")):
+        wide, sources, by, metrics = _with_recalls(part, str(cut), ("macro_f1", "balanced_accuracy", "steps_run"),
+                                                   ["arch", "regime"])
+        if not wide.empty:
+            if "macro_f1_mean" in wide:
+                wide = wide.sort_values("macro_f1_mean", ascending=False, kind="stable").reset_index(drop=True)
+            out[f"rival_search_{_px(size)}_{_cut_slug(cut)}"] = (wide, sources, by, metrics)
+    return out
+
+
+def _with_recalls(part: pd.DataFrame, cut: str, metrics: tuple, by: list[str]):
+    """summarise() of the whole-set metrics and the recall (sensitivity) of each class of the cut."""
+    scarce = [kv.split("=")[0] for kv in cut.split(",") if "=" in kv]
+    recall = part[part["class"].isin(scarce) & (part["metric"] == "sensitivity")]
+    recall = recall.assign(metric="recall_" + recall["class"].astype(str))
+    both = pd.concat([part[part["class"].isna()], recall], ignore_index=True)
+    metrics = (*metrics, *(f"recall_{c}" for c in scarce))
+    by = by[:1] + (["tag"] if both["tag"].notna().any() else []) + by[1:]
+    wide, sources = summarise(both, by, metrics)
+    return wide, sources, by, metrics
+
+
+def rival_note(part: pd.DataFrame) -> str:
+    """Which recipe the rival search chose for these rows and its val margin over the runner-up."""
+    if "recipe_from" not in part:
+        return ""
+    chosen, lines = part[part["recipe_from"].notna()], []
+    for (arch, won), rows in chosen.groupby(["arch", "recipe_from"]):
+        margin = pd.to_numeric(rows.get("recipe_margin"), errors="coerce").dropna()
+        runner = rows["recipe_runner_up"].dropna() if "recipe_runner_up" in rows else pd.Series(dtype=object)
+        said = f"{margin.iloc[0]:+.4f} val macro-F1 over {runner.iloc[0]}" if len(margin) and len(runner) else "no runner-up"
+        lines.append(f"Rival search ({arch}): `{won}` won on val ({said}).")
+    return "\n".join(lines)
+
+
+def _cut_slug(cut) -> str:
+    return str(cut).replace(",", "_").replace("=", "")
 
 
 def _px(size) -> str:

@@ -13,7 +13,10 @@ stage by stage (STAGES), each a command of the project's own entry points:
   generate  tools/generate.py          a balanced synthetic set of each GAN in generate.models
   evaluate  hpcgan.evaluate            every GAN run, one shared feature cache per study
   classify  tools/classify.py          architectures x regimes x seeds (x the synthetic sets, for the regimes
-                                       that use one) at every size
+                                       that use one) at every size; with classify.rival_search also the search:
+                                       every cheap recipe, one seed, scored on val (hpcgan.classify.rival)
+  rival     tools/classify.py          the search's winner (recipe_from=) with every seed on test (`rival`), on
+                                       the uncut split (`full`) and under synthetic data (`on_rival`)
 Run directories are named by their grid values (gan/wgan_gp_ac-s0-32, synthetic/..., cls/small_cnn-original-s0-32),
 so the same study in the same folder always means the same tasks.
 
@@ -70,7 +73,7 @@ from hpcgan.settings import SettingsError, check_choice, check_range, parse
 logger = logging.getLogger("hpcgan.sweep")
 
 FORMAT = 1
-STAGES = ("simulate", "shard", "features", "train", "generate", "evaluate", "classify")
+STAGES = ("simulate", "shard", "features", "train", "generate", "evaluate", "classify", "rival")
 EXECUTORS = ("auto", "slurm", "local")
 STATES = ("finished", "running", "requeued", "pending", "failed", "missing")
 ACTIVE = ("running", "requeued", "pending")
@@ -220,18 +223,37 @@ class ClassifyGrid:
     seeds: list[int] = field(default_factory=lambda: [0])
     sizes: list[int] | None = None     # None: gan.sizes
     overrides: list[str] = field(default_factory=list)   # tools/classify.py overrides for every run
+    # the cheap rival, found at run time (hpcgan.classify.rival): {sampling: [...], loss: [...], augment: [...]}
+    # (an axis left out: all its values), every combination one run of the first seed scored on val; null: none
+    rival_search: dict[str, list[str]] | None = None
+    full: bool = False                 # the winner on the uncut train split too (the `full` row; needs the search)
+    on_rival: list[str] = field(default_factory=list)   # regimes run over the winner's recipe (axes they set win)
 
     def __post_init__(self) -> None:
         if self.enabled:
             from hpcgan.classify.archs import get_arch
             from hpcgan.classify.regimes import get_regime
             _check_grid("classify", archs=self.archs, regimes=self.regimes, seeds=self.seeds)
-            for name, check in (("archs", get_arch), ("regimes", get_regime)):
+            for name, check in (("archs", get_arch), ("regimes", get_regime), ("on_rival", get_regime)):
                 for value in getattr(self, name):
                     try:
                         check(value)
                     except ValueError as e:
                         raise SettingsError(f"classify.{name}: {e}") from None
+            if self.rival_search is None and (self.full or self.on_rival):
+                raise SettingsError("classify.full and classify.on_rival take the rival search's winner: set "
+                                    "classify.rival_search ({} searches every recipe)")
+            self.search_grid()
+
+    def search_grid(self) -> list[dict[str, str]]:
+        """The rival search's recipes (none without classify.rival_search)."""
+        from hpcgan.classify.rival import search_grid
+        if self.rival_search is None:
+            return []
+        try:
+            return search_grid(self.rival_search)
+        except ValueError as e:
+            raise SettingsError(f"classify.{e}") from None
 
 
 @dataclass
@@ -258,15 +280,18 @@ class StudySettings:
                 raise SettingsError(f"generate.models: {m!r} is unconditional and cannot make a chosen class; "
                                     "balanced synthetic sets need a conditional model (wgan_gp_ac, acgan, cgan)")
         if self.classify.enabled:
-            if any(needs_synthetic(r) for r in self.classify.regimes) and not self.generate.models:
-                raise SettingsError(f"classify.regimes {self.classify.regimes} use synthetic data but generate.models "
-                                    "is empty: name the GANs whose synthetic sets feed them")
+            if any(needs_synthetic(r) for r in self.classify.regimes + self.classify.on_rival) and not self.generate.models:
+                raise SettingsError(f"classify.regimes {self.classify.regimes + self.classify.on_rival} use synthetic "
+                                    "data but generate.models is empty: name the GANs whose synthetic sets feed them")
             for size in self.classify.sizes or ():
                 if size not in self.gan.sizes:
                     raise SettingsError(f"classify.sizes: {size} is not in gan.sizes {self.gan.sizes}")
 
     def stage_resources(self, stage: str) -> dict:
-        """cluster.resources overlaid by resources.<stage>; ranks resolved (gpus, or 1)."""
+        """cluster.resources overlaid by resources.<stage> (rival: resources.classify unless it has its own);
+        ranks resolved (gpus, or 1)."""
+        if stage == "rival" and stage not in self.resources:
+            stage = "classify"
         merged = asdict(self.cluster.resources)
         for k, v in asdict(self.resources.get(stage, Resources())).items():
             if k == "sbatch":
@@ -523,27 +548,49 @@ def shard_dir(shards, size: int) -> str:
 
 
 def _classify_tasks(s: StudySettings, out: Path, shards: dict, add) -> None:
-    c, g = s.classify, s.gan
-    for size in c.sizes or g.sizes:
-        sh, sh_dep = shards[size]
+    """The classify stage (the grid, and the rival search on the first seed's cut, scored on val) and the rival
+    stage (the search's winner: `rival` with every seed, `full` on the uncut split, `on_rival` regimes)."""
+    c = s.classify
+    search = [" ".join(["original", *(f"{k}={v}" for k, v in axes.items())]) for axes in c.search_grid()]
+    for size in c.sizes or s.gan.sizes:
         for arch in c.archs:
             for regime in c.regimes:
                 for seed in c.seeds:
-                    # a synthetic regime runs once per generated set: that GAN's run with the classifier's
-                    # seed when the GAN grid has it, else its first seed
-                    gan_seed = seed if seed in g.seeds else g.seeds[0]
-                    for model in (s.generate.models if needs_synthetic(regime) else [None]):
-                        name = classifier_name(arch, regime, seed, size, model)
-                        run = out / "cls" / name
-                        syn = out / "synthetic" / gan_name(model, gan_seed, size) if model else None
-                        add("classify", f"cls/{name}", run,
-                            [TOOLS / "classify.py", *kv(shards=sh, synthetic=syn, arch=arch, regime=regime,
-                                                        seed=seed, out=run), *scarce_args(s, gan_seed),
-                             *c.overrides],
-                            deps=[sh_dep, f"synthetic/{gan_name(model, gan_seed, size)}" if model else None],
-                            grid={"arch": arch, "regime": regime, "seed": seed, "size": size, "synthetic_from": model,
-                                  "gan_seed": gan_seed if model else None},
-                            check={"kind": "run", "results": True})
+                    _classifier(s, out, shards[size], add, "classify", arch, regime, seed, size)
+            found = [_classifier(s, out, shards[size], add, "classify", arch, spec, c.seeds[0], size, tag="search",
+                                 extra=["score_split=val"]) for spec in search]
+            if not found:
+                continue
+            pick = {"deps": [t.name for t in found], "extra": kv(recipe_from=[t.out for t in found])}
+            for seed in c.seeds:
+                _classifier(s, out, shards[size], add, "rival", arch, "original", seed, size, tag="rival", **pick)
+                if c.full:
+                    _classifier(s, out, shards[size], add, "rival", arch, "original", seed, size, tag="full",
+                                uncut=True, **pick)
+                for regime in c.on_rival:
+                    _classifier(s, out, shards[size], add, "rival", arch, regime, seed, size, tag="on_rival", **pick)
+
+
+def _classifier(s: StudySettings, out: Path, shard: tuple[str, str | None], add, stage: str, arch: str, regime: str,
+                seed: int, size: int, tag: str | None = None, deps=(), extra=(), uncut: bool = False):
+    """One classifier task per synthetic set the regime reads (one without): a synthetic regime runs on that
+    GAN's run with the classifier's seed when the GAN grid has it, else its first seed. Returns the last."""
+    from hpcgan.classify.regimes import get_regime
+    g, task = s.gan, None
+    gan_seed = seed if seed in g.seeds else g.seeds[0]
+    for model in (s.generate.models if needs_synthetic(regime) else [None]):
+        name = classifier_name(arch, f"{tag}-{get_regime(regime).name}" if tag else regime, seed, size, model)
+        run = out / "cls" / name
+        syn = out / "synthetic" / gan_name(model, gan_seed, size) if model else None
+        task = add(stage, f"cls/{name}", run,
+                   [TOOLS / "classify.py", *kv(shards=shard[0], synthetic=syn, arch=arch, regime=regime, seed=seed,
+                                               out=run, tag=tag), *([] if uncut else scarce_args(s, gan_seed)),
+                    *s.classify.overrides, *extra],
+                   deps=[shard[1], f"synthetic/{gan_name(model, gan_seed, size)}" if model else None, *deps],
+                   grid={"arch": arch, "regime": regime, "seed": seed, "size": size, "synthetic_from": model,
+                         "gan_seed": gan_seed if model else None, "tag": tag},
+                   check={"kind": "run", "results": True})
+    return task
 
 
 # ================================================================ is a task done?
@@ -1142,6 +1189,9 @@ def study_summary(settings: dict) -> str:
              f"  generate  {gen['models'] or 'none'}"]
     if c["enabled"]:
         lines.append(f"  classify  archs {c['archs']}, regimes {c['regimes']}, seeds {c['seeds']}")
+        if c.get("rival_search") is not None:
+            lines.append(f"  rival     search {c['rival_search'] or 'every recipe'} on val; full {c.get('full')}, "
+                         f"on the rival {c.get('on_rival') or 'none'}")
     return "\n".join(lines)
 
 

@@ -12,7 +12,8 @@ from the global torch RNG seeded by (seed, r, s), and the data order is the load
 rank), so a run killed and resumed from a checkpoint ends with the same weights as an uninterrupted one.
 Model selection: the val split is scored every `eval_every` steps and at the end; the weights with the best
 val `select_on` (default macro-F1: with scarce classes, accuracy rewards ignoring them; the first step on a
-tie) are kept, in the checkpoint, and are the ones scored. The test split is decoded only after training.
+tie) are kept, in the checkpoint, and are the ones scored. The test split is decoded only after training, and
+never with score_split=val (a rival search's runs: hpcgan.classify.rival; recipe_from= takes their winner).
 
 Run directory (hpcgan.rundir): config.yaml, status.json, log.csv, checkpoints/ (hpcgan.checkpoint, with the
 best weights inside), training_set.json (images per class and source, the synthetic set's provenance),
@@ -45,6 +46,7 @@ from hpcgan.classify.data import DataError, decode_split, epoch_loader, manifest
 from hpcgan.classify.metrics import confusion_csv, confusion_png, scores
 from hpcgan.classify.provenance import LeakageError, check_synthetic
 from hpcgan.classify.regimes import RegimeLoss, get_regime, parse_spec
+from hpcgan.classify.rival import pick
 from hpcgan.data.loader import BACKENDS
 from hpcgan.fsutil import atomic_write_bytes
 from hpcgan.progress import Progress
@@ -58,12 +60,13 @@ logger = logging.getLogger("hpcgan.classify")
 FORMAT = 1
 PRECISIONS = ("auto", "fp32", "bf16")
 SELECT_ON = ("macro_f1", "accuracy")
+SCORE_SPLITS = ("test", "val")
 CKPT_KEYS = ("step", "epoch", "batch_in_epoch", "config", "model", "opt", "best", "rng", "meta")
 LOG_COLUMNS = ("step", "epoch", "time", "loss", "train_accuracy", "lr", "images_per_s", "bad_steps",
                "val_accuracy", "val_macro_f1", "best_step")
 RESULT, RESULTS, TRAINING_SET, SCARCE = "results.json", "results.jsonl", "training_set.json", "scarce.json"
 # a checkpoint from other values of these cannot be continued (another model, data or schedule)
-MUST_MATCH = ("arch", "regime", "seed", "steps", "batch_size", "lr", "weight_decay", "warmup", "synthetic_per_class",
+MUST_MATCH = ("arch", "regime", "recipe", "score_split", "seed", "steps", "batch_size", "lr", "weight_decay", "warmup", "synthetic_per_class",
               "logit_adjust_tau", "recipes", "regime_axes", "scarce", "scarce_seed", "classes", "image_size", "manifest_sha256",
               "synthetic_manifest_sha256", "pretrained_sha256")
 
@@ -74,7 +77,7 @@ class ClassifySettings:
     shards: str = MISSING                   # the real shard set: train (training), val (selection), test (score)
     out: str = MISSING                      # the run directory (re-running it resumes)
     synthetic: str | None = None            # a synthetic shard set (tools/generate.py), for the synthetic regimes
-    arch: str = "small_cnn"                 # small_cnn | inception_v3 | resnet50 | vgg16 | vgg19 | xception | timm:NAME
+    arch: str = "small_cnn"                 # small_cnn | small_resnet | inception_v3 | resnet50 | vgg16 | vgg19 | xception | timm:NAME
     regime: str = "original"                # see hpcgan.classify.regimes
     seed: int = 0
     steps: int = 2000                       # optimisation steps, the same for every regime
@@ -96,6 +99,12 @@ class ClassifySettings:
     augment: str | None = None              # none | a recipe name below
     synthetic_count: Any = None             # real+synthetic: topup | N | Nx
     real_share: float | None = None         # balanced real+synthetic: share of a class's draws from real images
+    recipe_from: list[str] | None = None    # a rival search's run dirs (score_split=val): the best on val gives
+                                            # the sampling, loss and augment this run sets neither way above
+                                            # (hpcgan.classify.rival)
+    score_split: str = "test"               # test | val: the split the kept weights are scored on (val: a
+                                            # rival search's runs, which never read test)
+    tag: str | None = None                  # the study row this run is (search, rival, full, on_rival): in its rows
     recipes: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: copy.deepcopy(RECIPES))
     pretrained_file: str | None = None      # ImageNet weights staged as a file (never downloaded); null: from scratch
     pretrained: bool = False                # ImageNet weights staged by name (tools/stage_weights.py timm:ARCH)
@@ -130,6 +139,9 @@ class ClassifySettings:
             raise SettingsError(f"regime={self.regime} does not read a synthetic set: drop synthetic=")
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("select_on", self.select_on, SELECT_ON)
+        check_choice("score_split", self.score_split, SCORE_SPLITS)
+        if self.recipe_from is not None and not self.recipe_from:
+            raise SettingsError("recipe_from: give the rival search's run directories, or leave it out")
         check_choice("backend", self.backend, BACKENDS)
         for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "log_every", "ckpt_every",
                      "max_bad_steps"):
@@ -156,13 +168,14 @@ class ClassifySettings:
             except ValueError as e:
                 raise SettingsError(f"recipes.{name}: {e}") from None
 
-    def composed_regime(self):
-        """The regime preset (or spec) with this run's axes over it (hpcgan.classify.regimes.compose)."""
+    def composed_regime(self, recipe: dict | None = None):
+        """The regime preset (or spec) with this run's axes over it (hpcgan.classify.regimes.compose); `recipe`
+        (a rival search's winning axes) fills the axes that neither the spec nor a setting gives."""
         from hpcgan.classify.regimes import compose
-        preset, axes = parse_spec(self.regime)
+        preset, spec_axes = parse_spec(self.regime)
         get_regime(preset)
         given = {k: getattr(self, k) for k in ("sampling", "loss", "augment", "synthetic_count", "real_share")}
-        axes.update({k: v for k, v in given.items() if v is not None})
+        axes = {**(recipe or {}), **spec_axes, **{k: v for k, v in given.items() if v is not None}}
         return compose(preset, **axes, recipes=tuple(self.recipes))
 
 
@@ -242,7 +255,8 @@ class ClassifierRun:
     # ---- setup: what this run is, before any work
     def setup(self) -> None:
         s, env = self.s, self.env
-        self.regime, self.arch = s.composed_regime(), get_arch(s.arch)
+        self.recipe = pick(s.recipe_from, s.select_on) if s.recipe_from else None
+        self.regime, self.arch = s.composed_regime(self.recipe and self.recipe["axes"]), get_arch(s.arch)
         self.autocast = resolve_precision(s.precision, env.device)
         self.scarce_seed = s.seed if s.scarce_seed is None else s.scarce_seed
         self.provenance = (check_synthetic(s.shards, s.synthetic, s.allow_unknown_provenance, s.scarce,
@@ -270,6 +284,7 @@ class ClassifierRun:
                            "manifest_sha256": sha, "synthetic_manifest_sha256": syn_sha, "pretrained_sha256": pre_sha,
                            "timm": self.arch.timm, "training_set": self.data.describe(),
                            "regime_name": self.regime.name, "regime_axes": self.regime.axes(),
+                           "recipe": self.recipe,
                            "scarce_seed": self.scarce_seed if s.scarce else None}
         self.data_order = {"world_size": env.world_size}
         self.status_fields = {"steps": self.total, "arch": s.arch, "regime": self.regime.name, "seed": s.seed,
@@ -507,10 +522,13 @@ class ClassifierRun:
             raise RuntimeError("no validation score was recorded; cannot select a model")
         net = self.model.module if isinstance(self.model, DDP) else self.model
         net.load_state_dict(self.best["model"])
-        test_x, test_y = decode_split(self.s.shards, "test", self.env.device, self.s.backend, self.s.num_threads)
-        cm = confusion_on(net, test_x, test_y, len(self.classes), self.env, self.s.eval_batch_size, self.autocast)
+        if self.s.score_split == "val":   # a rival search's run: the test split is never read
+            x, y = self.val_x, self.val_y
+        else:
+            x, y = decode_split(self.s.shards, "test", self.env.device, self.s.backend, self.s.num_threads)
+        cm = confusion_on(net, x, y, len(self.classes), self.env, self.s.eval_batch_size, self.autocast)
         if self.env.is_main:
-            self.write_results(cm, len(test_y))
+            self.write_results(cm, len(y))
             self.write_status("finished")
         logger.info("finished %d steps in %s", self.step, self.run_dir)
         dist.barrier(self.env)
@@ -532,7 +550,9 @@ class ClassifierRun:
                 "synthetic_from": (self.provenance or {}).get("model"),
                 "provenance_unknown": bool((self.provenance or {}).get("unknown")),
                 "scarce": s.scarce or None, "scarce_seed": cfg["scarce_seed"],
-                "real_split": "test", "selected_on": f"val_{s.select_on}", "best_step": self.best["step"],
+                "real_split": s.score_split, "tag": s.tag, "recipe_from": (self.recipe or {}).get("winner"),
+                "recipe_margin": (self.recipe or {}).get("margin"),
+                "recipe_runner_up": (self.recipe or {}).get("runner_up"), "selected_on": f"val_{s.select_on}", "best_step": self.best["step"],
                 "steps_run": self.step, "stopped_early": self.step < self.total, "patience": s.patience,
                 "n_train": len(self.data.index), "n_test": n_test, "world_size": self.env.world_size}
         rows = [{**base, "metric": m, "class": None, "value": number(v)} for m, v in sc["overall"].items()]
@@ -546,8 +566,8 @@ class ClassifierRun:
         doc = {"format": FORMAT, "stage": "classify", "time": time.time(), "run_dir": str(rd), "classes": self.classes,
                "arch": self.arch_info, "regime": asdict(self.regime), "seed": s.seed, "steps": self.total,
                "image_size": self.image_size,
-               "real": {"shards": cfg["shards"], "manifest_sha256": cfg["manifest_sha256"], "split": "test",
-                        "n": n_test},
+               "real": {"shards": cfg["shards"], "manifest_sha256": cfg["manifest_sha256"], "split": s.score_split,
+                        "n": n_test}, "tag": s.tag, "recipe": self.recipe,
                "synthetic": syn, "training_set": self.data.describe(),
                "selection": {"on": f"val_{s.select_on}", "best_step": self.best["step"], "val": self.best["val"]},
                "metrics": sc["overall"], "per_class": sc["per_class"], "confusion_matrix": cm.tolist(),
@@ -612,6 +632,6 @@ def main(argv: list[str] | None = None) -> int:
         doc = read_json(Path(s.out) / RESULT) or {}
         m = doc.get("metrics") or {}
         if m:
-            print(f"{s.arch} / {doc.get('regime', {}).get('name', s.regime)} / seed {s.seed}: test accuracy {m['accuracy']:.4f}, macro-F1 "
+            print(f"{s.arch} / {doc.get('regime', {}).get('name', s.regime)} / seed {s.seed}: {s.score_split} accuracy {m['accuracy']:.4f}, macro-F1 "
                   f"{m['macro_f1']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f} -> {Path(s.out) / RESULT}")
     return code
