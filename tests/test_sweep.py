@@ -104,10 +104,12 @@ def test_study_configs_of_the_quality_and_scarcity_studies_expand(tmp_path):
     cut = "scarce={monocyte:20,eosinophil:20}"
     # a GAN of seed 1 and every classifier of seed 1 use the same cut: scarce_seed=1
     assert f"{cut} scarce_seed=1" in by["gan/cgan-s1-32"]
-    for regime in ("original", "balanced", "original+synthetic-sngan_proj"):
-        assert f"{cut} scarce_seed=1" in by[f"cls/small_cnn-{regime}-s1-32"]
-    assert "synthetic=" in by["cls/small_cnn-original+synthetic-cgan-s2-32"]
-    assert len(names(sc, "classify")) == 3 * (4 + 2)
+    for regime in ("original", "original+synthetic-cellgan", "rival-original", "on_rival-original+synthetic_3x-cgan"):
+        assert f"{cut} scarce_seed=1" in by[f"cls/small_resnet-{regime}-s1-32"]
+    assert "synthetic=" in by["cls/small_resnet-original+synthetic-cgan-s2-32"]
+    assert "scarce" not in by["cls/small_resnet-full-original-s1-32"]
+    # classify: 3 seeds x (original + 2 GANs' top-up) and the 24-recipe search; rival: rival, full, 2 x on_rival
+    assert len(names(sc, "classify")) == 3 * (1 + 2) + 24 and len(names(sc, "rival")) == 3 * (1 + 1 + 2)
     with pytest.raises(SettingsError, match="data.scarce.monocyte"):
         load_study("scarcity", ["data.scarce.monocyte=0"])
 
