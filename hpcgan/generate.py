@@ -42,7 +42,8 @@ import torch
 from PIL import Image
 
 from hpcgan import dist
-from hpcgan.data.shards import MANIFEST, ShardWriter, read_manifest, sha256_file, write_manifest
+from hpcgan.data.shards import (MANIFEST, NO_TRAINING_IMAGES, ShardWriter, read_manifest, sha256_file, unseen_classes,
+                                write_manifest)
 from hpcgan.data.taxonomy import Taxonomy
 from hpcgan.fsutil import atomic_dir
 from hpcgan.images import check_image_size, to_uint8
@@ -55,7 +56,6 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS = ("auto", "ema", "raw")
 UNLABELLED = "unlabelled"
-NO_TRAINING_IMAGES = "no training images"
 CONDITIONAL_EXAMPLES = "wgan_gp_ac, acgan, cgan"
 
 
@@ -231,11 +231,6 @@ def trained_counts(config: dict) -> dict[str, int] | None:
     checkpoint from before runs recorded them."""
     counts = config.get("class_counts")
     return None if counts is None else {str(c): int(n) for c, n in counts.items()}
-
-
-def unseen_classes(counts: dict[str, int] | None, classes) -> list[str]:
-    """The classes (in the given order) a run had no training image of; [] when the counts are unknown."""
-    return [] if counts is None else [c for c in classes if counts.get(c, 0) == 0]
 
 
 def load_generator(run_dir=None, checkpoint=None, weights: str = "auto", device: str = "auto"

@@ -59,8 +59,8 @@ from hpcgan import dist
 from hpcgan.augment import parse_policy
 from hpcgan.checkpoint import capture_rng, restore_rng, resume_point, save_checkpoint
 from hpcgan.data.loader import BACKENDS
+from hpcgan.data.shards import NO_TRAINING_IMAGES, unseen_classes
 from hpcgan.gauges import CLASS_SIGNAL_ADVICE, DIVERSITY_COLUMNS, class_signal, grid_diversity
-from hpcgan.generate import NO_TRAINING_IMAGES, unseen_classes
 from hpcgan.latent import sample_latent
 from hpcgan.models.registry import GANSpec, build_model, optimiser_lr
 from hpcgan.objectives import STAT_KEYS, GANObjective

@@ -20,7 +20,8 @@ from hpcgan.data.shards import MANIFEST, read_manifest, sha256_file
 from hpcgan.metrics import weights
 from hpcgan.metrics.cell import (cell_extractor_path, ensure_cell_extractor, load_split, CellTrainSettings,
                                  train_cell_extractor)
-from hpcgan.metrics.features import extract_all, load_extractor, register_with_torch_fidelity, resize_u8
+from hpcgan.metrics.extractor import resize_u8
+from hpcgan.metrics.features import extract_all, load_extractor, register_with_torch_fidelity
 from hpcgan.metrics.lpips import load_lpips, load_lpips_module, lpips_diversity
 
 REPO = Path(__file__).resolve().parents[1]

@@ -57,8 +57,7 @@ class _PlanSource:
         return images, labels, mirror
 
     def close(self):
-        from hpcgan.data.loader import close_files
-        close_files(self._files)
+        self.index.close_files(self._files)
 
 
 def _index_pipeline(loader, source: _PlanSource):

@@ -110,12 +110,12 @@ class ShardIndex:
             fd = files[t] = os.open(self.tars[t], os.O_RDONLY)
         return os.pread(fd, int(self.size[i]), int(self.offset[i]))
 
-
-def close_files(files: dict) -> None:
-    """Close the descriptors read_image_bytes opened (plain ints: garbage collection does not close them)."""
-    for fd in files.values():
-        os.close(fd)
-    files.clear()
+    @staticmethod
+    def close_files(files: dict) -> None:
+        """Close the descriptors read_image_bytes opened (plain ints: garbage collection does not close them)."""
+        for fd in files.values():
+            os.close(fd)
+        files.clear()
 
 
 def _parse_idx(idx_path: Path) -> list[dict[str, tuple[int, int]]]:
@@ -483,7 +483,7 @@ class _PlannedSamples(torch.utils.data.Dataset):
         return len(self.index)
 
     def close(self):
-        close_files(self._files)
+        self.index.close_files(self._files)
 
     def __getitem__(self, item):
         import io

@@ -28,6 +28,12 @@ from hpcgan.jsonfile import dumps, write_json
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = ("png", "jpg")
+NO_TRAINING_IMAGES = "no training images"   # how a class a run never trained on is labelled (grids, warnings)
+
+
+def unseen_classes(counts: dict[str, int] | None, classes) -> list[str]:
+    """The classes (in the given order) a run had no training image of; [] when the counts are unknown."""
+    return [] if counts is None else [c for c in classes if counts.get(c, 0) == 0]
 MANIFEST = "manifest.json"
 FORMAT = 1                    # manifest format; bump when a reader could misread an older one
 

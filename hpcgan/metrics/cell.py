@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from hpcgan import __version__
 from hpcgan.data.shards import MANIFEST, read_manifest, sha256_file
 from hpcgan.fsutil import atomic_write_bytes
-from hpcgan.metrics.features import Extractor, resize_u8
+from hpcgan.metrics.extractor import Extractor, resize_u8
 from hpcgan.settings import MISSING, check_choice, check_range
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import torch
 
 from hpcgan import dist
 from hpcgan.metrics import weights
-from hpcgan.metrics.features import check_images, resize_u8
+from hpcgan.metrics.extractor import check_images, resize_u8
 
 logger = logging.getLogger(__name__)
 

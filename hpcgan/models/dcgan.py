@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from hpcgan.models.blocks import (ConditionalBatchNorm2d, CriticHeads, channels_at, check_labels, check_latent,
                                   dcgan_init, norm_2d, num_resamples, require_conditional)
-from hpcgan.models.registry import register_critic, register_generator
+from hpcgan.models.builders import register_critic, register_generator
 
 LABEL_EMBED_DIM = 64
 

@@ -19,13 +19,13 @@ spec.spectral_norm wraps every conv / linear / embedding weight of the critic in
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable
 
 import torch.nn as nn
 
 from hpcgan import CONFIG_DIR
 from hpcgan.augment import parse_policy
 from hpcgan.images import check_image_size
+from hpcgan.models.builders import CRITICS, GENERATORS
 from hpcgan.settings import SettingsError, check_choice, check_range, parse
 
 MODEL_NAMES = ("wgan_gp_ac", "acgan", "wgan", "wgan_gp", "infogan", "wgan_gp_info", "dcgan", "cgan", "sngan_proj",
@@ -119,25 +119,6 @@ def optimiser_lr(optim: dict, net: str) -> float:
     its own lr_g / lr_d when set (two time-scale update rule), else the shared lr."""
     own = optim.get({"G": "lr_g", "D": "lr_d"}[net])
     return float(own if own is not None else optim["lr"])
-
-
-# name -> builder(spec, num_classes, image_size) -> nn.Module ; filled by the architecture files
-GENERATORS: dict[str, Callable[..., nn.Module]] = {}
-CRITICS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_generator(name: str):
-    def deco(fn):
-        GENERATORS[name] = fn
-        return fn
-    return deco
-
-
-def register_critic(name: str):
-    def deco(fn):
-        CRITICS[name] = fn
-        return fn
-    return deco
 
 
 def load_spec(name: str) -> GANSpec:

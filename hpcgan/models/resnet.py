@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from hpcgan.models.blocks import (CondResBlockUp, CriticHeads, LabelTo4x4, ResBlockDown, ResBlockUp, activation,
                                   channels_at, check_labels, check_latent, num_resamples, require_conditional)
-from hpcgan.models.registry import register_critic, register_generator
+from hpcgan.models.builders import register_critic, register_generator
 
 
 class ResNetGenerator(nn.Module):
