@@ -93,3 +93,17 @@ def test_no_import_circle_in_the_package():
     edges = module_graph(REPO_ROOT)
     assert len(edges) > 50 and "hpcgan.data.shards" in edges["hpcgan.train"]
     assert cycles(edges) == []
+
+
+SWEEP_LAYERS = ("settings", "expand", "queue", "tasks", "run", "slurm", "status", "launch")
+
+
+def test_the_sweep_package_is_a_module_per_job_each_importing_only_those_above_it():
+    """hpcgan/sweep/ (issue 21): no module over 400 lines, and the layers of its docstring hold."""
+    root = REPO_ROOT / "hpcgan" / "sweep"
+    assert sorted(p.stem for p in root.glob("*.py")) == sorted(("__init__", *SWEEP_LAYERS))
+    assert all(len(p.read_text().splitlines()) <= 400 for p in root.glob("*.py"))
+    edges = module_graph(REPO_ROOT)
+    for i, layer in enumerate(SWEEP_LAYERS):
+        inside = {e.rpartition(".")[2] for e in edges[f"hpcgan.sweep.{layer}"] if e.startswith("hpcgan.sweep.")}
+        assert inside <= set(SWEEP_LAYERS[:i]), (layer, inside)

@@ -1,4 +1,4 @@
-"""Studies (hpcgan/sweep.py, tools/sweep.py): grid expansion and run-directory names, dependency planning,
+"""Studies (hpcgan/sweep/, tools/sweep.py): grid expansion and run-directory names, dependency planning,
 the run-directory lock, and the tiny study end to end, here (executor=local) and on the real local Slurm
 (executor=slurm): a second launch starts no duplicates, a task cancelled with scancel shows as failed, and a
 relaunch completes it without touching what had finished."""

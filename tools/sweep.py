@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """A study in one command: every stage's tasks submitted at once as Slurm job arrays that wait on each other,
-or run here in order; re-running resumes (hpcgan/sweep.py, configs/study/, configs/cluster/).
+or run here in order; re-running resumes (hpcgan/sweep/, configs/study/, configs/cluster/).
 
   python tools/sweep.py study=tiny out=studies/tiny [executor=auto|slurm|local] [OVERRIDES...]
   python tools/sweep.py out=studies/tiny                  # again: the same study, its unfinished tasks only

@@ -1,0 +1,336 @@
+"""The study's schema, one home for its defaults, and its checks (StudySettings and its parts); load_study
+composes configs/study/<name>.yaml with command-line overrides. Also the names every module of the package shares
+(stages, states, file names, errors).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+from hpcgan import CONFIG_DIR, REPO_ROOT
+from hpcgan.settings import SettingsError, check_choice, check_range, parse
+
+FORMAT = 1
+STAGES = ("simulate", "shard", "features", "train", "generate", "evaluate", "classify", "rival")
+EXECUTORS = ("auto", "slurm", "local")
+STATES = ("finished", "running", "requeued", "pending", "failed", "missing")
+ACTIVE = ("running", "requeued", "pending")
+STUDY_FILE, SUBMISSIONS = "study.json", "submissions.jsonl"
+SIMULATOR_LAYOUTS = ("pbc", "aml", "lab")
+TOOLS = REPO_ROOT / "tools"
+
+
+class SweepError(RuntimeError):
+    """A study that cannot be launched as asked; the message says what to change."""
+
+
+class TaskError(RuntimeError):
+    """A task that did not finish; the message names the task, why, and its log."""
+
+
+@dataclass
+class Resources:
+    """What one task of a stage asks Slurm for; None = the cluster file's (cluster.resources)."""
+    nodes: int | None = None
+    gpus: int | None = None               # per node
+    cpus: int | None = None               # per task (= per node); torchrun's workers share them
+    mem_gb: float | None = None           # None: the partition's default
+    time_min: int | None = None
+    ranks: int | None = None              # torchrun workers per node; None: gpus, or 1 without GPUs
+    array_parallelism: int | None = None  # the array's %N: tasks of the stage running at once
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    sbatch: dict[str, Any] = field(default_factory=dict)   # more sbatch options: {exclusive: true, ...}
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "cpus", "time_min", "ranks", "array_parallelism"):
+            if getattr(self, name) is not None:
+                check_range(name, getattr(self, name), 1)
+        for name in ("gpus", "mem_gb"):
+            if getattr(self, name) is not None:
+                check_range(name, getattr(self, name), 0)
+
+
+def default_resources() -> Resources:
+    return Resources(nodes=1, gpus=0, cpus=2, time_min=60, array_parallelism=64)
+
+
+@dataclass
+class ClusterSettings:
+    """The site a study runs on (configs/cluster/default.yaml documents the same values; edit it once)."""
+    resources: Resources = field(default_factory=default_resources)   # every stage's, unless it says otherwise
+    setup: list[str] = field(default_factory=list)   # shell lines in every job before the task (module load ...)
+    python: str | None = None          # interpreter on the compute nodes; None: the one running the launch
+    signal_delay_s: int = 120          # USR2 this long before the time limit: checkpoint, requeue, resume
+    max_requeues: int = 3              # time-limit requeues of one task (preemptions do not count)
+    kill_on_invalid_dep: bool = True   # cancel a task whose upstream failed instead of leaving it pending
+    max_array_size: int = 1000         # tasks per array, below the site's MaxArraySize (Slurm's default 1001)
+
+    def __post_init__(self) -> None:
+        check_range("cluster.signal_delay_s", self.signal_delay_s, 10)
+        check_range("cluster.max_requeues", self.max_requeues, 0)
+        check_range("cluster.max_array_size", self.max_array_size, 1)
+
+
+@dataclass
+class DataSettings:
+    shards: Any = None                 # a shard set; several sizes: {size: dir}, or "{size}" in the path
+    sources: dict[str, str] | None = None   # else {pbc: DIR, aml: DIR, lab: DIR} sharded at every size here
+    simulate_scale: float = 1.0        # else the embedded simulator at this scale (tools/simulate.py)
+    seed: int = 0                      # simulator and split seed
+    shard: list[str] = field(default_factory=list)   # more tools/shard.py overrides (test_fraction=0.3, ...)
+    # scarcity study: {class: N} cuts the train split that every GAN and classifier of the study trains on
+    # (hpcgan.data.scarce); the cut of seed s is the one GAN seed s trains on and its classifiers use
+    scarce: dict[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        for name, n in (self.scarce or {}).items():
+            check_range(f"data.scarce.{name}", n, 1)
+        if self.shards is not None and not isinstance(self.shards, (str, dict)):
+            raise SettingsError(f"data.shards={self.shards!r}: a shard directory, or {{size: directory}}")
+        if self.sources is not None:
+            unknown = sorted(set(self.sources) - set(SIMULATOR_LAYOUTS))
+            if unknown or not self.sources:
+                raise SettingsError(f"data.sources: give some of {', '.join(SIMULATOR_LAYOUTS)} (got {unknown or 'none'})")
+        check_range("data.simulate_scale", self.simulate_scale, 0)
+
+
+@dataclass
+class GanGrid:
+    models: list[str] = field(default_factory=lambda: ["wgan_gp_ac"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    sizes: list[int] = field(default_factory=lambda: [128])
+    steps: int | None = None           # None: hpcgan.train's epochs
+    overrides: list[str] = field(default_factory=list)              # hpcgan.train overrides for every run
+    model_overrides: dict[str, list[str]] = field(default_factory=dict)  # ... and per model
+
+    def __post_init__(self) -> None:
+        from hpcgan.images import check_image_size
+        known = model_names()
+        for m in self.models:
+            if m not in known:
+                raise SettingsError(f"gan.models: unknown model {m!r}; choose from {', '.join(known)}")
+        for m in self.model_overrides:   # a model left out of gan.models (gan.models=[a,b] on the command line)
+            if m not in known:          # keeps its overrides unused; an unknown name is a typo
+                raise SettingsError(f"gan.model_overrides: unknown model {m!r}; choose from {', '.join(known)}")
+        _check_grid("gan", models=self.models, seeds=self.seeds, sizes=self.sizes)
+        for s in self.seeds:
+            check_range("gan.seeds", s, 0)
+        for size in self.sizes:
+            check_image_size(size, "gan.sizes")
+        if self.steps is not None:
+            check_range("gan.steps", self.steps, 1)
+
+
+@dataclass
+class GenerateStage:
+    models: list[str] = field(default_factory=lambda: ["wgan_gp_ac"])   # [] = no synthetic sets
+    balance: str = "max"
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvaluateStage:
+    enabled: bool = True
+    features: str = "cell"
+    metrics: list[str] | None = None   # None: hpcgan.evaluate's defaults
+    n_per_class: int | None = None
+    overrides: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from hpcgan.metrics import check_names
+        check_choice("evaluate.features", self.features, ("cell", "inception"))
+        if self.metrics is not None:
+            try:
+                check_names(self.metrics)
+            except ValueError as e:
+                raise SettingsError(f"evaluate.metrics: {e}") from None
+        if self.n_per_class is not None:
+            check_range("evaluate.n_per_class", self.n_per_class, 1)
+
+
+@dataclass
+class ClassifyGrid:
+    enabled: bool = True
+    archs: list[str] = field(default_factory=lambda: ["small_cnn"])
+    regimes: list[str] = field(default_factory=lambda: ["original", "original+synthetic"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    sizes: list[int] | None = None     # None: gan.sizes
+    overrides: list[str] = field(default_factory=list)   # tools/classify.py overrides for every run
+    # the cheap rival, found at run time (hpcgan.classify.rival): {sampling: [...], loss: [...], augment: [...]}
+    # (an axis left out: all its values), every combination one run of the first seed scored on val; null: none
+    rival_search: dict[str, list[str]] | None = None
+    full: bool = False                 # the winner on the uncut train split too (the `full` row; needs the search)
+    on_rival: list[str] = field(default_factory=list)   # regimes run over the winner's recipe (axes they set win)
+
+    def __post_init__(self) -> None:
+        if self.enabled:
+            from hpcgan.classify.archs import get_arch
+            from hpcgan.classify.regimes import get_regime
+            _check_grid("classify", archs=self.archs, regimes=self.regimes, seeds=self.seeds)
+            for name, check in (("archs", get_arch), ("regimes", get_regime), ("on_rival", get_regime)):
+                for value in getattr(self, name):
+                    try:
+                        check(value)
+                    except ValueError as e:
+                        raise SettingsError(f"classify.{name}: {e}") from None
+            if self.rival_search is None and (self.full or self.on_rival):
+                raise SettingsError("classify.full and classify.on_rival take the rival search's winner: set "
+                                    "classify.rival_search ({} searches every recipe)")
+            self.search_grid()
+
+    def search_grid(self) -> list[dict[str, str]]:
+        """The rival search's recipes (none without classify.rival_search)."""
+        from hpcgan.classify.rival import search_grid
+        if self.rival_search is None:
+            return []
+        try:
+            return search_grid(self.rival_search)
+        except ValueError as e:
+            raise SettingsError(f"classify.{e}") from None
+
+
+@dataclass
+class StudySettings:
+    """A study: configs/study/<name>.yaml over these defaults (one home), its cluster in `cluster`."""
+    name: str = "study"
+    data: DataSettings = field(default_factory=DataSettings)
+    gan: GanGrid = field(default_factory=GanGrid)
+    generate: GenerateStage = field(default_factory=GenerateStage)
+    evaluate: EvaluateStage = field(default_factory=EvaluateStage)
+    classify: ClassifyGrid = field(default_factory=ClassifyGrid)
+    resources: dict[str, Resources] = field(default_factory=dict)   # per stage, over cluster.resources
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise SettingsError(f"name={self.name!r}: letters, digits, _ . - only (it names the Slurm jobs)")
+        for stage in self.resources:
+            check_choice("resources", stage, STAGES)
+        for m in self.generate.models:
+            if m not in self.gan.models:
+                raise SettingsError(f"generate.models: {m!r} is not trained in this study (gan.models {self.gan.models})")
+            if not model_conditional(m):
+                raise SettingsError(f"generate.models: {m!r} is unconditional and cannot make a chosen class; "
+                                    "balanced synthetic sets need a conditional model (wgan_gp_ac, acgan, cgan)")
+        if self.classify.enabled:
+            if any(needs_synthetic(r) for r in self.classify.regimes + self.classify.on_rival) and not self.generate.models:
+                raise SettingsError(f"classify.regimes {self.classify.regimes + self.classify.on_rival} use synthetic "
+                                    "data but generate.models is empty: name the GANs whose synthetic sets feed them")
+            for size in self.classify.sizes or ():
+                if size not in self.gan.sizes:
+                    raise SettingsError(f"classify.sizes: {size} is not in gan.sizes {self.gan.sizes}")
+
+    def stage_resources(self, stage: str) -> dict:
+        """cluster.resources overlaid by resources.<stage> (rival: resources.classify unless it has its own);
+        ranks resolved (gpus, or 1)."""
+        if stage == "rival" and stage not in self.resources:
+            stage = "classify"
+        merged = asdict(self.cluster.resources)
+        for k, v in asdict(self.resources.get(stage, Resources())).items():
+            if k == "sbatch":
+                merged["sbatch"] = {**merged["sbatch"], **v}
+            elif v is not None:
+                merged[k] = v
+        merged["ranks"] = merged["ranks"] or max(1, merged["gpus"] or 0)
+        return merged
+
+
+def _check_grid(prefix: str, **lists) -> None:
+    for name, values in lists.items():
+        if not values:
+            raise SettingsError(f"{prefix}.{name}: give at least one")
+        if len(set(map(str, values))) != len(values):
+            raise SettingsError(f"{prefix}.{name}: {values} repeats a value")
+
+
+def model_names() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+
+
+def model_conditional(name: str) -> bool:
+    import yaml
+    return bool(yaml.safe_load((CONFIG_DIR / "model" / f"{name}.yaml").read_text()).get("conditional", True))
+
+
+def needs_synthetic(regime: str) -> bool:
+    """Whether a classifier regime reads a synthetic set (hpcgan.classify.regimes says)."""
+    from hpcgan.classify.regimes import get_regime
+    return get_regime(regime).reads_synthetic
+
+
+def _add_or_set(override: str) -> str:
+    """`a.b=v` as Hydra's add-or-override (`++a.b=v`), so a key the study file does not spell out (a stage's
+    `resources.train.gpus`, a model's overrides) can be given like any other; a wrong key is still refused,
+    by the schema. Top-level keys (config groups such as cluster=NAME) are left as they are."""
+    key = override.split("=", 1)[0]
+    return f"++{override}" if "." in key and not key.startswith(("+", "~")) else override
+
+
+# Settings that select the data: given on the command line they replace the study's value (a cut of basophil
+# alone is that cut, not the study's plus basophil); every other mapping (resources, ...) merges as Hydra does.
+REPLACED_KEYS = ("data.scarce", "data.sources")
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def load_study(name: str, overrides: Iterable[str] = ()) -> StudySettings:
+    """configs/study/<name>.yaml (with its cluster file) + Hydra overrides -> StudySettings. `~KEY` removes a
+    key (its schema default applies); REPLACED_KEYS are replaced, not merged."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not (CONFIG_DIR / "study" / f"{name}.yaml").is_file():
+        known = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "study").glob("*.yaml")))
+        raise SettingsError(f"study={name}: no configs/study/{name}.yaml (studies: {known})")
+    overrides = list(overrides)
+    after = [o for o in overrides if o.startswith("~") or _key(o) in REPLACED_KEYS]
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            cfg = compose(f"study/{name}", overrides=[_add_or_set(o) for o in overrides if o not in after])
+        _replace_or_remove(cfg, after)
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        raise SettingsError(" ".join(str(e).split("\nSee https://")[0].split())) from None
+    from omegaconf import OmegaConf
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:  # (a ??? in the study file: merged into the schema it would silently keep the default)
+        raise SettingsError(f"study {name}: {', '.join(missing)} required: pass " + " ".join(f"{k}=..." for k in missing))
+    return parse(StudySettings, cfg)
+
+
+def _replace_or_remove(cfg, overrides: list[str]) -> None:
+    """Apply `~KEY` (remove) and `KEY=VALUE` (replace whole) overrides to the composed study, in order."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf, open_dict
+    parser = OverridesParser.create()
+    with open_dict(cfg):
+        for o in overrides:
+            key = _key(o)
+            if not _schema_has(StudySettings, key.split(".")):
+                raise SettingsError(f"{o}: the study has no key {key}")
+            if o.startswith("~"):
+                parent, _, leaf = key.rpartition(".")
+                node = OmegaConf.select(cfg, parent) if parent else cfg
+                if node is not None and leaf in node:
+                    del node[leaf]
+            else:
+                OmegaConf.update(cfg, key, parser.parse_override(o.lstrip("+")).value(), merge=False)
+
+
+def _schema_has(cls, path: list[str]) -> bool:
+    """Whether the dotted path names a field of dataclass `cls` (a mapping field takes any key below it)."""
+    import dataclasses
+    import typing
+    if not dataclasses.is_dataclass(cls):
+        return True
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if path[0] not in fields:
+        return False
+    hints = typing.get_type_hints(cls)
+    return len(path) == 1 or _schema_has(hints[path[0]], path[1:])
