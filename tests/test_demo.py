@@ -22,7 +22,7 @@ def test_demo_is_the_tiny_study_run_here_and_its_report(tmp_path):
     to test size), GANs under torchrun with 2 ranks, then the report; a re-run finds nothing to do."""
     out = tmp_path / "demo"
     small = ["scale=0.3",
-             "overrides=[\"data.shard=['contact_sheet=true']\",resources.train.ranks=2,resources.train.cpus=2]"]
+             "overrides=[\"data.shard=['contact_sheet=true']\",'resources.train.ranks=2','resources.train.cpus=2']"]
     cmd = [sys.executable, "tools/demo.py", f"out={out}", *small]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
