@@ -129,7 +129,7 @@ def test_a_search_run_never_reads_test_and_the_rival_runs_the_winner_on_test(sha
 
 def test_the_study_searches_on_one_seed_and_runs_the_winner_after_it(tmp_path):
     s = load_study("scarcity", ["classify.rival_search={sampling: [shuffled, balanced], loss: [ce], augment: [none, aug2]}",
-                                "classify.full=true", "classify.on_rival=['original+synthetic synthetic_count=3x']",
+                                "classify.full=true", "classify.on_rival=['original+synthetic sampling=balanced']",
                                 "classify.seeds=[0,1]"])
     tasks = {t.name: t for t in expand(s, tmp_path / "s")}
     search = [t for t in tasks.values() if t.grid.get("tag") == "search"]
@@ -146,7 +146,9 @@ def test_the_study_searches_on_one_seed_and_runs_the_winner_after_it(tmp_path):
         assert sum(a.startswith("recipe_from=[") for a in t.argv) == 1
         argv = " ".join(t.argv)
         assert ("scarce=" in argv) == (t.grid["tag"] != "full") and "score_split" not in argv
-    assert "synthetic=" in " ".join(tasks[f"cls/{arch}-on_rival-original+synthetic_3x-cgan-s1-32"].argv)
+    assert "synthetic=" in " ".join(tasks[f"cls/{arch}-on_rival-original+synthetic+balanced-cgan-s1-32"].argv)
+    with pytest.raises(SettingsError, match="synthetic_count=3x takes synthetic images of every class"):
+        load_study("scarcity", ["classify.on_rival=['original+synthetic synthetic_count=3x']"])
     with pytest.raises(SettingsError, match="classify.rival_search"):
         load_study("scarcity", ["classify.rival_search=null", "classify.full=true"])
     with pytest.raises(SettingsError, match="rival_search.augment"):

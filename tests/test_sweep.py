@@ -104,7 +104,7 @@ def test_study_configs_of_the_quality_and_scarcity_studies_expand(tmp_path):
     cut = "scarce={monocyte:20,eosinophil:20}"
     # a GAN of seed 1 and every classifier of seed 1 use the same cut: scarce_seed=1
     assert f"{cut} scarce_seed=1" in by["gan/cgan-s1-32"]
-    for regime in ("original", "original+synthetic-cellgan", "rival-original", "on_rival-original+synthetic_3x-cgan"):
+    for regime in ("original", "original+synthetic-cellgan", "rival-original", "on_rival-original+synthetic-cgan"):
         assert f"{cut} scarce_seed=1" in by[f"cls/small_resnet-{regime}-s1-32"]
     assert "synthetic=" in by["cls/small_resnet-original+synthetic-cgan-s2-32"]
     assert "scarce" not in by["cls/small_resnet-full-original-s1-32"]
@@ -156,11 +156,11 @@ def test_a_command_line_cut_replaces_the_studys_and_tilde_removes_it():
 
 def test_a_study_grid_takes_composed_regimes(tmp_path):
     """Issue 19: a grid entry is a preset with axes; its classifier gets them, its run name says them."""
-    s = load_study("tiny", ["classify.regimes=[original,'balanced augment=aug2','original+synthetic synthetic_count=3x']"])
+    s = load_study("tiny", ["classify.regimes=[original,'balanced augment=aug2','original+synthetic sampling=balanced']"])
     cls = {t.grid["regime"]: t for t in expand(s, tmp_path) if t.stage == "classify"}
-    assert set(cls) == {"original", "balanced augment=aug2", "original+synthetic synthetic_count=3x"}
+    assert set(cls) == {"original", "balanced augment=aug2", "original+synthetic sampling=balanced"}
     assert "regime='balanced augment=aug2'" in cls["balanced augment=aug2"].argv
-    assert cls["original+synthetic synthetic_count=3x"].deps[-1].startswith("synthetic/")   # reads a synthetic set
+    assert cls["original+synthetic sampling=balanced"].deps[-1].startswith("synthetic/")   # reads a synthetic set
     assert "balanced_augment_aug2" in cls["balanced augment=aug2"].name
     with pytest.raises(SettingsError, match="sampling='often'"):
         load_study("tiny", ["classify.regimes=['balanced sampling=often']"])

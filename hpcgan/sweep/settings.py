@@ -217,12 +217,25 @@ class StudySettings:
                 raise SettingsError(f"generate.models: {m!r} is unconditional and cannot make a chosen class; "
                                     "balanced synthetic sets need a conditional model (wgan_gp_ac, acgan, cgan)")
         if self.classify.enabled:
+            self._check_synthetic_counts()
             if any(needs_synthetic(r) for r in self.classify.regimes + self.classify.on_rival) and not self.generate.models:
                 raise SettingsError(f"classify.regimes {self.classify.regimes + self.classify.on_rival} use synthetic "
                                     "data but generate.models is empty: name the GANs whose synthetic sets feed them")
             for size in self.classify.sizes or ():
                 if size not in self.gan.sizes:
                     raise SettingsError(f"classify.sizes: {size} is not in gan.sizes {self.gan.sizes}")
+
+    def _check_synthetic_counts(self) -> None:
+        """A study's synthetic sets top the classes up (generate.balance): a regime that takes N or Nx synthetic
+        images of every class cannot be fed by them (it would fail at run time, after the GANs)."""
+        from hpcgan.classify.regimes import get_regime
+        for spec in self.classify.regimes + self.classify.on_rival:
+            r = get_regime(spec)
+            if r.reads_synthetic and r.synthetic_count != "topup":
+                raise SettingsError(f"classify regime {spec!r}: synthetic_count={r.synthetic_count} takes synthetic "
+                                    "images of every class, but a study's synthetic sets only top classes up to "
+                                    f"generate.balance={self.generate.balance}; use synthetic_count=topup here (a "
+                                    "per-class set is tools/generate.py per_class=N, then tools/classify.py)")
 
     def stage_resources(self, stage: str) -> dict:
         """cluster.resources overlaid by resources.<stage> (rival: resources.classify unless it has its own);
