@@ -317,9 +317,10 @@ def fig_per_class(wide: pd.DataFrame, by: list[str], path: Path, metric: str = "
     if wide.empty or col not in wide:
         return None
     keys = [c for c in by if c != "class"]
-    classes = list(dict.fromkeys(wide["class"]))
+    # classes without a number (not in the test split) take no room
+    classes = list(dict.fromkeys(wide.loc[wide[col].notna(), "class"]))
     groups = list(dict.fromkeys(wide[keys].itertuples(index=False, name=None)))
-    fig = Figure(figsize=(max(6, 0.6 * len(classes) * max(1, len(groups)) ** 0.5), 3.5))
+    fig = Figure(figsize=(max(6, 0.6 * len(classes) * max(1, len(groups)) ** 0.5), 3.5 + 0.15 * len(groups)))
     ax = fig.subplots()
     width = 0.8 / len(groups)
     for k, group in enumerate(groups):
@@ -329,7 +330,7 @@ def fig_per_class(wide: pd.DataFrame, by: list[str], path: Path, metric: str = "
     ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=45, ha="right", fontsize=7)
     ax.set_ylabel(metric, fontsize=8)
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.42), ncol=2, frameon=False)  # below the bars
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
 
