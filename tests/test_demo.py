@@ -39,6 +39,7 @@ def test_demo_is_the_tiny_study_run_here_and_its_report(tmp_path):
     for table in ("table3_cell_32px:", "table5_32px:"):
         assert table in res.stdout
     assert "Contact sheet:" in res.stdout and "Classifier on real images (`original`): balanced accuracy" in res.stdout
+    assert "Sample diversity (samples/diversity.csv, step 4): within a class" in res.stdout   # each GAN's collapse gauge
     for name in ("results.csv", "table3_cell_32px.md", "table5_32px.csv", "sources.csv", "fig_samples.png"):
         assert (out / "report" / name).is_file(), name
     res2 = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -5,9 +5,8 @@
     simulate -> shard -> the cell extractor -> 2 GANs under torchrun (2 ranks each) -> a balanced synthetic set
     -> evaluation (Tables 3-4) -> classifiers on `original` and `original+synthetic` (Tables 5-6) -> report
 
-Settings: configs/demo.yaml (`python tools/demo.py out=demo64 size=64`). Re-running resumes: finished tasks are
-not run again. Exit status: 0 done, 1 a task failed (`python tools/sweep.py status out=DIR` says which), 2 bad
-input.
+Settings: configs/demo.yaml (`python tools/demo.py out=demo64 size=64`). Re-running resumes (finished tasks are
+not run again). Exit: 0 done, 1 a task failed (`python tools/sweep.py status out=DIR` says which), 2 bad input.
 """
 from __future__ import annotations
 
@@ -53,18 +52,6 @@ class DemoSettings:
         check_range("scale", self.scale, 0)
 
 
-def sweep_command(cfg: DemoSettings, out: Path) -> list[str]:
-    return [sys.executable, str(REPO_ROOT / "tools" / "sweep.py"), f"study={cfg.study}", f"out={out}",
-            "executor=local", f"gan.sizes=[{cfg.size}]", f"data.simulate_scale={cfg.scale}", f"data.seed={cfg.seed}",
-            *cfg.overrides]
-
-
-def majority_baseline(rows) -> float:
-    """Balanced accuracy of always answering one class: 1 / the classes the test split has."""
-    per_class = rows[(rows["stage"] == "classify") & (rows["metric"] == "sensitivity") & rows["value"].notna()]
-    return 1.0 / max(1, per_class["class"].nunique())
-
-
 def class_signal_report(run_dir: Path) -> list[str]:
     """The critic's auxiliary classifier on real images against chance, as the finished run judged it
     (status.json's class_signal, from hpcgan.gauges.class_signal); nothing for a model without a classifier."""
@@ -78,6 +65,32 @@ def class_signal_report(run_dir: Path) -> list[str]:
     return lines + ([f"  {CLASS_SIGNAL_ADVICE}"] if not signal["learnt"] else [])
 
 
+def diversity_report(run_dir: Path, shards: Path) -> list[str]:
+    """The last sample grid's collapse gauge (samples/diversity.csv) beside the training images' own numbers."""
+    import csv
+
+    import torch
+
+    from hpcgan.data.loader import make_loader
+    from hpcgan.gauges import data_diversity
+    with open(run_dir / "samples" / "diversity.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return ["Sample diversity: no sample grid yet"]
+    images, labels = zip(*make_loader(shards, "train", 1, backend="webdataset", num_threads=1, shuffle=False))
+    real = data_diversity(torch.cat(images), torch.cat(labels))
+    gen = {k: float(rows[-1][k]) for k in real}
+    lines = [f"Sample diversity (samples/diversity.csv, step {rows[-1]['step']}): within a class "
+             f"{gen['within_row_std']:.3f} (training images {real['within_row_std']:.3f}), across classes "
+             f"{gen['between_row_std']:.3f} (training images {real['between_row_std']:.3f})"]
+    ignored = [what for what, k in (("its noise", "within_row_std"), ("the class", "between_row_std"))
+               if gen[k] < 0.25 * real[k]]
+    if ignored:
+        lines.append(f"  the generator ignores {' and '.join(ignored)}: a collapse short runs often show; train "
+                     "longer (gan.steps=...)")
+    return lines
+
+
 def summary(out: Path, written: dict) -> list[str]:
     """Where to look, and the tables a user reads first."""
     from hpcgan.report import load_rows
@@ -88,7 +101,8 @@ def summary(out: Path, written: dict) -> list[str]:
         grids = sorted((run / "samples").glob("step-*.png"))
         if grids:
             lines.append(f"Samples:         {grids[-1]}  (curves: {run / 'curves.png'})")
-        lines += [f"  {line}" for line in class_signal_report(run)]
+            shards = out / "data" / f"shards-{run.name.rsplit('-', 1)[1]}"
+            lines += [f"  {line}" for line in diversity_report(run, shards) + class_signal_report(run)]
     for key in ("table3_cell", "table5", "scarcity"):
         for name, path in written.items():
             if name.startswith(key) and str(path).endswith(".csv"):
@@ -96,7 +110,9 @@ def summary(out: Path, written: dict) -> list[str]:
     rows = load_rows(out)
     ba = rows[(rows["stage"] == "classify") & (rows["metric"] == "balanced_accuracy") & (rows["regime"] == "original")]
     if len(ba):
-        base = majority_baseline(rows)
+        # always answering one class: balanced accuracy 1 / the classes the test split has
+        per_class = rows[(rows["stage"] == "classify") & (rows["metric"] == "sensitivity") & rows["value"].notna()]
+        base = 1.0 / max(1, per_class["class"].nunique())
         lines += ["", f"Classifier on real images (`original`): balanced accuracy {ba['value'].mean():.3f}; "
                       f"always the same class: {base:.3f}"]
     lines += ["", f"Report: {out / 'report'}  (tables as CSV and Markdown, figures, sources.csv)",
@@ -106,7 +122,8 @@ def summary(out: Path, written: dict) -> list[str]:
 
 def demo(cfg: DemoSettings) -> int:
     out = Path(to_absolute_path(cfg.out))
-    cmd = sweep_command(cfg, out)
+    cmd = [sys.executable, str(REPO_ROOT / "tools" / "sweep.py"), f"study={cfg.study}", f"out={out}", "executor=local",
+           f"gan.sizes=[{cfg.size}]", f"data.simulate_scale={cfg.scale}", f"data.seed={cfg.seed}", *cfg.overrides]
     logger.info("the %r study, run here as on a cluster: %s", cfg.study, " ".join(cmd))
     rc = subprocess.run(cmd, cwd=REPO_ROOT).returncode
     if rc == 2:   # bad input: tools/sweep.py said what, in one line
