@@ -6,6 +6,9 @@
 
 Config: configs/train.yaml (+ configs/model/<model>.yaml for the architecture, loss and optimiser).
 One step = one batch per rank = one critic update; the generator is updated every `n_critic` steps.
+Length: `steps` (or `epochs`), and optionally `time_budget_s`: the run also ends, finished, after the first
+step at which its training seconds (summed across resumes, read from one clock) reach the budget; all ranks
+stop after the same step, and status.json's time_budget.step_reached is what repeats the run by steps.
 All randomness of step s on rank r (noise, labels, codes, penalty interpolation, DiffAugment) comes from a
 generator seeded by (seed, r, s), and the loader's order is a function of (seed, epoch, rank), so a run
 resumed from a checkpoint repeats exactly what the uninterrupted run would have done.
@@ -86,6 +89,8 @@ class TrainSettings:
     scarce_seed: int | None = None             # which cut (null: seed); the study's classifiers use the same
     steps: int | None = None                   # wins over epochs when set
     epochs: int = 50
+    time_budget_s: float | None = None         # also stop (finished) at the first step after which the run's
+                                               # training seconds, across resumes, reach this; null: no budget
     batch_size: int = 64                       # per rank
     ema: float = 0.0
     ema_rampup: float | None = 0.05            # see ema_beta
@@ -125,6 +130,8 @@ class TrainSettings:
         if self.num_threads is not None:
             check_range("num_threads", self.num_threads, 1)
         check_range("ema", self.ema, 0, 1)
+        if self.time_budget_s is not None:
+            check_range("time_budget_s", self.time_budget_s, 0)
         if self.ema_rampup is not None:
             check_range("ema_rampup", self.ema_rampup, 0)
         self._check_split()
@@ -482,12 +489,13 @@ def _tensorboard(mode, run_dir: Path):
 
 # ---- the training run --------------------------------------------------------------------------------
 
-def run(cfg: TrainSettings | dict) -> int:
+def run(cfg: TrainSettings | dict, clock=time.monotonic) -> int:
     """Train per `cfg` (TrainSettings, or a mapping of configs/train.yaml's keys). Returns the exit code
-    (see the module docstring)."""
+    (see the module docstring). `clock`: seconds, read once when the loop starts and once after every step;
+    the training time and the time budget count in it (tests give one that advances a fixed amount a call)."""
     settings = cfg if isinstance(cfg, TrainSettings) else parse(TrainSettings, cfg)
     env = dist.init(settings.device)
-    job = TrainingRun(settings, env)
+    job = TrainingRun(settings, env, clock)
     try:
         return job.run()
     except _Diverged as e:
@@ -510,8 +518,8 @@ class TrainingRun:
     """One run of run() in its run directory: setup, resume, the loop, the finish. Rank 0 writes the run
     directory (hpcgan.rundir); every rank trains and checkpoints at the same steps."""
 
-    def __init__(self, settings: TrainSettings, env: dist.DistEnv):
-        self.s, self.env = settings, env
+    def __init__(self, settings: TrainSettings, env: dist.DistEnv, clock=time.monotonic):
+        self.s, self.env, self.clock = settings, env, clock
         self.stop_flag = dist.StopFlag()
         self.run_dir = Path(settings.run_dir).resolve()
         self.shards = _resolved(settings.shards)
@@ -521,7 +529,7 @@ class TrainingRun:
     def run(self) -> int:
         self.setup()
         ckpt = self.newest_checkpoint()
-        if self.step >= self.total:
+        if self.step >= self.total or self.budget_spent_by(ckpt):
             return self.already_finished()
         self.resume(ckpt)
         del ckpt
@@ -543,7 +551,7 @@ class TrainingRun:
         self.epoch_batches = self.probe.epoch_batches
         if self.epoch_batches < 1:
             raise ValueError(f"{self.shards}: split {s.split!r} has no samples to train on")
-        self.total = s.steps or s.epochs * self.epoch_batches
+        self.total = self.planned = s.steps or s.epochs * self.epoch_batches
         # what the generator can learn of each class: its images in the split(s) trained on (hpcgan.generate
         # refuses a class without any; sample grids mark its row)
         counts = np.bincount(self.probe.index.labels, minlength=len(self.classes)).tolist()
@@ -586,8 +594,14 @@ class TrainingRun:
             _check_compatible(ckpt["config"], self.run_config, self.run_dir)
         return ckpt
 
+    def budget_spent_by(self, ckpt: dict | None) -> bool:
+        """Whether the checkpoint resumed from already holds time_budget_s of training (a run the budget ended)."""
+        budget = self.s.time_budget_s
+        return ckpt is not None and budget is not None and float(ckpt["meta"].get("train_seconds", 0.0)) >= budget
+
     def already_finished(self) -> int:
-        msg = f"{self.run_dir} already finished ({self.step}/{self.total} steps); nothing to do"
+        why = f"time_budget_s={self.s.time_budget_s:g} spent" if self.step < self.total else "all steps done"
+        msg = f"{self.run_dir} already finished ({self.step}/{self.total} steps, {why}); nothing to do"
         if self.env.is_main:
             print(msg, flush=True)
             write_status(self.run_dir, {**read_status(self.run_dir), "state": "finished", "step": self.step,
@@ -636,12 +650,15 @@ class TrainingRun:
     def loop(self) -> bool:
         """Train to `total` steps; True when a stop signal ended it early."""
         s = self.s
-        self.t0 = self.t_log = time.time()
+        self.t0, self.t_log = self.clock(), time.time()
+        self.now = self.train_seconds
         self.n_log, self.bad_streak, self.stats = 0, 0, {}
         self.last_ckpt = self.step if self.step > 0 else -1
         self.batches = iter(self.loader(self.epoch, min(self.in_epoch, self.epoch_batches)))
         while self.step < self.total:
             stop = self.train_step(*self.next_batch())
+            if self.budget_reached():
+                self.total = self.step   # the run ends here, finished (status.json says by the budget)
             diverged = self.bad_streak >= s.max_bad_steps
             if self.step % s.log_every == 0 or self.step == self.total or diverged:
                 self.log_row()
@@ -683,8 +700,17 @@ class TrainingRun:
         return stop
 
     def elapsed(self) -> float:
-        """Training seconds of the whole run, across resumes."""
-        return self.train_seconds + time.time() - self.t0
+        """Training seconds of the whole run, across resumes, as of the last step (see budget_reached)."""
+        return self.now
+
+    def budget_reached(self) -> bool:
+        """Reads the clock (once a step) and says whether time_budget_s is spent; agreed by all ranks (any rank's
+        clock past it stops them all after this same step)."""
+        self.now = self.train_seconds + self.clock() - self.t0
+        if self.s.time_budget_s is None:
+            return False
+        spent = torch.tensor([float(self.now >= self.s.time_budget_s)], device=self.env.device)
+        return bool(dist.all_reduce_max(self.env, spent).item())
 
     def log_row(self) -> None:
         """The ranks' mean statistics since the last row -> log.csv (and tensorboard, the bar, status.json)."""
@@ -765,7 +791,12 @@ class TrainingRun:
             self.samples()
         if self.env.is_main:
             signal = self.class_signal()
-            self.write_status("finished", **({"class_signal": signal} if signal is not None else {}))
+            extra = {"class_signal": signal} if signal is not None else {}
+            if self.step < self.planned:   # the step reached is what repeats this run by steps
+                extra["time_budget"] = {"seconds": s.time_budget_s, "elapsed_s": round(self.now, 3),
+                                        "step_reached": self.step, "steps_planned": self.planned}
+                logger.info("time_budget_s=%g spent after step %d of %d", s.time_budget_s, self.step, self.planned)
+            self.write_status("finished", **extra)
         logger.info("finished %d steps in %s", self.step, self.run_dir)
         dist.barrier(self.env)  # leave together: a rank tearing gloo down while rank 0 still writes aborted (rc -6)
 

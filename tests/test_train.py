@@ -307,6 +307,59 @@ def test_already_finished_run_exits_immediately(shards, tmp_path, capsys):
     assert len(read_log(rd)) == 2
 
 
+class CountingClock:
+    """A clock that reads `dt` seconds more at every call: the training loop reads it once at its start and once
+    after every step, so each step "takes" dt seconds whatever the machine does (no timed test)."""
+
+    def __init__(self, dt: float = 1.0):
+        self.dt, self.t = dt, 100.0
+
+    def __call__(self) -> float:
+        self.t += self.dt
+        return self.t
+
+
+def test_time_budget_stops_at_the_first_step_that_spends_it(shards, tmp_path, capsys):
+    """time_budget_s=10 at 1 s a step: the run ends, finished, after step 10 of 50, checkpointed there, and
+    status.json records the step reached; rerunning it is "already finished"; a larger budget continues it."""
+    rd = tmp_path / "run"
+    args = ["steps=50", "ckpt_every=4", "log_every=4", "sample_every=0"]
+    assert run(compose(shards, rd, *args, "time_budget_s=10"), clock=CountingClock()) == EXIT_OK
+    st = status(rd)
+    assert st["state"] == "finished" and st["step"] == 10 and st["steps"] == 50
+    assert st["time_budget"] == {"seconds": 10.0, "elapsed_s": 10.0, "step_reached": 10, "steps_planned": 50}
+    state, _ = load_latest(rd)
+    assert state["step"] == 10 and state["meta"]["train_seconds"] == 10.0
+    assert [int(r["step"]) for r in read_log(rd)] == [4, 8, 10]
+    mtime = list_checkpoints(rd)[-1].stat().st_mtime_ns
+    capsys.readouterr()
+    assert run(compose(shards, rd, *args, "time_budget_s=10"), clock=CountingClock()) == EXIT_OK
+    assert "already finished (10/50 steps, time_budget_s=10 spent)" in capsys.readouterr().out
+    assert list_checkpoints(rd)[-1].stat().st_mtime_ns == mtime
+    assert run(compose(shards, rd, *args, "time_budget_s=13"), clock=CountingClock()) == EXIT_OK
+    assert status(rd)["step"] == 13 and load_latest(rd)[0]["step"] == 13
+
+
+def test_time_budget_run_resumed_midway_ends_where_the_straight_one_does(shards, tmp_path):
+    """A budgeted run stopped after 4 steps and resumed counts its earlier seconds: it stops after the same step
+    as the uninterrupted run, with the same weights bit for bit (EMA and DiffAugment on)."""
+    args = ["ckpt_every=2", "log_every=2", "sample_every=0", "ema=0.9", "diffaug=[color,translation]",
+            "time_budget_s=7.5"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run(compose(shards, straight, "steps=30", *args), clock=CountingClock(1.5)) == EXIT_OK
+    assert run(compose(shards, resumed, "steps=4", *args), clock=CountingClock(1.5)) == EXIT_OK
+    assert status(resumed)["step"] == 4 and "time_budget" not in status(resumed)
+    assert run(compose(shards, resumed, "steps=30", *args), clock=CountingClock(1.5)) == EXIT_OK
+    assert status(straight)["time_budget"]["step_reached"] == 5 == status(resumed)["time_budget"]["step_reached"]
+    assert_same_weights(straight, resumed)
+
+
+def test_time_budget_must_be_positive():
+    with pytest.raises(SettingsError, match="time_budget_s"):
+        from hpcgan.train import TrainSettings
+        TrainSettings(shards="s", run_dir="r", model={"name": "dcgan"}, time_budget_s=-1)
+
+
 def test_class_signal_against_chance():
     # unbalanced sampling: chance is always naming the largest class present; balanced: one in the classes present
     sig = class_signal([0.9, 0.5, 0.5, 0.6, 0.6], [60, 0, 20, 20], balanced=False)
@@ -509,6 +562,19 @@ def test_resume_after_sigkill_is_bit_identical(shards, tmp_path, nproc):
     state = assert_same_weights(straight, killed)
     assert state["step"] == 14 and state["G_ema"] is not None
     assert read_log(straight) != [] and [r["step"] for r in read_log(killed)] == [r["step"] for r in read_log(straight)]
+
+
+@pytest.mark.slow
+def test_time_budget_under_torchrun_stops_both_ranks_after_the_same_step(shards, tmp_path):
+    """Two ranks with their own clocks: the budget's stop is agreed, both leave finished at one step."""
+    rd = tmp_path / "run"
+    p = subprocess.run(cli(shards, rd, "steps=100000", "time_budget_s=2", "log_every=10", "sample_every=0",
+                           nproc=2), env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    st = status(rd)
+    assert st["state"] == "finished" and 0 < st["step"] < 100000
+    assert st["time_budget"]["step_reached"] == st["step"] == load_latest(rd)[0]["step"]
+    assert st["time_budget"]["seconds"] == 2   # elapsed_s is rank 0's clock; the other rank's may have stopped it
 
 
 @pytest.mark.slow
