@@ -85,6 +85,13 @@ class GenerateSettings:
     shard_size: int = 1000
     truncation: float | None = None
     progress: bool = True
+    curate: bool = False                    # keep only cells a judge trained on the GAN's own training cells
+                                            # assigns to their class, and no near-copies (hpcgan.curate)
+    curate_confidence: float = 0.5          # the judge's least probability of the cell's class
+    curate_copy_percentile: float | None = 1.0  # near-copy threshold (percentile of training-cell nearest
+                                            # distances, hpcgan.metrics.memorisation); null: no copy filter
+    curate_max_draws: float = 4.0           # per class, draw at most this many x the images wanted
+    curate_epochs: int = 30                 # the judge's training epochs (the last is kept)
 
     def __post_init__(self) -> None:
         if self.out in (None, MISSING):
@@ -106,9 +113,27 @@ class GenerateSettings:
             if _check_count(name, getattr(self, name)) == 0:
                 raise GenerateError(f"{name} must be > 0")
         self.seed = _check_count("seed", self.seed)
+        self._check_curation()
         t = self.truncation
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
             raise GenerateError(f"truncation={t!r} must be a number > 0 (or null for none)")
+
+
+    def _check_curation(self) -> None:
+        if not self.curate:
+            return
+        if self.count is not None:
+            raise GenerateError("curate=true judges each cell against its class: it needs labelled cells "
+                                "(per_class or balance), not count=N")
+        if not 0 <= self.curate_confidence <= 1:
+            raise GenerateError(f"curate_confidence={self.curate_confidence!r} must be a probability in [0, 1]")
+        p = self.curate_copy_percentile
+        if p is not None and not 0 <= p <= 100:
+            raise GenerateError(f"curate_copy_percentile={p!r} must be in 0..100 (or null: no copy filter)")
+        if not self.curate_max_draws >= 1:
+            raise GenerateError(f"curate_max_draws={self.curate_max_draws!r} must be >= 1")
+        if _check_count("curate_epochs", self.curate_epochs) == 0:
+            raise GenerateError("curate_epochs must be > 0")
 
 
 # ---------------------------------------------------------------- names and seeds
@@ -418,10 +443,13 @@ def write_synthetic(s: GenerateSettings) -> dict:
     if total == 0 and s.count is None:
         logger.warning("nothing to generate (every chosen class already has enough images): %s will hold a "
                        "manifest but no '%s' shards, so do not pass it to the loader", out, s.split)
+    judge = _judge(s, ckpt, classes, image_size) if s.curate else None
     with atomic_dir(out) as staging:
-        shard_list, images = _write_images(staging, G, spec, classes, plan, s, ckpt)
-        manifest = write_manifest(staging, _manifest(s, spec, classes, image_size, plan, shard_list, images, ckpt,
-                                                     balance_info, real_taxonomy, str(next(G.parameters()).device)))
+        shard_list, images, tallies = _write_images(staging, G, spec, classes, plan, s, ckpt, judge)
+        manifest = _manifest(s, spec, classes, image_size, plan, shard_list, images, ckpt, balance_info,
+                             real_taxonomy, str(next(G.parameters()).device))
+        manifest["curation"] = _curation_record(s, judge, tallies)
+        manifest = write_manifest(staging, manifest)
         if shard_list:  # the same picture tools/shard.py leaves beside real shards
             from hpcgan.viz import shard_contact_sheet
             shard_contact_sheet(staging, s.split, staging / "contact_sheet.png",
@@ -480,23 +508,61 @@ def _seen_list(chosen: list[str], unseen: list[str]) -> str:
     return "[" + ",".join(f'"{c}"' if " " in c else c for c in chosen if c not in unseen) + "]"
 
 
+def _judge(s: GenerateSettings, ckpt: dict, classes: list[str], image_size: int):
+    from hpcgan.curate import CurationError, train_judge
+    try:
+        return train_judge(trained_on(ckpt["config"]), classes, image_size, confidence=s.curate_confidence,
+                           copy_percentile=s.curate_copy_percentile, epochs=s.curate_epochs, seed=s.seed)
+    except CurationError as e:
+        raise GenerateError(str(e)) from None
+
+
+def _class_pngs(G, spec: GANSpec, label: int | None, n: int, s: GenerateSettings, device, judge, tally):
+    """(index, PNG bytes, extra manifest fields) of the class's images: the first n of its latent order, or with
+    a judge the first n it keeps of at most curate_max_draws x n (tally counts them; hpcgan.curate)."""
+    seed = class_seed(s.seed, label)
+    if judge is None:
+        for index, data in enumerate(generate_class(G, spec, label, n, seed, s.batch_size, device, s.truncation)):
+            yield index, data, {}
+        return
+    from hpcgan.curate import curated
+    draws = int(np.ceil(n * s.curate_max_draws))
+    batches = class_images(G, spec, label, draws, seed, s.batch_size, device, s.truncation)
+    for index, img, p, distance in curated(batches, judge, label, n, tally):
+        yield index, to_png(img[None])[0], {"judge_p": round(p, 4), "copy_distance": round(distance, 4)}
+
+
+def _curation_record(s: GenerateSettings, judge, tallies: dict) -> dict | None:
+    """The manifest's "curation": the judge and, per class, wanted / drawn / kept / dropped by reason."""
+    if judge is None:
+        return None
+    for cls, t in tallies.items():
+        if t.kept < t.wanted:
+            logger.warning("curation: %s kept %d of the %d wanted after %d draws (dropped %s); lower "
+                           "curate_confidence or raise curate_max_draws", cls, t.kept, t.wanted, t.drawn, t.dropped)
+    return {"judge": judge.info, "max_draws": s.curate_max_draws,
+            "classes": {c: t.as_dict() for c, t in tallies.items()}}
+
+
 def _write_images(staging: Path, G, spec: GANSpec, classes: list[str], plan: dict[str, int], s: GenerateSettings,
-                  ckpt: dict) -> tuple[list[dict], list[dict]]:
-    """Generate every planned image into shards (labelled) and/or the PNG folder; (shard dicts, image list)."""
+                  ckpt: dict, judge=None) -> tuple[list[dict], list[dict], dict]:
+    """Generate every planned image into shards (labelled) and/or the PNG folder, through the judge when curating;
+    (shard dicts, image list, {class: hpcgan.curate.ClassTally} when curating)."""
+    from hpcgan.curate import ClassTally
     labelled = s.count is None
     device = next(G.parameters()).device
     common = {"synthetic": True, "source": "synthetic", "source_label": "synthetic", "model": spec.name,
               "checkpoint_sha256": ckpt["sha256"], "checkpoint_step": ckpt["step"], "seed": s.seed,
               "weights": ckpt["weights"]}
     images: list[dict] = []
+    tallies = {cls: ClassTally(n) for cls, n in plan.items()} if judge is not None else {}
     with contextlib.ExitStack() as stack:
         writer = stack.enter_context(ShardWriter(staging, s.split, s.shard_size)) if labelled else None
         bar = stack.enter_context(Progress(sum(plan.values()), "generate", "img", bar=s.progress))
         for cls, n in plan.items():
             label = classes.index(cls) if labelled else -1
             g_label = label if labelled else None
-            pngs = generate_class(G, spec, g_label, n, class_seed(s.seed, g_label), s.batch_size, device, s.truncation)
-            for index, data in enumerate(pngs):
+            for index, data, extra in _class_pngs(G, spec, g_label, n, s, device, judge, tallies.get(cls)):
                 key = sample_key(cls, index)
                 rel = f"png/{slug(cls)}/{key}.png" if s.png else None
                 if rel is not None:
@@ -506,9 +572,9 @@ def _write_images(staging: Path, G, spec: GANSpec, classes: list[str], plan: dic
                     meta = dict(common, **{"class": cls, "fine": cls, "label": label, "index": index, "key": key,
                                            "path": rel or key, "sha256": hashlib.sha256(data).hexdigest()})
                     writer.write(key, data, "png", label, meta)
-                images.append({"class": cls, "label": label, "index": index, "key": key, "png": rel})
+                images.append({"class": cls, "label": label, "index": index, "key": key, "png": rel, **extra})
                 bar.update(1)
-    return (writer.shards if writer is not None else []), images
+    return (writer.shards if writer is not None else []), images, tallies
 
 
 def _manifest(s: GenerateSettings, spec: GANSpec, classes, image_size, plan, shard_list, images, ckpt,
@@ -518,7 +584,10 @@ def _manifest(s: GenerateSettings, spec: GANSpec, classes, image_size, plan, sha
     if s.count is not None:
         counts, by_source, shards = {}, {}, {}
     else:
-        per = {c: plan.get(c, 0) for c in classes}
+        made = {c: 0 for c in classes}   # what was written (curation may keep fewer than planned)
+        for im in images:
+            made[im["class"]] += 1
+        per = made
         counts, by_source, shards = {s.split: per}, {s.split: {"synthetic": per}}, {s.split: shard_list}
     settings = {k: getattr(s, k) for k in ("per_class", "balance", "count", "classes", "batch_size", "png",
                                             "split", "truncation", "shard_size")}

@@ -428,3 +428,33 @@ def test_several_splits_read_as_one(tmp_path):
         make_loader(syn, ["val", "test"], 1, backend="webdataset")
     with pytest.raises(ValueError, match="distinct"):
         make_loader(d, ["train", "train"], 1, backend="webdataset")
+
+
+def test_an_undecodable_image_is_an_error_and_the_workers_stop_with_it(tmp_path):
+    """A bad image in a worker process raises in the caller; a caller that keeps the error (and so the loader's
+    frame) still exits: the workers were shut down with the iteration, not left for the interpreter's exit."""
+    import subprocess
+    import sys
+    with ShardWriter(tmp_path, "train", shard_size=100) as w:
+        for i in range(8):
+            w.write(f"s{i}", b"not an image" if i == 5 else _png(i), "png", 0, {"class": "a"})
+    write_manifest(tmp_path, {"classes": ["a"], "image_size": 32, "counts": {"train": {"a": 8}},
+                              "shards": {"train": w.shards}})
+    code = f"""
+from hpcgan.data.loader import make_loader
+try:
+    for _ in make_loader({str(tmp_path)!r}, "train", 2, shuffle=False, backend="webdataset", device="cpu",
+                         num_threads=2):
+        pass
+except Exception as e:
+    kept = e
+    print("raised", type(e).__name__, flush=True)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "raised UnidentifiedImageError" in p.stdout, p.stderr[-2000:]
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()

@@ -540,12 +540,19 @@ def _iterate_torch(loader: ShardLoader):
     dl = torch.utils.data.DataLoader(samples, batch_sampler=batches, num_workers=workers,
                                      collate_fn=_collate, pin_memory=cuda, worker_init_fn=_ignore_stop_signals,
                                      persistent_workers=False, prefetch_factor=4 if workers else None)
+    it = None
     try:
-        for images, labels in _start_workers(dl):
+        it = _start_workers(dl)
+        for images, labels in it:
             if cuda:
                 images = images.to("cuda", non_blocking=True)
                 labels = labels.to("cuda", non_blocking=True)
             # Same arithmetic as DALI's normalisation: (x - 127.5) / 127.5 maps 0..255 onto [-1, 1].
             yield images.float().sub_(127.5).div_(127.5), labels
     finally:
+        # stop the workers now, not when the iterator is collected: a traceback that keeps this frame (a bad
+        # image's error, caught and kept by the caller) would keep them alive and hang the interpreter's exit
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
         samples.close()

@@ -178,14 +178,16 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out
 
 
-def load_split(shards, split: str, s: CellTrainSettings, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole split, decoded once through the project's loader: (uint8 [N, 3, S, S], int64 labels [N]) on `dev`.
-    (A cell extractor trains many epochs over a few thousand to tens of thousands of images: decoding them
-    once keeps an epoch to pure tensor work; 40k images of 128 px are 2 GB.)"""
+def load_split(shards, split: str, s: CellTrainSettings, dev: torch.device,
+               index=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole split (or its samples `index`, e.g. a scarce cut), decoded once through the project's loader:
+    (uint8 [N, 3, S, S], int64 labels [N]) on `dev`. (A cell extractor trains many epochs over a few thousand to
+    tens of thousands of images: decoding them once keeps an epoch to pure tensor work; 40k images of 128 px
+    are 2 GB.)"""
     from hpcgan.data.loader import load_index, make_loader
-    n = len(load_index(shards, split))
+    n = len(index if index is not None else load_index(shards, split))
     loader = make_loader(shards, split, min(256, n), shuffle=False, backend=s.backend, device=dev.type,
-                         num_threads=s.num_threads)
+                         num_threads=s.num_threads, index=index)
     images, labels = [], []
     for x, y in loader:  # x = (u8 - 127.5) / 127.5, inverted exactly by the rounding
         images.append(x.to(dev).mul(127.5).add_(127.5).round_().to(torch.uint8))
@@ -201,6 +203,33 @@ def accuracy(net: CellNet, images: torch.Tensor, labels: torch.Tensor, batch_siz
     right = sum(int((net(to_input(images[i:i + batch_size], size)).argmax(1) == labels[i:i + batch_size]).sum())
                 for i in range(0, len(images), batch_size))
     return right / len(images)
+
+
+def fit(net: CellNet, train_x: torch.Tensor, train_y: torch.Tensor, s: CellTrainSettings, *,
+        class_weight: torch.Tensor | None = None, after_epoch=None) -> None:
+    """Train `net` on uint8 images `train_x` (labels `train_y`) for s.epochs: AdamW, cosine decay per epoch,
+    full batches of s.batch_size (capped at the set's size) in an order and under symmetries drawn from a
+    generator seeded by s.seed; cross-entropy, weighted per class by `class_weight` when given.
+    after_epoch(epoch, last loss) runs after each epoch (model selection, progress)."""
+    size, dev = train_x.shape[-1], train_x.device
+    opt = torch.optim.AdamW(net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.epochs)
+    gen = torch.Generator().manual_seed(s.seed)
+    bs = min(s.batch_size, len(train_x))
+    weight = None if class_weight is None else class_weight.to(dev)
+    for epoch in range(s.epochs):
+        net.train()
+        order = torch.randperm(len(train_x), generator=gen).to(dev)
+        for i in range(0, len(order) - bs + 1, bs):  # full batches only (BatchNorm, equal steps)
+            idx = order[i:i + bs]
+            x = augment(to_input(train_x[idx], size), gen)
+            loss = F.cross_entropy(net(x), train_y[idx], weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        if after_epoch is not None:
+            after_epoch(epoch, float(loss.item()))
 
 
 def _check_splits(shards) -> dict:
@@ -233,30 +262,20 @@ def train_cell_extractor(shards: str | os.PathLike, out: str | os.PathLike, *, e
     with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
         torch.manual_seed(s.seed)
         net = build_net(arch, len(classes)).to(dev)
-    opt = torch.optim.AdamW(net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.epochs)
-    gen = torch.Generator().manual_seed(s.seed)
     train_x, train_y = load_split(shards, "train", s, dev)
     val_x, val_y = load_split(shards, "val", s, dev)
-    bs = min(s.batch_size, len(train_x))
     best = (-1.0, -1, None)  # (val accuracy, epoch, state)
     bar = Progress(s.epochs, "cell extractor", "epoch", bar=progress)
-    for epoch in range(s.epochs):
-        net.train()
-        order = torch.randperm(len(train_x), generator=gen).to(dev)
-        for i in range(0, len(order) - bs + 1, bs):  # full batches only (BatchNorm, equal steps)
-            idx = order[i:i + bs]
-            x = augment(to_input(train_x[idx], size), gen)
-            loss = F.cross_entropy(net(x), train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sched.step()
+
+    def select(epoch: int, loss: float) -> None:
+        nonlocal best
         val = accuracy(net, val_x, val_y)
         if val > best[0]:
             best = (val, epoch, copy.deepcopy(net.state_dict()))
-        bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.3f}", best=f"{best[0]:.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}", val=f"{val:.3f}", best=f"{best[0]:.3f}")
         bar.update()
+
+    fit(net, train_x, train_y, s, after_epoch=select)
     bar.close()
     net.load_state_dict(best[2])
     train_acc = accuracy(net, train_x, train_y)
