@@ -42,7 +42,7 @@ from hpcgan.augment import diff_augment, parse_policy
 from hpcgan.latent import Latent
 from hpcgan.models.registry import ADVERSARIAL, GANSpec
 
-STAT_KEYS = ("d_loss", "g_loss", "gp", "wdist", "ac_acc_real", "ac_acc_fake", "info_loss", "ms_ratio")
+STAT_KEYS = ("d_loss", "g_loss", "gp", "wdist", "ac_acc_real", "ac_acc_fake", "info_loss", "ms_ratio", "gsr")
 MS_EPS = 1e-5
 
 
@@ -160,8 +160,9 @@ class GANObjective:
         return (self._input_gradient_norms(D, real, y, grad_scale) ** 2).mean()
 
     def generator_loss(self, D: nn.Module, fake: torch.Tensor, latent: Latent, gen: torch.Generator,
-                       y_for_critic: torch.Tensor | None = None):
-        """(loss, stats) of one generator step; `fake` = G(latent.z, latent.y) with its graph."""
+                       y_for_critic: torch.Tensor | None = None, G: nn.Module | None = None):
+        """(loss, stats) of one generator step; `fake` = G(latent.z, latent.y) with its graph; `G` (unwrapped):
+        the generator, for the spec's regularisers of its weights (gsr_weight)."""
         s = self.spec
         y_d = latent.y if latent.y is not None else y_for_critic
         out = self._critic(D, self._augment(fake, gen), y_d)
@@ -179,6 +180,12 @@ class GANObjective:
             ratio = mode_seeking_ratio(fake, latent.z[:, :s.z_dim])
             loss = loss + s.mode_seeking / (ratio + MS_EPS)
             stats["ms_ratio"] = ratio.detach()
+        if s.gsr_weight > 0:
+            if G is None:
+                raise ValueError(f"{s.name}: gsr_weight > 0 regularises the generator's weights: pass G")
+            gsr = gsr_penalty(G, latent.y, s.gsr_groups)
+            loss = loss + s.gsr_weight * gsr
+            stats["gsr"] = gsr.detach()
         stats["g_loss"] = loss.detach()
         return loss, stats
 
@@ -188,6 +195,30 @@ class GANObjective:
         if self.spec.clip > 0:
             for p in D.parameters():
                 p.clamp_(-self.spec.clip, self.spec.clip)
+
+
+def gsr_penalty(G: nn.Module, y: torch.Tensor, groups: int) -> torch.Tensor:
+    """Group spectral regularisation (gSR, Rangwani et al. ECCV 2022): for every class-conditional batch norm of
+    G and every class in the batch `y`, the class's gain deviation (gain - 1: the identity is the unconditioned
+    layer) and its bias, each a C-vector grouped into a [groups, C / groups] matrix, add their largest singular
+    value squared; the mean over the batch's classes, summed over layers. Penalising it spreads a class's
+    conditioning over many directions instead of a few, which is what collapses a tail class onto one mode."""
+    from hpcgan.models.blocks import ConditionalBatchNorm2d
+    classes = torch.unique(y)
+    total = None
+    for m in G.modules():
+        if not isinstance(m, ConditionalBatchNorm2d):
+            continue
+        channels = m.gain.weight.shape[1]
+        if channels % groups:
+            raise ValueError(f"gsr_groups={groups} does not divide a conditional batch norm's {channels} channels")
+        for vectors in (m.gain(classes) - 1.0, m.bias(classes)):
+            sigma = torch.linalg.matrix_norm(vectors.float().reshape(len(classes), groups, -1), ord=2)
+            term = sigma.square().mean()
+            total = term if total is None else total + term
+    if total is None:
+        raise ValueError("gsr_penalty: the generator has no class-conditional batch norm")
+    return total
 
 
 def mode_seeking_ratio(images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

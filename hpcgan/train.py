@@ -385,7 +385,7 @@ class Trainer:
                 with no_sync:
                     with obj.autocast():
                         fake = self.G(lat.z, lat.y)
-                    g_loss, g_stats = obj.generator_loss(self.D, fake.float(), lat, gen, y)
+                    g_loss, g_stats = obj.generator_loss(self.D, fake.float(), lat, gen, y, G=unwrap(self.G))
                     self._backward(g_loss, self.scaler_G)
             finally:
                 unwrap(self.D).requires_grad_(True)
@@ -834,7 +834,7 @@ def _resolved(shards) -> str | list[str]:
     return str(Path(shards).resolve())
 
 
-_MUST_MATCH = ("name", "generator", "critic", "conditional", "critic_condition", "z_dim", "width", "info_cat",
+_MUST_MATCH = ("name", "generator", "critic", "conditional", "critic_condition", "z_dim", "width", "class_from", "info_cat",
                "info_cont", "critic_norm", "ac_twin", "spectral_norm")
 
 

@@ -85,15 +85,31 @@ class ConditionalBatchNorm2d(nn.Module):
         return h * self.gain(y)[:, :, None, None].to(h.dtype) + self.bias(y)[:, :, None, None].to(h.dtype)
 
 
+class PlainBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d that takes (and ignores) the label, in place of a ConditionalBatchNorm2d in a layer that
+    the spec's class_from leaves unconditional."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x)
+
+
+def class_norm(channels: int, num_classes: int, resolution: int, class_from: int) -> nn.Module:
+    """The batch norm of a generator layer at `resolution`: class-conditional from `class_from` up (0: always)."""
+    if resolution >= class_from:
+        return ConditionalBatchNorm2d(channels, num_classes)
+    return PlainBatchNorm2d(channels)
+
+
 class CondResBlockUp(nn.Module):
     """ResBlockUp with conditional batch norm (SNGAN's generator block):
     CBN-ReLU-up-conv-CBN-ReLU-conv + conv1x1-up shortcut (a 1x1 conv commutes with nearest upsampling)."""
 
-    def __init__(self, in_ch: int, out_ch: int, num_classes: int):
+    def __init__(self, in_ch: int, out_ch: int, num_classes: int, resolution: int = 0, class_from: int = 0):
+        """resolution: the block's input resolution (it outputs twice that); class_from: see class_norm."""
         super().__init__()
-        self.norm1 = ConditionalBatchNorm2d(in_ch, num_classes)
+        self.norm1 = class_norm(in_ch, num_classes, resolution, class_from)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = ConditionalBatchNorm2d(out_ch, num_classes)
+        self.norm2 = class_norm(out_ch, num_classes, 2 * resolution, class_from)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1)
 

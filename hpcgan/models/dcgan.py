@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from hpcgan.models.blocks import (ConditionalBatchNorm2d, CriticHeads, channels_at, check_labels, check_latent,
-                                  dcgan_init, norm_2d, num_resamples, require_conditional)
+                                  class_norm, dcgan_init, norm_2d, num_resamples, require_conditional)
 from hpcgan.models.builders import register_critic, register_generator
 
 LABEL_EMBED_DIM = 64
@@ -48,25 +48,29 @@ class DCGANGenerator(nn.Module):
 class CBNDCGANGenerator(nn.Module):
     """DCGANGenerator (conditional) with ConditionalBatchNorm2d in place of every BatchNorm2d."""
 
-    def __init__(self, latent_dim: int, num_classes: int, image_size: int, width: int):
+    def __init__(self, latent_dim: int, num_classes: int, image_size: int, width: int, class_from: int = 0):
+        """class_from: layers below this resolution are unconditional and the label is not at the input when
+        class_from > 4 (blocks.class_norm; the spec's class_from)."""
         super().__init__()
         self.latent_dim = latent_dim
         n_up = num_resamples(image_size)
         ch = [channels_at(4 * 2 ** i, image_size, width) for i in range(n_up)]  # 4x4 ... image_size/2
-        self.embed = nn.Embedding(num_classes, LABEL_EMBED_DIM)
-        self.convs = nn.ModuleList([nn.ConvTranspose2d(latent_dim + LABEL_EMBED_DIM, ch[0], 4, 1, 0, bias=False)]
+        self.embed = nn.Embedding(num_classes, LABEL_EMBED_DIM) if class_from <= 4 else None
+        in_dim = latent_dim + (LABEL_EMBED_DIM if self.embed is not None else 0)
+        self.convs = nn.ModuleList([nn.ConvTranspose2d(in_dim, ch[0], 4, 1, 0, bias=False)]
                                    + [nn.ConvTranspose2d(ch[i], ch[i + 1], 4, 2, 1, bias=False) for i in range(n_up - 1)])
-        self.norms = nn.ModuleList([ConditionalBatchNorm2d(c, num_classes) for c in ch])
+        self.norms = nn.ModuleList([class_norm(c, num_classes, 4 * 2 ** i, class_from) for i, c in enumerate(ch)])
         self.to_rgb = nn.Sequential(nn.ConvTranspose2d(ch[-1], 3, 4, 2, 1), nn.Tanh())
         dcgan_init(self)
         for norm in self.norms:   # dcgan_init drew the embeddings N(0, 0.02): gains start near 1, biases at 0
-            nn.init.normal_(norm.gain.weight, 1.0, 0.02)
-            nn.init.zeros_(norm.bias.weight)
+            if isinstance(norm, ConditionalBatchNorm2d):
+                nn.init.normal_(norm.gain.weight, 1.0, 0.02)
+                nn.init.zeros_(norm.bias.weight)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         check_latent(z, self.latent_dim)
         check_labels(y, z.shape[0])
-        h = torch.cat([z, self.embed(y).to(z.dtype)], dim=1)[:, :, None, None]
+        h = (z if self.embed is None else torch.cat([z, self.embed(y).to(z.dtype)], dim=1))[:, :, None, None]
         for conv, norm in zip(self.convs, self.norms):
             h = torch.relu(norm(conv(h), y))
         return self.to_rgb(h)
@@ -99,7 +103,7 @@ def build_dcgan_generator(spec, num_classes: int, image_size: int) -> nn.Module:
 @register_generator("dcgan_cbn")
 def build_dcgan_cbn_generator(spec, num_classes: int, image_size: int) -> nn.Module:
     require_conditional(spec, "dcgan_cbn", "dcgan")
-    return CBNDCGANGenerator(spec.latent_dim, num_classes, image_size, spec.width)
+    return CBNDCGANGenerator(spec.latent_dim, num_classes, image_size, spec.width, spec.class_from)
 
 
 @register_critic("dcgan")

@@ -31,6 +31,7 @@ from hpcgan.settings import SettingsError, check_choice, check_range, parse
 MODEL_NAMES = ("wgan_gp_ac", "acgan", "wgan", "wgan_gp", "infogan", "wgan_gp_info", "dcgan", "cgan", "sngan_proj",
                "cellgan")
 ADVERSARIAL = ("wasserstein", "bce", "hinge")   # the adversarial losses of hpcgan/objectives.py
+CBN_GENERATORS = ("dcgan_cbn", "resnet_cbn")    # generators with class-conditional batch norm (gSR, class_from)
 
 
 @dataclass
@@ -73,6 +74,13 @@ class GANSpec:
     info_cont: int = 0                 # InfoGAN continuous codes
     info_weight: float = 0.0
     mode_seeking: float = 0.0          # mode-seeking regularisation weight (MSGAN, Mao et al. 2019; 0 = off)
+    gsr_weight: float = 0.0            # group spectral regularisation of the generator's class-conditional batch
+                                       # norms (gSR, Rangwani et al. ECCV 2022; hpcgan.objectives.gsr_penalty)
+    gsr_groups: int = 4                # gSR: each class's gain (and bias) vector as a gsr_groups-row matrix
+    class_from: int = 0                # long-tail: generator layers below this resolution are unconditional (plain
+                                       # batch norm, no label at the input), the class enters from it up: low-
+                                       # resolution structure shared by every class (the generator half of UTLO,
+                                       # Khorram et al. 2024); 0: every layer conditional
     z_dim: int = 128
     width: int = 64                    # base channel count
     critic_norm: str = "none"          # "none" | "batch" (never with a gradient penalty)
@@ -99,6 +107,12 @@ class GANSpec:
         check_choice("model.adversarial", spec.adversarial, ADVERSARIAL)
         check_range("model.r1_gamma", spec.r1_gamma, 0)
         check_range("model.mode_seeking", spec.mode_seeking, 0)
+        check_range("model.gsr_weight", spec.gsr_weight, 0)
+        check_range("model.gsr_groups", spec.gsr_groups, 1)
+        check_range("model.class_from", spec.class_from, 0)
+        if (spec.gsr_weight > 0 or spec.class_from) and spec.generator not in CBN_GENERATORS:
+            raise SettingsError(f"{spec.name}: gsr_weight and class_from act on class-conditional batch norms; "
+                                f"generator {spec.generator!r} has none (use one of {', '.join(CBN_GENERATORS)})")
         try:
             spec.diffaug = list(parse_policy(spec.diffaug))
         except ValueError as e:
@@ -141,6 +155,11 @@ def build_model(spec: GANSpec, num_classes: int, image_size: int) -> tuple[nn.Mo
         raise ValueError(f"{spec.name}: unknown critic architecture {spec.critic!r}; "
                          f"known: {', '.join(sorted(CRITICS))}")
     generator = GENERATORS[spec.generator](spec, num_classes, image_size)
+    if spec.class_from:
+        from hpcgan.models.blocks import ConditionalBatchNorm2d
+        if not any(isinstance(m, ConditionalBatchNorm2d) for m in generator.modules()):
+            raise ValueError(f"{spec.name}: class_from={spec.class_from} leaves no class-conditional layer in a "
+                             f"{image_size} px {spec.generator} generator: lower it")
     critic = CRITICS[spec.critic](spec, num_classes, image_size)
     if spec.spectral_norm:
         from hpcgan.models.blocks import apply_spectral_norm

@@ -52,14 +52,15 @@ class ResNetGenerator(nn.Module):
 class CBNResNetGenerator(nn.Module):
     """The class-conditional ResNet generator with conditional batch norm in every block (SNGAN, BigGAN)."""
 
-    def __init__(self, latent_dim: int, num_classes: int, image_size: int, width: int):
+    def __init__(self, latent_dim: int, num_classes: int, image_size: int, width: int, class_from: int = 0):
         super().__init__()
         self.latent_dim = latent_dim
         n_up = num_resamples(image_size)
         ch = [channels_at(4 * 2 ** i, image_size, width) for i in range(n_up + 1)]   # 4x4 ... image_size
         self.z_channels = ch[0]
         self.z_to_4x4 = nn.Linear(latent_dim, ch[0] * 16)
-        self.blocks = nn.ModuleList([CondResBlockUp(ch[i], ch[i + 1], num_classes) for i in range(n_up)])
+        self.blocks = nn.ModuleList([CondResBlockUp(ch[i], ch[i + 1], num_classes, 4 * 2 ** i, class_from)
+                                     for i in range(n_up)])
         self.to_rgb = nn.Sequential(nn.BatchNorm2d(ch[-1]), nn.ReLU(), nn.Conv2d(ch[-1], 3, 3, padding=1), nn.Tanh())
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,7 +105,7 @@ def build_resnet_critic(spec, num_classes: int, image_size: int) -> nn.Module:
 @register_generator("resnet_cbn")
 def build_cbn_resnet_generator(spec, num_classes: int, image_size: int) -> nn.Module:
     require_conditional(spec, "resnet_cbn", "resnet")
-    return CBNResNetGenerator(spec.latent_dim, num_classes, image_size, spec.width)
+    return CBNResNetGenerator(spec.latent_dim, num_classes, image_size, spec.width, spec.class_from)
 
 
 @register_critic("sngan")
