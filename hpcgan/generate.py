@@ -521,7 +521,7 @@ def _class_pngs(G, spec: GANSpec, label: int | None, n: int, s: GenerateSettings
     """(index, PNG bytes, extra manifest fields) of the class's images: the first n of its latent order, or with
     a judge the first n it keeps of at most curate_max_draws x n (tally counts them; hpcgan.curate)."""
     seed = class_seed(s.seed, label)
-    if judge is None:
+    if judge is None or n == 0:
         for index, data in enumerate(generate_class(G, spec, label, n, seed, s.batch_size, device, s.truncation)):
             yield index, data, {}
         return
@@ -555,7 +555,7 @@ def _write_images(staging: Path, G, spec: GANSpec, classes: list[str], plan: dic
               "checkpoint_sha256": ckpt["sha256"], "checkpoint_step": ckpt["step"], "seed": s.seed,
               "weights": ckpt["weights"]}
     images: list[dict] = []
-    tallies = {cls: ClassTally(n) for cls, n in plan.items()} if judge is not None else {}
+    tallies = {cls: ClassTally(n) for cls, n in plan.items() if n} if judge is not None else {}
     with contextlib.ExitStack() as stack:
         writer = stack.enter_context(ShardWriter(staging, s.split, s.shard_size)) if labelled else None
         bar = stack.enter_context(Progress(sum(plan.values()), "generate", "img", bar=s.progress))
