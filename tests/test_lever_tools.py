@@ -1,0 +1,33 @@
+"""tools/lever_table.py (issue 20's lever screen table) on a planted results tree, and lever_screen.sh's syntax."""
+import json
+import subprocess
+import sys
+
+from hpcgan import REPO_ROOT
+
+
+def test_lever_table_rows_and_mean_cut_recall(tmp_path):
+    syn, run = tmp_path / "syn" / "g", tmp_path / "gan" / "g"
+    (run / "checkpoints").mkdir(parents=True)
+    syn.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"step": 1234, "time_budget": {"elapsed_s": 600.4}}))
+    (syn / "manifest.json").write_text(json.dumps({
+        "checkpoint": {"path": str(run / "checkpoints" / "step-00001234.pt")},
+        "curation": {"classes": {"monocyte": {"kept": 260, "drawn": 300}, "basophil": {"kept": 1, "drawn": 1}}}}))
+    for name, synthetic, mono in (("plain", None, 0.5), ("gan", {"shards": str(syn)}, 0.7)):
+        d = tmp_path / "cls" / name
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({
+            "tag": name, "run_dir": str(d), "regime": {"name": "r"}, "synthetic": synthetic,
+            "metrics": {"balanced_accuracy": 0.8, "macro_f1": 0.75},
+            "per_class": {"recall": {"monocyte": mono, "eosinophil": 0.9}},
+            "rows": [{"steps_run": 1200}], "selection": {"best_step": 900}}))
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "lever_table.py"), str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    rows = {line.split(" | ")[0].strip("| "): line for line in out[2:]}
+    assert "| 0.50 | 0.90 | 0.700 | 1200 / 900 | – | – | – |" in rows["plain"]
+    assert "| 0.70 | 0.90 | 0.800 | 1200 / 900 | 1234 | 600 | mon 260/300 |" in rows["gan"]
+
+
+def test_lever_screen_script_parses():
+    subprocess.run(["bash", "-n", str(REPO_ROOT / "tools" / "lever_screen.sh")], check=True)
