@@ -18,7 +18,7 @@ CUT = {"monocyte": 20, "eosinophil": 20}
 def class_cells(shards, label: int, index=None, split: str = "train") -> torch.Tensor:
     from hpcgan.metrics.cell import CellTrainSettings, load_split
     x, y = load_split(shards, split, CellTrainSettings(backend="webdataset"), torch.device("cpu"), index=index)
-    return x[y == label]
+    return x[y == label].permute(0, 2, 3, 1).numpy()   # NHWC uint8, as contact_sheet takes
 
 
 def main() -> None:
