@@ -443,7 +443,7 @@ def write_synthetic(s: GenerateSettings) -> dict:
     if total == 0 and s.count is None:
         logger.warning("nothing to generate (every chosen class already has enough images): %s will hold a "
                        "manifest but no '%s' shards, so do not pass it to the loader", out, s.split)
-    judge = _judge(s, ckpt, classes, image_size) if s.curate else None
+    judge = _judge(s, ckpt, classes, image_size) if s.curate and total else None
     with atomic_dir(out) as staging:
         shard_list, images, tallies = _write_images(staging, G, spec, classes, plan, s, ckpt, judge)
         manifest = _manifest(s, spec, classes, image_size, plan, shard_list, images, ckpt, balance_info,
@@ -454,7 +454,7 @@ def write_synthetic(s: GenerateSettings) -> dict:
             from hpcgan.viz import shard_contact_sheet
             shard_contact_sheet(staging, s.split, staging / "contact_sheet.png",
                                 title=f"SYNTHETIC ({spec.name}, step {ckpt['step']}): the first images of every class")
-    logger.info("wrote %d synthetic images to %s", total, out)
+    logger.info("wrote %d synthetic images to %s", len(manifest["images"]), out)
     return manifest
 
 

@@ -669,7 +669,7 @@ class TrainingRun:
                                 "precision=fp32")
             if s.sample_every and self.step % s.sample_every == 0:
                 self.samples()
-            if stop:
+            if stop and self.step < self.total:   # at the budget's last step a stop signal just finishes
                 return True
             if self.step % s.ckpt_every == 0 and self.bad_streak == 0 and self.step < self.total:
                 self.checkpoint()
@@ -704,13 +704,15 @@ class TrainingRun:
         return self.now
 
     def budget_reached(self) -> bool:
-        """Reads the clock (once a step) and says whether time_budget_s is spent; agreed by all ranks (any rank's
-        clock past it stops them all after this same step)."""
+        """Reads the clock (once a step) and says whether time_budget_s is spent. With a budget the ranks agree
+        on the time itself (the largest of their clocks), so they stop after the same step and every checkpoint
+        holds the time that stopped them: a rerun then knows the budget is spent."""
         self.now = self.train_seconds + self.clock() - self.t0
         if self.s.time_budget_s is None:
             return False
-        spent = torch.tensor([float(self.now >= self.s.time_budget_s)], device=self.env.device)
-        return bool(dist.all_reduce_max(self.env, spent).item())
+        now = torch.tensor([self.now], dtype=torch.float64, device=self.env.device)
+        self.now = float(dist.all_reduce_max(self.env, now).item())
+        return self.now >= self.s.time_budget_s
 
     def log_row(self) -> None:
         """The ranks' mean statistics since the last row -> log.csv (and tensorboard, the bar, status.json)."""

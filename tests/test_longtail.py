@@ -57,6 +57,11 @@ def test_long_tail_options_are_refused_where_they_cannot_act():
     spec = dataclasses.replace(load_spec("cellgan"), class_from=64)
     with pytest.raises(ValueError, match="leaves no class-conditional layer"):
         build_model(spec, 3, 32)
+    with pytest.raises(SettingsError, match="changes nothing"):
+        GANSpec.from_config({**dataclasses.asdict(load_spec("cellgan")), "class_from": 4})
+    spec = dataclasses.replace(load_spec("cellgan"), width=8, gsr_weight=0.5, gsr_groups=3)
+    with pytest.raises(ValueError, match="must divide the channels"):   # at build, before any step
+        build_model(spec, 3, 32)
 
 
 @pytest.mark.slow

@@ -33,26 +33,30 @@ cls() {  # NAME REGIME [SYNTHETIC] EXTRA...
   local name=$1 regime=$2; shift 2
   local syn=(); if [ $# -gt 0 ] && [ "${1#syn=}" != "$1" ]; then syn=(synthetic="$OUT/syn/${1#syn=}"); shift; fi
   local recipe=("${RIVAL[@]}"); if [ ${#RECIPE[@]} -gt 0 ]; then recipe=("${RECIPE[@]}"); fi
-  $PY tools/classify.py shards="$SHARDS" regime="$regime" "${syn[@]}" "${CLS[@]}" "${recipe[@]}" \
+  $PY tools/classify.py shards="$SHARDS" regime="$regime" ${syn[@]+"${syn[@]}"} "${CLS[@]}" "${recipe[@]}" \
     tag="$name" out="$OUT/cls/$name" "$@"
 }
+
+# the GANs some levers share (a finished one is "already finished")
+base_gan() { gan cellgan cellgan steps=1900 balance_classes=true; }
+long_gan() { gan cellgan-long cellgan steps=100000 time_budget_s=600 balance_classes=true; }
 
 for lever in $LEVERS; do
   echo "== $lever $(date +%T)"
   case $lever in
     rival)     cls rival original ;;
-    base)      gan cellgan cellgan steps=1900 balance_classes=true
+    base)      base_gan
                syn cellgan cellgan; cls base original+synthetic syn=cellgan ;;
-    curated)   syn cellgan-curated cellgan balance=max shards="$SHARDS" curate=true; cls curated original+synthetic syn=cellgan-curated ;;
+    curated)   base_gan; syn cellgan-curated cellgan balance=max shards="$SHARDS" curate=true; cls curated original+synthetic syn=cellgan-curated ;;
     nobalance) gan cellgan-nobal cellgan steps=1900 balance_classes=false
                syn cellgan-nobal cellgan-nobal; cls nobalance original+synthetic syn=cellgan-nobal ;;
-    long)      gan cellgan-long cellgan steps=100000 time_budget_s=600 balance_classes=true
+    long)      long_gan
                syn cellgan-long cellgan-long; cls long original+synthetic syn=cellgan-long ;;
-    long_curated) syn cellgan-long-curated cellgan-long balance=max shards="$SHARDS" curate=true
+    long_curated) long_gan; syn cellgan-long-curated cellgan-long balance=max shards="$SHARDS" curate=true
                cls long_curated original+synthetic syn=cellgan-long-curated ;;
-    count20)   syn cellgan-pc20 cellgan per_class=20
+    count20)   base_gan; syn cellgan-pc20 cellgan per_class=20
                cls count20 original+synthetic syn=cellgan-pc20 synthetic_count=20 ;;
-    share)     RECIPE=(sampling=balanced augment=aug2); cls share original+synthetic syn=cellgan real_share=0.5
+    share)     base_gan; RECIPE=(sampling=balanced augment=aug2); cls share original+synthetic syn=cellgan real_share=0.5
                RECIPE=() ;;
     gsr)       gan cellgan-gsr cellgan steps=1900 balance_classes=true model.gsr_weight=0.5
                syn cellgan-gsr cellgan-gsr; cls gsr original+synthetic syn=cellgan-gsr ;;

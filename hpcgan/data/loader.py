@@ -552,7 +552,9 @@ def _iterate_torch(loader: ShardLoader):
     finally:
         # stop the workers now, not when the iterator is collected: a traceback that keeps this frame (a bad
         # image's error, caught and kept by the caller) would keep them alive and hang the interpreter's exit
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-        samples.close()
+        try:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        finally:
+            samples.close()

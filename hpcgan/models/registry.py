@@ -110,6 +110,9 @@ class GANSpec:
         check_range("model.gsr_weight", spec.gsr_weight, 0)
         check_range("model.gsr_groups", spec.gsr_groups, 1)
         check_range("model.class_from", spec.class_from, 0)
+        if 0 < spec.class_from <= 4:
+            raise SettingsError(f"model.class_from={spec.class_from}: the generators start at 4 px, so this changes "
+                                "nothing; give 0 (every layer conditional) or a resolution above 4, e.g. 16")
         if (spec.gsr_weight > 0 or spec.class_from) and spec.generator not in CBN_GENERATORS:
             raise SettingsError(f"{spec.name}: gsr_weight and class_from act on class-conditional batch norms; "
                                 f"generator {spec.generator!r} has none (use one of {', '.join(CBN_GENERATORS)})")
@@ -155,9 +158,13 @@ def build_model(spec: GANSpec, num_classes: int, image_size: int) -> tuple[nn.Mo
         raise ValueError(f"{spec.name}: unknown critic architecture {spec.critic!r}; "
                          f"known: {', '.join(sorted(CRITICS))}")
     generator = GENERATORS[spec.generator](spec, num_classes, image_size)
+    from hpcgan.models.blocks import ConditionalBatchNorm2d
+    cbn_channels = [m.gain.weight.shape[1] for m in generator.modules() if isinstance(m, ConditionalBatchNorm2d)]
+    if spec.gsr_weight > 0 and any(c % spec.gsr_groups for c in cbn_channels):
+        raise ValueError(f"{spec.name}: gsr_groups={spec.gsr_groups} must divide the channels of every conditional "
+                         f"batch norm ({sorted(set(cbn_channels))} at width {spec.width}): e.g. gsr_groups=4")
     if spec.class_from:
-        from hpcgan.models.blocks import ConditionalBatchNorm2d
-        if not any(isinstance(m, ConditionalBatchNorm2d) for m in generator.modules()):
+        if not cbn_channels:
             raise ValueError(f"{spec.name}: class_from={spec.class_from} leaves no class-conditional layer in a "
                              f"{image_size} px {spec.generator} generator: lower it")
     critic = CRITICS[spec.critic](spec, num_classes, image_size)
