@@ -55,14 +55,12 @@ class Judge:
 
     def __init__(self, net, classes: list[str], image_size: int, train_features: torch.Tensor,
                  confidence: float, copy_percentile: float | None, info: dict):
-        from hpcgan.metrics.memorisation import memorisation
+        from hpcgan.metrics.memorisation import copy_threshold
         self.net, self.classes, self.image_size = net.eval(), list(classes), image_size
         self.train_features, self.confidence = train_features, float(confidence)
-        self.threshold = None
-        if copy_percentile is not None:   # the memorisation rule's threshold over the training cells themselves
-            self.threshold = memorisation(train_features[:1].numpy(), train_features.numpy(),
-                                          float(copy_percentile))["threshold"]
-        self.copy_percentile = copy_percentile
+        self.threshold = None   # the memorisation metric's threshold over the training cells themselves
+        if copy_percentile is not None:
+            self.threshold = copy_threshold(train_features, float(copy_percentile))
         self.info = {**info, "confidence": self.confidence, "copy_percentile": copy_percentile,
                      "copy_threshold": self.threshold}
 
@@ -70,19 +68,19 @@ class Judge:
     def verdicts(self, images_u8: torch.Tensor, label: int) -> tuple[list[str | None], np.ndarray, np.ndarray]:
         """(per image: None to keep or the reason to drop; probability of `label`; nearest training-cell distance)."""
         from hpcgan.metrics.cell import to_input
+        from hpcgan.metrics.memorisation import is_copy
         from hpcgan.metrics.prdc import nearest
         f = self.net.features(to_input(images_u8, self.image_size))
         p = F.softmax(self.net.head(f), dim=1)[:, label].numpy()
         distance, _ = nearest(f, self.train_features)
-        copy = (np.zeros(len(p), bool) if self.threshold is None else
-                distance <= self.threshold if self.threshold == 0 else distance < self.threshold)
+        copy = np.zeros(len(p), bool) if self.threshold is None else is_copy(distance, self.threshold)
         reasons = ["low_confidence" if pi < self.confidence else "near_copy" if c else None
                    for pi, c in zip(p, copy)]
         return reasons, p, distance
 
 
 def train_judge(seen: dict | None, classes: list[str], image_size: int, *, confidence: float,
-                copy_percentile: float | None, epochs: int, seed: int, device: str = "cpu") -> Judge:
+                copy_percentile: float | None, epochs: int, seed: int) -> Judge:
     """The judge of a GAN that trained on `seen` (hpcgan.generate.trained_on of its checkpoint)."""
     from hpcgan.data.scarce import ScarceError, cut_split
     from hpcgan.data.shards import read_manifest
@@ -94,7 +92,7 @@ def train_judge(seen: dict | None, classes: list[str], image_size: int, *, confi
         index, _ = cut_split(shards, split, seen.get("scarce"), int(seen.get("scarce_seed") or 0))
     except (FileNotFoundError, ScarceError) as e:
         raise CurationError(f"curate=true needs the GAN's training cells ({shards}, split {split}): {e}") from None
-    s = CellTrainSettings(epochs=epochs, seed=seed, device=device, backend="webdataset")
+    s = CellTrainSettings(epochs=epochs, seed=seed, device="cpu", backend="webdataset")   # deterministic
     x, y = load_split(shards, split, s, torch.device("cpu"), index=index)
     counts = torch.bincount(y, minlength=len(classes)).float()
     weight = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * int((counts > 0).sum())), 0.0)
@@ -103,9 +101,9 @@ def train_judge(seen: dict | None, classes: list[str], image_size: int, *, confi
         net = build_net(default_arch(image_size), len(classes))
     fit(net, x, y, s, class_weight=weight)
     net.eval()
-    with torch.no_grad():
+    with torch.no_grad():   # one pass: the features, and the head on them for the train accuracy
         feats = torch.cat([net.features(to_input(x[i:i + 256], image_size)) for i in range(0, len(x), 256)])
-        right = torch.cat([net(to_input(x[i:i + 256], image_size)).argmax(1) for i in range(0, len(x), 256)]) == y
+        right = net.head(feats).argmax(1) == y
     info = {"trained_on": {"shards": shards, "split": split, "scarce": seen.get("scarce"),
                            "scarce_seed": seen.get("scarce_seed")},
             "samples": {c: int(n) for c, n in zip(classes, counts.tolist()) if n},

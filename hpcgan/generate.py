@@ -118,7 +118,6 @@ class GenerateSettings:
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
             raise GenerateError(f"truncation={t!r} must be a number > 0 (or null for none)")
 
-
     def _check_curation(self) -> None:
         if not self.curate:
             return
@@ -584,10 +583,9 @@ def _manifest(s: GenerateSettings, spec: GANSpec, classes, image_size, plan, sha
     if s.count is not None:
         counts, by_source, shards = {}, {}, {}
     else:
-        made = {c: 0 for c in classes}   # what was written (curation may keep fewer than planned)
+        per = {c: 0 for c in classes}   # what was written (curation may keep fewer than planned)
         for im in images:
-            made[im["class"]] += 1
-        per = made
+            per[im["class"]] += 1
         counts, by_source, shards = {s.split: per}, {s.split: {"synthetic": per}}, {s.split: shard_list}
     settings = {k: getattr(s, k) for k in ("per_class", "balance", "count", "classes", "batch_size", "png",
                                             "split", "truncation", "shard_size")}

@@ -836,8 +836,8 @@ def _resolved(shards) -> str | list[str]:
     return str(Path(shards).resolve())
 
 
-_MUST_MATCH = ("name", "generator", "critic", "conditional", "critic_condition", "z_dim", "width", "class_from", "info_cat",
-               "info_cont", "critic_norm", "ac_twin", "spectral_norm")
+_MUST_MATCH = ("name", "generator", "critic", "conditional", "critic_condition", "z_dim", "width", "class_from",
+               "info_cat", "info_cont", "critic_norm", "ac_twin", "spectral_norm")
 
 
 def _check_compatible(saved: dict, now: dict, run_dir: Path) -> None:

@@ -15,10 +15,11 @@ import torch
 CUT = {"monocyte": 20, "eosinophil": 20}
 
 
-def class_cells(shards, label: int, index=None, split: str = "train") -> torch.Tensor:
+def cells(shards, index=None, split: str = "train"):
+    """A label -> its cells (NHWC uint8, as contact_sheet takes) function over one decoded split."""
     from hpcgan.metrics.cell import CellTrainSettings, load_split
     x, y = load_split(shards, split, CellTrainSettings(backend="webdataset"), torch.device("cpu"), index=index)
-    return x[y == label].permute(0, 2, 3, 1).numpy()   # NHWC uint8, as contact_sheet takes
+    return lambda label: x[y == label].permute(0, 2, 3, 1).numpy()
 
 
 def main() -> None:
@@ -36,12 +37,13 @@ def main() -> None:
     classes = read_manifest(args.shards)["classes"]
     index, _ = cut_split(args.shards, "train", CUT, args.seed)
     sets = args.sets.split(",") if args.sets else sorted(p.name for p in Path(args.out, "syn").iterdir())
+    real, synthetic = cells(args.shards, index), {name: cells(Path(args.out, "syn", name)) for name in sets}
     rows = {}
     for cls in CUT:
         label = classes.index(cls)
-        rows[f"{cls}: real (the cut's {CUT[cls]})"] = class_cells(args.shards, label, index)
+        rows[f"{cls}: real (the cut's {CUT[cls]})"] = real(label)
         for name in sets:
-            rows[f"{cls}: {name}"] = class_cells(Path(args.out, "syn", name), label)
+            rows[f"{cls}: {name}"] = synthetic[name](label)
     print(contact_sheet(rows, args.png, title="cut classes: real cells and each synthetic set's first cells",
                         per_row=args.per_row, tile=48))
 

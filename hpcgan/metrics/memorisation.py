@@ -29,14 +29,25 @@ def memorisation(fake_features, real_features, percentile: float = 1.0) -> dict:
     real = as_features(real_features, "real_features")
     if fake.shape[1] != real.shape[1]:
         raise ValueError(f"generated features have {fake.shape[1]} dimensions, real ones {real.shape[1]}")
-    if not 0 <= percentile <= 100:
-        raise ValueError(f"percentile={percentile}: expected a value in 0..100 (1.0 = the 1st percentile)")
-    real_nn, _ = nearest(real, real, exclude_self=True)
-    threshold = float(np.percentile(real_nn, percentile))
+    threshold = copy_threshold(real, percentile)
     distance, idx = nearest(fake, real)
-    flagged = distance <= threshold if threshold == 0 else distance < threshold
+    flagged = is_copy(distance, threshold)
     return {"fraction": float(flagged.mean()) if len(flagged) else float("nan"), "threshold": threshold,
             "flagged": flagged, "nearest": idx, "distance": distance}
+
+
+def copy_threshold(real_features, percentile: float = 1.0) -> float:
+    """The `percentile`-th percentile (0..100) of each real sample's distance to its nearest OTHER real sample."""
+    if not 0 <= percentile <= 100:
+        raise ValueError(f"percentile={percentile}: expected a value in 0..100 (1.0 = the 1st percentile)")
+    real_nn, _ = nearest(as_features(real_features, "real_features"), as_features(real_features, "real_features"),
+                         exclude_self=True)
+    return float(np.percentile(real_nn, percentile))
+
+
+def is_copy(distance: np.ndarray, threshold: float) -> np.ndarray:
+    """Flagged as a copy: nearer than the threshold (strictly), or at distance 0 when the threshold is 0."""
+    return distance <= threshold if threshold == 0 else distance < threshold
 
 
 def closest_pairs_sheet(fake_images, real_images, result: dict, path, n: int = 16, title: str | None = None,
