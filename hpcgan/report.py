@@ -16,7 +16,9 @@ key (run, stage, metric, class, extractor, weights, steps, tag, split): the last
   scarcity_<px>_<cut>.csv/.md  per scarce cut: every regime's balanced accuracy, macro-F1, accuracy, steps and
                         the recall of each cut class on real test cells, with the study's `full` (the rival's
                         recipe on the uncut split) and `rival` rows and, under the table, which recipe won the
-                        rival search and by how much on val
+                        rival search and by how much on val; rows with a GAN's cells also carry that GAN's
+                        fidelity on each cut class (class accuracy of its cells by the `cell` classifier and
+                        intra-FID in `cell` features, from its evaluation on the same cut and size)
   rival_search_<px>_<cut>.csv/.md  the rival search: every cheap recipe's val scores (never test), best first
   sources.csv           for every table cell, the run directories its number comes from
   fig_ac_accuracy.png   the auxiliary classifier's accuracy on real and generated images against the step, a
@@ -60,6 +62,8 @@ TABLE5 = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "balanced_a
 # the steps each classifier trained (early stopping: the step it stopped at)
 SCARCITY = ("balanced_accuracy", "macro_f1", "accuracy", "steps_run")
 TABLE6 = ("accuracy", "specificity", "sensitivity")
+# beside the scarcity table: the per-class fidelity of the GAN whose cells a row used, for each cut class
+FIDELITY = ("class_accuracy", "intra_fid")
 KEY = ("run_dir", "stage", "metric", "class", "extractor", "weights", "steps", "tag", "real_split")
 CONFIG = ("stage", "model", "arch", "regime", "synthetic_from", "scarce", "seed", "steps", "image_size", "extractor",
           "extractor_sha256", "weights", "tag", "manifest_sha256", "real_split", "run_dir")
@@ -84,8 +88,10 @@ def load_rows(folder: str | Path) -> pd.DataFrame:
     for col in (*KEY, *CONFIG, "value", "skipped", "source"):
         if col not in df:
             df[col] = None
+    # a GAN's evaluation carries its cut inside its training regime: the scarcity table matches on it
+    gan_cut = df["regime"].map(lambda r: r.get("scarce") if isinstance(r, dict) else None)
+    df["scarce"] = df["scarce"].where(df["scarce"].notna(), gan_cut).map(_scarce_name)
     df["regime"] = df["regime"].map(_regime_name)
-    df["scarce"] = df["scarce"].map(_scarce_name)
     key = df[list(KEY)].astype(object).map(str).agg("|".join, axis=1)
     df = df.assign(_key=key).drop_duplicates("_key", keep="last").drop(columns=["_key", "_order"])
     df["value"] = pd.to_numeric(df["value"], errors="coerce")
@@ -189,19 +195,23 @@ def classifier_tables(df: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, pd.Data
         wide, sources = summarise(per, [*by, "class"], TABLE6)
         if not wide.empty:
             out[f"table6_{_px(size)}"] = (wide, sources, [*by, "class"], TABLE6)
-        out.update(scarcity_tables(part, size))
+        out.update(scarcity_tables(part, size, df[df["stage"] == "evaluate"]))
     return out
 
 
-def scarcity_tables(cl: pd.DataFrame, size) -> dict[str, tuple[pd.DataFrame, pd.DataFrame, list[str], tuple]]:
+def scarcity_tables(cl: pd.DataFrame, size, ev: pd.DataFrame | None = None
+                    ) -> dict[str, tuple[pd.DataFrame, pd.DataFrame, list[str], tuple]]:
     """Per scarce cut: every regime's balanced accuracy, macro-F1, accuracy and the recall (sensitivity) of
     each scarce class on the real test split, mean ± std over seeds; the study's `full` rows (uncut, the rival's
-    recipe) join every cut's table as its reference, and the rival's choice is said under it."""
+    recipe) join every cut's table as its reference, and the rival's choice is said under it. Rows with a GAN's
+    cells carry its per-class fidelity on the cut classes (`ev`: evaluation rows; _fidelity)."""
     out = {}
     full = cl[(cl["tag"] == "full") & cl["scarce"].isna()]
     for cut, part in cl[cl["scarce"].notna()].groupby("scarce"):
         part = pd.concat([full[full["arch"].isin(part["arch"])], part], ignore_index=True)
-        wide, sources, by, metrics = _with_recalls(part, str(cut), SCARCITY, ["arch", "regime", "synthetic_from"])
+        fidelity, extra = _fidelity(part, ev, str(cut), size)
+        wide, sources, by, metrics = _with_recalls(pd.concat([part, fidelity], ignore_index=True), str(cut),
+                                                   SCARCITY, ["arch", "regime", "synthetic_from"], extra)
         if not wide.empty:
             wide.attrs["note"] = rival_note(part)
             out[f"scarcity_{_px(size)}_{_cut_slug(cut)}"] = (wide, sources, by, metrics)
@@ -221,13 +231,37 @@ def search_tables(search: pd.DataFrame, size) -> dict[str, tuple[pd.DataFrame, p
     return out
 
 
-def _with_recalls(part: pd.DataFrame, cut: str, metrics: tuple, by: list[str]):
-    """summarise() of the whole-set metrics and the recall (sensitivity) of each class of the cut."""
-    scarce = [kv.split("=")[0] for kv in cut.split(",") if "=" in kv]
+def _cut_classes(cut: str) -> list[str]:
+    return [kv.split("=")[0] for kv in cut.split(",") if "=" in kv]
+
+
+def _fidelity(part: pd.DataFrame, ev: pd.DataFrame | None, cut: str, size) -> tuple[pd.DataFrame, tuple]:
+    """(rows, metric names): the per-class fidelity (FIDELITY) on each cut class of the GAN model that made a
+    classifier row's synthetic cells, from that model's evaluations on the same cut and image size, as rows
+    `<metric>_<class>` of every (arch, tag, regime) group it fed; averaged over the GAN's seeds by summarise.
+    intra-FID only in `cell` features (never averaged with another extractor's)."""
+    classes = _cut_classes(cut)
+    names = tuple(f"{m}_{c}" for c in classes for m in FIDELITY)
+    fed = part[part["synthetic_from"].notna()] if "synthetic_from" in part else part.iloc[:0]
+    if ev is None or ev.empty or fed.empty:
+        return part.iloc[:0], names
+    mine = ev[(ev["scarce"] == cut) & ev["class"].isin(classes) & ev["metric"].isin(FIDELITY)
+              & (ev["image_size"] == size) & ((ev["metric"] == "class_accuracy") | (ev["extractor"] == "cell"))]
+    mine = mine.assign(metric=mine["metric"] + "_" + mine["class"].astype(str), **{"class": None})
+    groups = fed[["arch", "tag", "regime", "synthetic_from"]].astype(object).drop_duplicates()
+    rows = groups.merge(mine.drop(columns=["arch", "tag", "regime", "synthetic_from"], errors="ignore"),
+                        left_on="synthetic_from", right_on="model")
+    return rows, names
+
+
+def _with_recalls(part: pd.DataFrame, cut: str, metrics: tuple, by: list[str], extra: tuple = ()):
+    """summarise() of the whole-set metrics, the recall (sensitivity) of each class of the cut, and `extra`
+    metrics the rows already carry by name."""
+    scarce = _cut_classes(cut)
     recall = part[part["class"].isin(scarce) & (part["metric"] == "sensitivity")]
     recall = recall.assign(metric="recall_" + recall["class"].astype(str))
     both = pd.concat([part[part["class"].isna()], recall], ignore_index=True)
-    metrics = (*metrics, *(f"recall_{c}" for c in scarce))
+    metrics = (*metrics, *(f"recall_{c}" for c in scarce), *extra)
     by = by[:1] + (["tag"] if both["tag"].notna().any() else []) + by[1:]
     wide, sources = summarise(both, by, metrics)
     return wide, sources, by, metrics

@@ -170,3 +170,40 @@ def test_an_internal_error_is_exit_1_with_its_traceback_never_the_bad_input_code
     monkeypatch.setattr(rep, "classifier_tables", broken)
     assert rep.main([str(tmp_path), "figures=false"]) == 1
     assert any(r.exc_info and "IndexError: a bug" in caplog.text for r in caplog.records)
+
+
+def test_scarcity_rows_carry_the_fidelity_of_the_gan_that_fed_them(tmp_path):
+    """Per cut class, the class accuracy and intra-FID of the GAN a row's cells came from, mean over its seeds,
+    matched by model, cut and size; another cut's, size's or extractor's evaluations never mix in."""
+    s, rows = tmp_path / "study", []
+    cut = {"monocyte": 20}
+    for seed in (0, 1):
+        for regime, syn in (("original", None), ("original+synthetic", "cellgan"), ("original+synthetic", "cgan")):
+            run = str(s / f"cls/{regime}-{syn}-s{seed}")
+            base = {"synthetic_from": syn, "scarce": cut}
+            rows += [{**cl(run, "small_cnn", regime, seed, "balanced_accuracy", 0.7), **base},
+                     {**cl(run, "small_cnn", regime, seed, "sensitivity", 0.5, cls="monocyte"), **base}]
+    append_rows(s / "cls/results.jsonl", rows)
+    for model, seed, acc, fid in (("cellgan", 0, 0.2, 100.0), ("cellgan", 1, 0.4, 80.0), ("cgan", 0, 0.9, 30.0)):
+        run = str(s / f"gan/{model}-s{seed}")
+        gan_cut = {"regime": {"balance_classes": True, "scarce": cut}}   # where hpcgan.evaluate records the cut
+        append_rows(s / f"gan/{model}-s{seed}/eval/results.jsonl", [
+            ev(run, model, seed, "class_accuracy", acc, cls="monocyte", **gan_cut),
+            ev(run, model, seed, "intra_fid", fid, cls="monocyte", **gan_cut),
+            ev(run, model, seed, "class_accuracy", 0.99, cls="basophil", **gan_cut),        # not a cut class
+            ev(run, model, seed, "intra_fid", 1.0, cls="monocyte", extractor="inception", **gan_cut)])
+        append_rows(s / f"gan/{model}-s{seed}-64/eval/results.jsonl", [                     # another size
+            ev(run + "-64", model, seed, "class_accuracy", 0.01, cls="monocyte", size=64, **gan_cut)])
+        append_rows(s / f"gan/{model}-s{seed}-cut10/eval/results.jsonl", [                  # another cut
+            ev(run + "-cut10", model, seed, "class_accuracy", 0.02, cls="monocyte", regime={"scarce": {"monocyte": 10}})])
+    t = pd.read_csv(report(s, figures=False)["scarcity_32px_monocyte20"]).set_index(["regime", "synthetic_from"])
+    assert t.loc[("original+synthetic", "cellgan"), "class_accuracy_monocyte_mean"] == pytest.approx(0.3)
+    assert t.loc[("original+synthetic", "cellgan"), "class_accuracy_monocyte_n"] == 2
+    assert t.loc[("original+synthetic", "cellgan"), "intra_fid_monocyte_mean"] == pytest.approx(90.0)
+    assert t.loc[("original+synthetic", "cgan"), "class_accuracy_monocyte_mean"] == pytest.approx(0.9)
+    assert t.loc[("original+synthetic", "cgan"), "intra_fid_monocyte_mean"] == pytest.approx(30.0)
+    assert pd.isna(t.loc[("original", "–"), "class_accuracy_monocyte_mean"])   # no GAN cells: no fidelity
+    assert t.loc[("original+synthetic", "cgan"), "recall_monocyte_mean"] == pytest.approx(0.5)
+    assert "class_accuracy_basophil_mean" not in t.columns
+    md = (s / "report" / "scarcity_32px_monocyte20.md").read_text()
+    assert "class_accuracy_monocyte" in md and "0.3 ± 0.14 (2)" in md
