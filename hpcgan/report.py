@@ -239,6 +239,7 @@ def _fidelity(part: pd.DataFrame, ev: pd.DataFrame | None, cut: str, size) -> tu
     """(rows, metric names): the per-class fidelity (FIDELITY) on each cut class of the GAN model that made a
     classifier row's synthetic cells, from that model's evaluations on the same cut and image size, as rows
     `<metric>_<class>` of every (arch, tag, regime) group it fed; averaged over the GAN's seeds by summarise.
+    A set of another name than its GAN's (a study's generate.variants, e.g. curated) has none.
     intra-FID only in `cell` features (never averaged with another extractor's)."""
     classes = _cut_classes(cut)
     names = tuple(f"{m}_{c}" for c in classes for m in FIDELITY)
@@ -247,10 +248,12 @@ def _fidelity(part: pd.DataFrame, ev: pd.DataFrame | None, cut: str, size) -> tu
         return part.iloc[:0], names
     mine = ev[(ev["scarce"] == cut) & ev["class"].isin(classes) & ev["metric"].isin(FIDELITY)
               & (ev["image_size"] == size) & ((ev["metric"] == "class_accuracy") | (ev["extractor"] == "cell"))]
-    mine = mine.assign(metric=mine["metric"] + "_" + mine["class"].astype(str), **{"class": None})
+    # an evaluation names its GAN by its tag when it has one (a study's variant of a model), else by its model
+    mine = mine.assign(metric=mine["metric"] + "_" + mine["class"].astype(str), **{"class": None},
+                       _gan=mine["tag"].where(mine["tag"].notna(), mine["model"]))
     groups = fed[["arch", "tag", "regime", "synthetic_from"]].astype(object).drop_duplicates()
     rows = groups.merge(mine.drop(columns=["arch", "tag", "regime", "synthetic_from"], errors="ignore"),
-                        left_on="synthetic_from", right_on="model")
+                        left_on="synthetic_from", right_on="_gan").drop(columns="_gan")
     return rows, names
 
 

@@ -32,7 +32,7 @@ from hpcgan.classify.metrics import confusion, expand, scores
 from hpcgan.classify.provenance import LeakageError, check_synthetic
 from hpcgan.classify.regimes import REGIMES, RegimeLoss, get_regime
 from hpcgan.classify.run import CKPT_KEYS, ClassifySettings, main
-from hpcgan.rundir import EXIT_OK, EXIT_SIGNAL
+from hpcgan.rundir import EXIT_BAD_INPUT, EXIT_OK, EXIT_SIGNAL
 from hpcgan.data.shards import read_manifest, write_manifest
 from hpcgan.generate import generate
 from hpcgan.models.registry import build_model, load_spec
@@ -510,6 +510,12 @@ def test_original_plus_synthetic_runs_and_records_its_synthetic_set(shards, topu
     assert {r["synthetic_from"] for r in rows} == {"wgan_gp_ac"}
     ts = json.loads((out / "training_set.json").read_text())
     assert len(set(ts["per_class"].values())) == 1 and ts["provenance"]["gan"]["splits"] == ["train"]
+    named = tmp_path / "named"   # a study's variant names its set: the rows carry that name, not the model's
+    assert main(overrides(shards, named, f"synthetic={topup}", "regime=original+synthetic", "steps=4",
+                          "eval_every=4", "synthetic_name=wgan_gp_ac-long")) == EXIT_OK
+    assert {r["synthetic_from"] for r in read_rows(named / "results.jsonl")} == {"wgan_gp_ac-long"}
+    assert json.loads((named / "results.json").read_text())["synthetic"]["name"] == "wgan_gp_ac-long"
+    assert main(overrides(shards, tmp_path / "bad", "synthetic_name=x")) == EXIT_BAD_INPUT   # no set to name
 
 
 def test_a_composed_regime_runs_and_records_every_axis(shards, per_class, tmp_path):

@@ -154,6 +154,41 @@ def test_a_command_line_cut_replaces_the_studys_and_tilde_removes_it():
     assert split_args(["study=scarcity", "out=x", "~data.scarce"])[2] == ["~data.scarce"]
 
 
+def test_the_lever_study_trains_variants_of_one_model_and_names_their_sets(tmp_path):
+    """Issue 20: a lever is a GAN variant (the model's overrides, then its own) or a set variant (another set
+    of a GAN above); classifiers and evaluations name them, so the report keeps them apart."""
+    s = load_study("levers")
+    tasks = {t.name: t for t in expand(s, tmp_path)}
+    argv = tasks["gan/cellgan-long-s0-32"].argv
+    assert "model=cellgan" in argv and argv[-3:] == ["steps=1900", "steps=1000000", "time_budget_s=600"]
+    assert "balance_classes=false" == tasks["gan/cellgan-nobal-s0-32"].argv[-1]          # after the study's true
+    cur = tasks["synthetic/cellgan-long-curated-s0-32"]
+    assert cur.deps[0] == "gan/cellgan-long-s0-32" and f"run={tmp_path.resolve()}/gan/cellgan-long-s0-32" in cur.argv
+    assert "per_class=300" in cur.argv and "curate=true" in cur.argv and not any("balance=" in a for a in cur.argv)
+    assert "tag=cellgan-gsr" in tasks["eval/cellgan-gsr-s0-32"].argv
+    assert not any(a.startswith("tag=") for a in tasks["eval/cellgan-s0-32"].argv)    # a model keeps its name
+    on = {t.grid["synthetic_from"]: t for t in tasks.values()
+          if t.grid.get("tag") == "on_rival" and t.grid["regime"] == "original+synthetic"}
+    assert set(on) == set(s.generate.models)
+    assert "synthetic_name=cellgan-curated" in on["cellgan-curated"].argv
+    assert not any(a.startswith("synthetic_name=") for a in on["cellgan"].argv)
+    assert "synthetic/cellgan-curated-s0-32" in on["cellgan-curated"].deps
+    assert len([t for t in tasks.values() if t.stage == "rival"]) == 2 + 7 * 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+gan.variants.cgan={model: cellgan}", "gan.variants.cgan: a variant needs a name of its own"),
+    ("+gan.variants.x={model: nosuch}", "gan.variants.x.model: unknown model 'nosuch'"),
+    ("+generate.variants.y={gan: cgan}", "generate.variants.y.gan: 'cgan' is not trained"),
+    ("generate.models=[cellgan,zz]", "generate.models: 'zz' is not trained in this study"),
+    ("classify.on_rival=['original+synthetic synthetic_count=400']", "takes more than the generate.per_class=300"),
+    ("generate.per_class=0", "generate.per_class"),
+])
+def test_bad_lever_settings_fail_naming_the_key(override, message):
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_study("levers", [override])
+
+
 def test_a_study_grid_takes_composed_regimes(tmp_path):
     """Issue 19: a grid entry is a preset with axes; its classifier gets them, its run name says them."""
     s = load_study("tiny", ["classify.regimes=[original,'balanced augment=aug2','original+synthetic sampling=balanced']"])

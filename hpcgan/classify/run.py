@@ -77,6 +77,8 @@ class ClassifySettings:
     shards: str = MISSING                   # the real shard set: train (training), val (selection), test (score)
     out: str = MISSING                      # the run directory (re-running it resumes)
     synthetic: str | None = None            # a synthetic shard set (tools/generate.py), for the synthetic regimes
+    synthetic_name: str | None = None       # how the rows name that set (synthetic_from; null: its GAN's model,
+                                            # e.g. a study's lever variant of one model names its own)
     arch: str = "small_cnn"                 # small_cnn | small_resnet | inception_v3 | resnet50 | vgg16 | vgg19 | xception | timm:NAME
     regime: str = "original"                # see hpcgan.classify.regimes
     seed: int = 0
@@ -137,6 +139,8 @@ class ClassifySettings:
             raise SettingsError(f"regime={self.regime} trains on synthetic images: pass synthetic=DIR")
         if not regime.reads_synthetic and self.synthetic:
             raise SettingsError(f"regime={self.regime} does not read a synthetic set: drop synthetic=")
+        if self.synthetic_name is not None and not self.synthetic:
+            raise SettingsError("synthetic_name= names a synthetic set: pass synthetic=DIR too, or drop it")
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("select_on", self.select_on, SELECT_ON)
         check_choice("score_split", self.score_split, SCORE_SPLITS)
@@ -533,6 +537,11 @@ class ClassifierRun:
         logger.info("finished %d steps in %s", self.step, self.run_dir)
         dist.barrier(self.env)
 
+    @property
+    def synthetic_from(self) -> str | None:
+        """The rows' name of the synthetic set: synthetic_name, else the model of the GAN that made it."""
+        return self.s.synthetic_name or (self.provenance or {}).get("model")
+
     def write_results(self, cm: np.ndarray, n_test: int) -> dict:
         s, rd = self.s, self.run_dir
         sc = scores(cm, self.classes)
@@ -540,14 +549,14 @@ class ClassifierRun:
         syn = None
         if s.synthetic:
             syn = {"path": cfg["synthetic"], "manifest_sha256": cfg["synthetic_manifest_sha256"],
-                   "provenance": self.provenance}
+                   "name": self.synthetic_from, "provenance": self.provenance}
         base = {"stage": "classify", "run_dir": str(rd), "arch": s.arch, "timm": self.arch.timm, "regime": self.regime.name,
                 "preset": parse_spec(s.regime)[0], **self.regime.axes(),
                 "seed": s.seed, "steps": self.total, "image_size": self.image_size,
                 "input_size": self.arch_info["input_size"], "pretrained_sha256": cfg["pretrained_sha256"],
                 "manifest_sha256": cfg["manifest_sha256"],
                 "synthetic_manifest_sha256": cfg["synthetic_manifest_sha256"],
-                "synthetic_from": (self.provenance or {}).get("model"),
+                "synthetic_from": self.synthetic_from,
                 "provenance_unknown": bool((self.provenance or {}).get("unknown")),
                 "scarce": s.scarce or None, "scarce_seed": cfg["scarce_seed"],
                 "real_split": s.score_split, "tag": s.tag, "recipe_from": (self.recipe or {}).get("winner"),

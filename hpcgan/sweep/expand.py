@@ -87,18 +87,20 @@ def expand(s: StudySettings, out: str | Path) -> list[Task]:
                 run = out / "gan" / gan_name(model, seed, size)
                 sh, dep = shards[size]
                 add("train", f"gan/{gan_name(model, seed, size)}", run,
-                    ["-m", "hpcgan.train", *kv(shards=sh, run_dir=run, model=model, seed=seed, steps=g.steps),
-                     *scarce_args(s, seed), *g.overrides, *g.model_overrides.get(model, [])],
+                    ["-m", "hpcgan.train", *kv(shards=sh, run_dir=run, model=g.spec(model), seed=seed,
+                                               steps=g.steps), *scarce_args(s, seed), *g.train_overrides(model)],
                     deps=[dep], grid={"model": model, "seed": seed, "size": size}, check={"kind": "run"})
+    gen = s.generate
     for size in g.sizes:
-        for model in s.generate.models:
+        for model in gen.models:
             for seed in g.seeds:
-                name, sh = gan_name(model, seed, size), shards[size][0]
-                run, syn = out / "gan" / name, out / "synthetic" / name
+                name, source, sh = gan_name(model, seed, size), gan_name(gen.source(model), seed, size), shards[size][0]
+                run, syn = out / "gan" / source, out / "synthetic" / name
+                extra = gen.variants[model].overrides if model in gen.variants else []
                 add("generate", f"synthetic/{name}", syn,
-                    [TOOLS / "generate.py", *kv(run=run, out=syn, balance=s.generate.balance, shards=sh,
-                                                progress=False), *s.generate.overrides],
-                    deps=[f"gan/{name}", shards[size][1]], grid={"model": model, "seed": seed, "size": size},
+                    [TOOLS / "generate.py", *kv(run=run, out=syn, **gen.how(), shards=sh, progress=False),
+                     *gen.overrides, *extra],
+                    deps=[f"gan/{source}", shards[size][1]], grid={"model": model, "seed": seed, "size": size},
                     check={"kind": "synthetic", "run": str(run)})
     if s.evaluate.enabled:
         e = s.evaluate
@@ -115,7 +117,8 @@ def expand(s: StudySettings, out: str | Path) -> list[Task]:
                     add("evaluate", f"eval/{name}", run / "eval",
                         ["-m", "hpcgan.evaluate", *kv(run=run, shards=sh, features=e.features, metrics=e.metrics,
                                                       n_per_class=e.n_per_class, feature_file=cell,
-                                                      cache_dir=out / "cache", progress=False), *e.overrides],
+                                                      cache_dir=out / "cache", progress=False,
+                                                      tag=model if model in g.variants else None), *e.overrides],
                         deps=[f"gan/{name}", features.name], grid={"model": model, "seed": seed, "size": size},
                         check={"kind": "eval", "run": str(run), "features": e.features})
     if s.classify.enabled:
@@ -189,6 +192,14 @@ def _classify_tasks(s: StudySettings, out: Path, shards: dict, add) -> None:
                     _classifier(s, out, shards[size], add, "rival", arch, regime, seed, size, tag="on_rival", **pick)
 
 
+def _set_name(s: StudySettings, name: str | None) -> str | None:
+    """How a classifier's rows name the synthetic set it read: given only where the GAN's model name would not
+    say it (a variant of the GAN, or of its set)."""
+    if name is None or (name not in s.generate.variants and name not in s.gan.variants):
+        return None
+    return name
+
+
 def _classifier(s: StudySettings, out: Path, shard: tuple[str, str | None], add, stage: str, arch: str, regime: str,
                 seed: int, size: int, tag: str | None = None, deps=(), extra=(), uncut: bool = False):
     """One classifier task per synthetic set the regime reads (one without): a synthetic regime runs on that
@@ -202,7 +213,8 @@ def _classifier(s: StudySettings, out: Path, shard: tuple[str, str | None], add,
         syn = out / "synthetic" / gan_name(model, gan_seed, size) if model else None
         task = add(stage, f"cls/{name}", run,
                    [TOOLS / "classify.py", *kv(shards=shard[0], synthetic=syn, arch=arch, regime=regime, seed=seed,
-                                               out=run, tag=tag), *([] if uncut else scarce_args(s, gan_seed)),
+                                               out=run, tag=tag, synthetic_name=_set_name(s, model)),
+                    *([] if uncut else scarce_args(s, gan_seed)),
                     *s.classify.overrides, *extra],
                    deps=[shard[1], f"synthetic/{gan_name(model, gan_seed, size)}" if model else None, *deps],
                    grid={"arch": arch, "regime": regime, "seed": seed, "size": size, "synthetic_from": model,

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 from hpcgan import CONFIG_DIR, REPO_ROOT
-from hpcgan.settings import SettingsError, check_choice, check_range, parse
+from hpcgan.settings import MISSING, SettingsError, check_choice, check_range, parse
 
 FORMAT = 1
 STAGES = ("simulate", "shard", "features", "train", "generate", "evaluate", "classify", "rival")
@@ -99,20 +99,38 @@ class DataSettings:
 
 
 @dataclass
+class GanVariant:
+    """A model trained under a name of its own, with overrides over the model's (a lever of a screen)."""
+    model: str = MISSING
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
 class GanGrid:
-    models: list[str] = field(default_factory=lambda: ["wgan_gp_ac"])
+    models: list[str] = field(default_factory=lambda: ["wgan_gp_ac"])   # model specs, or names in `variants`
     seeds: list[int] = field(default_factory=lambda: [0])
     sizes: list[int] = field(default_factory=lambda: [128])
     steps: int | None = None           # None: hpcgan.train's epochs
     overrides: list[str] = field(default_factory=list)              # hpcgan.train overrides for every run
     model_overrides: dict[str, list[str]] = field(default_factory=dict)  # ... and per model
+    # {name: {model: SPEC, overrides: [...]}}: SPEC trained again under `name` (gan.models lists it), with the
+    # spec's model_overrides and then these (e.g. a longer budget); its runs, sets and rows are named `name`
+    variants: dict[str, GanVariant] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from hpcgan.images import check_image_size
         known = model_names()
+        for name, v in self.variants.items():
+            if name in known or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+                raise SettingsError(f"gan.variants.{name}: a variant needs a name of its own (letters, digits, "
+                                    "_ . + -), not a model's")
+            if v.model not in known:
+                raise SettingsError(f"gan.variants.{name}.model: unknown model {v.model!r}; choose from "
+                                    f"{', '.join(known)}")
         for m in self.models:
-            if m not in known:
-                raise SettingsError(f"gan.models: unknown model {m!r}; choose from {', '.join(known)}")
+            if m not in known and m not in self.variants:
+                raise SettingsError(f"gan.models: unknown model {m!r}; choose from {', '.join(known)} or a name "
+                                    "in gan.variants")
         for m in self.model_overrides:   # a model left out of gan.models (gan.models=[a,b] on the command line)
             if m not in known:          # keeps its overrides unused; an unknown name is a typo
                 raise SettingsError(f"gan.model_overrides: unknown model {m!r}; choose from {', '.join(known)}")
@@ -124,12 +142,45 @@ class GanGrid:
         if self.steps is not None:
             check_range("gan.steps", self.steps, 1)
 
+    def spec(self, name: str) -> str:
+        """The model spec a name of gan.models trains (itself, or its variant's)."""
+        return self.variants[name].model if name in self.variants else name
+
+    def train_overrides(self, name: str) -> list[str]:
+        """hpcgan.train overrides of one name: every run's, its spec's, then its variant's."""
+        spec = self.spec(name)
+        extra = self.variants[name].overrides if name in self.variants else []
+        return [*self.overrides, *self.model_overrides.get(spec, []), *extra]
+
+
+@dataclass
+class SyntheticVariant:
+    """A synthetic set of another name from a GAN of gan.models, with tools/generate.py overrides (curate=true)."""
+    gan: str = MISSING
+    overrides: list[str] = field(default_factory=list)
+
 
 @dataclass
 class GenerateStage:
-    models: list[str] = field(default_factory=lambda: ["wgan_gp_ac"])   # [] = no synthetic sets
-    balance: str = "max"
+    models: list[str] = field(default_factory=lambda: ["wgan_gp_ac"])   # [] = no synthetic sets; names of
+                                                                        # gan.models or of `variants`
+    balance: str = "max"               # every set tops each class up to this (max: the largest class)...
+    per_class: int | None = None       # ... or, when set, holds this many images of every class (then a regime
+                                       # may take synthetic_count=N <= per_class; topup takes the first it needs)
     overrides: list[str] = field(default_factory=list)
+    variants: dict[str, SyntheticVariant] = field(default_factory=dict)   # {name: {gan: NAME, overrides: [...]}}
+
+    def __post_init__(self) -> None:
+        if self.per_class is not None:
+            check_range("generate.per_class", self.per_class, 1)
+
+    def source(self, name: str) -> str:
+        """The gan.models name whose run makes the set called `name`."""
+        return self.variants[name].gan if name in self.variants else name
+
+    def how(self) -> dict:
+        """How many images every set holds: tools/generate.py's per_class=N or balance=TARGET."""
+        return {"per_class": self.per_class} if self.per_class is not None else {"balance": self.balance}
 
 
 @dataclass
@@ -210,10 +261,18 @@ class StudySettings:
             raise SettingsError(f"name={self.name!r}: letters, digits, _ . - only (it names the Slurm jobs)")
         for stage in self.resources:
             check_choice("resources", stage, STAGES)
-        for m in self.generate.models:
+        for name, v in self.generate.variants.items():
+            if name in self.gan.models or name in model_names():
+                raise SettingsError(f"generate.variants.{name}: a set variant needs a name of its own, not a GAN's")
+            if v.gan not in self.gan.models:
+                raise SettingsError(f"generate.variants.{name}.gan: {v.gan!r} is not trained in this study "
+                                    f"(gan.models {self.gan.models})")
+        for name in self.generate.models:
+            m = self.generate.source(name)
             if m not in self.gan.models:
-                raise SettingsError(f"generate.models: {m!r} is not trained in this study (gan.models {self.gan.models})")
-            if not model_conditional(m):
+                raise SettingsError(f"generate.models: {name!r} is not trained in this study (gan.models "
+                                    f"{self.gan.models}) nor a name in generate.variants")
+            if not model_conditional(self.gan.spec(m)):
                 raise SettingsError(f"generate.models: {m!r} is unconditional and cannot make a chosen class; "
                                     "balanced synthetic sets need a conditional model (wgan_gp_ac, acgan, cgan)")
         if self.classify.enabled:
@@ -226,16 +285,25 @@ class StudySettings:
                     raise SettingsError(f"classify.sizes: {size} is not in gan.sizes {self.gan.sizes}")
 
     def _check_synthetic_counts(self) -> None:
-        """A study's synthetic sets top the classes up (generate.balance): a regime that takes N or Nx synthetic
-        images of every class cannot be fed by them (it would fail at run time, after the GANs)."""
-        from hpcgan.classify.regimes import get_regime
+        """Sets that top the classes up (generate.balance) cannot feed a regime that takes N or Nx synthetic
+        images of every class, nor sets of generate.per_class a regime taking more than that (either would fail
+        at run time, after the GANs)."""
+        from hpcgan.classify.regimes import get_regime, parse_count
+        per_class = self.generate.per_class
         for spec in self.classify.regimes + self.classify.on_rival:
             r = get_regime(spec)
-            if r.reads_synthetic and r.synthetic_count != "topup":
-                raise SettingsError(f"classify regime {spec!r}: synthetic_count={r.synthetic_count} takes synthetic "
-                                    "images of every class, but a study's synthetic sets only top classes up to "
-                                    f"generate.balance={self.generate.balance}; use synthetic_count=topup here (a "
-                                    "per-class set is tools/generate.py per_class=N, then tools/classify.py)")
+            if not r.reads_synthetic or r.synthetic_count == "topup":
+                continue
+            kind, n = parse_count(r.synthetic_count)
+            if per_class is not None and (kind == "x" or n <= per_class):
+                continue
+            if per_class is not None:
+                raise SettingsError(f"classify regime {spec!r}: synthetic_count={r.synthetic_count} takes more than "
+                                    f"the generate.per_class={per_class} images each set holds per class")
+            raise SettingsError(f"classify regime {spec!r}: synthetic_count={r.synthetic_count} takes synthetic "
+                                "images of every class, but a study's synthetic sets only top classes up to "
+                                f"generate.balance={self.generate.balance}; use synthetic_count=topup here, or set "
+                                "generate.per_class=N (sets of N images of every class)")
 
     def stage_resources(self, stage: str) -> dict:
         """cluster.resources overlaid by resources.<stage> (rival: resources.classify unless it has its own);
