@@ -31,3 +31,28 @@ def test_lever_table_rows_and_mean_cut_recall(tmp_path):
 
 def test_lever_screen_script_parses():
     subprocess.run(["bash", "-n", str(REPO_ROOT / "tools" / "lever_screen.sh")], check=True)
+
+
+def _lever_sheet():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("lever_sheet", REPO_ROOT / "tools" / "lever_sheet.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_lever_sheet_finds_a_studys_sets_of_one_seed_and_size_and_reads_the_cut(tmp_path):
+    import pytest
+    ls = _lever_sheet()
+    for name in ("cellgan-s0-32", "cellgan-curated-s0-32", "cellgan-s1-32", "cellgan-s0-64"):
+        (tmp_path / "study" / "synthetic" / name).mkdir(parents=True)
+    found = ls.set_dirs(tmp_path / "study", 0, 32, None)
+    assert list(found) == ["cellgan", "cellgan-curated"] and found["cellgan"].name == "cellgan-s0-32"
+    assert list(ls.set_dirs(tmp_path / "study", 1, 32, ["cellgan"])) == ["cellgan"]
+    with pytest.raises(SystemExit, match="no synthetic set cellgan-long"):
+        ls.set_dirs(tmp_path / "study", 0, 32, ["cellgan-long"])
+    (tmp_path / "screen" / "syn" / "base").mkdir(parents=True)        # a lever_screen.sh folder
+    assert list(ls.set_dirs(tmp_path / "screen", 0, 32, None)) == ["base"]
+    assert ls.parse_cut("monocyte=10,eosinophil=10") == {"monocyte": 10, "eosinophil": 10}
+    with pytest.raises(SystemExit, match="CLASS=N"):
+        ls.parse_cut("monocyte")

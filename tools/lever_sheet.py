@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""The cut classes' real cells beside each synthetic set's (tools/lever_screen.sh OUT): one PNG, a row per
-(class, source), the first `per_row` cells of each in order (the cut's order for the real ones, generation order
-for the synthetic ones: what a classifier's top-up takes first).
+"""The cut classes' real cells beside each synthetic set's: one PNG, a row per (class, source), the first
+`per_row` cells of each in order (the cut's order for the real ones, generation order for the synthetic ones: what
+a classifier's top-up takes first). OUT is a study folder (sets in OUT/synthetic/NAME-s<seed>-<size>, e.g.
+study=levers) or a tools/lever_screen.sh folder (OUT/syn/NAME).
 
     python tools/lever_sheet.py SHARDS OUT PNG [--sets cellgan,cellgan-curated,...] [--seed 0]
+                                [--cut monocyte=20,eosinophil=20]
 """
 from __future__ import annotations
 
@@ -12,7 +14,32 @@ from pathlib import Path
 
 import torch
 
-CUT = {"monocyte": 20, "eosinophil": 20}
+CUT = "monocyte=20,eosinophil=20"
+
+
+def parse_cut(text: str) -> dict[str, int]:
+    """"monocyte=10,eosinophil=10" -> {"monocyte": 10, "eosinophil": 10}."""
+    cut = {}
+    for item in text.split(","):
+        name, eq, n = item.partition("=")
+        if not eq or not n.strip().isdigit():
+            raise SystemExit(f"--cut {text!r}: give CLASS=N,CLASS=N")
+        cut[name.strip()] = int(n)
+    return cut
+
+
+def set_dirs(out: Path, seed: int, size: int, names: list[str] | None) -> dict[str, Path]:
+    """{set name: its folder}: a study's OUT/synthetic/NAME-s<seed>-<size>, else OUT/syn/NAME."""
+    if (out / "synthetic").is_dir():
+        tail = f"-s{seed}-{size}"
+        found = {p.name[:-len(tail)]: p for p in sorted((out / "synthetic").iterdir()) if p.name.endswith(tail)}
+    else:
+        found = {p.name: p for p in sorted((out / "syn").iterdir())}
+    found = dict(sorted(found.items()))
+    missing = sorted(set(names or ()) - set(found))
+    if missing:
+        raise SystemExit(f"no synthetic set {', '.join(missing)} in {out} (found: {', '.join(found)})")
+    return {n: found[n] for n in names} if names else found
 
 
 def cells(shards, index=None, split: str = "train"):
@@ -30,19 +57,21 @@ def main() -> None:
     ap.add_argument("shards")
     ap.add_argument("out")
     ap.add_argument("png")
-    ap.add_argument("--sets", default=None, help="synthetic sets under OUT/syn (default: all)")
+    ap.add_argument("--sets", default=None, help="synthetic set names (default: all of the seed and size)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cut", default=CUT, help="the scarce cut, CLASS=N,CLASS=N (the study's data.scarce)")
     ap.add_argument("--per-row", type=int, default=12)
     args = ap.parse_args()
-    classes = read_manifest(args.shards)["classes"]
-    index, _ = cut_split(args.shards, "train", CUT, args.seed)
-    sets = args.sets.split(",") if args.sets else sorted(p.name for p in Path(args.out, "syn").iterdir())
-    real, synthetic = cells(args.shards, index), {name: cells(Path(args.out, "syn", name)) for name in sets}
+    man, cut = read_manifest(args.shards), parse_cut(args.cut)
+    classes = man["classes"]
+    index, _ = cut_split(args.shards, "train", cut, args.seed)
+    dirs = set_dirs(Path(args.out), args.seed, int(man["image_size"]), args.sets.split(",") if args.sets else None)
+    real, synthetic = cells(args.shards, index), {name: cells(d) for name, d in dirs.items()}
     rows = {}
-    for cls in CUT:
+    for cls in cut:
         label = classes.index(cls)
-        rows[f"{cls}: real (the cut's {CUT[cls]})"] = real(label)
-        for name in sets:
+        rows[f"{cls}: real (the cut's {cut[cls]})"] = real(label)
+        for name in dirs:
             rows[f"{cls}: {name}"] = synthetic[name](label)
     print(contact_sheet(rows, args.png, title="cut classes: real cells and each synthetic set's first cells",
                         per_row=args.per_row, tile=48))
