@@ -651,3 +651,26 @@ def test_early_stopping_stops_where_a_planted_validation_curve_peaks(shards, tmp
     assert [r["value"] for r in doc["rows"] if r["metric"] == "steps_run"] == [10.0]
     assert main(overrides(shards, out, "steps=40", "eval_every=2", "patience=2", "ckpt_every=1000")) == EXIT_OK
     assert json.loads((out / "results.json").read_text())["time"] == doc["time"]   # not trained again
+
+
+def test_test_time_augmentation_averages_the_eight_views_known_answer(shards, tmp_path):
+    """A planted net that only looks at the top-left pixel: one bright top-left pixel is class 0 by itself, but
+    the pixel sits top-left in only 2 of the 8 flips and rotations, so the averaged softmax says class 1."""
+    from hpcgan.classify.run import dihedral_views, predict
+
+    class TopLeft(torch.nn.Module):
+        def forward(self, x):
+            v = x[:, :, 0, 0].mean(1)
+            return torch.stack([10 * v, torch.zeros_like(v)], 1)
+
+    x = -torch.ones(1, 3, 4, 4)
+    x[..., 0, 0] = 1
+    views = dihedral_views(x)
+    assert len(views) == 8 and sum(bool(v[0, 0, 0, 0] == 1) for v in views) == 2
+    assert len({tuple(v.flatten().tolist()) for v in dihedral_views(torch.arange(16.).view(1, 1, 4, 4))}) == 8
+    assert predict(TopLeft(), x).tolist() == [0] and predict(TopLeft(), x, tta=True).tolist() == [1]
+    out = tmp_path / "run"       # a run with tta records it, and a checkpoint without it does not continue with it
+    assert main(overrides(shards, out, "steps=4", "eval_every=2", "tta=true")) == EXIT_OK
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["settings"]["tta"] is True and doc["rows"][0]["tta"] is True
+    assert main(overrides(shards, out, "steps=4", "eval_every=2")) == EXIT_BAD_INPUT   # tta: false differs

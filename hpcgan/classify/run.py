@@ -66,7 +66,7 @@ LOG_COLUMNS = ("step", "epoch", "time", "loss", "train_accuracy", "lr", "images_
                "val_accuracy", "val_macro_f1", "best_step")
 RESULT, RESULTS, TRAINING_SET, SCARCE = "results.json", "results.jsonl", "training_set.json", "scarce.json"
 # a checkpoint from other values of these cannot be continued (another model, data or schedule)
-MUST_MATCH = ("arch", "regime", "recipe", "score_split", "seed", "steps", "batch_size", "lr", "weight_decay", "warmup", "synthetic_per_class",
+MUST_MATCH = ("arch", "regime", "recipe", "score_split", "tta", "seed", "steps", "batch_size", "lr", "weight_decay", "warmup", "synthetic_per_class",
               "logit_adjust_tau", "recipes", "regime_axes", "scarce", "scarce_seed", "classes", "image_size", "manifest_sha256",
               "synthetic_manifest_sha256", "pretrained_sha256")
 
@@ -91,6 +91,8 @@ class ClassifySettings:
     patience: int | None = None             # early stopping: stop after this many val scorings without a new
                                             # best (select_on); `steps` is then the cap. null: train all steps
     select_on: str = "macro_f1"             # macro_f1 | accuracy (on val)
+    tta: bool = False                       # score val (selection) and test with the softmax averaged over the 8
+                                            # flips and rotations of each cell (test-time augmentation)
     logit_adjust_tau: float = 1.0           # regime logit_adjust: tau of Menon et al. (2021)
     synthetic_per_class: int | None = None  # regime synthetic: images per class (null: the set's smallest class)
     scarce: dict[str, int] | None = None    # scarcity study: {class: N} cuts the real train split (hpcgan.data.scarce)
@@ -208,10 +210,29 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return gan_rule(name, device)[0]
 
 
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 symmetries of the square of a batch [B, C, H, W]: 4 rotations by 90 degrees, each also mirrored
+    (a cell on a slide has no orientation)."""
+    views = []
+    for k in range(4):
+        r = torch.rot90(x, k, dims=(-2, -1))
+        views += [r, r.flip(-1)]
+    return views
+
+
+def predict(net: torch.nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Predicted labels of a batch in [-1, 1]: the argmax of the logits, or with `tta` of the softmax averaged
+    over the 8 dihedral views (test-time augmentation)."""
+    if not tta:
+        return net(x).argmax(1)
+    return torch.stack([net(v).float().softmax(1) for v in dihedral_views(x)]).mean(0).argmax(1)
+
+
 @torch.no_grad()
 def confusion_on(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                 env: dist.DistEnv, batch_size: int, autocast_dtype=None) -> np.ndarray:
-    """Confusion matrix of `model` on uint8 images; batches shared round robin by the ranks and summed."""
+                 env: dist.DistEnv, batch_size: int, autocast_dtype=None, tta: bool = False) -> np.ndarray:
+    """Confusion matrix of `model` on uint8 images (`tta`: see predict); batches shared round robin by the ranks
+    and summed."""
     net = model.module if isinstance(model, DDP) else model
     was = net.training
     net.eval()
@@ -222,7 +243,7 @@ def confusion_on(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
         x = images[start:start + batch_size].to(env.device).float().sub_(127.5).div_(127.5)
         y = labels[start:start + batch_size].to(env.device)
         with torch.autocast(env.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            pred = net(x).argmax(1)
+            pred = predict(net, x, tta)
         cm += torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes)
     if env.distributed:
         torch.distributed.all_reduce(cm)
@@ -460,7 +481,7 @@ class ClassifierRun:
         """Score val; keep the weights when they are the best so far (every rank, identically)."""
         s = self.s
         cm = confusion_on(self.model, self.val_x, self.val_y, len(self.classes), self.env, s.eval_batch_size,
-                          self.autocast)
+                          self.autocast, s.tta)
         val = scores(cm, self.classes)["overall"]
         self.last_val = val
         if val[s.select_on] > self.best["score"]:
@@ -530,7 +551,7 @@ class ClassifierRun:
             x, y = self.val_x, self.val_y
         else:
             x, y = decode_split(self.s.shards, "test", self.env.device, self.s.backend, self.s.num_threads)
-        cm = confusion_on(net, x, y, len(self.classes), self.env, self.s.eval_batch_size, self.autocast)
+        cm = confusion_on(net, x, y, len(self.classes), self.env, self.s.eval_batch_size, self.autocast, self.s.tta)
         if self.env.is_main:
             self.write_results(cm, len(y))
             self.write_status("finished")
@@ -561,7 +582,7 @@ class ClassifierRun:
                 "scarce": s.scarce or None, "scarce_seed": cfg["scarce_seed"],
                 "real_split": s.score_split, "tag": s.tag, "recipe_from": (self.recipe or {}).get("winner"),
                 "recipe_margin": (self.recipe or {}).get("margin"),
-                "recipe_runner_up": (self.recipe or {}).get("runner_up"), "selected_on": f"val_{s.select_on}", "best_step": self.best["step"],
+                "recipe_runner_up": (self.recipe or {}).get("runner_up"), "selected_on": f"val_{s.select_on}", "tta": s.tta, "best_step": self.best["step"],
                 "steps_run": self.step, "stopped_early": self.step < self.total, "patience": s.patience,
                 "n_train": len(self.data.index), "n_test": n_test, "world_size": self.env.world_size}
         rows = [{**base, "metric": m, "class": None, "value": number(v)} for m, v in sc["overall"].items()]
