@@ -112,6 +112,10 @@ def test_study_configs_of_the_quality_and_scarcity_studies_expand(tmp_path):
     assert len(names(sc, "classify")) == 3 * (1 + 2) + 24 and len(names(sc, "rival")) == 3 * (1 + 1 + 2)
     with pytest.raises(SettingsError, match="data.scarce.monocyte"):
         load_study("scarcity", ["data.scarce.monocyte=0"])
+    s64 = expand(load_study("scarcity64"), tmp_path / "s64")   # one seed at 64 px, the same rows
+    by64 = {t.name: " ".join(t.argv) for t in s64}
+    assert "size=64" in by64["data/shards-64"] and "steps=656" in by64["gan/cellgan-s0-64"]
+    assert len(names(s64, "classify")) == 1 + 2 + 24 and len(names(s64, "rival")) == 1 + 1 + 2
 
 
 @pytest.mark.parametrize("override, message", [
