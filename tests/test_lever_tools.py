@@ -14,7 +14,7 @@ def test_lever_table_rows_and_mean_cut_recall(tmp_path):
     (syn / "manifest.json").write_text(json.dumps({
         "checkpoint": {"path": str(run / "checkpoints" / "step-00001234.pt")},
         "curation": {"classes": {"monocyte": {"kept": 260, "drawn": 300}, "basophil": {"kept": 1, "drawn": 1}}}}))
-    for name, synthetic, mono in (("plain", None, 0.5), ("gan", {"shards": str(syn)}, 0.7)):
+    for name, synthetic, mono in (("plain", None, 0.5), ("gan", {"path": str(syn), "name": "g-long"}, 0.7)):
         d = tmp_path / "cls" / name
         d.mkdir(parents=True)
         (d / "results.json").write_text(json.dumps({
@@ -25,8 +25,8 @@ def test_lever_table_rows_and_mean_cut_recall(tmp_path):
     out = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "lever_table.py"), str(tmp_path)],
                          capture_output=True, text=True, check=True).stdout.splitlines()
     rows = {line.split(" | ")[0].strip("| "): line for line in out[2:]}
-    assert "| 0.50 | 0.90 | 0.700 | 1200 / 900 | – | – | – |" in rows["plain"]
-    assert "| 0.70 | 0.90 | 0.800 | 1200 / 900 | 1234 | 600 | mon 260/300 |" in rows["gan"]
+    assert "| – | r | 0.800 | 0.750 | 0.50 | 0.90 | 0.700 | 1200 / 900 | – | – | – |" in rows["plain"]
+    assert "| g-long | r | 0.800 | 0.750 | 0.70 | 0.90 | 0.800 | 1200 / 900 | 1234 | 600 | mon 260/300 |" in rows["gan"]
 
 
 def test_lever_screen_script_parses():

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""The lever screen's table (tools/lever_screen.sh OUT): one row per classifier run under OUT/cls, with its GAN's
-budget and curation, as markdown on stdout.
+"""The lever screen's table (a study folder, e.g. study=levers, or tools/lever_screen.sh OUT): one row per
+classifier run under OUT/cls, with its GAN's budget and curation, as markdown on stdout.
 
     python tools/lever_table.py OUT [--cut monocyte,eosinophil]
 
-Columns: balanced accuracy and macro-F1 on the real test split, recall of each cut class and their mean, the
+Columns: the run's tag (lever_screen.sh: the lever; a study: its row, e.g. on_rival) and synthetic set (a study's
+name for it: the GAN or its variant), the regime, balanced accuracy and macro-F1 on the real test split, recall of each cut class and their mean, the
 classifier's steps (run / best), and for synthetic rows the GAN's steps and training seconds and, when curated,
 the cut classes' kept / drawn.
 """
@@ -41,7 +42,8 @@ def row(result: dict, cut: list[str]) -> list[str]:
     m, recall = result["metrics"], result["per_class"]["recall"]
     cut_recall = [recall[c] for c in cut]
     rows = result.get("rows") or [{}]
-    return [result.get("tag") or Path(result["run_dir"]).name, result["regime"]["name"],
+    syn_name = (result.get("synthetic") or {}).get("name") or "–"
+    return [result.get("tag") or Path(result["run_dir"]).name, syn_name, result["regime"]["name"],
             f"{m['balanced_accuracy']:.3f}", f"{m['macro_f1']:.3f}", *(f"{r:.2f}" for r in cut_recall),
             f"{sum(cut_recall) / len(cut_recall):.3f}",
             f"{rows[0].get('steps_run', '?')} / {result['selection']['best_step']}", *gan_cells(result, cut)]
@@ -53,7 +55,7 @@ def main() -> None:
     ap.add_argument("--cut", default="monocyte,eosinophil")
     args = ap.parse_args()
     cut = args.cut.split(",")
-    head = ["lever", "regime", "balanced acc.", "macro-F1", *(f"{c} recall" for c in cut), "mean cut recall",
+    head = ["lever", "set", "regime", "balanced acc.", "macro-F1", *(f"{c} recall" for c in cut), "mean cut recall",
             "classifier steps (run / best)", "GAN steps", "GAN s", "curation kept/drawn"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
