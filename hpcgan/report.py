@@ -18,7 +18,8 @@ key (run, stage, metric, class, extractor, weights, steps, tag, split): the last
                         recipe on the uncut split) and `rival` rows and, under the table, which recipe won the
                         rival search and by how much on val; rows with a GAN's cells also carry that GAN's
                         fidelity on each cut class (class accuracy of its cells by the `cell` classifier and
-                        intra-FID in `cell` features, from its evaluation on the same cut and size)
+                        intra-FID in `cell` features, from the evaluations of the trained generator on the same
+                        cut and size: per GAN run its newest step, EMA weights when evaluated; mean over seeds)
   rival_search_<px>_<cut>.csv/.md  the rival search: every cheap recipe's val scores (never test), best first
   sources.csv           for every table cell, the run directories its number comes from
   fig_ac_accuracy.png   the auxiliary classifier's accuracy on real and generated images against the step, a
@@ -65,7 +66,7 @@ TABLE6 = ("accuracy", "specificity", "sensitivity")
 # beside the scarcity table: the per-class fidelity of the GAN whose cells a row used, for each cut class
 FIDELITY = ("class_accuracy", "intra_fid")
 KEY = ("run_dir", "stage", "metric", "class", "extractor", "weights", "steps", "tag", "real_split")
-CONFIG = ("stage", "model", "arch", "regime", "synthetic_from", "scarce", "seed", "steps", "image_size", "extractor",
+CONFIG = ("stage", "model", "arch", "regime", "synthetic_from", "scarce", "tta", "seed", "steps", "image_size", "extractor",
           "extractor_sha256", "weights", "tag", "manifest_sha256", "real_split", "run_dir")
 
 
@@ -188,6 +189,9 @@ def classifier_tables(df: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, pd.Data
     for size, part in cl.groupby("image_size", dropna=False):
         # which GAN's synthetic set, and which scarce cut, make a regime's row: never averaged together
         by = ["arch", "regime"] + [c for c in ("synthetic_from", "scarce", "tag") if part[c].notna().any()]
+        tta = part["tta"].map(lambda v: bool(v) if isinstance(v, (bool, np.bool_)) else False)  # older rows: none
+        part = part.assign(tta=tta)
+        by += ["tta"] if tta.nunique() > 1 else []   # test-time augmentation: rows of their own
         wide, sources = summarise(part[part["class"].isna()], by, TABLE5)
         if not wide.empty:
             out[f"table5_{_px(size)}"] = (wide, sources, by, TABLE5)
@@ -246,8 +250,9 @@ def _fidelity(part: pd.DataFrame, ev: pd.DataFrame | None, cut: str, size) -> tu
     fed = part[part["synthetic_from"].notna()] if "synthetic_from" in part else part.iloc[:0]
     if ev is None or ev.empty or fed.empty:
         return part.iloc[:0], names
-    mine = ev[(ev["scarce"] == cut) & ev["class"].isin(classes) & ev["metric"].isin(FIDELITY)
-              & (ev["image_size"] == size) & ((ev["metric"] == "class_accuracy") | (ev["extractor"] == "cell"))]
+    mine = _generator_evaluations(ev)
+    mine = mine[(mine["scarce"] == cut) & mine["class"].isin(classes) & mine["metric"].isin(FIDELITY)
+                & (mine["image_size"] == size) & ((mine["metric"] == "class_accuracy") | (mine["extractor"] == "cell"))]
     # an evaluation names its GAN by its tag when it has one (a study's variant of a model), else by its model
     mine = mine.assign(metric=mine["metric"] + "_" + mine["class"].astype(str), **{"class": None},
                        _gan=mine["tag"].where(mine["tag"].notna(), mine["model"]))
@@ -255,6 +260,18 @@ def _fidelity(part: pd.DataFrame, ev: pd.DataFrame | None, cut: str, size) -> tu
     rows = groups.merge(mine.drop(columns=["arch", "tag", "regime", "synthetic_from"], errors="ignore"),
                         left_on="synthetic_from", right_on="_gan").drop(columns="_gan")
     return rows, names
+
+
+def _generator_evaluations(ev: pd.DataFrame) -> pd.DataFrame:
+    """Per GAN run, the evaluation of what its sets are drawn from: the trained generator (never `init`), at
+    its newest evaluated step, with EMA weights when it was evaluated with them (tools/generate.py's default)."""
+    ev = ev[(ev["source"] == "generator") & (ev["weights"] != "init")]
+    if ev.empty:
+        return ev
+    newest = ev.groupby("run_dir")["steps"].transform("max")
+    ev = ev[ev["steps"] == newest]
+    has_ema = ev.groupby("run_dir")["weights"].transform(lambda w: (w == "ema").any())
+    return ev[~has_ema | (ev["weights"] == "ema")]
 
 
 def _with_recalls(part: pd.DataFrame, cut: str, metrics: tuple, by: list[str], extra: tuple = ()):

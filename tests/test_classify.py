@@ -669,8 +669,31 @@ def test_test_time_augmentation_averages_the_eight_views_known_answer(shards, tm
     assert len(views) == 8 and sum(bool(v[0, 0, 0, 0] == 1) for v in views) == 2
     assert len({tuple(v.flatten().tolist()) for v in dihedral_views(torch.arange(16.).view(1, 1, 4, 4))}) == 8
     assert predict(TopLeft(), x).tolist() == [0] and predict(TopLeft(), x, tta=True).tolist() == [1]
-    out = tmp_path / "run"       # a run with tta records it, and a checkpoint without it does not continue with it
+
+
+
+def test_a_run_with_tta_scores_val_and_test_with_it_and_resumes_only_with_it(shards, tmp_path, monkeypatch):
+    import hpcgan.classify.run as run_mod
+    seen, real = [], run_mod.predict
+    monkeypatch.setattr(run_mod, "predict", lambda net, x, tta=False: seen.append(tta) or real(net, x, tta))
+    out = tmp_path / "run"
     assert main(overrides(shards, out, "steps=4", "eval_every=2", "tta=true")) == EXIT_OK
+    assert seen and all(seen)            # every val scoring (selection) and the test score
     doc = json.loads((out / "results.json").read_text())
     assert doc["settings"]["tta"] is True and doc["rows"][0]["tta"] is True
     assert main(overrides(shards, out, "steps=4", "eval_every=2")) == EXIT_BAD_INPUT   # tta: false differs
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(shards, tmp_path):
+    """A classifier checkpointed before `tta` existed (its config has no such key) continues as tta=false."""
+    out = tmp_path / "run"
+    assert main(overrides(shards, out, "steps=4", "eval_every=2", "ckpt_every=2")) == EXIT_OK
+    for path in list_checkpoints(out):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        del state["config"]["tta"]
+        torch.save(state, path)
+    (out / "results.json").unlink()      # not finished: the rerun loads the checkpoint and scores it
+    assert main(overrides(shards, out, "steps=4", "eval_every=2", "ckpt_every=2")) == EXIT_OK
+    assert (out / "results.json").is_file()
+    (out / "results.json").unlink()
+    assert main(overrides(shards, out, "steps=4", "eval_every=2", "ckpt_every=2", "tta=true")) == EXIT_BAD_INPUT

@@ -53,6 +53,8 @@ def test_lever_sheet_finds_a_studys_sets_of_one_seed_and_size_and_reads_the_cut(
         ls.set_dirs(tmp_path / "study", 0, 32, ["cellgan-long"])
     (tmp_path / "screen" / "syn" / "base").mkdir(parents=True)        # a lever_screen.sh folder
     assert list(ls.set_dirs(tmp_path / "screen", 0, 32, None)) == ["base"]
+    with pytest.raises(SystemExit, match="neither synthetic/"):
+        ls.set_dirs(tmp_path, 0, 32, None)
     assert ls.parse_cut("monocyte=10,eosinophil=10") == {"monocyte": 10, "eosinophil": 10}
     with pytest.raises(SystemExit, match="CLASS=N"):
         ls.parse_cut("monocyte")

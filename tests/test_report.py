@@ -191,12 +191,29 @@ def test_scarcity_rows_carry_the_fidelity_of_the_gan_that_fed_them(tmp_path):
             ev(run, model, seed, "class_accuracy", acc, cls="monocyte", **gan_cut),
             ev(run, model, seed, "intra_fid", fid, cls="monocyte", **gan_cut),
             ev(run, model, seed, "class_accuracy", 0.99, cls="basophil", **gan_cut),        # not a cut class
-            ev(run, model, seed, "intra_fid", 1.0, cls="monocyte", extractor="inception", **gan_cut)])
+            ev(run, model, seed, "intra_fid", 1.0, cls="monocyte", extractor="inception", **gan_cut),
+            {**ev(run, model, seed, "class_accuracy", 0.03, cls="monocyte", **gan_cut), "weights": "init"},  # ceiling
+            {**ev(run, model, seed, "class_accuracy", 0.04, cls="monocyte", **gan_cut), "steps": 50}])       # older
         append_rows(s / f"gan/{model}-s{seed}-64/eval/results.jsonl", [                     # another size
             ev(run + "-64", model, seed, "class_accuracy", 0.01, cls="monocyte", size=64, **gan_cut)])
         append_rows(s / f"gan/{model}-s{seed}-cut10/eval/results.jsonl", [                  # another cut
             ev(run + "-cut10", model, seed, "class_accuracy", 0.02, cls="monocyte", regime={"scarce": {"monocyte": 10}})])
+    # a study's variant of cellgan (its evaluation tagged with the variant's name), evaluated raw and with EMA
+    run = str(s / "gan/cellgan-long-s0")
+    append_rows(s / "gan/cellgan-long-s0/eval/results.jsonl", [
+        {**ev(run, "cellgan", 0, "class_accuracy", 0.05, cls="monocyte", **gan_cut), "tag": "cellgan-long"},
+        {**ev(run, "cellgan", 0, "class_accuracy", 0.8, cls="monocyte", **gan_cut), "tag": "cellgan-long",
+         "weights": "ema"}])
+    rows = []
+    for syn in ("cellgan-long", "cellgan-curated"):    # a set variant (curated) has no evaluation of its own
+        run = str(s / f"cls/{syn}")
+        base = {"synthetic_from": syn, "scarce": cut}
+        rows += [{**cl(run, "small_cnn", "original+synthetic", 0, "balanced_accuracy", 0.7), **base},
+                 {**cl(run, "small_cnn", "original+synthetic", 0, "sensitivity", 0.5, cls="monocyte"), **base}]
+    append_rows(s / "cls/v/results.jsonl", rows)
     t = pd.read_csv(report(s, figures=False)["scarcity_32px_monocyte20"]).set_index(["regime", "synthetic_from"])
+    assert t.loc[("original+synthetic", "cellgan-long"), "class_accuracy_monocyte_mean"] == pytest.approx(0.8)
+    assert pd.isna(t.loc[("original+synthetic", "cellgan-curated"), "class_accuracy_monocyte_mean"])
     assert t.loc[("original+synthetic", "cellgan"), "class_accuracy_monocyte_mean"] == pytest.approx(0.3)
     assert t.loc[("original+synthetic", "cellgan"), "class_accuracy_monocyte_n"] == 2
     assert t.loc[("original+synthetic", "cellgan"), "intra_fid_monocyte_mean"] == pytest.approx(90.0)

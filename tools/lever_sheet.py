@@ -33,8 +33,10 @@ def set_dirs(out: Path, seed: int, size: int, names: list[str] | None) -> dict[s
     if (out / "synthetic").is_dir():
         tail = f"-s{seed}-{size}"
         found = {p.name[:-len(tail)]: p for p in sorted((out / "synthetic").iterdir()) if p.name.endswith(tail)}
-    else:
+    elif (out / "syn").is_dir():
         found = {p.name: p for p in sorted((out / "syn").iterdir())}
+    else:
+        raise SystemExit(f"{out} holds neither synthetic/ (a study folder) nor syn/ (a lever_screen.sh folder)")
     found = dict(sorted(found.items()))
     missing = sorted(set(names or ()) - set(found))
     if missing:

@@ -30,7 +30,8 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,10 @@ class ClassifySettings:
         given = {k: getattr(self, k) for k in ("sampling", "loss", "augment", "synthetic_count", "real_share")}
         axes = {**(recipe or {}), **spec_axes, **{k: v for k, v in given.items() if v is not None}}
         return compose(preset, **axes, recipes=tuple(self.recipes))
+
+
+# the defaults of settings a checkpoint may predate (compared as these on resume)
+SETTING_DEFAULTS = {f.name: f.default for f in fields(ClassifySettings) if f.default is not dataclasses.MISSING}
 
 
 # ---- small pieces ----------------------------------------------------------------------------------
@@ -343,8 +348,9 @@ class ClassifierRun:
                                              "them away or use a new out=")
         self.step = int(ckpt["step"]) if ckpt else 0
         if ckpt is not None:
-            diffs = [f"{k}: {ckpt['config'].get(k)!r} -> {self.run_config.get(k)!r}" for k in MUST_MATCH
-                     if ckpt["config"].get(k) != self.run_config.get(k)]
+            saved = {k: ckpt["config"].get(k, SETTING_DEFAULTS.get(k)) for k in MUST_MATCH}   # a key it predates:
+            diffs = [f"{k}: {saved[k]!r} -> {self.run_config.get(k)!r}" for k in MUST_MATCH    # its default
+                     if saved[k] != self.run_config.get(k)]
             if diffs:
                 raise DataError(f"{self.run_dir} holds a classifier of other settings or data ({'; '.join(diffs)}); "
                                 "use a new out= or the original settings")

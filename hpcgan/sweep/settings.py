@@ -121,9 +121,7 @@ class GanGrid:
         from hpcgan.images import check_image_size
         known = model_names()
         for name, v in self.variants.items():
-            if name in known or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
-                raise SettingsError(f"gan.variants.{name}: a variant needs a name of its own (letters, digits, "
-                                    "_ . + -), not a model's")
+            check_variant_name(f"gan.variants.{name}", name, known)
             if v.model not in known:
                 raise SettingsError(f"gan.variants.{name}.model: unknown model {v.model!r}; choose from "
                                     f"{', '.join(known)}")
@@ -261,10 +259,21 @@ class StudySettings:
             raise SettingsError(f"name={self.name!r}: letters, digits, _ . - only (it names the Slurm jobs)")
         for stage in self.resources:
             check_choice("resources", stage, STAGES)
+        self._check_generate()
+        if self.classify.enabled:
+            self._check_synthetic_counts()
+            if any(needs_synthetic(r) for r in self.classify.regimes + self.classify.on_rival) and not self.generate.models:
+                raise SettingsError(f"classify.regimes {self.classify.regimes + self.classify.on_rival} use synthetic "
+                                    "data but generate.models is empty: name the GANs whose synthetic sets feed them")
+            for size in self.classify.sizes or ():
+                if size not in self.gan.sizes:
+                    raise SettingsError(f"classify.sizes: {size} is not in gan.sizes {self.gan.sizes}")
+
+    def _check_generate(self) -> None:
+        """generate.models name conditional GANs of gan.models, or set variants of them (those it lists)."""
         for name, v in self.generate.variants.items():
-            if name in self.gan.models or name in model_names():
-                raise SettingsError(f"generate.variants.{name}: a set variant needs a name of its own, not a GAN's")
-            if v.gan not in self.gan.models:
+            check_variant_name(f"generate.variants.{name}", name, [*self.gan.models, *model_names()])
+            if name in self.generate.models and v.gan not in self.gan.models:   # (one left out: unused)
                 raise SettingsError(f"generate.variants.{name}.gan: {v.gan!r} is not trained in this study "
                                     f"(gan.models {self.gan.models})")
         for name in self.generate.models:
@@ -275,19 +284,12 @@ class StudySettings:
             if not model_conditional(self.gan.spec(m)):
                 raise SettingsError(f"generate.models: {m!r} is unconditional and cannot make a chosen class; "
                                     "balanced synthetic sets need a conditional model (wgan_gp_ac, acgan, cgan)")
-        if self.classify.enabled:
-            self._check_synthetic_counts()
-            if any(needs_synthetic(r) for r in self.classify.regimes + self.classify.on_rival) and not self.generate.models:
-                raise SettingsError(f"classify.regimes {self.classify.regimes + self.classify.on_rival} use synthetic "
-                                    "data but generate.models is empty: name the GANs whose synthetic sets feed them")
-            for size in self.classify.sizes or ():
-                if size not in self.gan.sizes:
-                    raise SettingsError(f"classify.sizes: {size} is not in gan.sizes {self.gan.sizes}")
 
     def _check_synthetic_counts(self) -> None:
         """Sets that top the classes up (generate.balance) cannot feed a regime that takes N or Nx synthetic
-        images of every class, nor sets of generate.per_class a regime taking more than that (either would fail
-        at run time, after the GANs)."""
+        images of every class, nor sets of generate.per_class one that may take more than that (N > per_class,
+        or Nx): either would fail at run time, after the GANs. A top-up from per_class sets is checked then (it
+        depends on the data's counts: per_class must reach the largest class less the smallest)."""
         from hpcgan.classify.regimes import get_regime, parse_count
         per_class = self.generate.per_class
         for spec in self.classify.regimes + self.classify.on_rival:
@@ -295,11 +297,12 @@ class StudySettings:
             if not r.reads_synthetic or r.synthetic_count == "topup":
                 continue
             kind, n = parse_count(r.synthetic_count)
-            if per_class is not None and (kind == "x" or n <= per_class):
+            if per_class is not None and kind == "n" and n <= per_class:
                 continue
             if per_class is not None:
-                raise SettingsError(f"classify regime {spec!r}: synthetic_count={r.synthetic_count} takes more than "
-                                    f"the generate.per_class={per_class} images each set holds per class")
+                raise SettingsError(f"classify regime {spec!r}: synthetic_count={r.synthetic_count} may take more "
+                                    f"than the generate.per_class={per_class} images each set holds per class; use "
+                                    f"synthetic_count=N with N <= {per_class}")
             raise SettingsError(f"classify regime {spec!r}: synthetic_count={r.synthetic_count} takes synthetic "
                                 "images of every class, but a study's synthetic sets only top classes up to "
                                 f"generate.balance={self.generate.balance}; use synthetic_count=topup here, or set "
@@ -326,6 +329,13 @@ def _check_grid(prefix: str, **lists) -> None:
             raise SettingsError(f"{prefix}.{name}: give at least one")
         if len(set(map(str, values))) != len(values):
             raise SettingsError(f"{prefix}.{name}: {values} repeats a value")
+
+
+def check_variant_name(key: str, name: str, taken) -> None:
+    """A variant's name is a run-directory name of its own: letters, digits, _ . + -, and not a model's."""
+    if name in taken or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+        raise SettingsError(f"{key}: a variant needs a name of its own (letters, digits, _ . + -), not a "
+                            "model's or a GAN's")
 
 
 def model_names() -> list[str]:
