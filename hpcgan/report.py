@@ -66,7 +66,8 @@ TABLE6 = ("accuracy", "specificity", "sensitivity")
 # beside the scarcity table: the per-class fidelity of the GAN whose cells a row used, for each cut class
 FIDELITY = ("class_accuracy", "intra_fid")
 KEY = ("run_dir", "stage", "metric", "class", "extractor", "weights", "steps", "tag", "real_split")
-CONFIG = ("stage", "model", "arch", "regime", "synthetic_from", "scarce", "tta", "seed", "steps", "image_size", "extractor",
+CONFIG = ("stage", "model", "arch", "regime", "synthetic_from", "scarce", "tta", "seed", "steps", "image_size",
+          "extractor",
           "extractor_sha256", "weights", "tag", "manifest_sha256", "real_split", "run_dir")
 
 

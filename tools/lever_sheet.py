@@ -2,7 +2,7 @@
 """The cut classes' real cells beside each synthetic set's: one PNG, a row per (class, source), the first
 `per_row` cells of each in order (the cut's order for the real ones, generation order for the synthetic ones: what
 a classifier's top-up takes first). OUT is a study folder (sets in OUT/synthetic/NAME-s<seed>-<size>, e.g.
-study=levers) or a tools/lever_screen.sh folder (OUT/syn/NAME).
+study=levers) or a folder of the former tools/lever_screen.sh (OUT/syn/NAME).
 
     python tools/lever_sheet.py SHARDS OUT PNG [--sets cellgan,cellgan-curated,...] [--seed 0]
                                 [--cut monocyte=20,eosinophil=20]
@@ -36,7 +36,7 @@ def set_dirs(out: Path, seed: int, size: int, names: list[str] | None) -> dict[s
     elif (out / "syn").is_dir():
         found = {p.name: p for p in sorted((out / "syn").iterdir())}
     else:
-        raise SystemExit(f"{out} holds neither synthetic/ (a study folder) nor syn/ (a lever_screen.sh folder)")
+        raise SystemExit(f"{out} holds neither synthetic/ (a study folder) nor syn/ (the former lever_screen.sh's)")
     found = dict(sorted(found.items()))
     missing = sorted(set(names or ()) - set(found))
     if missing:

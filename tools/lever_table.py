@@ -1,13 +1,13 @@
 #!/usr/bin/env python
-"""The lever screen's table (a study folder, e.g. study=levers, or tools/lever_screen.sh OUT): one row per
-classifier run under OUT/cls, with its GAN's budget and curation, as markdown on stdout.
+"""The lever screen's table (a study folder, e.g. study=levers, or a folder of the former tools/lever_screen.sh):
+one row per classifier run under OUT/cls, with its GAN's budget and curation, as markdown on stdout.
 
     python tools/lever_table.py OUT [--cut monocyte,eosinophil]
 
-Columns: the run's tag (lever_screen.sh: the lever; a study: its row, e.g. on_rival) and synthetic set (a study's
-name for it: the GAN or its variant), the regime, balanced accuracy and macro-F1 on the real test split, recall of each cut class and their mean, the
-classifier's steps (run / best), and for synthetic rows the GAN's steps and training seconds and, when curated,
-the cut classes' kept / drawn.
+Columns: the run's tag (a study's row, e.g. on_rival; the former script's lever) and synthetic set (a study's name
+for it: the GAN or its variant), the regime, balanced accuracy and macro-F1 on the real test split, recall of each
+cut class and their mean, the classifier's steps (run / best), and for synthetic rows the GAN's steps and training
+seconds and, when curated, the cut classes' kept / drawn.
 """
 from __future__ import annotations
 
