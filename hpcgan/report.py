@@ -67,8 +67,7 @@ TABLE6 = ("accuracy", "specificity", "sensitivity")
 FIDELITY = ("class_accuracy", "intra_fid")
 KEY = ("run_dir", "stage", "metric", "class", "extractor", "weights", "steps", "tag", "real_split")
 CONFIG = ("stage", "model", "arch", "regime", "synthetic_from", "scarce", "tta", "seed", "steps", "image_size",
-          "extractor",
-          "extractor_sha256", "weights", "tag", "manifest_sha256", "real_split", "run_dir")
+          "extractor", "extractor_sha256", "weights", "tag", "manifest_sha256", "real_split", "run_dir")
 
 
 @dataclass
