@@ -95,7 +95,7 @@ def test_no_import_circle_in_the_package():
     assert cycles(edges) == []
 
 
-SWEEP_LAYERS = ("settings", "expand", "queue", "tasks", "run", "slurm", "status", "launch")
+SWEEP_LAYERS = ("settings", "compose", "expand", "queue", "tasks", "run", "slurm", "status", "launch")
 
 
 def test_the_sweep_package_is_a_module_per_job_each_importing_only_those_above_it():

@@ -47,7 +47,8 @@ Study directory:
 when it can.
 
 The package, a module per job (each imports only those above it):
-  settings  the study schema (StudySettings, one home for its defaults), its checks, load_study
+  settings  the study schema (StudySettings, one home for its defaults), its checks
+  compose   load_study: configs/study/<name>.yaml + overrides -> StudySettings
   expand    StudySettings -> tasks (pure)
   queue     Slurm's view: squeue, sacct
   tasks     the study directory: study.json, submissions.jsonl, per-task state and lock, finished()
@@ -61,6 +62,7 @@ The package, a module per job (each imports only those above it):
         ──> each task: TaskRunner -> run_task -> the stage's command, in its run directory, under tasks/<name>/lock
         ──> status: tasks/<name>/state.json + the run directories' own markers (+ squeue / sacct)
 """
+from hpcgan.sweep.compose import REPLACED_KEYS, load_study  # noqa: F401
 from hpcgan.sweep.expand import (  # noqa: F401
     Task,
     classifier_name,
@@ -85,7 +87,6 @@ from hpcgan.sweep.settings import (  # noqa: F401
     ACTIVE,
     EXECUTORS,
     FORMAT,
-    REPLACED_KEYS,
     SIMULATOR_LAYOUTS,
     STAGES,
     STATES,
@@ -103,7 +104,6 @@ from hpcgan.sweep.settings import (  # noqa: F401
     SweepError,
     TaskError,
     default_resources,
-    load_study,
     model_conditional,
     model_names,
     needs_synthetic,

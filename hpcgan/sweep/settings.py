@@ -1,15 +1,15 @@
-"""The study's schema, one home for its defaults, and its checks (StudySettings and its parts); load_study
-composes configs/study/<name>.yaml with command-line overrides. Also the names every module of the package shares
-(stages, states, file names, errors).
+"""The study's schema, one home for its defaults, and its checks (StudySettings and its parts; hpcgan.sweep.compose
+builds one from configs/study/<name>.yaml). Also the names every module of the package shares (stages, states,
+file names, errors).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from hpcgan import CONFIG_DIR, REPO_ROOT
-from hpcgan.settings import MISSING, SettingsError, check_choice, check_range, parse
+from hpcgan.settings import MISSING, SettingsError, check_choice, check_range
 
 FORMAT = 1
 STAGES = ("simulate", "shard", "features", "train", "generate", "evaluate", "classify", "rival")
@@ -351,77 +351,3 @@ def needs_synthetic(regime: str) -> bool:
     """Whether a classifier regime reads a synthetic set (hpcgan.classify.regimes says)."""
     from hpcgan.classify.regimes import get_regime
     return get_regime(regime).reads_synthetic
-
-
-def _add_or_set(override: str) -> str:
-    """`a.b=v` as Hydra's add-or-override (`++a.b=v`), so a key the study file does not spell out (a stage's
-    `resources.train.gpus`, a model's overrides) can be given like any other; a wrong key is still refused,
-    by the schema. Top-level keys (config groups such as cluster=NAME) are left as they are."""
-    key = override.split("=", 1)[0]
-    return f"++{override}" if "." in key and not key.startswith(("+", "~")) else override
-
-
-# Settings that select the data: given on the command line they replace the study's value (a cut of basophil
-# alone is that cut, not the study's plus basophil); every other mapping (resources, ...) merges as Hydra does.
-REPLACED_KEYS = ("data.scarce", "data.sources")
-
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def load_study(name: str, overrides: Iterable[str] = ()) -> StudySettings:
-    """configs/study/<name>.yaml (with its cluster file) + Hydra overrides -> StudySettings. `~KEY` removes a
-    key (its schema default applies); REPLACED_KEYS are replaced, not merged."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    if not (CONFIG_DIR / "study" / f"{name}.yaml").is_file():
-        known = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "study").glob("*.yaml")))
-        raise SettingsError(f"study={name}: no configs/study/{name}.yaml (studies: {known})")
-    overrides = list(overrides)
-    after = [o for o in overrides if o.startswith("~") or _key(o) in REPLACED_KEYS]
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            cfg = compose(f"study/{name}", overrides=[_add_or_set(o) for o in overrides if o not in after])
-        _replace_or_remove(cfg, after)
-    except (HydraException, OmegaConfBaseException, ValueError) as e:
-        raise SettingsError(" ".join(str(e).split("\nSee https://")[0].split())) from None
-    from omegaconf import OmegaConf
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:  # (a ??? in the study file: merged into the schema it would silently keep the default)
-        raise SettingsError(f"study {name}: {', '.join(missing)} required: pass " + " ".join(f"{k}=..." for k in missing))
-    return parse(StudySettings, cfg)
-
-
-def _replace_or_remove(cfg, overrides: list[str]) -> None:
-    """Apply `~KEY` (remove) and `KEY=VALUE` (replace whole) overrides to the composed study, in order."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf, open_dict
-    parser = OverridesParser.create()
-    with open_dict(cfg):
-        for o in overrides:
-            key = _key(o)
-            if not _schema_has(StudySettings, key.split(".")):
-                raise SettingsError(f"{o}: the study has no key {key}")
-            if o.startswith("~"):
-                parent, _, leaf = key.rpartition(".")
-                node = OmegaConf.select(cfg, parent) if parent else cfg
-                if node is not None and leaf in node:
-                    del node[leaf]
-            else:
-                OmegaConf.update(cfg, key, parser.parse_override(o.lstrip("+")).value(), merge=False)
-
-
-def _schema_has(cls, path: list[str]) -> bool:
-    """Whether the dotted path names a field of dataclass `cls` (a mapping field takes any key below it)."""
-    import dataclasses
-    import typing
-    if not dataclasses.is_dataclass(cls):
-        return True
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if path[0] not in fields:
-        return False
-    hints = typing.get_type_hints(cls)
-    return len(path) == 1 or _schema_has(hints[path[0]], path[1:])
