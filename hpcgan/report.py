@@ -183,7 +183,7 @@ def classifier_tables(df: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, pd.Data
     cl = df[df["stage"] == "classify"]
     search = cl[cl["real_split"] == "val"]          # a rival search's runs: scored on val, kept out of the tables
     cl = cl[cl["real_split"] != "val"]
-    out = {}
+    out, gens = {}, _generator_evaluations(df[df["stage"] == "evaluate"])
     for size, part in search.groupby("image_size", dropna=False):
         out.update(search_tables(part, size))
     for size, part in cl.groupby("image_size", dropna=False):
@@ -199,7 +199,7 @@ def classifier_tables(df: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, pd.Data
         wide, sources = summarise(per, [*by, "class"], TABLE6)
         if not wide.empty:
             out[f"table6_{_px(size)}"] = (wide, sources, [*by, "class"], TABLE6)
-        out.update(scarcity_tables(part, size, df[df["stage"] == "evaluate"]))
+        out.update(scarcity_tables(part, size, gens))
     return out
 
 
@@ -208,7 +208,7 @@ def scarcity_tables(cl: pd.DataFrame, size, ev: pd.DataFrame | None = None
     """Per scarce cut: every regime's balanced accuracy, macro-F1, accuracy and the recall (sensitivity) of
     each scarce class on the real test split, mean ± std over seeds; the study's `full` rows (uncut, the rival's
     recipe) join every cut's table as its reference, and the rival's choice is said under it. Rows with a GAN's
-    cells carry its per-class fidelity on the cut classes (`ev`: evaluation rows; _fidelity)."""
+    cells carry its per-class fidelity on the cut classes (`ev`: _generator_evaluations' rows; _fidelity)."""
     out = {}
     full = cl[(cl["tag"] == "full") & cl["scarce"].isna()]
     for cut, part in cl[cl["scarce"].notna()].groupby("scarce"):
@@ -247,12 +247,11 @@ def _fidelity(part: pd.DataFrame, ev: pd.DataFrame | None, cut: str, size) -> tu
     intra-FID only in `cell` features (never averaged with another extractor's)."""
     classes = _cut_classes(cut)
     names = tuple(f"{m}_{c}" for c in classes for m in FIDELITY)
-    fed = part[part["synthetic_from"].notna()] if "synthetic_from" in part else part.iloc[:0]
+    fed = part[part["synthetic_from"].notna()]
     if ev is None or ev.empty or fed.empty:
         return part.iloc[:0], names
-    mine = _generator_evaluations(ev)
-    mine = mine[(mine["scarce"] == cut) & mine["class"].isin(classes) & mine["metric"].isin(FIDELITY)
-                & (mine["image_size"] == size) & ((mine["metric"] == "class_accuracy") | (mine["extractor"] == "cell"))]
+    mine = ev[(ev["scarce"] == cut) & ev["class"].isin(classes) & ev["metric"].isin(FIDELITY)
+              & (ev["image_size"] == size) & ((ev["metric"] == "class_accuracy") | (ev["extractor"] == "cell"))]
     # an evaluation names its GAN by its tag when it has one (a study's variant of a model), else by its model
     mine = mine.assign(metric=mine["metric"] + "_" + mine["class"].astype(str), **{"class": None},
                        _gan=mine["tag"].where(mine["tag"].notna(), mine["model"]))

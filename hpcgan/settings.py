@@ -68,6 +68,13 @@ def _one_line(e: Exception, cls: type, prefix: str = "") -> str:
     return f"{prefix}{key}: {msg}" if key and not msg.startswith(str(key)) else prefix + msg
 
 
+def field_defaults(cls: type) -> dict[str, Any]:
+    """{field: its default} of a settings dataclass (fields with a plain default): what a key a checkpoint
+    predates is compared as on resume."""
+    import dataclasses
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
 def check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise SettingsError(f"{name}={value!r}: choose one of {', '.join(map(str, choices))}")

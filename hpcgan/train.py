@@ -49,7 +49,7 @@ import inspect
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ from hpcgan.models.registry import GANSpec, build_model, optimiser_lr
 from hpcgan.objectives import STAT_KEYS, GANObjective
 from hpcgan.progress import Progress
 from hpcgan.rundir import EXIT_FAILED, EXIT_OK, LOG, CsvLog, read_status, write_config, write_json, write_status
-from hpcgan.settings import MISSING, SettingsError, check_choice, check_range, exit_on_error, parse
+from hpcgan.settings import MISSING, SettingsError, check_choice, check_range, exit_on_error, field_defaults, parse
 
 logger = logging.getLogger("hpcgan.train")
 
@@ -841,7 +841,7 @@ _MUST_MATCH = ("name", "generator", "critic", "conditional", "critic_condition",
 
 
 def _check_compatible(saved: dict, now: dict, run_dir: Path) -> None:
-    defaults = {f.name: f.default for f in fields(GANSpec)}  # a key newer than the checkpoint: its default
+    defaults = field_defaults(GANSpec)   # a key newer than the checkpoint: its default
     old, new = ({k: m.get(k, defaults.get(k)) for k in _MUST_MATCH} for m in (saved["model"], now["model"]))
     diffs = [f"model.{k}: {old[k]!r} -> {new[k]!r}" for k in _MUST_MATCH if old[k] != new[k]]
     diffs += [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in ("classes", "image_size", "scarce", "scarce_seed")

@@ -30,8 +30,7 @@ import logging
 import math
 import sys
 import time
-import dataclasses
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +53,7 @@ from hpcgan.progress import Progress
 from hpcgan.results import append_rows, number, write_result
 from hpcgan.rundir import (EXIT_BAD_INPUT, EXIT_OK, LOG, CsvLog, read_json, read_status, write_config, write_json,
                            write_status)
-from hpcgan.settings import MISSING, SettingsError, check_choice, check_range, parse
+from hpcgan.settings import MISSING, SettingsError, check_choice, check_range, field_defaults, parse
 
 logger = logging.getLogger("hpcgan.classify")
 
@@ -186,8 +185,7 @@ class ClassifySettings:
         return compose(preset, **axes, recipes=tuple(self.recipes))
 
 
-# the defaults of settings a checkpoint may predate (compared as these on resume)
-SETTING_DEFAULTS = {f.name: f.default for f in fields(ClassifySettings) if f.default is not dataclasses.MISSING}
+SETTING_DEFAULTS = field_defaults(ClassifySettings)   # what a setting a checkpoint predates is compared as
 
 
 # ---- small pieces ----------------------------------------------------------------------------------

@@ -40,8 +40,8 @@ def copy_threshold(real_features, percentile: float = 1.0) -> float:
     """The `percentile`-th percentile (0..100) of each real sample's distance to its nearest OTHER real sample."""
     if not 0 <= percentile <= 100:
         raise ValueError(f"percentile={percentile}: expected a value in 0..100 (1.0 = the 1st percentile)")
-    real_nn, _ = nearest(as_features(real_features, "real_features"), as_features(real_features, "real_features"),
-                         exclude_self=True)
+    real = as_features(real_features, "real_features")
+    real_nn, _ = nearest(real, real, exclude_self=True)
     return float(np.percentile(real_nn, percentile))
 
 

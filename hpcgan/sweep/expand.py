@@ -96,10 +96,9 @@ def expand(s: StudySettings, out: str | Path) -> list[Task]:
             for seed in g.seeds:
                 name, source, sh = gan_name(model, seed, size), gan_name(gen.source(model), seed, size), shards[size][0]
                 run, syn = out / "gan" / source, out / "synthetic" / name
-                extra = gen.variants[model].overrides if model in gen.variants else []
                 add("generate", f"synthetic/{name}", syn,
                     [TOOLS / "generate.py", *kv(run=run, out=syn, **gen.how(), shards=sh, progress=False),
-                     *gen.overrides, *extra],
+                     *gen.set_overrides(model)],
                     deps=[f"gan/{source}", shards[size][1]], grid={"model": model, "seed": seed, "size": size},
                     check={"kind": "synthetic", "run": str(run)})
     if s.evaluate.enabled:

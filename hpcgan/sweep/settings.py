@@ -176,6 +176,10 @@ class GenerateStage:
         """The gan.models name whose run makes the set called `name`."""
         return self.variants[name].gan if name in self.variants else name
 
+    def set_overrides(self, name: str) -> list[str]:
+        """tools/generate.py overrides of one set: every set's, then its variant's."""
+        return [*self.overrides, *(self.variants[name].overrides if name in self.variants else [])]
+
     def how(self) -> dict:
         """How many images every set holds: tools/generate.py's per_class=N or balance=TARGET."""
         return {"per_class": self.per_class} if self.per_class is not None else {"balance": self.balance}
