@@ -189,6 +189,12 @@ def test_the_lever_study_trains_variants_of_one_model_and_names_their_sets(tmp_p
     (["classify.on_rival=['original+synthetic synthetic_count=400']"], "may take more than the generate.per_class=300"),
     (["classify.on_rival=['original+synthetic synthetic_count=3x']"], "may take more than the generate.per_class=300"),
     (["generate.per_class=0"], "generate.per_class"),
+    (["generate.balance=500"], "generate.balance=500 and generate.per_class=300 both say"),
+    (["+gan.variants.x={model: cellgan, overrides: ['seed=3']}"], "gan.variants.x.overrides: 'seed=3' sets seed"),
+    (["gan.model_overrides.cellgan=['model=cgan']"], "gan.model_overrides.cellgan: 'model=cgan' sets model"),
+    (["gan.overrides=['scarce={}']"], "gan.overrides: 'scarce={}' sets scarce"),
+    (["generate.overrides=['per_class=5']"], "generate.overrides: 'per_class=5' sets per_class"),
+    (["+generate.variants.z={gan: cellgan, overrides: ['out=/tmp/x']}"], "generate.variants.z.overrides: 'out=/tmp/x'"),
 ])
 def test_bad_lever_settings_fail_naming_the_key(overrides, message):
     with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace("[", r"\[")):

@@ -120,8 +120,12 @@ class GanGrid:
     def __post_init__(self) -> None:
         from hpcgan.images import check_image_size
         known = model_names()
+        check_study_keys("gan.overrides", self.overrides, "gan")
+        for m, extra in self.model_overrides.items():
+            check_study_keys(f"gan.model_overrides.{m}", extra, "gan")
         for name, v in self.variants.items():
             check_variant_name(f"gan.variants.{name}", name, known)
+            check_study_keys(f"gan.variants.{name}.overrides", v.overrides, "gan")
             if v.model not in known:
                 raise SettingsError(f"gan.variants.{name}.model: unknown model {v.model!r}; choose from "
                                     f"{', '.join(known)}")
@@ -171,6 +175,12 @@ class GenerateStage:
     def __post_init__(self) -> None:
         if self.per_class is not None:
             check_range("generate.per_class", self.per_class, 1)
+            if self.balance != "max":
+                raise SettingsError(f"generate.balance={self.balance} and generate.per_class={self.per_class} "
+                                    "both say how many images a set holds; set one of them")
+        check_study_keys("generate.overrides", self.overrides, "generate")
+        for name, v in self.variants.items():
+            check_study_keys(f"generate.variants.{name}.overrides", v.overrides, "generate")
 
     def source(self, name: str) -> str:
         """The gan.models name whose run makes the set called `name`."""
@@ -333,6 +343,22 @@ def _check_grid(prefix: str, **lists) -> None:
             raise SettingsError(f"{prefix}.{name}: give at least one")
         if len(set(map(str, values))) != len(values):
             raise SettingsError(f"{prefix}.{name}: {values} repeats a value")
+
+
+# Keys the study writes into every command itself (expand.py): an override of one would be silently replaced,
+# or would give a run the study cannot find; they are refused when the study is read.
+STUDY_KEYS = {"gan": ("shards", "run_dir", "model", "seed", "scarce", "scarce_seed"),
+              "generate": ("run", "out", "shards", "per_class", "balance")}
+
+
+def check_study_keys(key: str, overrides: list[str], stage: str) -> None:
+    """Refuse an override (of `key`) that sets a setting the study gives `stage`'s commands itself."""
+    for o in overrides:
+        name = o.split("=", 1)[0].lstrip("+~")
+        if name in STUDY_KEYS[stage]:
+            raise SettingsError(f"{key}: {o!r} sets {name}, which the study gives every {stage} command itself; "
+                                "set it through the study's own setting (data.*, gan.models, gan.seeds, "
+                                "generate.per_class or generate.balance)")
 
 
 def check_variant_name(key: str, name: str, taken) -> None:
