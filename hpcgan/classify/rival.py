@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+from hpcgan.classify.augment import RECIPES
 from hpcgan.classify.data import DataError
 from hpcgan.classify.regimes import LOSSES, SAMPLING, Regime
 from hpcgan.rundir import read_json
@@ -20,9 +21,10 @@ from hpcgan.rundir import read_json
 RECIPE_AXES = ("sampling", "loss", "augment")
 
 
-def search_grid(choices: dict[str, list[str]], recipes=("aug1", "aug2", "aug3")) -> list[dict[str, str]]:
-    """Every combination of the recipe axes: `choices` names the values per axis (a missing axis: all of them)."""
-    every = {"sampling": list(SAMPLING), "loss": list(LOSSES), "augment": ["none", *recipes]}
+def search_grid(choices: dict[str, list[str]]) -> list[dict[str, str]]:
+    """Every combination of the recipe axes: `choices` names the values per axis (a missing axis: all of them;
+    augment: none and every recipe of hpcgan.classify.augment.RECIPES)."""
+    every = {"sampling": list(SAMPLING), "loss": list(LOSSES), "augment": ["none", *RECIPES]}
     unknown = set(choices) - set(RECIPE_AXES)
     if unknown:
         raise ValueError(f"rival_search: {sorted(unknown)} are not recipe axes ({', '.join(RECIPE_AXES)})")
