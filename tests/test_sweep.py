@@ -192,7 +192,8 @@ def test_the_lever_study_trains_variants_of_one_model_and_names_their_sets(tmp_p
     (["generate.balance=500"], "generate.balance=500 and generate.per_class=300 both say"),
     (["+gan.variants.x={model: cellgan, overrides: ['seed=3']}"], "gan.variants.x.overrides: 'seed=3' sets seed"),
     (["gan.model_overrides.cellgan=['model=cgan']"], "gan.model_overrides.cellgan: 'model=cgan' sets model"),
-    (["gan.overrides=['scarce={}']"], "gan.overrides: 'scarce={}' sets scarce"),
+    (["gan.overrides=['scarce={}']"], "gan.overrides: 'scarce={}' sets scarce.*data.scarce"),
+    (["generate.overrides=['count=5']"], "generate.overrides: 'count=5' sets count"),
     (["generate.overrides=['per_class=5']"], "generate.overrides: 'per_class=5' sets per_class"),
     (["+generate.variants.z={gan: cellgan, overrides: ['out=/tmp/x']}"], "generate.variants.z.overrides: 'out=/tmp/x'"),
 ])

@@ -177,7 +177,7 @@ class GenerateStage:
             check_range("generate.per_class", self.per_class, 1)
             if self.balance != "max":
                 raise SettingsError(f"generate.balance={self.balance} and generate.per_class={self.per_class} "
-                                    "both say how many images a set holds; set one of them")
+                                    "both say how many images a set holds; set one of them (generate.per_class=null for balance)")
         check_study_keys("generate.overrides", self.overrides, "generate")
         for name, v in self.variants.items():
             check_study_keys(f"generate.variants.{name}.overrides", v.overrides, "generate")
@@ -345,20 +345,25 @@ def _check_grid(prefix: str, **lists) -> None:
             raise SettingsError(f"{prefix}.{name}: {values} repeats a value")
 
 
-# Keys the study writes into every command itself (expand.py): an override of one would be silently replaced,
-# or would give a run the study cannot find; they are refused when the study is read.
-STUDY_KEYS = {"gan": ("shards", "run_dir", "model", "seed", "scarce", "scarce_seed"),
-              "generate": ("run", "out", "shards", "per_class", "balance")}
+# Keys the study writes into every command itself (expand.py), each with where a study sets it: an override of one
+# would be silently replaced, or give a run the study cannot find, so it is refused when the study is read.
+# (progress= is left free: it only shows a bar in the task's log.)
+_WHERE = "the study's out= folder"
+STUDY_KEYS = {"gan": {"shards": "data.shards or data.sources", "run_dir": _WHERE, "seed": "gan.seeds",
+                      "model": "a gan.variants entry {model: SPEC, overrides: [...]}",
+                      "scarce": "data.scarce", "scarce_seed": "gan.seeds (the cut follows the seed)"},
+              "generate": {"run": _WHERE, "out": _WHERE, "shards": "data.shards or data.sources",
+                           "per_class": "generate.per_class", "balance": "generate.balance",
+                           "count": "generate.per_class"}}
 
 
 def check_study_keys(key: str, overrides: list[str], stage: str) -> None:
     """Refuse an override (of `key`) that sets a setting the study gives `stage`'s commands itself."""
     for o in overrides:
-        name = o.split("=", 1)[0].lstrip("+~")
+        name = re.split(r"[=@]", o, maxsplit=1)[0].strip().lstrip("+~")
         if name in STUDY_KEYS[stage]:
             raise SettingsError(f"{key}: {o!r} sets {name}, which the study gives every {stage} command itself; "
-                                "set it through the study's own setting (data.*, gan.models, gan.seeds, "
-                                "generate.per_class or generate.balance)")
+                                f"set it with {STUDY_KEYS[stage][name]}")
 
 
 def check_variant_name(key: str, name: str, taken) -> None:
