@@ -94,6 +94,16 @@ def test_square_resize_centre_crops():
     assert out.min() >= 250
 
 
+def test_square_resize_crop_keeps_the_centre_of_the_square():
+    """crop=0.5 of a 40x100 field: its centred 40x40 square, then that square's central 20x20 (white on black)."""
+    a = np.zeros((40, 100, 3), np.uint8)
+    a[10:30, 40:60] = 255        # the central 20x20 of the centred square is white, the rest black
+    whole = np.asarray(square_resize(Image.fromarray(a), 20))
+    zoomed = np.asarray(square_resize(Image.fromarray(a), 20, crop=0.5))
+    assert zoomed.shape == (20, 20, 3) and zoomed.min() >= 250
+    assert whole[0, 0].max() <= 5 and whole[10, 10].min() >= 250    # the whole square: black border, white centre
+
+
 def stained(stains: np.ndarray, conc_scale: float, side=96, seed=0) -> np.ndarray:
     """Beer-Lambert image of fixed concentration maps (nuclei + cytoplasm) under given stain vectors."""
     rng = np.random.default_rng(seed)

@@ -331,6 +331,23 @@ def test_split_fractions_are_settings(corpus, tmp_path):
     assert r.returncode == 2 and "test_fraction=1.5" in r.stderr and not (tmp_path / "bad").exists()
 
 
+def test_crop_zooms_on_the_centre_and_is_recorded(corpus, tmp_path):
+    """crop=0.5 writes the same samples, each the central half of its field (recorded in the manifest);
+    a crop out of [0.1, 1] is refused before anything is written."""
+    root, _ = corpus
+    kw = dict(size=32, workers=1, progress=False, contact_sheet=False, stain="none")
+    whole = build(sources_of(root), tmp_path / "whole", **kw)
+    zoom = build(sources_of(root), tmp_path / "zoom", crop=0.5, **kw)
+    assert zoom["settings"]["crop"] == 0.5 and whole["settings"]["crop"] == 1.0
+    assert zoom["counts"] == whole["counts"]
+    a, b = samples(tmp_path / "whole"), samples(tmp_path / "zoom")
+    assert [m["path"] for *_, m in a["train"]] == [m["path"] for *_, m in b["train"]]
+    differ = [x[1] != y[1] for x, y in zip(a["train"], b["train"])]
+    assert sum(differ) > 0.8 * len(differ), differ     # (a flat field looks the same zoomed)
+    r = run_cli(f"lab={root / 'lab'}", f"out={tmp_path / 'bad'}", "crop=0")
+    assert r.returncode == 2 and "crop=0" in r.stderr and not (tmp_path / "bad").exists()
+
+
 def test_split_is_stratified_and_disjoint(built):
     out, manifest, _ = built
     got = samples(out)

@@ -63,6 +63,8 @@ class BuildSettings:
     on_bad: str = "skip"
     test_fraction: float = 0.3      # per class; 0 = no test split (e.g. shards only a GAN will ever read)
     val_fraction: float = 0.2       # of what is left after test; 0 = no val split
+    crop: float = 1.0               # the centred square's side kept before the resize: < 1 zooms on the
+                                    # centred cell (PBC: the cell fills about the central half of the field)
 
     def __post_init__(self) -> None:
         check_image_size(self.size, "size")
@@ -76,9 +78,10 @@ class BuildSettings:
         check_range("near_dup", self.near_dup, -1, 64)   # -1: near-duplicate detection off
         check_range("min_size", self.min_size, 1)
         check_choice("on_bad", self.on_bad, ("skip", "strict"))
+        check_range("crop", self.crop, 0.1, 1.0)
 
     def clean(self) -> CleanSettings:
-        return CleanSettings(self.size, self.stain, self.encoding, self.quality, self.min_size)
+        return CleanSettings(self.size, self.stain, self.encoding, self.quality, self.min_size, self.crop)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 decode_rgb      bytes -> RGB uint8 array (mode conversions where they are sound, `BadImage` where not)
 macenko         Macenko et al. 2009 stain normalisation in numpy, standard H&E reference, white-balanced
-square_resize   centre crop to a square, antialiased resize
+square_resize   centre crop to a square (or its centre), antialiased resize
 process_file    all of the above for one file (runs in worker processes), spooling the encoded image
 
 Everything here is a pure function of the input bytes and the settings, computed without
@@ -52,6 +52,7 @@ class CleanSettings:
     encoding: str               # png | jpg
     quality: int
     min_size: int
+    crop: float = 1.0           # the centred square's side kept before the resize (BuildSettings.crop)
 
 
 # ---------------------------------------------------------------- decoding
@@ -127,10 +128,11 @@ def decode_rgb(data: bytes, min_size: int = 32) -> tuple[np.ndarray, tuple[int, 
 
 # ---------------------------------------------------------------- geometry
 
-def square_resize(img: Image.Image, side: int) -> Image.Image:
-    """Centre-crop to the largest square, then resize antialiased (Lanczos) to side x side."""
+def square_resize(img: Image.Image, side: int, crop: float = 1.0) -> Image.Image:
+    """Centre-crop to the largest square (or its central `crop` fraction of the side: a zoom on the centred
+    cell), then resize antialiased (Lanczos) to side x side."""
     w, h = img.size
-    s = min(w, h)
+    s = max(1, round(min(w, h) * crop))
     left, top = (w - s) // 2, (h - s) // 2
     img = img.crop((left, top, left + s, top + s))
     if s != side:
@@ -209,7 +211,8 @@ def clean_image(data: bytes, settings: CleanSettings) -> dict:
     rgb, orig_size, note = decode_rgb(data, settings.min_size)
     img = Image.fromarray(rgb, "RGB")
     phash = str(imagehash.phash(img))   # on the decoded original: re-encodes of one image stay close
-    square = square_resize(img, min(min(orig_size), max(STAIN_WORK_SIDE, settings.size)))
+    kept = max(1, round(min(orig_size) * settings.crop))
+    square = square_resize(img, min(kept, max(STAIN_WORK_SIDE, settings.size)), settings.crop)
     stain = "none"
     if settings.stain == "macenko":
         try:
