@@ -2,7 +2,7 @@
 
 decode_rgb      bytes -> RGB uint8 array (mode conversions where they are sound, `BadImage` where not)
 macenko         Macenko et al. 2009 stain normalisation in numpy, standard H&E reference, white-balanced
-square_resize   centre crop to a square (or its centre), antialiased resize
+centre_square   the centred square (or its centre); square_resize: that, resized antialiased
 process_file    all of the above for one file (runs in worker processes), spooling the encoded image
 
 Everything here is a pure function of the input bytes and the settings, computed without
@@ -128,14 +128,19 @@ def decode_rgb(data: bytes, min_size: int = 32) -> tuple[np.ndarray, tuple[int, 
 
 # ---------------------------------------------------------------- geometry
 
-def square_resize(img: Image.Image, side: int, crop: float = 1.0) -> Image.Image:
-    """Centre-crop to the largest square (or its central `crop` fraction of the side: a zoom on the centred
-    cell), then resize antialiased (Lanczos) to side x side."""
+def centre_square(img: Image.Image, crop: float = 1.0) -> Image.Image:
+    """The centred largest square of `img`, or its central `crop` fraction of the side (a zoom on the centred
+    cell)."""
     w, h = img.size
     s = max(1, round(min(w, h) * crop))
     left, top = (w - s) // 2, (h - s) // 2
-    img = img.crop((left, top, left + s, top + s))
-    if s != side:
+    return img.crop((left, top, left + s, top + s))
+
+
+def square_resize(img: Image.Image, side: int, crop: float = 1.0) -> Image.Image:
+    """centre_square, then resize antialiased (Lanczos) to side x side."""
+    img = centre_square(img, crop)
+    if img.size[0] != side:
         img = img.resize((side, side), Image.Resampling.LANCZOS)
     return img
 
@@ -211,8 +216,8 @@ def clean_image(data: bytes, settings: CleanSettings) -> dict:
     rgb, orig_size, note = decode_rgb(data, settings.min_size)
     img = Image.fromarray(rgb, "RGB")
     phash = str(imagehash.phash(img))   # on the decoded original: re-encodes of one image stay close
-    kept = max(1, round(min(orig_size) * settings.crop))
-    square = square_resize(img, min(kept, max(STAIN_WORK_SIDE, settings.size)), settings.crop)
+    square = centre_square(img, settings.crop)
+    square = square_resize(square, min(square.size[0], max(STAIN_WORK_SIDE, settings.size)))
     stain = "none"
     if settings.stain == "macenko":
         try:
