@@ -26,9 +26,14 @@
                and differ in noise (sample_latent(pairs=True)); the generator loss adds
                mode_seeking / (mean|x1 - x2| / mean|z1 - z2| + 1e-5): a generator that maps different noise
                of one class to one image (the within-class collapse of conditional GANs) pays for it
+  noisy_twins  NoisyTwins (Rangwani et al. 2023; hpcgan.models.twins): the generator's batch is drawn as twins
+               (sample_latent(twins=True): same noise and class, independent class-embedding noise) and the
+               generator loss adds noisy_twins * barlow_twins_loss(w of the first halves, w of the second): the
+               mapping's output stays the same across twins, its dimensions decorrelated over the batch
 Stats (detached tensors, averaged and logged by the loop): d_loss, g_loss, gp (GP and R1), wdist (E[D(real)] -
 E[D(fake)]), ac_acc_real / ac_acc_fake (the auxiliary classifier's accuracy on real and on generated
-images, the paper's Figs. 7-8), info_loss, ms_ratio (mode seeking's image/noise distance ratio).
+images, the paper's Figs. 7-8), info_loss, ms_ratio (mode seeking's image/noise distance ratio), gsr (the gSR
+penalty), twins (the Barlow Twins term, unweighted).
 """
 from __future__ import annotations
 
@@ -41,9 +46,11 @@ import torch.nn.functional as F
 from hpcgan.augment import diff_augment, parse_policy
 from hpcgan.latent import Latent
 from hpcgan.models.registry import ADVERSARIAL, GANSpec
+from hpcgan.models.twins import class_noise_mapping
 
-STAT_KEYS = ("d_loss", "g_loss", "gp", "wdist", "ac_acc_real", "ac_acc_fake", "info_loss", "ms_ratio", "gsr")
+STAT_KEYS = ("d_loss", "g_loss", "gp", "wdist", "ac_acc_real", "ac_acc_fake", "info_loss", "ms_ratio", "gsr", "twins")
 MS_EPS = 1e-5
+BT_OFF_DIAGONAL = 0.05   # Barlow Twins' weight of the off-diagonal correlations (NoisyTwins' configs: 0.05)
 
 
 class GANObjective:
@@ -186,6 +193,15 @@ class GANObjective:
             gsr = gsr_penalty(G, latent.y, s.gsr_groups)
             loss = loss + s.gsr_weight * gsr
             stats["gsr"] = gsr.detach()
+        if s.noisy_twins > 0:
+            mapping = class_noise_mapping(G) if G is not None else None
+            if mapping is None:
+                raise ValueError(f"{s.name}: noisy_twins > 0 regularises the generator's class mapping: pass G")
+            w = mapping(latent.z, latent.y).float()
+            half = w.shape[0] // 2
+            bt = barlow_twins_loss(w[:half], w[half:])
+            loss = loss + s.noisy_twins * bt
+            stats["twins"] = bt.detach()
         stats["g_loss"] = loss.detach()
         return loss, stats
 
@@ -219,6 +235,21 @@ def gsr_penalty(G: nn.Module, y: torch.Tensor, groups: int) -> torch.Tensor:
     if total is None:
         raise ValueError("gsr_penalty: the generator has no class-conditional batch norm")
     return total
+
+
+def barlow_twins_loss(a: torch.Tensor, b: torch.Tensor, off_diagonal: float = BT_OFF_DIAGONAL) -> torch.Tensor:
+    """Barlow Twins (Zbontar et al. 2021) between two [N, D] batches of twins: each dimension standardised over
+    the batch (mean 0, std 1, biased), C = a^T b / N, loss = sum_i (1 - C_ii)^2 + off_diagonal * sum_{i!=j} C_ij^2."""
+    if a.shape != b.shape or a.dim() != 2 or a.shape[0] < 2:
+        raise ValueError(f"barlow_twins_loss needs two [N >= 2, D] batches of one shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+
+    def standardise(x):
+        return (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)
+
+    c = standardise(a).T @ standardise(b) / a.shape[0]
+    on = torch.diagonal(c)
+    return (1 - on).square().sum() + off_diagonal * (c.square().sum() - on.square().sum())
 
 
 def mode_seeking_ratio(images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

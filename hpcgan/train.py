@@ -66,6 +66,7 @@ from hpcgan.data.shards import NO_TRAINING_IMAGES, unseen_classes
 from hpcgan.gauges import CLASS_SIGNAL_ADVICE, DIVERSITY_COLUMNS, class_signal, grid_diversity
 from hpcgan.latent import sample_latent
 from hpcgan.models.registry import GANSpec, build_model, optimiser_lr
+from hpcgan.models.twins import fit_class_noise
 from hpcgan.objectives import STAT_KEYS, GANObjective
 from hpcgan.progress import Progress
 from hpcgan.rundir import EXIT_FAILED, EXIT_OK, LOG, CsvLog, read_status, write_config, write_json, write_status
@@ -290,11 +291,14 @@ class Trainer:
     def __init__(self, spec: GANSpec, num_classes: int, image_size: int, env: dist.DistEnv, *, seed: int,
                  precision: str = "fp32", ema: float = 0.0, ema_rampup: float | None = TrainSettings.ema_rampup,
                  standing: tuple[int, int] = (TrainSettings.ema_standing_batches, TrainSettings.batch_size),
-                 diffaug: str = "", channels_last: bool = False, labels: list[int] | None = None):
+                 diffaug: str = "", channels_last: bool = False, labels: list[int] | None = None,
+                 class_counts: list[int] | None = None):
         """ema: the EMA decay (0: no EMA generator); ema_rampup: see ema_beta; standing: (batches, batch size)
         of the EMA generator's standing statistics (see standing_stats); labels: the classes a conditional
         generator is trained to make (those with training images; default all): its fake labels are drawn
-        uniformly from them, so no critic or generator step is spent on a class without a real image."""
+        uniformly from them, so no critic or generator step is spent on a class without a real image;
+        class_counts: the training images per class, which scale a NoisyTwins generator's class-embedding noise
+        (hpcgan.models.twins; default: the same noise for every class)."""
         self.spec, self.env, self.seed = spec, env, seed
         # NHWC: what tensor-core convs (cuDNN) and oneDNN want; NCHW makes them transpose around every conv.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -306,6 +310,8 @@ class Trainer:
                                 autocast_dtype=dtype)
         torch.manual_seed(seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
         G, D = build_model(spec, num_classes, image_size)
+        if class_counts is not None:
+            fit_class_noise(G, class_counts)
         G = G.to(env.device, memory_format=self.memory_format)
         D = D.to(env.device, memory_format=self.memory_format)
         self.G_ema = copy.deepcopy(G).eval().requires_grad_(False) if ema > 0 else None
@@ -377,7 +383,7 @@ class Trainer:
         bad_g = False
         if (step + 1) % self.n_critic == 0:
             lat = sample_latent(self.spec, n, gen, num_classes=self.num_classes, labels=self.labels,
-                                pairs=self.spec.mode_seeking > 0, device=env.device)
+                                pairs=self.spec.mode_seeking > 0, twins=self.spec.noisy_twins > 0, device=env.device)
             self.opt_G.zero_grad(set_to_none=True)
             unwrap(self.D).requires_grad_(False)
             no_sync = self.D.no_sync() if isinstance(self.D, DDP) else contextlib.nullcontext()
@@ -615,7 +621,8 @@ class TrainingRun:
                                precision=s.precision, ema=s.ema, ema_rampup=s.ema_rampup,
                                standing=(s.ema_standing_batches, s.batch_size), diffaug=s.diffaug or (),
                                channels_last=s.channels_last,
-                               labels=[i for i, c in enumerate(self.classes) if self.class_counts[c] > 0])
+                               labels=[i for i, c in enumerate(self.classes) if self.class_counts[c] > 0],
+                               class_counts=[self.class_counts[c] for c in self.classes])
         self.epoch, self.in_epoch, self.train_seconds = 0, 0, 0.0
         if ckpt is None:
             return

@@ -1,6 +1,7 @@
 """Long-tail options of the class-conditional generators (issue 20): group spectral regularisation (gSR,
-model.gsr_weight) and class conditioning only from a resolution up (model.class_from, UTLO's generator half);
-known answers, and both under torchrun on 2 ranks with a bit-exact resume like every model."""
+model.gsr_weight), class conditioning only from a resolution up (model.class_from, UTLO's generator half) and
+NoisyTwins (model.noisy_twins); known answers, and each under torchrun on 2 ranks with a bit-exact resume like
+every model."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +11,10 @@ import pytest
 import torch
 
 from hpcgan.models.blocks import ConditionalBatchNorm2d, PlainBatchNorm2d
+from hpcgan.latent import sample_latent
 from hpcgan.models.registry import GANSpec, build_model, load_spec
-from hpcgan.objectives import gsr_penalty
+from hpcgan.models.twins import TWIN_DIM, class_noise_mapping, fit_class_noise
+from hpcgan.objectives import GANObjective, barlow_twins_loss, gsr_penalty
 from hpcgan.settings import SettingsError
 
 from test_train import ENV, assert_same_weights, cli, shards, status  # noqa: F401  (the shards fixture)
@@ -51,6 +54,67 @@ def test_class_from_leaves_low_resolutions_unconditional():
     assert torch.equal(low_a, seen["8x8"]) and not torch.equal(a, b)
 
 
+def twins_spec(**kw) -> GANSpec:
+    return GANSpec.from_config({**dataclasses.asdict(load_spec("cellgan")), "width": 8, "z_dim": 16,
+                                "noisy_twins": 0.01, **kw})
+
+
+def test_barlow_twins_loss_known_answer():
+    """Four samples of two standardised, uncorrelated dimensions: C = I for identical twins (loss 0), -I for
+    opposite twins ((1 - -1)^2 twice: 8), the swap [[0, 1], [1, 0]] for swapped dimensions (1 + 1 on the
+    diagonal, 0.05 * (1 + 1) off it: 2.1)."""
+    a = torch.tensor([[1., 1], [-1, -1], [1, -1], [-1, 1]])
+    assert barlow_twins_loss(a, a).item() == pytest.approx(0.0, abs=1e-4)
+    assert barlow_twins_loss(a, -a).item() == pytest.approx(8.0, abs=1e-4)
+    assert barlow_twins_loss(a, a[:, [1, 0]]).item() == pytest.approx(2.1, abs=1e-4)
+    assert barlow_twins_loss(3 * a + 7, a).item() == pytest.approx(0.0, abs=1e-4)   # scale and shift free
+    with pytest.raises(ValueError, match="batches of one shape"):
+        barlow_twins_loss(a, a[:3])
+
+
+def test_noisy_twins_noise_scales_with_the_effective_number_of_images():
+    """sigma_c = 0.75 * E(n_c) / max E with E(n) = (1 - 0.99^n) / 0.01: 300 images -> 0.75, 20 -> 0.75 *
+    0.18209 / 0.95096 = 0.14361, none -> 0; and a class with no noise makes the same cell for both twins."""
+    G, _ = build_model(twins_spec(), 3, 32)
+    fit_class_noise(G, [300, 20, 0])
+    assert class_noise_mapping(G).class_sigma.tolist() == pytest.approx([0.75, 0.14361, 0.0], abs=1e-4)
+    with pytest.raises(ValueError, match="one count per class"):
+        fit_class_noise(G, [300, 20])
+    G.eval()
+    lat = sample_latent(twins_spec(), 4, torch.Generator().manual_seed(0), y=torch.tensor([2, 0, 2, 0]), twins=True)
+    x = G(lat.z, lat.y)
+    assert torch.equal(x[0], x[2]) and not torch.allclose(x[1], x[3])
+
+
+def test_twin_latents_share_noise_and_class_and_append_the_embedding_noise():
+    spec = twins_spec()
+    assert spec.latent_dim == 16 + TWIN_DIM
+    lat = sample_latent(spec, 6, torch.Generator().manual_seed(1), num_classes=5, twins=True)
+    z, eps = lat.z[:, :16], lat.z[:, 16:]
+    assert torch.equal(z[:3], z[3:]) and torch.equal(lat.y[:3], lat.y[3:]) and not torch.equal(eps[:3], eps[3:])
+    # without twins the noise and labels are drawn as for the same model without NoisyTwins, eps after them
+    plain = sample_latent(load_spec("cellgan"), 6, torch.Generator().manual_seed(1), num_classes=5)
+    wide = GANSpec.from_config({**dataclasses.asdict(load_spec("cellgan")), "noisy_twins": 0.01})
+    alone = sample_latent(wide, 6, torch.Generator().manual_seed(1), num_classes=5)
+    assert torch.equal(alone.z[:, :128], plain.z) and torch.equal(alone.y, plain.y)
+    with pytest.raises(ValueError, match="even batch"):
+        sample_latent(spec, 5, torch.Generator(), num_classes=5, twins=True)
+
+
+def test_noisy_twins_term_reaches_the_class_embedding():
+    spec = twins_spec()
+    G, D = build_model(spec, 3, 32)
+    lat = sample_latent(spec, 8, torch.Generator().manual_seed(0), num_classes=3, twins=True)
+    loss, stats = GANObjective(spec, 3).generator_loss(D, G(lat.z, lat.y), lat, torch.Generator(), G=G)
+    assert stats["twins"] > 0
+    alone = barlow_twins_loss(*class_noise_mapping(G)(lat.z, lat.y).chunk(2))
+    assert alone.item() == pytest.approx(stats["twins"].item(), rel=1e-5)
+    loss.backward()
+    assert class_noise_mapping(G).embed.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="pass G"):
+        GANObjective(spec, 3).generator_loss(D, G(lat.z, lat.y), lat, torch.Generator())
+
+
 def test_long_tail_options_are_refused_where_they_cannot_act():
     with pytest.raises(SettingsError, match="class-conditional batch norm"):
         GANSpec.from_config({**dataclasses.asdict(load_spec("cgan")), "gsr_weight": 0.5})
@@ -62,13 +126,20 @@ def test_long_tail_options_are_refused_where_they_cannot_act():
     spec = dataclasses.replace(load_spec("cellgan"), width=8, gsr_weight=0.5, gsr_groups=3)
     with pytest.raises(ValueError, match="must divide the channels"):   # at build, before any step
         build_model(spec, 3, 32)
+    with pytest.raises(SettingsError, match="class-embedding mapping"):
+        GANSpec.from_config({**dataclasses.asdict(load_spec("acgan")), "noisy_twins": 0.01})
+    with pytest.raises(SettingsError, match="mode_seeking"):
+        twins_spec(mode_seeking=1.0)
+    with pytest.raises(SettingsError, match="class_from"):
+        twins_spec(class_from=16)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("option", [["model.gsr_weight=0.5"], ["model.class_from=16"]], ids=["gsr", "class_from"])
-def test_long_tail_option_under_torchrun_resumes_exactly(shards, tmp_path, option):  # noqa: F811
+@pytest.mark.parametrize("option, column", [("model.gsr_weight=0.5", "gsr"), ("model.class_from=16", None),
+                                            ("model.noisy_twins=0.01", "twins")], ids=["gsr", "class_from", "noisy_twins"])
+def test_long_tail_option_under_torchrun_resumes_exactly(shards, tmp_path, option, column):  # noqa: F811
     args = ["model=cellgan", "ckpt_every=2", "log_every=2", "sample_every=0", "ema=0.9", "balance_classes=true",
-            *option]
+            option]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for rd, steps in ((straight, 6), (resumed, 2), (resumed, 6)):
         p = subprocess.run(cli(shards, rd, f"steps={steps}", *args, nproc=2), env=ENV, capture_output=True, text=True)
@@ -76,7 +147,7 @@ def test_long_tail_option_under_torchrun_resumes_exactly(shards, tmp_path, optio
     assert status(resumed)["state"] == "finished"
     state = assert_same_weights(straight, resumed)
     assert state["step"] == 6
-    if "gsr" in option[0]:
+    if column:  # the option's own stat, logged on every row
         import csv
         rows = list(csv.DictReader(open(straight / "log.csv")))
-        assert all(float(r["gsr"]) > 0 for r in rows)
+        assert rows and all(float(r[column]) > 0 for r in rows)

@@ -18,6 +18,7 @@ import torch.nn as nn
 from hpcgan.models.blocks import (ConditionalBatchNorm2d, CriticHeads, channels_at, check_labels, check_latent,
                                   class_norm, dcgan_init, norm_2d, num_resamples, require_conditional)
 from hpcgan.models.builders import register_critic, register_generator
+from hpcgan.models.twins import MAPPING_DIM, TWIN_DIM, ClassNoiseMapping
 
 LABEL_EMBED_DIM = 64
 
@@ -48,15 +49,21 @@ class DCGANGenerator(nn.Module):
 class CBNDCGANGenerator(nn.Module):
     """DCGANGenerator (conditional) with ConditionalBatchNorm2d in place of every BatchNorm2d."""
 
-    def __init__(self, latent_dim: int, num_classes: int, image_size: int, width: int, class_from: int = 0):
+    def __init__(self, latent_dim: int, num_classes: int, image_size: int, width: int, class_from: int = 0,
+                 twin_sigma: float | None = None):
         """class_from: layers below this resolution are unconditional and the label is not at the input when
-        class_from > 4 (blocks.class_norm; the spec's class_from)."""
+        class_from > 4 (blocks.class_norm; the spec's class_from). twin_sigma: NoisyTwins' class-embedding noise
+        (hpcgan.models.twins): a mapping of [z noise, noisy embed(y)] is the input instead of [z, embed(y)]."""
         super().__init__()
         self.latent_dim = latent_dim
         n_up = num_resamples(image_size)
         ch = [channels_at(4 * 2 ** i, image_size, width) for i in range(n_up)]  # 4x4 ... image_size/2
-        self.embed = nn.Embedding(num_classes, LABEL_EMBED_DIM) if class_from <= 4 else None
-        in_dim = latent_dim + (LABEL_EMBED_DIM if self.embed is not None else 0)
+        self.mapping = (None if twin_sigma is None else
+                        ClassNoiseMapping(latent_dim - TWIN_DIM, num_classes, twin_sigma))
+        self.embed = (nn.Embedding(num_classes, LABEL_EMBED_DIM) if class_from <= 4 and self.mapping is None
+                      else None)
+        in_dim = (MAPPING_DIM if self.mapping is not None else
+                  latent_dim + (LABEL_EMBED_DIM if self.embed is not None else 0))
         self.convs = nn.ModuleList([nn.ConvTranspose2d(in_dim, ch[0], 4, 1, 0, bias=False)]
                                    + [nn.ConvTranspose2d(ch[i], ch[i + 1], 4, 2, 1, bias=False) for i in range(n_up - 1)])
         self.norms = nn.ModuleList([class_norm(c, num_classes, 4 * 2 ** i, class_from) for i, c in enumerate(ch)])
@@ -66,11 +73,17 @@ class CBNDCGANGenerator(nn.Module):
             if isinstance(norm, ConditionalBatchNorm2d):
                 nn.init.normal_(norm.gain.weight, 1.0, 0.02)
                 nn.init.zeros_(norm.bias.weight)
+        if self.mapping is not None:
+            self.mapping.reset_parameters()
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         check_latent(z, self.latent_dim)
         check_labels(y, z.shape[0])
-        h = (z if self.embed is None else torch.cat([z, self.embed(y).to(z.dtype)], dim=1))[:, :, None, None]
+        if self.mapping is not None:
+            h = self.mapping(z, y)
+        else:
+            h = z if self.embed is None else torch.cat([z, self.embed(y).to(z.dtype)], dim=1)
+        h = h[:, :, None, None]
         for conv, norm in zip(self.convs, self.norms):
             h = torch.relu(norm(conv(h), y))
         return self.to_rgb(h)
@@ -103,7 +116,8 @@ def build_dcgan_generator(spec, num_classes: int, image_size: int) -> nn.Module:
 @register_generator("dcgan_cbn")
 def build_dcgan_cbn_generator(spec, num_classes: int, image_size: int) -> nn.Module:
     require_conditional(spec, "dcgan_cbn", "dcgan")
-    return CBNDCGANGenerator(spec.latent_dim, num_classes, image_size, spec.width, spec.class_from)
+    return CBNDCGANGenerator(spec.latent_dim, num_classes, image_size, spec.width, spec.class_from,
+                             twin_sigma=spec.twin_sigma if spec.noisy_twins > 0 else None)
 
 
 @register_critic("dcgan")

@@ -4,7 +4,8 @@ so no model is a branch in the training loop.
 
 Contract (every architecture honours it):
   G(z, y) -> images in [-1, 1], shape [B, 3, S, S]
-      z: [B, spec.latent_dim] float (noise, then InfoGAN codes appended: categorical one-hot, continuous)
+      z: [B, spec.latent_dim] float (noise, then InfoGAN codes appended: categorical one-hot, continuous; then,
+         with spec.noisy_twins > 0, the class-embedding noise: hpcgan/latent.py)
       y: [B] int64 class labels, or None when the generator is unconditional
   D(x, y) -> dict of tensors
       "adv":    [B]     critic score (wasserstein, hinge) or logit (bce)
@@ -26,12 +27,14 @@ from hpcgan import CONFIG_DIR
 from hpcgan.augment import parse_policy
 from hpcgan.images import check_image_size
 from hpcgan.models.builders import CRITICS, GENERATORS
+from hpcgan.models.twins import TWIN_DIM
 from hpcgan.settings import SettingsError, check_choice, check_range, parse
 
 MODEL_NAMES = ("wgan_gp_ac", "acgan", "wgan", "wgan_gp", "infogan", "wgan_gp_info", "dcgan", "cgan", "sngan_proj",
                "cellgan")
 ADVERSARIAL = ("wasserstein", "bce", "hinge")   # the adversarial losses of hpcgan/objectives.py
 CBN_GENERATORS = ("dcgan_cbn", "resnet_cbn")    # generators with class-conditional batch norm (gSR, class_from)
+TWIN_GENERATORS = ("dcgan_cbn",)                # generators with NoisyTwins' class-embedding mapping
 
 
 @dataclass
@@ -81,6 +84,9 @@ class GANSpec:
                                        # batch norm, no label at the input), the class enters from it up: low-
                                        # resolution structure shared by every class (the generator half of UTLO,
                                        # Khorram et al. 2024); 0: every layer conditional
+    noisy_twins: float = 0.0           # long tail: NoisyTwins (Rangwani et al. CVPR 2023) Barlow Twins weight on the
+                                       # mapping of noisy class embeddings (hpcgan.models.twins; 0 = off; paper 0.01)
+    twin_sigma: float = 0.75           # NoisyTwins: the class-embedding noise's std for a class with many images
     z_dim: int = 128
     width: int = 64                    # base channel count
     critic_norm: str = "none"          # "none" | "batch" (never with a gradient penalty)
@@ -90,7 +96,7 @@ class GANSpec:
 
     @property
     def latent_dim(self) -> int:
-        return self.z_dim + self.info_cat + self.info_cont
+        return self.z_dim + self.info_cat + self.info_cont + (TWIN_DIM if self.noisy_twins > 0 else 0)
 
     @classmethod
     def from_config(cls, cfg) -> "GANSpec":
@@ -110,6 +116,10 @@ class GANSpec:
         check_range("model.gsr_weight", spec.gsr_weight, 0)
         check_range("model.gsr_groups", spec.gsr_groups, 1)
         check_range("model.class_from", spec.class_from, 0)
+        check_range("model.noisy_twins", spec.noisy_twins, 0)
+        check_range("model.twin_sigma", spec.twin_sigma, 0)
+        if spec.noisy_twins > 0:
+            _check_noisy_twins(spec)
         if 0 < spec.class_from <= 4:
             raise SettingsError(f"model.class_from={spec.class_from}: the generators start at 4 px, so this changes "
                                 "nothing; give 0 (every layer conditional) or a resolution above 4, e.g. 16")
@@ -129,6 +139,18 @@ class GANSpec:
         if spec.spectral_norm and spec.clip > 0:
             raise SettingsError(f"{spec.name}: spectral_norm already bounds the critic; drop clip (weight clipping)")
         return spec
+
+
+def _check_noisy_twins(spec: GANSpec) -> None:
+    if spec.generator not in TWIN_GENERATORS:
+        raise SettingsError(f"{spec.name}: noisy_twins needs a generator with the class-embedding mapping "
+                            f"({', '.join(TWIN_GENERATORS)}), not {spec.generator!r}; e.g. model=cellgan")
+    if spec.mode_seeking > 0:
+        raise SettingsError(f"{spec.name}: noisy_twins and mode_seeking pair the generator's batch differently "
+                            "(same noise vs same class); set one of them to 0")
+    if spec.class_from:
+        raise SettingsError(f"{spec.name}: noisy_twins puts the class at the generator's input, class_from="
+                            f"{spec.class_from} keeps it out; set one of them to 0")
 
 
 def optimiser_lr(optim: dict, net: str) -> float:
