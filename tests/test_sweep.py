@@ -196,6 +196,9 @@ def test_the_lever_study_trains_variants_of_one_model_and_names_their_sets(tmp_p
     (["generate.overrides=['count=5']"], "generate.overrides: 'count=5' sets count"),
     (["generate.overrides=['per_class=5']"], "generate.overrides: 'per_class=5' sets per_class"),
     (["+generate.variants.z={gan: cellgan, overrides: ['out=/tmp/x']}"], "generate.variants.z.overrides: 'out=/tmp/x'"),
+    (["classify.overrides=['seed=4']"], "classify.overrides: 'seed=4' sets seed.*classify.seeds"),
+    (["classify.overrides=['regime=original']"], "classify.overrides: 'regime=original' sets regime"),
+    (["evaluate.overrides=['metrics=[fid]']"], "evaluate.overrides: 'metrics=[fid]' sets metrics.*evaluate.metrics"),
 ])
 def test_bad_lever_settings_fail_naming_the_key(overrides, message):
     with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace("[", r"\[")):

@@ -213,6 +213,7 @@ class EvaluateStage:
                 raise SettingsError(f"evaluate.metrics: {e}") from None
         if self.n_per_class is not None:
             check_range("evaluate.n_per_class", self.n_per_class, 1)
+        check_study_keys("evaluate.overrides", self.overrides, "evaluate")
 
 
 @dataclass
@@ -230,6 +231,7 @@ class ClassifyGrid:
     on_rival: list[str] = field(default_factory=list)   # regimes run over the winner's recipe (axes they set win)
 
     def __post_init__(self) -> None:
+        check_study_keys("classify.overrides", self.overrides, "classify")
         if self.enabled:
             from hpcgan.classify.archs import get_arch
             from hpcgan.classify.regimes import get_regime
@@ -354,7 +356,16 @@ STUDY_KEYS = {"gan": {"shards": "data.shards or data.sources", "run_dir": _WHERE
                       "scarce": "data.scarce", "scarce_seed": "gan.seeds (the cut follows the seed)"},
               "generate": {"run": _WHERE, "out": _WHERE, "shards": "data.shards or data.sources",
                            "per_class": "generate.per_class", "balance": "generate.balance",
-                           "count": "generate.per_class"}}
+                           "count": "generate.per_class"},
+              "evaluate": {"run": _WHERE, "shards": "data.shards or data.sources", "features": "evaluate.features",
+                           "metrics": "evaluate.metrics", "n_per_class": "evaluate.n_per_class",
+                           "feature_file": _WHERE, "cache_dir": _WHERE, "tag": "a gan.variants name"},
+              "classify": {"shards": "data.shards or data.sources", "out": _WHERE, "arch": "classify.archs",
+                           "regime": "classify.regimes (or classify.on_rival)", "seed": "classify.seeds",
+                           "synthetic": "generate.models", "synthetic_name": "generate.variants",
+                           "tag": "classify.rival_search, classify.full or classify.on_rival",
+                           "recipe_from": "classify.rival_search", "scarce": "data.scarce",
+                           "scarce_seed": "gan.seeds (the cut follows the seed)"}}
 
 
 def check_study_keys(key: str, overrides: list[str], stage: str) -> None:
