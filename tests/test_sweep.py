@@ -258,6 +258,24 @@ def test_hydra_values_and_torchrun_commands():
     assert cmd[-3:] == ["-m", "hpcgan.train", "steps=3"]
 
 
+def test_a_cut_of_classes_with_spaces_reaches_the_commands_as_hydra_reads_it(tmp_path):
+    """Hydra has no quoted dict keys: a cut class with a space (or : , brackets) is written escaped, and the
+    override the GAN and classifier commands get parses back to the study's cut."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    parse = OverridesParser.create().parse_override
+    cut = {"immature granulocyte": 20, "a:b,c(d)": 3, "basophil": 1}
+    assert hydra_value(cut) == r"{immature\ granulocyte:20,a\:b\,c\(d\):3,basophil:1}"
+    assert parse("scarce=" + hydra_value(cut)).value() == cut
+    with pytest.raises(ValueError, match="rename it"):
+        hydra_value({"it's": 1})
+    s = load_study("scarcity", ["data.scarce={immature granulocyte: 20, smudge cell: 10}"])
+    tasks = expand(s, tmp_path)
+    for stage in ("train", "classify"):
+        argv = next(t.argv for t in tasks if t.stage == stage)
+        scarce = next(a for a in argv if a.startswith("scarce="))
+        assert parse(scarce).value() == {"immature granulocyte": 20, "smudge cell": 10}
+
+
 def test_dependencies_wait_on_exactly_the_upstream_tasks():
     def t(name, *deps):
         return {"name": name, "deps": list(deps)}

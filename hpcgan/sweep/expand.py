@@ -33,14 +33,29 @@ class Task:
 
 
 _SAFE = re.compile(r"[A-Za-z0-9_+.@%~/-]+")
+_KEY_PLAIN = re.compile(r"[A-Za-z0-9_/+.$%*@?|-]")   # what Hydra's grammar takes unescaped in a dict key
+_KEY_ESCAPED = set("()[]{}:=,\\ \t")                # ... and what it takes after a backslash
+
+
+def hydra_key(k: Any) -> str:
+    """A dict key as a Hydra override writes it. Hydra's grammar has no quoted keys, so the characters it
+    allows are written as they are and its escapable ones (space, brackets, : = ,) after a backslash:
+    {immature\\ granulocyte:20} reads as {'immature granulocyte': 20}."""
+    out = []
+    for c in str(k):
+        if not (_KEY_PLAIN.fullmatch(c) or c in _KEY_ESCAPED):
+            raise ValueError(f"{k!r} cannot be a key of a Hydra override (the character {c!r}): rename it")
+        out.append(c if _KEY_PLAIN.fullmatch(c) else "\\" + c)
+    return "".join(out)
 
 
 def hydra_value(v: Any) -> str:
-    """A value as a Hydra override writes it: plain when safe, a list as [a,b], else single-quoted."""
+    """A value as a Hydra override writes it: plain when safe, a list as [a,b], a dict's keys by hydra_key,
+    else single-quoted."""
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(hydra_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ",".join(f"{hydra_value(k)}:{hydra_value(x)}" for k, x in v.items()) + "}"
+        return "{" + ",".join(f"{hydra_key(k)}:{hydra_value(x)}" for k, x in v.items()) + "}"
     if isinstance(v, bool):
         return str(v).lower()
     s = str(v)
