@@ -44,6 +44,8 @@ def sample_latent(spec, n: int, gen: torch.Generator, *, num_classes: int | None
     """
     if pairs and twins:
         raise ValueError("sample_latent: pairs (mode seeking) and twins (NoisyTwins) exclude each other")
+    if twins and (y is not None or cat is not None):
+        raise ValueError("sample_latent: twins draw their labels and codes themselves (one per pair); give no y or cat")
     if (pairs or twins) and n % 2:
         what = "model.mode_seeking" if pairs else "model.noisy_twins"
         raise ValueError(f"paired latents ({what} > 0) need an even batch per rank, got {n}: set an even batch_size")

@@ -844,13 +844,21 @@ def _resolved(shards) -> str | list[str]:
 
 
 _MUST_MATCH = ("name", "generator", "critic", "conditional", "critic_condition", "z_dim", "width", "class_from",
-               "info_cat", "info_cont", "critic_norm", "ac_twin", "spectral_norm")
+               "info_cat", "info_cont", "critic_norm", "ac_twin", "spectral_norm", "twin_sigma")
+
+
+def _architecture(model: dict) -> dict:
+    """What a checkpoint's weights are of: the spec keys that shape them (a key newer than the checkpoint: its
+    default), and whether NoisyTwins' mapping is there (its weight may change, its presence may not)."""
+    defaults = field_defaults(GANSpec)
+    arch = {f"model.{k}": model.get(k, defaults.get(k)) for k in _MUST_MATCH}
+    arch["model.noisy_twins > 0"] = float(model.get("noisy_twins", defaults["noisy_twins"])) > 0
+    return arch
 
 
 def _check_compatible(saved: dict, now: dict, run_dir: Path) -> None:
-    defaults = field_defaults(GANSpec)   # a key newer than the checkpoint: its default
-    old, new = ({k: m.get(k, defaults.get(k)) for k in _MUST_MATCH} for m in (saved["model"], now["model"]))
-    diffs = [f"model.{k}: {old[k]!r} -> {new[k]!r}" for k in _MUST_MATCH if old[k] != new[k]]
+    old, new = _architecture(saved["model"]), _architecture(now["model"])
+    diffs = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]
     diffs += [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in ("classes", "image_size", "scarce", "scarce_seed")
               if saved.get(k) != now.get(k)]
     if diffs:

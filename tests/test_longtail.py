@@ -17,7 +17,7 @@ from hpcgan.models.twins import TWIN_DIM, class_noise_mapping, fit_class_noise
 from hpcgan.objectives import GANObjective, barlow_twins_loss, gsr_penalty
 from hpcgan.settings import SettingsError
 
-from test_train import ENV, assert_same_weights, cli, shards, status  # noqa: F401  (the shards fixture)
+from test_train import ENV, assert_same_weights, cli, shards_with_an_empty_class, status  # noqa: F401  (fixture)
 
 
 def test_gsr_penalty_known_answer():
@@ -81,8 +81,9 @@ def test_noisy_twins_noise_scales_with_the_effective_number_of_images():
     with pytest.raises(ValueError, match="one count per class"):
         fit_class_noise(G, [300, 20])
     G.eval()
-    lat = sample_latent(twins_spec(), 4, torch.Generator().manual_seed(0), y=torch.tensor([2, 0, 2, 0]), twins=True)
-    x = G(lat.z, lat.y)
+    z = torch.randn(2, 16 + TWIN_DIM).repeat(2, 1)
+    z[2:, 16:] = torch.randn(2, TWIN_DIM)           # twins: the same noise and class, other embedding noise
+    x = G(z, torch.tensor([2, 0, 2, 0]))
     assert torch.equal(x[0], x[2]) and not torch.allclose(x[1], x[3])
 
 
@@ -99,18 +100,27 @@ def test_twin_latents_share_noise_and_class_and_append_the_embedding_noise():
     assert torch.equal(alone.z[:, :128], plain.z) and torch.equal(alone.y, plain.y)
     with pytest.raises(ValueError, match="even batch"):
         sample_latent(spec, 5, torch.Generator(), num_classes=5, twins=True)
+    with pytest.raises(ValueError, match="give no y"):
+        sample_latent(spec, 4, torch.Generator(), y=torch.tensor([0, 1, 2, 3]), twins=True)
 
 
-def test_noisy_twins_term_reaches_the_class_embedding():
+def test_noisy_twins_term_is_weighted_into_the_generator_loss_and_trains_the_mapping():
+    """The same step at weights 0.01 and 0.03 differs by exactly 0.02 x the Barlow Twins term; the term's
+    own gradient reaches the class embedding and the mapping, and nothing else of the generator."""
     spec = twins_spec()
     G, D = build_model(spec, 3, 32)
     lat = sample_latent(spec, 8, torch.Generator().manual_seed(0), num_classes=3, twins=True)
-    loss, stats = GANObjective(spec, 3).generator_loss(D, G(lat.z, lat.y), lat, torch.Generator(), G=G)
-    assert stats["twins"] > 0
-    alone = barlow_twins_loss(*class_noise_mapping(G)(lat.z, lat.y).chunk(2))
-    assert alone.item() == pytest.approx(stats["twins"].item(), rel=1e-5)
-    loss.backward()
-    assert class_noise_mapping(G).embed.weight.grad.abs().sum() > 0
+
+    def loss_at(weight):
+        s = dataclasses.replace(spec, noisy_twins=weight)
+        return GANObjective(s, 3).generator_loss(D, G(lat.z, lat.y), lat, torch.Generator().manual_seed(1), G=G)
+
+    (low, stats), (high, _) = loss_at(0.01), loss_at(0.03)
+    assert (high - low).item() == pytest.approx(0.02 * stats["twins"].item(), rel=1e-4) and stats["twins"] > 1
+    G.zero_grad()
+    barlow_twins_loss(*class_noise_mapping(G)(lat.z, lat.y).chunk(2)).backward()
+    grads = {n for n, p in G.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert "mapping.embed.weight" in grads and grads <= {n for n, _ in G.named_parameters() if n.startswith("mapping.")}
     with pytest.raises(ValueError, match="pass G"):
         GANObjective(spec, 3).generator_loss(D, G(lat.z, lat.y), lat, torch.Generator())
 
@@ -137,16 +147,23 @@ def test_long_tail_options_are_refused_where_they_cannot_act():
 @pytest.mark.slow
 @pytest.mark.parametrize("option, column", [("model.gsr_weight=0.5", "gsr"), ("model.class_from=16", None),
                                             ("model.noisy_twins=0.01", "twins")], ids=["gsr", "class_from", "noisy_twins"])
-def test_long_tail_option_under_torchrun_resumes_exactly(shards, tmp_path, option, column):  # noqa: F811
+def test_long_tail_option_under_torchrun_resumes_exactly(shards_with_an_empty_class, tmp_path, option,  # noqa: F811
+                                                        column):
+    shards = shards_with_an_empty_class   # classes a, b, c with 16 images each and d with none
     args = ["model=cellgan", "ckpt_every=2", "log_every=2", "sample_every=0", "ema=0.9", "balance_classes=true",
             option]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for rd, steps in ((straight, 6), (resumed, 2), (resumed, 6)):
         p = subprocess.run(cli(shards, rd, f"steps={steps}", *args, nproc=2), env=ENV, capture_output=True, text=True)
         assert p.returncode == 0, p.stderr[-3000:]
+        assert "differ between ranks" not in p.stderr
     assert status(resumed)["state"] == "finished"
     state = assert_same_weights(straight, resumed)
     assert state["step"] == 6
+    if option.startswith("model.noisy_twins"):
+        # sigma_c = 0.75 E(n_c) / E(16): the full noise for a, b, c, none for d (no images)
+        for key in ("G", "G_ema"):
+            assert state[key]["mapping.class_sigma"].tolist() == [0.75, 0.75, 0.75, 0.0]
     if column:  # the option's own stat, logged on every row
         import csv
         rows = list(csv.DictReader(open(straight / "log.csv")))
