@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -300,7 +301,8 @@ def rival_note(part: pd.DataFrame) -> str:
 
 
 def _cut_slug(cut) -> str:
-    return str(cut).replace(",", "_").replace("=", "")
+    """"immature granulocyte=20,monocyte=20" -> "immature_granulocyte20_monocyte20": a file name without spaces."""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", str(cut).replace(",", "_").replace("=", ""))
 
 
 def _px(size) -> str:

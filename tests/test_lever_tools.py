@@ -15,18 +15,43 @@ def test_lever_table_rows_and_mean_cut_recall(tmp_path):
         "checkpoint": {"path": str(run / "checkpoints" / "step-00001234.pt")},
         "curation": {"classes": {"monocyte": {"kept": 260, "drawn": 300}, "basophil": {"kept": 1, "drawn": 1}}}}))
     for name, synthetic, mono in (("plain", None, 0.5), ("gan", {"path": str(syn), "name": "g-long"}, 0.7)):
-        d = tmp_path / "cls" / name
-        d.mkdir(parents=True)
-        (d / "results.json").write_text(json.dumps({
-            "tag": name, "run_dir": str(d), "regime": {"name": "r"}, "synthetic": synthetic,
-            "metrics": {"balanced_accuracy": 0.8, "macro_f1": 0.75},
-            "per_class": {"recall": {"monocyte": mono, "eosinophil": 0.9}},
-            "rows": [{"steps_run": 1200}], "selection": {"best_step": 900}}))
-    out = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "lever_table.py"), str(tmp_path)],
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+        write_result(tmp_path, name, synthetic, {"monocyte": mono, "eosinophil": 0.9, "basophil": 0.1},
+                     {"monocyte": 20, "eosinophil": 20})
+    out = lever_table(tmp_path).stdout.splitlines()
+    assert out[0].startswith("| lever | set | regime | balanced acc. | macro-F1 | eosinophil recall | monocyte recall |")
     rows = {line.split(" | ")[0].strip("| "): line for line in out[2:]}
-    assert "| – | r | 0.800 | 0.750 | 0.50 | 0.90 | 0.700 | 1200 / 900 | – | – | – |" in rows["plain"]
-    assert "| g-long | r | 0.800 | 0.750 | 0.70 | 0.90 | 0.800 | 1200 / 900 | 1234 | 600 | mon 260/300 |" in rows["gan"]
+    assert "| – | r | 0.800 | 0.750 | 0.90 | 0.50 | 0.700 | 1200 / 900 | – | – | – |" in rows["plain"]
+    assert "| g-long | r | 0.800 | 0.750 | 0.90 | 0.70 | 0.800 | 1200 / 900 | 1234 | 600 | monocyte 260/300 |" in rows["gan"]
+
+
+def write_result(root, name, synthetic, recall, scarce):
+    d = root / "cls" / name
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps({
+        "tag": name, "run_dir": str(d), "regime": {"name": "r"}, "synthetic": synthetic,
+        "metrics": {"balanced_accuracy": 0.8, "macro_f1": 0.75}, "per_class": {"recall": recall},
+        "settings": {"scarce": scarce}, "rows": [{"steps_run": 1200}], "selection": {"best_step": 900}}))
+
+
+def lever_table(root, *args):
+    return subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "lever_table.py"), str(root), *args],
+                          capture_output=True, text=True)
+
+
+def test_lever_table_takes_the_runs_own_cut_and_marks_a_class_without_test_cells(tmp_path):
+    """Another cut (a class name with a space, one without test images: recall None) gets its own columns and
+    a mean over the scored classes; runs of different cuts need --cut."""
+    write_result(tmp_path, "a", None, {"monocyte": 0.5, "smudge cell": None, "immature granulocyte": 0.6},
+                 {"smudge cell": 10, "immature granulocyte": 20})
+    out = lever_table(tmp_path)
+    assert out.returncode == 0, out.stderr
+    head, _, line = out.stdout.splitlines()
+    assert "| immature granulocyte recall | smudge cell recall | mean cut recall |" in head
+    assert "| 0.60 | – | 0.600 |" in line
+    write_result(tmp_path, "b", None, {"monocyte": 0.5}, {"monocyte": 20})
+    other = lever_table(tmp_path)
+    assert other.returncode != 0 and "--cut" in other.stderr
+    assert "| 0.50 | 0.500 |" in lever_table(tmp_path, "--cut", "monocyte").stdout.splitlines()[-1]
 
 
 def _lever_sheet():
@@ -52,5 +77,9 @@ def test_lever_sheet_finds_a_studys_sets_of_one_seed_and_size_and_reads_the_cut(
     with pytest.raises(SystemExit, match="neither synthetic/"):
         ls.set_dirs(tmp_path, 0, 32, None)
     assert ls.parse_cut("monocyte=10,eosinophil=10") == {"monocyte": 10, "eosinophil": 10}
+    with pytest.raises(SystemExit, match="give --cut"):
+        ls.study_cut(tmp_path / "study")
+    (tmp_path / "study" / "study.json").write_text(json.dumps({"settings": {"data": {"scarce": {"smudge cell": 8}}}}))
+    assert ls.study_cut(tmp_path / "study") == {"smudge cell": 8}
     with pytest.raises(SystemExit, match="CLASS=N"):
         ls.parse_cut("monocyte")

@@ -224,3 +224,9 @@ def test_scarcity_rows_carry_the_fidelity_of_the_gan_that_fed_them(tmp_path):
     assert "class_accuracy_basophil_mean" not in t.columns
     md = (s / "report" / "scarcity_32px_monocyte20.md").read_text()
     assert "class_accuracy_monocyte" in md and "0.3 ± 0.14 (2)" in md
+
+
+def test_a_cut_class_with_a_space_gives_a_file_name_without_one():
+    from hpcgan.report import _cut_slug
+    assert _cut_slug("immature granulocyte=20,monocyte=20") == "immature_granulocyte20_monocyte20"
+    assert _cut_slug("eosinophil=20,monocyte=20") == "eosinophil20_monocyte20"   # the names docs already cite

@@ -199,6 +199,8 @@ def test_the_lever_study_trains_variants_of_one_model_and_names_their_sets(tmp_p
     (["classify.overrides=['seed=4']"], "classify.overrides: 'seed=4' sets seed.*classify.seeds"),
     (["classify.overrides=['regime=original']"], "classify.overrides: 'regime=original' sets regime"),
     (["evaluate.overrides=['metrics=[fid]']"], "evaluate.overrides: 'metrics=[fid]' sets metrics.*evaluate.metrics"),
+    (["data.scarce={Monocyte: 20}"], "data.scarce: unknown classes ['Monocyte'] .did you mean 'monocyte'"),
+    (["data.scarce={ig: 20}"], "unknown classes ['ig'].*'immature granulocyte'.*immature\\\\ granulocyte"),
 ])
 def test_bad_lever_settings_fail_naming_the_key(overrides, message):
     with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace("[", r"\[")):

@@ -5,7 +5,9 @@ a classifier's top-up takes first). OUT is a study folder (sets in OUT/synthetic
 study=levers) or a folder of the former tools/lever_screen.sh (OUT/syn/NAME).
 
     python tools/lever_sheet.py SHARDS OUT PNG [--sets cellgan,cellgan-curated,...] [--seed 0]
-                                [--cut monocyte=20,eosinophil=20]
+                                [--cut CLASS=N,CLASS=N]
+
+The cut defaults to the study's own (OUT/study.json's data.scarce).
 """
 from __future__ import annotations
 
@@ -13,9 +15,6 @@ import argparse
 from pathlib import Path
 
 import torch
-
-CUT = "monocyte=20,eosinophil=20"
-
 
 def parse_cut(text: str) -> dict[str, int]:
     """"monocyte=10,eosinophil=10" -> {"monocyte": 10, "eosinophil": 10}."""
@@ -26,6 +25,16 @@ def parse_cut(text: str) -> dict[str, int]:
             raise SystemExit(f"--cut {text!r}: give CLASS=N,CLASS=N")
         cut[name.strip()] = int(n)
     return cut
+
+
+def study_cut(out: Path) -> dict[str, int]:
+    """The study's data.scarce (OUT/study.json), for a folder without a --cut."""
+    import json
+    path = out / "study.json"
+    cut = (json.loads(path.read_text())["settings"]["data"].get("scarce") if path.is_file() else None)
+    if not cut:
+        raise SystemExit(f"{path} names no scarce cut (data.scarce): give --cut CLASS=N,CLASS=N")
+    return {str(k): int(v) for k, v in cut.items()}
 
 
 def set_dirs(out: Path, seed: int, size: int, names: list[str] | None) -> dict[str, Path]:
@@ -61,10 +70,11 @@ def main() -> None:
     ap.add_argument("png")
     ap.add_argument("--sets", default=None, help="synthetic set names (default: all of the seed and size)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cut", default=CUT, help="the scarce cut, CLASS=N,CLASS=N (the study's data.scarce)")
+    ap.add_argument("--cut", default=None, help="the scarce cut, CLASS=N,CLASS=N (default: the study's data.scarce)")
     ap.add_argument("--per-row", type=int, default=12)
     args = ap.parse_args()
-    man, cut = read_manifest(args.shards), parse_cut(args.cut)
+    man = read_manifest(args.shards)
+    cut = parse_cut(args.cut) if args.cut else study_cut(Path(args.out))
     classes = man["classes"]
     index, _ = cut_split(args.shards, "train", cut, args.seed)
     dirs = set_dirs(Path(args.out), args.seed, int(man["image_size"]), args.sets.split(",") if args.sets else None)

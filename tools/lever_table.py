@@ -2,7 +2,9 @@
 """The lever screen's table (a study folder, e.g. study=levers, or a folder of the former tools/lever_screen.sh):
 one row per classifier run under OUT/cls, with its GAN's budget and curation, as markdown on stdout.
 
-    python tools/lever_table.py OUT [--cut monocyte,eosinophil]
+    python tools/lever_table.py OUT [--cut CLASS,CLASS]
+
+The cut classes are those each run was trained with (its results.json's settings.scarce); --cut names others.
 
 Columns: the run's tag (a study's row, e.g. on_rival; the former script's lever) and synthetic set (a study's name
 for it: the GAN or its variant), the regime, balanced accuracy and macro-F1 on the real test split, recall of each
@@ -34,33 +36,49 @@ def gan_cells(result: dict, cut: list[str]) -> list[str]:
         with open(run / "log.csv", newline="") as f:
             seconds = float(list(csv.DictReader(f))[-1]["time"])
     curation = manifest.get("curation") or {}
-    kept = ", ".join(f"{c[:3]} {t['kept']}/{t['drawn']}" for c, t in curation.get("classes", {}).items() if c in cut)
+    kept = ", ".join(f"{c} {t['kept']}/{t['drawn']}" for c, t in curation.get("classes", {}).items() if c in cut)
     return [str(status.get("step", "?")), f"{seconds:.0f}" if isinstance(seconds, (int, float)) else "–", kept or "–"]
 
 
 def row(result: dict, cut: list[str]) -> list[str]:
     m, recall = result["metrics"], result["per_class"]["recall"]
-    cut_recall = [recall[c] for c in cut]
+    cut_recall = [recall.get(c) for c in cut]
+    scored = [r for r in cut_recall if r is not None]   # None: no test image of the class
     rows = result.get("rows") or [{}]
     syn_name = (result.get("synthetic") or {}).get("name") or "–"
     return [result.get("tag") or Path(result["run_dir"]).name, syn_name, result["regime"]["name"],
-            f"{m['balanced_accuracy']:.3f}", f"{m['macro_f1']:.3f}", *(f"{r:.2f}" for r in cut_recall),
-            f"{sum(cut_recall) / len(cut_recall):.3f}",
+            f"{m['balanced_accuracy']:.3f}", f"{m['macro_f1']:.3f}", *("–" if r is None else f"{r:.2f}" for r in cut_recall),
+            f"{sum(scored) / len(scored):.3f}" if scored else "–",
             f"{rows[0].get('steps_run', '?')} / {result['selection']['best_step']}", *gan_cells(result, cut)]
+
+
+def cut_of(results: list[dict], given: str | None) -> list[str]:
+    """The cut classes: --cut, else the one cut every run was trained with (settings.scarce)."""
+    if given:
+        return given.split(",")
+    cuts = {tuple(sorted(((r.get("settings") or {}).get("scarce") or {}))) for r in results}
+    if len(cuts) > 1:
+        raise SystemExit(f"the runs were trained with different cuts ({sorted(cuts)}): name one with --cut")
+    cut = list(cuts.pop()) if cuts else []
+    if not cut:
+        raise SystemExit("the runs record no scarce cut (settings.scarce): name the classes with --cut CLASS,CLASS")
+    return cut
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
-    ap.add_argument("--cut", default="monocyte,eosinophil")
+    ap.add_argument("--cut", default=None, help="CLASS,CLASS (default: the runs' own cut)")
     args = ap.parse_args()
-    cut = args.cut.split(",")
+    paths = sorted(Path(args.out, "cls").glob("*/results.json"), key=lambda p: p.stat().st_mtime)
+    results = [_json(p) for p in paths]
+    cut = cut_of(results, args.cut)
     head = ["lever", "set", "regime", "balanced acc.", "macro-F1", *(f"{c} recall" for c in cut), "mean cut recall",
             "classifier steps (run / best)", "GAN steps", "GAN s", "curation kept/drawn"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for path in sorted(Path(args.out, "cls").glob("*/results.json"), key=lambda p: p.stat().st_mtime):
-        print("| " + " | ".join(row(_json(path), cut)) + " |")
+    for result in results:
+        print("| " + " | ".join(row(result, cut)) + " |")
 
 
 if __name__ == "__main__":

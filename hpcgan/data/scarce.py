@@ -44,6 +44,30 @@ def cut_order(hashes: list[str], seed: int) -> np.ndarray:
     return np.array(sorted(range(len(hashes)), key=keys.__getitem__), dtype=np.int64)
 
 
+def unknown_classes(scarce: dict[str, int] | None, classes: list[str]) -> str | None:
+    """What is wrong with a cut naming classes that are not in `classes` (with the nearest name), or None."""
+    import difflib
+    unknown = sorted(set(scarce or {}) - set(classes), key=str)
+    if not unknown:
+        return None
+    near = difflib.get_close_matches(str(unknown[0]), list(classes), n=1, cutoff=0.5)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return f"scarce: unknown classes {unknown}{hint}; the classes are {list(classes)}"
+
+
+def check_cut_classes(scarce: dict[str, int], shards: str | Path | None = None) -> None:
+    """Refuse a cut naming a class that the shards (their manifest, when there) or else the taxonomy (what
+    tools/shard.py writes) do not have: before any work, with the nearest name."""
+    from hpcgan.data.taxonomy import Taxonomy
+    manifest = Path(shards) / "manifest.json" if shards else None
+    classes = (json.loads(manifest.read_text())["classes"] if manifest and manifest.is_file()
+               else Taxonomy.load().classes)
+    problem = unknown_classes(scarce, classes)
+    if problem:
+        raise ScarceError(f"{problem} (a class with a space on the command line: "
+                          r"scarce={immature\ granulocyte: 20})")
+
+
 def scarce_keep(labels: np.ndarray, hashes: list[str], classes: list[str], scarce: dict[str, int] | None,
                 seed: int) -> tuple[np.ndarray, dict]:
     """(positions kept, in file order; the cut record) of a split with `labels` and content `hashes`."""
@@ -52,9 +76,9 @@ def scarce_keep(labels: np.ndarray, hashes: list[str], classes: list[str], scarc
         raise ScarceError(f"{len(hashes)} content hashes for {len(labels)} samples: the shard set is inconsistent")
     if not scarce:
         return np.arange(len(labels)), {}
-    unknown = sorted(set(scarce) - set(classes))
-    if unknown:
-        raise ScarceError(f"scarce: unknown classes {unknown}; the classes are {classes}")
+    problem = unknown_classes(scarce, classes)
+    if problem:
+        raise ScarceError(problem)
     drop, record = [], {"seed": int(seed), "classes": {}}
     for name, n in scarce.items():
         members = np.nonzero(labels == classes.index(name))[0]

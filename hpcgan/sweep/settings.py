@@ -89,6 +89,12 @@ class DataSettings:
     def __post_init__(self) -> None:
         for name, n in (self.scarce or {}).items():
             check_range(f"data.scarce.{name}", n, 1)
+        if self.scarce:   # a misspelt class fails here, not at the study's first GAN
+            from hpcgan.data.scarce import ScarceError, check_cut_classes
+            try:
+                check_cut_classes(self.scarce, self.shards if isinstance(self.shards, str) else None)
+            except ScarceError as e:
+                raise SettingsError(f"data.{e}") from None
         if self.shards is not None and not isinstance(self.shards, (str, dict)):
             raise SettingsError(f"data.shards={self.shards!r}: a shard directory, or {{size: directory}}")
         if self.sources is not None:
@@ -348,24 +354,19 @@ def _check_grid(prefix: str, **lists) -> None:
 
 
 # Keys the study writes into every command itself (expand.py), each with where a study sets it: an override of one
-# would be silently replaced, or give a run the study cannot find, so it is refused when the study is read.
-# (progress= is left free: it only shows a bar in the task's log.)
-_WHERE = "the study's out= folder"
-STUDY_KEYS = {"gan": {"shards": "data.shards or data.sources", "run_dir": _WHERE, "seed": "gan.seeds",
-                      "model": "a gan.variants entry {model: SPEC, overrides: [...]}",
-                      "scarce": "data.scarce", "scarce_seed": "gan.seeds (the cut follows the seed)"},
-              "generate": {"run": _WHERE, "out": _WHERE, "shards": "data.shards or data.sources",
-                           "per_class": "generate.per_class", "balance": "generate.balance",
-                           "count": "generate.per_class"},
-              "evaluate": {"run": _WHERE, "shards": "data.shards or data.sources", "features": "evaluate.features",
-                           "metrics": "evaluate.metrics", "n_per_class": "evaluate.n_per_class",
-                           "feature_file": _WHERE, "cache_dir": _WHERE, "tag": "a gan.variants name"},
-              "classify": {"shards": "data.shards or data.sources", "out": _WHERE, "arch": "classify.archs",
-                           "regime": "classify.regimes (or classify.on_rival)", "seed": "classify.seeds",
-                           "synthetic": "generate.models", "synthetic_name": "generate.variants",
-                           "tag": "classify.rival_search, classify.full or classify.on_rival",
-                           "recipe_from": "classify.rival_search", "scarce": "data.scarce",
-                           "scarce_seed": "gan.seeds (the cut follows the seed)"}}
+# would be silently replaced, or give a run the study cannot find: refused when the study is read (progress= is free).
+_WHERE, _DATA = "the study's out= folder", {"shards": "data.shards or data.sources"}
+_CUT = {"scarce": "data.scarce", "scarce_seed": "gan.seeds (the cut follows the seed)"}
+STUDY_KEYS = {
+    "gan": {**_DATA, **_CUT, "run_dir": _WHERE, "seed": "gan.seeds", "model": "a gan.variants entry {model: SPEC}"},
+    "generate": {**_DATA, "run": _WHERE, "out": _WHERE, "per_class": "generate.per_class",
+                 "balance": "generate.balance", "count": "generate.per_class"},
+    "evaluate": {**_DATA, "run": _WHERE, "feature_file": _WHERE, "cache_dir": _WHERE, "tag": "a gan.variants name",
+                 **{k: f"evaluate.{k}" for k in ("features", "metrics", "n_per_class")}},
+    "classify": {**_DATA, **_CUT, "out": _WHERE, "arch": "classify.archs", "seed": "classify.seeds",
+                 "regime": "classify.regimes (or classify.on_rival)", "synthetic": "generate.models",
+                 "synthetic_name": "generate.variants", "recipe_from": "classify.rival_search",
+                 "tag": "classify.rival_search, classify.full or classify.on_rival"}}
 
 
 def check_study_keys(key: str, overrides: list[str], stage: str) -> None:
