@@ -568,3 +568,20 @@ def test_bench_sweep_runs_no_op_tasks_and_reads_their_status(tmp_path):
     assert result["run"] == {**result["run"], "tasks": 12, "failed": 0}
     assert result["status"]["finished"] == 12 and result["relaunch"]["todo"] == 0
     assert result["files"]["per_task"] >= 2           # each task's state.json and output.log at least
+
+
+def test_a_top_up_larger_than_the_sets_is_refused_before_any_gan(tmp_path):
+    """levers' sets hold generate.per_class=300 of every class: on shards whose largest train class has 1,000
+    images the top-up of a class cut to 20 needs 980, refused when the study is read, not after the GANs."""
+    import json
+    classes = ["basophil", "eosinophil", "monocyte", "neutrophil"]
+    for name, largest in (("big", 1000), ("small", 280)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps(
+            {"classes": classes, "counts": {"train": {"basophil": 50, "eosinophil": 280, "monocyte": 280,
+                                                      "neutrophil": largest}}}))
+    with pytest.raises(SettingsError, match="up to 980 synthetic images.*per_class=980 or more"):
+        load_study("levers", [f"data.shards={tmp_path / 'big'}"])
+    assert load_study("levers", [f"data.shards={tmp_path / 'small'}"]).generate.per_class == 300
+    # without a top-up regime the per_class sets are enough
+    load_study("levers", [f"data.shards={tmp_path / 'big'}", "classify.on_rival=['original+synthetic synthetic_count=20']"])

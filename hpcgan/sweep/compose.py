@@ -3,6 +3,8 @@ overrides, into StudySettings (hpcgan.sweep.settings, whose schema checks it).
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Iterable
 
 from hpcgan import CONFIG_DIR
@@ -49,7 +51,32 @@ def load_study(name: str, overrides: Iterable[str] = ()) -> StudySettings:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:  # (a ??? in the study file: merged into the schema it would silently keep the default)
         raise SettingsError(f"study {name}: {', '.join(missing)} required: pass " + " ".join(f"{k}=..." for k in missing))
-    return parse(StudySettings, cfg)
+    study = parse(StudySettings, cfg)
+    _check_top_up(study)
+    return study
+
+
+def _check_top_up(s: StudySettings) -> None:
+    """Sets of generate.per_class images of every class cannot top a class up by more than that: refused here when
+    data.shards' manifest gives the train split's counts (else the classifiers find it, after the GANs)."""
+    from hpcgan.classify.regimes import get_regime
+    regimes = [get_regime(r) for r in [*s.classify.regimes, *s.classify.on_rival]]
+    if s.generate.per_class is None or not s.classify.enabled or not any(
+            r.reads_synthetic and r.synthetic_count == "topup" for r in regimes):
+        return
+    shards = s.data.shards
+    paths = (list(shards.values()) if isinstance(shards, dict) else
+             [str(shards).replace("{size}", str(z)) for z in s.gan.sizes] if shards else [])
+    for path in (Path(p) / "manifest.json" for p in paths):
+        if path.is_file():
+            counts = json.loads(path.read_text())["counts"]["train"]
+            real = {c: min(n, (s.data.scarce or {}).get(c, n)) for c, n in counts.items() if n > 0}
+            need = max(real.values()) - min(real.values())
+            if need > s.generate.per_class:
+                raise SettingsError(
+                    f"generate.per_class={s.generate.per_class}: a top-up regime needs up to {need} synthetic images "
+                    f"of a class ({path.parent}: largest train class {max(real.values())}, smallest after the cut "
+                    f"{min(real.values())}); set generate.per_class={need} or more")
 
 
 def _replace_or_remove(cfg, overrides: list[str]) -> None:
