@@ -29,7 +29,8 @@
   noisy_twins  NoisyTwins (Rangwani et al. 2023; hpcgan.models.twins): the generator's batch is drawn as twins
                (sample_latent(twins=True): same noise and class, independent class-embedding noise) and the
                generator loss adds noisy_twins * barlow_twins_loss(w of the first halves, w of the second): the
-               mapping's output stays the same across twins, its dimensions decorrelated over the batch
+               mapping's output stays the same across twins, its dimensions decorrelated over the batch (each
+               rank's own batch under DDP: NoisyTwins' code all-reduces the correlation matrix across GPUs)
 Stats (detached tensors, averaged and logged by the loop): d_loss, g_loss, gp (GP and R1), wdist (E[D(real)] -
 E[D(fake)]), ac_acc_real / ac_acc_fake (the auxiliary classifier's accuracy on real and on generated
 images, the paper's Figs. 7-8), info_loss, ms_ratio (mode seeking's image/noise distance ratio), gsr (the gSR
