@@ -219,7 +219,7 @@ def scarcity_tables(cl: pd.DataFrame, size, ev: pd.DataFrame | None = None
                                                    SCARCITY, ["arch", "regime", "synthetic_from"], extra)
         if not wide.empty:
             wide.attrs["note"] = rival_note(part)
-            out[f"scarcity_{_px(size)}_{_cut_slug(cut)}"] = (wide, sources, by, metrics)
+            out[_unique(out, f"scarcity_{_px(size)}_{_cut_slug(cut)}", cut)] = (wide, sources, by, metrics)
     return out
 
 
@@ -232,7 +232,7 @@ def search_tables(search: pd.DataFrame, size) -> dict[str, tuple[pd.DataFrame, p
         if not wide.empty:
             if "macro_f1_mean" in wide:
                 wide = wide.sort_values("macro_f1_mean", ascending=False, kind="stable").reset_index(drop=True)
-            out[f"rival_search_{_px(size)}_{_cut_slug(cut)}"] = (wide, sources, by, metrics)
+            out[_unique(out, f"rival_search_{_px(size)}_{_cut_slug(cut)}", cut)] = (wide, sources, by, metrics)
     return out
 
 
@@ -303,6 +303,13 @@ def rival_note(part: pd.DataFrame) -> str:
 def _cut_slug(cut) -> str:
     """"immature granulocyte=20,monocyte=20" -> "immature_granulocyte20_monocyte20": a file name without spaces."""
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", str(cut).replace(",", "_").replace("=", ""))
+
+
+def _unique(tables: dict, name: str, cut) -> str:
+    """A table's file name, refused when another cut already took it (their slugs collide)."""
+    if name in tables:
+        raise ValueError(f"two scarce cuts give the report file name {name!r} (one of them {cut!r}): rename a class")
+    return name
 
 
 def _px(size) -> str:

@@ -48,6 +48,8 @@ def test_lever_table_takes_the_runs_own_cut_and_marks_a_class_without_test_cells
     head, _, line = out.stdout.splitlines()
     assert "| immature granulocyte recall | smudge cell recall | mean cut recall |" in head
     assert "| 0.60 | – | 0.600 |" in line
+    write_result(tmp_path, "full", None, {"smudge cell": 0.9, "immature granulocyte": 0.8}, None)  # uncut: its row
+    assert "| 0.80 | 0.90 | 0.850 |" in lever_table(tmp_path).stdout.splitlines()[-1]
     write_result(tmp_path, "b", None, {"monocyte": 0.5}, {"monocyte": 20})
     other = lever_table(tmp_path)
     assert other.returncode != 0 and "--cut" in other.stderr

@@ -199,6 +199,8 @@ def test_the_lever_study_trains_variants_of_one_model_and_names_their_sets(tmp_p
     (["classify.overrides=['seed=4']"], "classify.overrides: 'seed=4' sets seed.*classify.seeds"),
     (["classify.overrides=['regime=original']"], "classify.overrides: 'regime=original' sets regime"),
     (["evaluate.overrides=['metrics=[fid]']"], "evaluate.overrides: 'metrics=[fid]' sets metrics.*evaluate.metrics"),
+    (["classify.overrides=['synthetic_count=20']"], "sets synthetic_count.*original\\+synthetic synthetic_count=N"),
+    (["evaluate.overrides=['out=/tmp/e']"], "evaluate.overrides: 'out=/tmp/e' sets out"),
     (["data.scarce={Monocyte: 20}"], "data.scarce: unknown classes ['Monocyte'] .did you mean 'monocyte'"),
     (["data.scarce={ig: 20}"], "unknown classes ['ig'].*'immature granulocyte'.*immature\\\\ granulocyte"),
 ])
@@ -268,8 +270,10 @@ def test_a_cut_of_classes_with_spaces_reaches_the_commands_as_hydra_reads_it(tmp
     cut = {"immature granulocyte": 20, "a:b,c(d)": 3, "basophil": 1}
     assert hydra_value(cut) == r"{immature\ granulocyte:20,a\:b\,c\(d\):3,basophil:1}"
     assert parse("scarce=" + hydra_value(cut)).value() == cut
-    with pytest.raises(ValueError, match="rename it"):
-        hydra_value({"it's": 1})
+    for bad in ("it's", "10", "true", "null", "1e3", ""):   # unwritable, or read back as a number, bool or None
+        with pytest.raises(ValueError, match="rename it"):
+            hydra_value({bad: 1})
+    assert hydra_value({32: "/s"}) == "{32:/s}"                  # a non-string key that reads back as itself
     s = load_study("scarcity", ["data.scarce={immature granulocyte: 20, smudge cell: 10}"])
     tasks = expand(s, tmp_path)
     for stage in ("train", "classify"):
@@ -583,5 +587,19 @@ def test_a_top_up_larger_than_the_sets_is_refused_before_any_gan(tmp_path):
     with pytest.raises(SettingsError, match="up to 980 synthetic images.*per_class=980 or more"):
         load_study("levers", [f"data.shards={tmp_path / 'big'}"])
     assert load_study("levers", [f"data.shards={tmp_path / 'small'}"]).generate.per_class == 300
-    # without a top-up regime the per_class sets are enough
+    # without a top-up regime the per_class sets are enough (the synthetic-only regime tops nothing up)
     load_study("levers", [f"data.shards={tmp_path / 'big'}", "classify.on_rival=['original+synthetic synthetic_count=20']"])
+    load_study("levers", [f"data.shards={tmp_path / 'big'}", "classify.on_rival=[synthetic]"])
+
+
+def test_the_cut_classes_are_checked_against_the_shards_own_classes(tmp_path):
+    """A shard set of other classes (its manifest, also as {size: dir}) is what a cut names; the taxonomy's
+    classes are then not enough."""
+    import json
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(
+        {"classes": ["blast", "other"], "counts": {"train": {"blast": 40, "other": 40}}}))
+    for shards in (str(tmp_path / "s"), "{32: " + str(tmp_path / "s") + "}"):
+        assert load_study("levers", [f"data.shards={shards}", "data.scarce={blast: 20}"]).data.scarce == {"blast": 20}
+        with pytest.raises(SettingsError, match=r"unknown classes \['monocyte'\]"):
+            load_study("levers", [f"data.shards={shards}", "data.scarce={monocyte: 20}"])

@@ -53,10 +53,11 @@ def row(result: dict, cut: list[str]) -> list[str]:
 
 
 def cut_of(results: list[dict], given: str | None) -> list[str]:
-    """The cut classes: --cut, else the one cut every run was trained with (settings.scarce)."""
+    """The cut classes: --cut, else the one cut every run with a cut was trained with (settings.scarce; a study's
+    uncut `full` run has none)."""
     if given:
         return given.split(",")
-    cuts = {tuple(sorted(((r.get("settings") or {}).get("scarce") or {}))) for r in results}
+    cuts = {tuple(sorted(((r.get("settings") or {}).get("scarce") or {}))) for r in results} - {()}
     if len(cuts) > 1:
         raise SystemExit(f"the runs were trained with different cuts ({sorted(cuts)}): name one with --cut")
     cut = list(cuts.pop()) if cuts else []

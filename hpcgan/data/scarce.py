@@ -55,19 +55,6 @@ def unknown_classes(scarce: dict[str, int] | None, classes: list[str]) -> str | 
     return f"scarce: unknown classes {unknown}{hint}; the classes are {list(classes)}"
 
 
-def check_cut_classes(scarce: dict[str, int], shards: str | Path | None = None) -> None:
-    """Refuse a cut naming a class that the shards (their manifest, when there) or else the taxonomy (what
-    tools/shard.py writes) do not have: before any work, with the nearest name."""
-    from hpcgan.data.taxonomy import Taxonomy
-    manifest = Path(shards) / "manifest.json" if shards else None
-    classes = (json.loads(manifest.read_text())["classes"] if manifest and manifest.is_file()
-               else Taxonomy.load().classes)
-    problem = unknown_classes(scarce, classes)
-    if problem:
-        raise ScarceError(f"{problem} (a class with a space on the command line: "
-                          r"scarce={immature\ granulocyte: 20})")
-
-
 def scarce_keep(labels: np.ndarray, hashes: list[str], classes: list[str], scarce: dict[str, int] | None,
                 seed: int) -> tuple[np.ndarray, dict]:
     """(positions kept, in file order; the cut record) of a split with `labels` and content `hashes`."""

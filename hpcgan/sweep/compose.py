@@ -52,31 +52,53 @@ def load_study(name: str, overrides: Iterable[str] = ()) -> StudySettings:
     if missing:  # (a ??? in the study file: merged into the schema it would silently keep the default)
         raise SettingsError(f"study {name}: {', '.join(missing)} required: pass " + " ".join(f"{k}=..." for k in missing))
     study = parse(StudySettings, cfg)
-    _check_top_up(study)
+    manifests = _manifests(study)
+    _check_cut_classes(study, manifests)
+    _check_top_up(study, manifests)
     return study
 
 
-def _check_top_up(s: StudySettings) -> None:
+def _manifests(s: StudySettings) -> list[tuple[Path, dict]]:
+    """(directory, manifest) of each of data.shards' shard sets that exists already."""
+    shards = s.data.shards
+    paths = (list(shards.values()) if isinstance(shards, dict) else
+             [str(shards).replace("{size}", str(z)) for z in s.gan.sizes] if shards else [])
+    return [(Path(p), json.loads((Path(p) / "manifest.json").read_text())) for p in paths
+            if (Path(p) / "manifest.json").is_file()]
+
+
+def _check_cut_classes(s: StudySettings, manifests) -> None:
+    """The cut's classes are the shards' (their manifest) or, before the shards exist, the taxonomy's that
+    tools/shard.py will use: a misspelt class fails here, not at the study's first GAN."""
+    from hpcgan.data.scarce import unknown_classes
+    from hpcgan.data.taxonomy import Taxonomy
+    if not s.data.scarce:
+        return
+    taxonomy = next((o.split("=", 1)[1] for o in s.data.shard if o.startswith("taxonomy=")), None)
+    classes = manifests[0][1]["classes"] if manifests else Taxonomy.load(taxonomy or None).classes
+    problem = unknown_classes(s.data.scarce, classes)
+    if problem:
+        raise SettingsError(f"data.{problem} (a class with a space on the command line: "
+                            r"data.scarce={immature\ granulocyte: 20})")
+
+
+def _check_top_up(s: StudySettings, manifests) -> None:
     """Sets of generate.per_class images of every class cannot top a class up by more than that: refused here when
     data.shards' manifest gives the train split's counts (else the classifiers find it, after the GANs)."""
     from hpcgan.classify.regimes import get_regime
     regimes = [get_regime(r) for r in [*s.classify.regimes, *s.classify.on_rival]]
     if s.generate.per_class is None or not s.classify.enabled or not any(
-            r.reads_synthetic and r.synthetic_count == "topup" for r in regimes):
+            r.data == "real+synthetic" and r.synthetic_count == "topup" for r in regimes):
         return
-    shards = s.data.shards
-    paths = (list(shards.values()) if isinstance(shards, dict) else
-             [str(shards).replace("{size}", str(z)) for z in s.gan.sizes] if shards else [])
-    for path in (Path(p) / "manifest.json" for p in paths):
-        if path.is_file():
-            counts = json.loads(path.read_text())["counts"]["train"]
-            real = {c: min(n, (s.data.scarce or {}).get(c, n)) for c, n in counts.items() if n > 0}
-            need = max(real.values()) - min(real.values())
-            if need > s.generate.per_class:
-                raise SettingsError(
-                    f"generate.per_class={s.generate.per_class}: a top-up regime needs up to {need} synthetic images "
-                    f"of a class ({path.parent}: largest train class {max(real.values())}, smallest after the cut "
-                    f"{min(real.values())}); set generate.per_class={need} or more")
+    for path, manifest in manifests:
+        counts = manifest["counts"]["train"]
+        real = {c: min(n, (s.data.scarce or {}).get(c, n)) for c, n in counts.items() if n > 0}
+        need = max(real.values()) - min(real.values())
+        if need > s.generate.per_class:
+            raise SettingsError(
+                f"generate.per_class={s.generate.per_class}: a top-up regime needs up to {need} synthetic images "
+                f"of a class ({path}: largest train class {max(real.values())}, smallest after the cut "
+                f"{min(real.values())}); set generate.per_class={need} or more")
 
 
 def _replace_or_remove(cfg, overrides: list[str]) -> None:

@@ -4,6 +4,7 @@ waits on.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,21 @@ def hydra_key(k: Any) -> str:
         if not (_KEY_PLAIN.fullmatch(c) or c in _KEY_ESCAPED):
             raise ValueError(f"{k!r} cannot be a key of a Hydra override (the character {c!r}): rename it")
         out.append(c if _KEY_PLAIN.fullmatch(c) else "\\" + c)
-    return "".join(out)
+    key = "".join(out)
+    try:   # Hydra reads a key such as 10, 1e3, true or null as a number, bool or None: refused too
+        same = list(_override_parser().parse_override(f"k={{{key}:0}}").value()) == [k]
+    except Exception:
+        same = False
+    if not same:
+        raise ValueError(f"{k!r} cannot be a key of a Hydra override (Hydra would not read it back as that "
+                         "string): rename it")
+    return key
+
+
+@functools.lru_cache(maxsize=1)
+def _override_parser():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    return OverridesParser.create()
 
 
 def hydra_value(v: Any) -> str:

@@ -89,12 +89,6 @@ class DataSettings:
     def __post_init__(self) -> None:
         for name, n in (self.scarce or {}).items():
             check_range(f"data.scarce.{name}", n, 1)
-        if self.scarce:   # a misspelt class fails here, not at the study's first GAN
-            from hpcgan.data.scarce import ScarceError, check_cut_classes
-            try:
-                check_cut_classes(self.scarce, self.shards if isinstance(self.shards, str) else None)
-            except ScarceError as e:
-                raise SettingsError(f"data.{e}") from None
         if self.shards is not None and not isinstance(self.shards, (str, dict)):
             raise SettingsError(f"data.shards={self.shards!r}: a shard directory, or {{size: directory}}")
         if self.sources is not None:
@@ -361,11 +355,13 @@ STUDY_KEYS = {
     "gan": {**_DATA, **_CUT, "run_dir": _WHERE, "seed": "gan.seeds", "model": "a gan.variants entry {model: SPEC}"},
     "generate": {**_DATA, "run": _WHERE, "out": _WHERE, "per_class": "generate.per_class",
                  "balance": "generate.balance", "count": "generate.per_class"},
-    "evaluate": {**_DATA, "run": _WHERE, "feature_file": _WHERE, "cache_dir": _WHERE, "tag": "a gan.variants name",
+    "evaluate": {**_DATA, **{k: _WHERE for k in ("run", "out", "results", "checkpoint", "fake", "feature_file",
+                                                  "cache_dir")}, "tag": "a gan.variants name",
                  **{k: f"evaluate.{k}" for k in ("features", "metrics", "n_per_class")}},
     "classify": {**_DATA, **_CUT, "out": _WHERE, "arch": "classify.archs", "seed": "classify.seeds",
                  "regime": "classify.regimes (or classify.on_rival)", "synthetic": "generate.models",
                  "synthetic_name": "generate.variants", "recipe_from": "classify.rival_search",
+                 "synthetic_count": "a regime's axis: 'original+synthetic synthetic_count=N' in classify.regimes",
                  "tag": "classify.rival_search, classify.full or classify.on_rival"}}
 
 
