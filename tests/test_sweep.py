@@ -603,3 +603,5 @@ def test_the_cut_classes_are_checked_against_the_shards_own_classes(tmp_path):
         assert load_study("levers", [f"data.shards={shards}", "data.scarce={blast: 20}"]).data.scarce == {"blast": 20}
         with pytest.raises(SettingsError, match=r"unknown classes \['monocyte'\]"):
             load_study("levers", [f"data.shards={shards}", "data.scarce={monocyte: 20}"])
+        with pytest.raises(SettingsError, match=r"more images than .*\{'blast': '41 > 40'\}"):
+            load_study("levers", [f"data.shards={shards}", "data.scarce={blast: 41}"])

@@ -80,6 +80,12 @@ def _check_cut_classes(s: StudySettings, manifests) -> None:
     if problem:
         raise SettingsError(f"data.{problem} (a class with a space on the command line: "
                             r"data.scarce={immature\ granulocyte: 20})")
+    for path, manifest in manifests:
+        have = manifest.get("counts", {}).get("train", {})
+        over = {c: f"{n} > {have.get(c, 0)}" for c, n in s.data.scarce.items() if n > have.get(c, 0)}
+        if over:
+            raise SettingsError(f"data.scarce cuts a class to more images than {path}'s train split has ({over}): "
+                                "give each at most its count")
 
 
 def _check_top_up(s: StudySettings, manifests) -> None:
