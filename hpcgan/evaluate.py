@@ -376,10 +376,8 @@ def generator_source(s: EvaluateSettings, real: ShardSplit, device: torch.device
     if s.weights == "init":  # the same architecture, untrained: what "no learning" scores
         from hpcgan.models.registry import build_model
         torch.manual_seed(s.seed)
-        G = build_model(spec, len(classes), image_size)[0]
-        if info.get("class_counts"):
-            from hpcgan.models.twins import fit_class_noise
-            fit_class_noise(G, [info["class_counts"].get(c, 0) for c in classes])
+        counts = info.get("class_counts")
+        G = build_model(spec, len(classes), image_size, counts and [counts.get(c, 0) for c in classes])[0]
         G = G.to(device).eval()
         info = {**info, "weights": "init", "step": 0}
     if classes != real.classes:

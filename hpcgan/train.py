@@ -66,7 +66,6 @@ from hpcgan.data.shards import NO_TRAINING_IMAGES, unseen_classes
 from hpcgan.gauges import CLASS_SIGNAL_ADVICE, DIVERSITY_COLUMNS, class_signal, grid_diversity
 from hpcgan.latent import sample_latent
 from hpcgan.models.registry import GANSpec, build_model, optimiser_lr
-from hpcgan.models.twins import fit_class_noise
 from hpcgan.objectives import STAT_KEYS, GANObjective
 from hpcgan.progress import Progress
 from hpcgan.rundir import EXIT_FAILED, EXIT_OK, LOG, CsvLog, read_status, write_config, write_json, write_status
@@ -309,9 +308,7 @@ class Trainer:
         self.obj = GANObjective(spec, num_classes, diffaug=diffaug, device_type=env.device.type,
                                 autocast_dtype=dtype)
         torch.manual_seed(seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-        G, D = build_model(spec, num_classes, image_size)
-        if class_counts is not None:
-            fit_class_noise(G, class_counts)
+        G, D = build_model(spec, num_classes, image_size, class_counts)
         G = G.to(env.device, memory_format=self.memory_format)
         D = D.to(env.device, memory_format=self.memory_format)
         self.G_ema = copy.deepcopy(G).eval().requires_grad_(False) if ema > 0 else None

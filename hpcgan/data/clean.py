@@ -133,6 +133,8 @@ def centre_square(img: Image.Image, crop: float = 1.0) -> Image.Image:
     cell)."""
     w, h = img.size
     s = max(1, round(min(w, h) * crop))
+    if s == w == h:   # already that square (clean_image's second call): no copy
+        return img
     left, top = (w - s) // 2, (h - s) // 2
     return img.crop((left, top, left + s, top + s))
 

@@ -27,7 +27,7 @@ from hpcgan import CONFIG_DIR
 from hpcgan.augment import parse_policy
 from hpcgan.images import check_image_size
 from hpcgan.models.builders import CRITICS, GENERATORS
-from hpcgan.models.twins import TWIN_DIM
+from hpcgan.models.twins import TWIN_DIM, fit_class_noise
 from hpcgan.settings import SettingsError, check_choice, check_range, parse
 
 MODEL_NAMES = ("wgan_gp_ac", "acgan", "wgan", "wgan_gp", "infogan", "wgan_gp_info", "dcgan", "cgan", "sngan_proj",
@@ -169,8 +169,11 @@ def load_spec(name: str) -> GANSpec:
     return GANSpec.from_config(yaml.safe_load(path.read_text()))
 
 
-def build_model(spec: GANSpec, num_classes: int, image_size: int) -> tuple[nn.Module, nn.Module]:
-    """(generator, critic) for a spec; image_size one of hpcgan.images.IMAGE_SIZES."""
+def build_model(spec: GANSpec, num_classes: int, image_size: int,
+                class_counts: list[int] | None = None) -> tuple[nn.Module, nn.Module]:
+    """(generator, critic) for a spec; image_size one of hpcgan.images.IMAGE_SIZES; class_counts: the training
+    images per class, which scale a NoisyTwins generator's class-embedding noise (hpcgan.models.twins; default:
+    the same noise for every class; a checkpoint's weights carry it)."""
     from hpcgan.models import architectures  # noqa: F401  (registers the builders)
     check_image_size(image_size)
     if spec.generator not in GENERATORS:
@@ -180,6 +183,8 @@ def build_model(spec: GANSpec, num_classes: int, image_size: int) -> tuple[nn.Mo
         raise ValueError(f"{spec.name}: unknown critic architecture {spec.critic!r}; "
                          f"known: {', '.join(sorted(CRITICS))}")
     generator = GENERATORS[spec.generator](spec, num_classes, image_size)
+    if class_counts is not None:
+        fit_class_noise(generator, class_counts)
     from hpcgan.models.blocks import ConditionalBatchNorm2d
     cbn_channels = [m.gain.weight.shape[1] for m in generator.modules() if isinstance(m, ConditionalBatchNorm2d)]
     if spec.gsr_weight > 0 and any(c % spec.gsr_groups for c in cbn_channels):
