@@ -291,13 +291,14 @@ class Trainer:
                  precision: str = "fp32", ema: float = 0.0, ema_rampup: float | None = TrainSettings.ema_rampup,
                  standing: tuple[int, int] = (TrainSettings.ema_standing_batches, TrainSettings.batch_size),
                  diffaug: str = "", channels_last: bool = False, labels: list[int] | None = None,
-                 class_counts: list[int] | None = None):
+                 class_counts: list[int] | None = None, pretrain=None):
         """ema: the EMA decay (0: no EMA generator); ema_rampup: see ema_beta; standing: (batches, batch size)
         of the EMA generator's standing statistics (see standing_stats); labels: the classes a conditional
         generator is trained to make (those with training images; default all): its fake labels are drawn
         uniformly from them, so no critic or generator step is spent on a class without a real image;
         class_counts: the training images per class, which scale a NoisyTwins generator's class-embedding noise
-        (hpcgan.models.twins; default: the same noise for every class)."""
+        (hpcgan.models.twins; default: the same noise for every class); pretrain: called as pretrain(G, D) on the
+        fresh networks, before the EMA copy and the DDP wrappers (BAGAN's autoencoder, TrainingRun.autoencoder_init)."""
         self.spec, self.env, self.seed = spec, env, seed
         # NHWC: what tensor-core convs (cuDNN) and oneDNN want; NCHW makes them transpose around every conv.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -311,6 +312,8 @@ class Trainer:
         G, D = build_model(spec, num_classes, image_size, class_counts)
         G = G.to(env.device, memory_format=self.memory_format)
         D = D.to(env.device, memory_format=self.memory_format)
+        if pretrain is not None:
+            pretrain(G, D)
         self.G_ema = copy.deepcopy(G).eval().requires_grad_(False) if ema > 0 else None
         self.ema_decay, self.ema_rampup, self.standing = ema, ema_rampup, standing
         self.ema_standing = False  # whether G_ema's BatchNorm statistics are its own weights' (see ema_generator)
@@ -579,11 +582,14 @@ class TrainingRun:
         except ScarceError as e:
             raise SettingsError(str(e)) from None
 
-    def loader(self, epoch: int, skip: int = 0):
+    def loader(self, epoch: int, skip: int = 0, balance: bool | None = None):
+        """One epoch of the training samples for this rank; balance: class-balanced draws (default: the
+        balance_classes setting)."""
         from hpcgan.data.loader import make_loader
         s, env = self.s, self.env
+        balance = s.balance_classes if balance is None else balance
         return make_loader(self.shards, s.split, s.batch_size, env.rank, env.world_size, seed=s.seed, epoch=epoch,
-                           shuffle=True, flip=s.flip, balance_classes=s.balance_classes, backend=s.backend,
+                           shuffle=True, flip=s.flip, balance_classes=balance, backend=s.backend,
                            device=env.device.type, num_threads=s.num_threads, skip_batches=skip, index=self.index)
 
     # ---- resume: the newest valid checkpoint, if any, on every rank
@@ -614,13 +620,15 @@ class TrainingRun:
 
     def resume(self, ckpt: dict | None) -> None:
         s = self.s
+        self.ae_seconds = 0.0
+        pretrain = self.autoencoder_init if ckpt is None and self.spec.ae_init > 0 else None
         self.trainer = Trainer(self.spec, len(self.classes), self.image_size, self.env, seed=s.seed,
                                precision=s.precision, ema=s.ema, ema_rampup=s.ema_rampup,
                                standing=(s.ema_standing_batches, s.batch_size), diffaug=s.diffaug or (),
                                channels_last=s.channels_last,
                                labels=[i for i, c in enumerate(self.classes) if self.class_counts[c] > 0],
-                               class_counts=[self.class_counts[c] for c in self.classes])
-        self.epoch, self.in_epoch, self.train_seconds = 0, 0, 0.0
+                               class_counts=[self.class_counts[c] for c in self.classes], pretrain=pretrain)
+        self.epoch, self.in_epoch, self.train_seconds = 0, 0, self.ae_seconds
         if ckpt is None:
             return
         self.trainer.load_state_dict(ckpt)
@@ -635,6 +643,26 @@ class TrainingRun:
             self.in_epoch = 0
         logger.info("resuming from %s (step %d, epoch %d, batch %d)", self.ckpt_path, self.step, self.epoch,
                     self.in_epoch)
+
+    def autoencoder_init(self, G: nn.Module, D: nn.Module) -> None:
+        """BAGAN (model.ae_init; hpcgan.models.bagan) on a fresh run: the autoencoder on the training images at
+        their natural rate (epochs of the unbalanced order), then the latent prior from one pass; its record in
+        ae_init.json. Its time counts against time_budget_s; a resumed run has it in its checkpoint."""
+        from hpcgan.models.bagan import autoencoder_init
+
+        def epochs():
+            epoch = 0
+            while True:
+                yield from self.loader(epoch, balance=False)
+                epoch += 1
+        record = autoencoder_init(G, D, epochs(), self.loader(0, balance=False), self.spec.ae_init, self.env)
+        self.ae_seconds = record["seconds"]
+        logger.info("BAGAN autoencoder: %d steps, reconstruction MSE %.4f -> %.4f, prior from %d codes, %.1f s",
+                    record["steps"], record["mse_first"], record["mse_last"], record["codes_fitted"],
+                    record["seconds"])
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.run_dir / "ae_init.json", record)
 
     def open_outputs(self) -> None:
         s, run_dir = self.s, self.run_dir
@@ -846,10 +874,12 @@ _MUST_MATCH = ("name", "generator", "critic", "conditional", "critic_condition",
 
 def _architecture(model: dict) -> dict:
     """What a checkpoint's weights are of: the spec keys that shape them (a key newer than the checkpoint: its
-    default), and whether NoisyTwins' mapping is there (its weight may change, its presence may not)."""
+    default), and whether NoisyTwins' mapping and BAGAN's prior are there (their weight and steps may change, their
+    presence may not)."""
     defaults = field_defaults(GANSpec)
     arch = {f"model.{k}": model.get(k, defaults.get(k)) for k in _MUST_MATCH}
     arch["model.noisy_twins > 0"] = float(model.get("noisy_twins", defaults["noisy_twins"])) > 0
+    arch["model.ae_init > 0"] = int(model.get("ae_init", defaults["ae_init"])) > 0
     return arch
 
 

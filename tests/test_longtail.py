@@ -1,6 +1,6 @@
 """Long-tail options of the class-conditional generators (issue 20): group spectral regularisation (gSR,
 model.gsr_weight), class conditioning only from a resolution up (model.class_from, UTLO's generator half) and
-NoisyTwins (model.noisy_twins); known answers, and each under torchrun on 2 ranks with a bit-exact resume like
+NoisyTwins (model.noisy_twins) and BAGAN's autoencoder initialisation (model.ae_init); known answers, and each under torchrun on 2 ranks with a bit-exact resume like
 every model."""
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import torch
 
 from hpcgan.models.blocks import ConditionalBatchNorm2d, PlainBatchNorm2d
 from hpcgan.latent import sample_latent
+from hpcgan.dist import DistEnv
+from hpcgan.models.bagan import LatentPrior, PriorGenerator, autoencoder_init
 from hpcgan.models.registry import GANSpec, build_model, load_spec
 from hpcgan.models.twins import TWIN_DIM, class_noise_mapping, fit_class_noise
 from hpcgan.objectives import GANObjective, barlow_twins_loss, gsr_penalty
@@ -142,11 +144,57 @@ def test_long_tail_options_are_refused_where_they_cannot_act():
         twins_spec(mode_seeking=1.0)
     with pytest.raises(SettingsError, match="class_from"):
         twins_spec(class_from=16)
+    for model, change, match in (("dcgan", {}, "conditional generator"), ("cellgan", {"info_cont": 2}, "InfoGAN codes"),
+                                 ("cellgan", {"noisy_twins": 0.01}, "NoisyTwins")):
+        with pytest.raises(SettingsError, match=match):
+            GANSpec.from_config({**dataclasses.asdict(load_spec(model)), **change, "ae_init": 10})
+
+
+def test_bagan_prior_known_answer():
+    """Class 0's codes (1, 0), (3, 0); class 1's (0, 2), (0, 4); class 2 none: means (2, 0), (0, 3) and, for the
+    class without codes, the mean of all (1, 1.5); the within-class scatter pooled over 4 - 2 degrees of freedom
+    is the identity."""
+    codes = torch.tensor([[1., 0.], [3., 0.], [0., 2.], [0., 4.]])
+    y = torch.tensor([0, 0, 1, 1])
+    prior = LatentPrior(3, 2)
+    assert torch.equal(prior(codes, y), codes)                  # unfitted: the identity
+    prior.fit(torch.zeros(3, 2).index_add_(0, y, codes), torch.bincount(y, minlength=3), codes.T @ codes)
+    assert torch.allclose(prior.mean, torch.tensor([[2., 0.], [0., 3.], [1., 1.5]]))
+    assert torch.allclose(prior.scale_tril, torch.eye(2) * (1 + 1e-4) ** 0.5)
+    out = prior(torch.tensor([[1., -1.], [0., 0.]]), torch.tensor([1, 2]))
+    assert torch.allclose(out, torch.tensor([[1., 2.], [1., 1.5]]), atol=1e-4)
+    with pytest.raises(ValueError, match="more codes than classes"):
+        prior.fit(codes[:2], torch.tensor([1, 1, 0]), codes.T @ codes)
+
+
+def test_bagan_autoencoder_reconstructs_and_leaves_a_prior_per_class():
+    """On images of three flat colours the autoencoder's error falls, every class's codes are fitted, and the
+    prior moves each class's latents to its own mean: the generator's classes start apart."""
+    torch.manual_seed(0)
+    spec = dataclasses.replace(load_spec("cellgan"), width=8, ae_init=40)
+    G, D = build_model(spec, 3, 32)
+    assert isinstance(G, PriorGenerator)
+    colours = torch.tensor([[-0.8, -0.8, 0.6], [0.6, -0.2, -0.8], [0.2, 0.8, 0.2]])
+
+    def batch(k):
+        y = torch.arange(12) % 3
+        return colours[y][:, :, None, None] + 0.05 * torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(k)), y
+    endless = (batch(k) for k in range(10 ** 6))
+    record = autoencoder_init(G, D, endless, [batch(-1), batch(-2)], spec.ae_init, DistEnv())
+    assert record["steps"] == 40 and record["codes_fitted"] == 24
+    assert record["mse_last"] < 0.3 * record["mse_first"]
+    means = G.prior.mean
+    assert torch.cdist(means, means).add(torch.eye(3) * 1e9).min() > 0   # three distinct class means
+    with torch.no_grad():   # four latents per class at its mean code (batch statistics, as in training)
+        made = G(torch.zeros(12, spec.latent_dim), torch.arange(12) % 3).mean(dim=(2, 3))
+    nearest = torch.cdist(made, colours).argmin(dim=1)
+    assert nearest.tolist() == (torch.arange(12) % 3).tolist()   # each class's colour already, before any GAN step
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("option, column", [("model.gsr_weight=0.5", "gsr"), ("model.class_from=16", None),
-                                            ("model.noisy_twins=0.01", "twins")], ids=["gsr", "class_from", "noisy_twins"])
+                                            ("model.noisy_twins=0.01", "twins"), ("model.ae_init=3", None)],
+                         ids=["gsr", "class_from", "noisy_twins", "ae_init"])
 def test_long_tail_option_under_torchrun_resumes_exactly(shards_with_an_empty_class, tmp_path, option,  # noqa: F811
                                                         column):
     shards = shards_with_an_empty_class   # classes a, b, c with 16 images each and d with none
@@ -164,6 +212,14 @@ def test_long_tail_option_under_torchrun_resumes_exactly(shards_with_an_empty_cl
         # sigma_c = 0.75 E(n_c) / E(16): the full noise for a, b, c, none for d (no images)
         for key in ("G", "G_ema"):
             assert state[key]["mapping.class_sigma"].tolist() == [0.75, 0.75, 0.75, 0.0]
+    if option.startswith("model.ae_init"):
+        # the prior fitted once, before step 0, over both ranks' codes: 48 images, d (no images) at their mean
+        import json
+        assert json.loads((resumed / "ae_init.json").read_text())["codes_fitted"] == 48
+        for key in ("G", "G_ema"):
+            mean = state[key]["prior.mean"]
+            assert torch.allclose(mean[3], mean[:3].mean(0), atol=1e-5)   # 16 codes each in a, b, c
+            assert not torch.equal(state[key]["prior.scale_tril"], torch.eye(len(mean[0])))
     if column:  # the option's own stat, logged on every row
         import csv
         rows = list(csv.DictReader(open(straight / "log.csv")))

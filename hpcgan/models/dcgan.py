@@ -104,8 +104,12 @@ class DCGANCritic(nn.Module):
         self.heads = CriticHeads(spec, num_classes, ch[-1] * 16)
         dcgan_init(self)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The flattened 4x4 features the heads read (also BAGAN's encoder trunk, hpcgan.models.bagan)."""
+        return self.net(x).flatten(1)
+
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return self.heads(self.net(x).flatten(1), y)
+        return self.heads(self.features(x), y)
 
 
 @register_generator("dcgan")

@@ -5,8 +5,10 @@ so no model is a branch in the training loop.
 Contract (every architecture honours it):
   G(z, y) -> images in [-1, 1], shape [B, 3, S, S]
       z: [B, spec.latent_dim] float (noise, then InfoGAN codes appended: categorical one-hot, continuous; then,
-         with spec.noisy_twins > 0, the class-embedding noise: hpcgan/latent.py)
+         with spec.noisy_twins > 0, the class-embedding noise: hpcgan/latent.py); with spec.ae_init > 0 the
+         generator is a PriorGenerator, which maps z through BAGAN's class-conditional prior first
       y: [B] int64 class labels, or None when the generator is unconditional
+  D.features(x) -> [B, F] the features its heads read (BAGAN's encoder trunk)
   D(x, y) -> dict of tensors
       "adv":    [B]     critic score (wasserstein, hinge) or logit (bce)
       "cls":    [B, C]  class logits         (only when spec.ac_weight > 0)
@@ -87,6 +89,10 @@ class GANSpec:
     noisy_twins: float = 0.0           # long tail: NoisyTwins (Rangwani et al. CVPR 2023) Barlow Twins weight on the
                                        # mapping of noisy class embeddings (hpcgan.models.twins; 0 = off; paper 0.01)
     twin_sigma: float = 0.75           # NoisyTwins: the class-embedding noise's std for a class with many images
+    ae_init: int = 0                   # long tail: BAGAN (Mariani et al. 2018; BAGAN-GP, Huang & Jafari 2021): this
+                                       # many autoencoder steps (G the decoder, the critic's trunk the encoder) before
+                                       # the first GAN step, then a class-conditional latent prior
+                                       # (hpcgan.models.bagan); 0: off
     z_dim: int = 128
     width: int = 64                    # base channel count
     critic_norm: str = "none"          # "none" | "batch" (never with a gradient penalty)
@@ -118,8 +124,11 @@ class GANSpec:
         check_range("model.class_from", spec.class_from, 0)
         check_range("model.noisy_twins", spec.noisy_twins, 0)
         check_range("model.twin_sigma", spec.twin_sigma, 0)
+        check_range("model.ae_init", spec.ae_init, 0)
         if spec.noisy_twins > 0:
             _check_noisy_twins(spec)
+        if spec.ae_init > 0:
+            _check_ae_init(spec)
         if 0 < spec.class_from <= 4:
             raise SettingsError(f"model.class_from={spec.class_from}: the generators start at 4 px, so this changes "
                                 "nothing; give 0 (every layer conditional) or a resolution above 4, e.g. 16")
@@ -153,6 +162,15 @@ def _check_noisy_twins(spec: GANSpec) -> None:
                             f"{spec.class_from} keeps it out; set one of them to 0")
 
 
+def _check_ae_init(spec: GANSpec) -> None:
+    if not spec.conditional:
+        raise SettingsError(f"{spec.name}: ae_init fits a latent prior per class and needs a conditional generator; "
+                            "e.g. model=cellgan")
+    if spec.info_cat or spec.info_cont or spec.noisy_twins > 0:
+        raise SettingsError(f"{spec.name}: ae_init's prior maps the whole latent, which holds InfoGAN codes "
+                            "(info_cat, info_cont) or NoisyTwins' noise here; set those to 0 or ae_init=0")
+
+
 def optimiser_lr(optim: dict, net: str) -> float:
     """The learning rate of network `net` ("G" or "D") under a spec's `optim` (OptimSpec's fields):
     its own lr_g / lr_d when set (two time-scale update rule), else the shared lr."""
@@ -183,6 +201,9 @@ def build_model(spec: GANSpec, num_classes: int, image_size: int,
         raise ValueError(f"{spec.name}: unknown critic architecture {spec.critic!r}; "
                          f"known: {', '.join(sorted(CRITICS))}")
     generator = GENERATORS[spec.generator](spec, num_classes, image_size)
+    if spec.ae_init > 0:
+        from hpcgan.models.bagan import PriorGenerator
+        generator = PriorGenerator(generator, num_classes, spec.latent_dim)
     if class_counts is not None:
         fit_class_noise(generator, class_counts)
     from hpcgan.models.blocks import ConditionalBatchNorm2d

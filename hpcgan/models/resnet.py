@@ -87,9 +87,13 @@ class ResNetCritic(nn.Module):
         self.act = activation(act)
         self.heads = CriticHeads(spec, num_classes, ch[-1])
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled features the heads read (also BAGAN's encoder trunk, hpcgan.models.bagan)."""
         h = self.act(self.blocks(self.stem(x)))
-        return self.heads(h.mean(dim=(2, 3)) if self.pool == "mean" else h.sum(dim=(2, 3)), y)
+        return h.mean(dim=(2, 3)) if self.pool == "mean" else h.sum(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self.heads(self.features(x), y)
 
 
 @register_generator("resnet")
