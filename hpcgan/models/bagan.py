@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hpcgan import dist
+
 logger = logging.getLogger(__name__)
 
 AE_LR = 1e-3             # the autoencoder's Adam learning rate (both networks)
@@ -86,13 +88,6 @@ class Encoder(nn.Module):
         return self.head(self.critic.features(x))
 
 
-def _sum_over_ranks(env, tensors: list[torch.Tensor]) -> None:
-    if env.distributed:
-        import torch.distributed as dist
-        for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-
-
 def _train(G: PriorGenerator, encoder: Encoder, batches: Iterator, steps: int, env,
            log_every: int = 100) -> list[float]:
     """`steps` Adam steps of mean squared reconstruction error, G.net(E(x), y) against x in [-1, 1], on
@@ -106,10 +101,9 @@ def _train(G: PriorGenerator, encoder: Encoder, batches: Iterator, steps: int, e
         loss = F.mse_loss(G.net(encoder(x), y).float(), x.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grads = [p.grad for p in params if p.grad is not None]   # the critic's heads have none
-        _sum_over_ranks(env, grads)
-        for g in grads:
-            g /= env.world_size
+        for p in params:
+            if p.grad is not None:      # the critic's heads have none
+                dist.all_reduce_mean(env, p.grad)
         opt.step()
         losses.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
@@ -132,7 +126,8 @@ def fit_prior(G: PriorGenerator, encoder: Encoder, batches_once, env) -> int:
         sums.index_add_(0, y, z)
         counts += torch.bincount(y, minlength=num_classes).double()
         outer += z.T @ z
-    _sum_over_ranks(env, [sums, counts, outer])
+    for t in (sums, counts, outer):
+        dist.all_reduce_sum(env, t)
     G.prior.fit(sums.cpu(), counts.cpu(), outer.cpu())
     return int(counts.sum())
 
