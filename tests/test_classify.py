@@ -162,7 +162,7 @@ def test_synthetic_count_in_all_three_forms_and_a_composed_regimes_shares(shards
     r = get_regime("original+synthetic sampling=balanced augment=aug2 synthetic_count=3 real_share=0.25")
     assert r.name == "original+synthetic(3)+balanced+aug2+real_share=0.25"
     assert r.axes() == {"data": "real+synthetic", "sampling": "balanced", "loss": "ce", "augment": "aug2",
-                        "synthetic_count": "3", "real_share": 0.25}
+                        "synthetic_count": "3", "real_share": 0.25, "prior": "all"}
     ts = training_set(r, shards, per_class, scarce=cut)
     assert ts.describe()["per_class"] == {c: (4 if c in present else 0) for c in classes}
     group, share = ts.balance_share()
@@ -213,6 +213,19 @@ def test_regime_losses_known_answer():
     assert float(la(logits, y)) == pytest.approx(float(expected), rel=1e-5)
     assert float(RegimeLoss(get_regime("original"), counts_)(logits, y)) == pytest.approx(
         float(torch.nn.functional.cross_entropy(logits, y)))
+    # prior=real: real+synthetic counts [6+0, 2+4, 0+0] weigh like the real ones [6, 2, 0] alone
+    real = get_regime("original+synthetic loss=logit_adjust synthetic_count=4 prior=real")
+    assert real.name == "original+synthetic(4)+logit_adjust+real_prior" and real.axes()["prior"] == "real"
+    assert float(RegimeLoss(real, [6, 6, 0], real_counts=counts_)(logits, y)) == pytest.approx(float(expected), rel=1e-5)
+    assert RegimeLoss(get_regime("original+synthetic loss=weighted prior=real"), [6, 6, 0],
+                      real_counts=counts_).weight.tolist() == pytest.approx(w.weight.tolist())
+    every = RegimeLoss(get_regime("original+synthetic loss=logit_adjust"), [6, 6, 0], real_counts=counts_)
+    assert every.log_prior.tolist() == pytest.approx(torch.tensor([0.5, 0.5, 1e-12]).log().tolist())
+    for spec in ("logit_adjust prior=real", "original+synthetic prior=real"):   # nothing synthetic / nothing weighed
+        with pytest.raises(ValueError, match="prior=real changes nothing"):
+            get_regime(spec)
+    with pytest.raises(ValueError, match="prior='some'"):
+        get_regime("original+synthetic loss=logit_adjust prior=some")
 
 
 def test_augmentation_recipes_are_seeded_and_grow_in_strength():
@@ -530,6 +543,12 @@ def test_a_composed_regime_runs_and_records_every_axis(shards, per_class, tmp_pa
             row["real_share"]) == (name, "original+synthetic", "balanced", "ce", "aug2", "3", None)
     present = [c for c, n in counts(shards, "train").items() if n > 0]
     assert {c: n for c, n in doc["training_set"]["counts"]["synthetic"].items() if n} == {c: 3 for c in present}
+    out = tmp_path / "prior"   # the logit adjustment by the real counts: recorded as an axis and in the name
+    assert main(overrides(shards, out, f"synthetic={per_class}", "regime=original+synthetic", "loss=logit_adjust",
+                          "synthetic_count=3", "prior=real", "steps=4", "eval_every=4")) == EXIT_OK
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    assert (row["regime"], row["loss"], row["prior"]) == ("original+synthetic(3)+logit_adjust+real_prior",
+                                                          "logit_adjust", "real")
 
 
 def cli(shards: Path, out: Path, *extra: str) -> list[str]:

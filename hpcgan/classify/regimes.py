@@ -25,6 +25,9 @@ preset (`compose`; tools/classify.py takes them as settings, a study's grid as "
                    topup (up to the largest real class), N (N more), Nx (N times the class's real count)
   real_share       with balanced sampling and real+synthetic data: the share of a class's draws taken from its
                    real images (default: in proportion to its real and synthetic counts)
+  prior            with real+synthetic data and loss weighted or logit_adjust: the class counts the loss weighs by,
+                   all (default: every training image) | real (the real images only: a class's synthetic cells
+                   then count as augmentations of its real ones, and a scarce class keeps its full adjustment)
 A composed regime is named by its preset when its axes are a preset's, else by its parts
 ("balanced+aug2", "original+synthetic(3x)+balanced+aug2"); every axis is recorded with the results.
 """
@@ -40,7 +43,8 @@ import torch.nn.functional as F
 
 SAMPLING = ("shuffled", "balanced")
 LOSSES = ("ce", "weighted", "logit_adjust")
-AXES = ("sampling", "loss", "augment", "synthetic_count", "real_share")
+AXES = ("sampling", "loss", "augment", "synthetic_count", "real_share", "prior")
+PRIORS = ("all", "real")
 _COUNT = re.compile(r"(topup)|(\d+)|(\d+(?:\.\d+)?)x")
 
 
@@ -53,6 +57,7 @@ class Regime:
     augment: str | None = None
     synthetic_count: str = "topup"    # real+synthetic: topup | N | Nx
     real_share: float | None = None   # balanced sampling of real+synthetic: share of a class's draws from real
+    prior: str = "all"                # weighted / logit_adjust loss: the class counts of all | real images
 
     @property
     def reads_synthetic(self) -> bool:
@@ -66,7 +71,7 @@ class Regime:
         """Every axis of the regime (recorded with its results)."""
         return {"data": self.data, "sampling": self.sampling,
                 "loss": self.loss, "augment": self.augment or "none", "synthetic_count": self.synthetic_count,
-                "real_share": self.real_share}
+                "real_share": self.real_share, "prior": self.prior}
 
     def synthetic_per_class(self, real_count: int, largest: int) -> int:
         """Synthetic images a class with `real_count` real ones takes (real+synthetic data)."""
@@ -119,7 +124,7 @@ def parse_count(value) -> tuple[str, float | None]:
 
 
 def compose(preset: str, sampling: str | None = None, loss: str | None = None, augment: str | None = None,
-            synthetic_count=None, real_share=None, recipes=("aug1", "aug2", "aug3")) -> Regime:
+            synthetic_count=None, real_share=None, prior=None, recipes=("aug1", "aug2", "aug3")) -> Regime:
     """The preset with the axes given (None: the preset's) overriding it; ValueError naming a bad one."""
     r = get_regime(preset)
     if sampling is not None and sampling not in SAMPLING:
@@ -136,9 +141,14 @@ def compose(preset: str, sampling: str | None = None, loss: str | None = None, a
     r = replace(r, balanced_sampling=r.balanced_sampling if sampling is None else sampling == "balanced",
                 loss=loss or r.loss, augment=r.augment if augment is None else (None if augment == "none" else augment),
                 synthetic_count=str(synthetic_count if synthetic_count is not None else r.synthetic_count).strip(),
-                real_share=None if real_share is None else float(real_share))
+                real_share=None if real_share is None else float(real_share), prior=prior or r.prior)
     if r.real_share is not None and not (r.balanced_sampling and r.data == "real+synthetic" and 0 < r.real_share <= 1):
         raise ValueError(f"real_share={real_share}: a share in (0, 1], with sampling=balanced and real+synthetic data")
+    if r.prior not in PRIORS:
+        raise ValueError(f"prior={prior!r}: choose one of {', '.join(PRIORS)}")
+    if r.prior == "real" and not (r.data == "real+synthetic" and r.loss in ("weighted", "logit_adjust")):
+        raise ValueError(f"prior=real changes nothing here: it is for real+synthetic data with loss=weighted or "
+                         f"loss=logit_adjust (this regime: {r.data}, loss={r.loss})")
     return replace(r, name=label(r))
 
 
@@ -153,15 +163,19 @@ def label(r: Regime) -> str:
     parts = [*data, *(["balanced"] if r.balanced_sampling else []),
              *({"weighted": ["weighted_loss"], "logit_adjust": ["logit_adjust"]}.get(r.loss, [])),
              *([r.augment] if r.augment else []),
-             *([f"real_share={r.real_share:g}"] if r.real_share is not None else [])]
+             *([f"real_share={r.real_share:g}"] if r.real_share is not None else []),
+             *(["real_prior"] if r.prior == "real" else [])]
     return "+".join(parts) or "original"
 
 
 class RegimeLoss:
-    """The training loss of a regime, given the training set's images per class."""
+    """The training loss of a regime, given the training set's images per class (and its real images per class,
+    which a regime with prior=real weighs by instead)."""
 
-    def __init__(self, regime: Regime, class_counts, tau: float = 1.0, device="cpu"):
-        counts = torch.as_tensor(class_counts, dtype=torch.float64)
+    def __init__(self, regime: Regime, class_counts, tau: float = 1.0, device="cpu", real_counts=None):
+        if regime.prior == "real" and real_counts is None:
+            raise ValueError(f"regime {regime.name}: prior=real needs the real images per class (real_counts)")
+        counts = torch.as_tensor(real_counts if regime.prior == "real" else class_counts, dtype=torch.float64)
         present = counts > 0
         self.kind, self.weight, self.log_prior = regime.loss, None, None
         if regime.loss == "weighted":

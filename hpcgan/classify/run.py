@@ -45,7 +45,7 @@ from hpcgan.classify.augment import RECIPES, augment_batch, build_recipe
 from hpcgan.classify.data import DataError, decode_split, epoch_loader, manifest_sha256, training_set
 from hpcgan.classify.metrics import confusion_csv, confusion_png, scores
 from hpcgan.classify.provenance import LeakageError, check_synthetic
-from hpcgan.classify.regimes import RegimeLoss, get_regime, parse_spec
+from hpcgan.classify.regimes import AXES, RegimeLoss, get_regime, parse_spec
 from hpcgan.classify.rival import pick
 from hpcgan.data.loader import BACKENDS
 from hpcgan.fsutil import atomic_write_bytes
@@ -103,6 +103,7 @@ class ClassifySettings:
     augment: str | None = None              # none | a recipe name below
     synthetic_count: Any = None             # real+synthetic: topup | N | Nx
     real_share: float | None = None         # balanced real+synthetic: share of a class's draws from real images
+    prior: str | None = None                # real+synthetic with a weighted / logit_adjust loss: all | real counts
     recipe_from: list[str] | None = None    # a rival search's run dirs (score_split=val): the best on val gives
                                             # the sampling, loss and augment this run sets neither way above
                                             # (hpcgan.classify.rival)
@@ -180,7 +181,7 @@ class ClassifySettings:
         from hpcgan.classify.regimes import compose
         preset, spec_axes = parse_spec(self.regime)
         get_regime(preset)
-        given = {k: getattr(self, k) for k in ("sampling", "loss", "augment", "synthetic_count", "real_share")}
+        given = {k: getattr(self, k) for k in AXES}
         axes = {**(recipe or {}), **spec_axes, **{k: v for k, v in given.items() if v is not None}}
         return compose(preset, **axes, recipes=tuple(self.recipes))
 
@@ -298,7 +299,8 @@ class ClassifierRun:
             raise DataError(f"regime {s.regime}: {e}") from None
         self.total = s.steps
         self.aug = (build_recipe(s.recipes[self.regime.augment], self.image_size) if self.regime.augment else None)
-        self.loss_fn = RegimeLoss(self.regime, self.data.class_counts, s.logit_adjust_tau, env.device)
+        self.loss_fn = RegimeLoss(self.regime, self.data.class_counts, s.logit_adjust_tau, env.device,
+                                  real_counts=[self.data.counts["real"].get(c, 0) for c in self.data.classes])
         sha = manifest_sha256(s.shards)
         syn_sha = manifest_sha256(s.synthetic) if s.synthetic else None
         self.pretrained = self.pretrained_path()
