@@ -191,6 +191,19 @@ def test_bagan_autoencoder_reconstructs_and_leaves_a_prior_per_class():
     assert nearest.tolist() == (torch.arange(12) % 3).tolist()   # each class's colour already, before any GAN step
 
 
+@pytest.mark.parametrize("model", ["wgan_gp_ac", "sngan_proj"])
+def test_bagan_starts_the_residual_models_too(model):
+    """The paper's model and the projection SNGAN (residual critics, pooled features) take ae_init as well."""
+    torch.manual_seed(0)
+    spec = dataclasses.replace(load_spec(model), width=8, ae_init=2)
+    G, D = build_model(spec, 3, 32)
+    x, y = torch.rand(6, 3, 32, 32) * 2 - 1, torch.arange(6) % 3
+    record = autoencoder_init(G, D, iter([(x, y)] * 2), [(x, y)], 2, DistEnv())
+    assert record["codes_fitted"] == 6 and record["mse_first"] > 0
+    assert not torch.equal(G.prior.scale_tril, torch.eye(spec.latent_dim))
+    assert G(torch.randn(3, spec.latent_dim), torch.arange(3)).shape == (3, 3, 32, 32)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("option, column", [("model.gsr_weight=0.5", "gsr"), ("model.class_from=16", None),
                                             ("model.noisy_twins=0.01", "twins"), ("model.ae_init=3", None)],
