@@ -1,0 +1,74 @@
+"""A finished classifier run's kept weights scored again on its test split with a bias added to some classes'
+logits: what a threshold shift alone buys. One job: the control for any row that raises a scarce class's recall
+by counting it differently (e.g. regime axis prior=real, which under logit adjustment amounts to adding
+log((real + synthetic) / real) to that class's logits if the synthetic cells held no information).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from hpcgan.checkpoint import load_latest
+from hpcgan.classify.archs import build_classifier
+from hpcgan.classify.metrics import scores
+from hpcgan.dist import DistEnv
+from hpcgan.rundir import read_config
+
+
+class _Shifted(nn.Module):
+    def __init__(self, net: nn.Module, bias: torch.Tensor):
+        super().__init__()
+        self.net = net
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + self.bias
+
+
+def parse_shift(text: str, classes: list[str]) -> dict[str, float]:
+    """"eosinophil=0.69,monocyte=log2" -> {class: bias}; a value "logN" is log(N); a class not in `classes` is
+    refused, naming them."""
+    shift = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        name = name if name in classes else name.replace("_", " ")   # immature_granulocyte: no quoting needed
+        if not eq or name not in classes:
+            raise ValueError(f"--shift {item!r}: give CLASS=BIAS with CLASS one of {', '.join(classes)}")
+        value = value.strip()
+        shift[name] = math.log(float(value[3:])) if value.startswith("log") else float(value)
+    if not shift:
+        raise ValueError("--shift: give at least one CLASS=BIAS")
+    return shift
+
+
+def shifted_scores(run_dir: str | Path, shift: dict[str, float] | str, batch_size: int = 256) -> dict:
+    """{"classes", "shift", "plain": scores, "shifted": scores} of the run's kept (best-on-val) weights on the
+    test split, without and with `shift` added to the named classes' logits (the run's own TTA setting)."""
+    from hpcgan.classify.data import decode_split
+    from hpcgan.classify.run import confusion_on
+    run_dir = Path(run_dir)
+    cfg = read_config(run_dir)
+    classes = list(cfg["classes"])
+    if isinstance(shift, str):
+        shift = parse_shift(shift, classes)
+    if cfg.get("score_split") == "val":
+        raise ValueError(f"{run_dir} is a rival search's run, scored on val only: the test split is not for it")
+    state, _ = load_latest(run_dir, required=("best", "config"))
+    if state is None or not state["best"].get("model"):
+        raise ValueError(f"{run_dir}: no checkpoint with kept weights; is it a finished classifier run?")
+    net, _ = build_classifier(cfg["arch"], len(classes), int(cfg["image_size"]))
+    net.load_state_dict(state["best"]["model"])
+    bias = torch.zeros(len(classes))
+    for name, b in shift.items():
+        bias[classes.index(name)] = b
+    x, y = decode_split(cfg["shards"], "test", torch.device("cpu"), backend="auto", num_threads=None)
+    env, tta = DistEnv(), bool(cfg.get("tta", False))
+    cms = [confusion_on(m, x, y, len(classes), env, batch_size, tta=tta) for m in (net, _Shifted(net, bias))]
+    return {"classes": classes, "shift": shift, "best_step": state["best"].get("step"),
+            "plain": scores(cms[0], classes), "shifted": scores(cms[1], classes),
+            "confusion_matrix": {"plain": np.asarray(cms[0]).tolist(), "shifted": np.asarray(cms[1]).tolist()}}
