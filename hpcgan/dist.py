@@ -139,12 +139,6 @@ def all_reduce_max(env: DistEnv, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_sum(env: DistEnv, t: torch.Tensor) -> torch.Tensor:
-    if env.distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 def all_reduce_mean(env: DistEnv, t: torch.Tensor) -> torch.Tensor:
     if env.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

@@ -582,13 +582,14 @@ class TrainingRun:
         except ScarceError as e:
             raise SettingsError(str(e)) from None
 
-    def loader(self, epoch: int, skip: int = 0, balance: bool | None = None):
+    def loader(self, epoch: int, skip: int = 0, balance: bool | None = None, whole: bool = False):
         """One epoch of the training samples for this rank; balance: class-balanced draws (default: the
-        balance_classes setting)."""
+        balance_classes setting); whole: every sample for every rank (as rank 0 of 1), padded at the end only."""
         from hpcgan.data.loader import make_loader
         s, env = self.s, self.env
         balance = s.balance_classes if balance is None else balance
-        return make_loader(self.shards, s.split, s.batch_size, env.rank, env.world_size, seed=s.seed, epoch=epoch,
+        rank, world = (0, 1) if whole else (env.rank, env.world_size)
+        return make_loader(self.shards, s.split, s.batch_size, rank, world, seed=s.seed, epoch=epoch,
                            shuffle=True, flip=s.flip, balance_classes=balance, backend=s.backend,
                            device=env.device.type, num_threads=s.num_threads, skip_batches=skip, index=self.index)
 
@@ -655,7 +656,8 @@ class TrainingRun:
             while True:
                 yield from self.loader(epoch, balance=False)
                 epoch += 1
-        record = autoencoder_init(G, D, epochs(), self.loader(0, balance=False), self.spec.ae_init, self.env)
+        record = autoencoder_init(G, D, epochs(), self.loader(0, balance=False, whole=True),
+                                  int(sum(self.class_counts.values())), self.spec.ae_init, self.env, self.clock)
         self.ae_seconds = record["seconds"]
         logger.info("BAGAN autoencoder: %d steps, reconstruction MSE %.4f -> %.4f, prior from %d codes, %.1f s",
                     record["steps"], record["mse_first"], record["mse_last"], record["codes_fitted"],

@@ -30,7 +30,7 @@ from hpcgan.classify.augment import RECIPES, augment_batch, build_recipe
 from hpcgan.classify.data import DataError, decode_split, epoch_loader, training_set
 from hpcgan.classify.metrics import confusion, expand, scores
 from hpcgan.classify.provenance import LeakageError, check_synthetic
-from hpcgan.classify.regimes import REGIMES, RegimeLoss, get_regime
+from hpcgan.classify.regimes import REGIMES, RegimeLoss, check_final, get_regime
 from hpcgan.classify.run import CKPT_KEYS, ClassifySettings, main
 from hpcgan.rundir import EXIT_BAD_INPUT, EXIT_OK, EXIT_SIGNAL
 from hpcgan.data.shards import read_manifest, write_manifest
@@ -221,9 +221,15 @@ def test_regime_losses_known_answer():
                       real_counts=counts_).weight.tolist() == pytest.approx(w.weight.tolist())
     every = RegimeLoss(get_regime("original+synthetic loss=logit_adjust"), [6, 6, 0], real_counts=counts_)
     assert every.log_prior.tolist() == pytest.approx(torch.tensor([0.5, 0.5, 1e-12]).log().tolist())
-    for spec in ("logit_adjust prior=real", "original+synthetic prior=real"):   # nothing synthetic / nothing weighed
-        with pytest.raises(ValueError, match="prior=real changes nothing"):
-            get_regime(spec)
+    with pytest.raises(ValueError, match="prior=real changes nothing"):    # nothing synthetic
+        get_regime("logit_adjust prior=real")
+    unweighed = get_regime("original+synthetic prior=real")   # a rival's recipe may still give it its loss
+    with pytest.raises(ValueError, match="changes nothing with loss=ce"):
+        check_final(unweighed)
+    assert check_final(real) is real
+    with pytest.raises(SettingsError, match="changes nothing with loss=ce"):   # no recipe: the loss is final
+        ClassifySettings(shards="s", out="o", synthetic="x", regime="original+synthetic prior=real")
+    ClassifySettings(shards="s", out="o", synthetic="x", regime="original+synthetic prior=real", recipe_from=["r"])
     with pytest.raises(ValueError, match="prior='some'"):
         get_regime("original+synthetic loss=logit_adjust prior=some")
 
@@ -704,12 +710,14 @@ def test_a_run_with_tta_scores_val_and_test_with_it_and_resumes_only_with_it(sha
 
 
 def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(shards, tmp_path):
-    """A classifier checkpointed before `tta` existed (its config has no such key) continues as tta=false."""
+    """A classifier checkpointed before `tta` and the regime axis `prior` existed (its config has no such keys)
+    continues as tta=false, prior=all."""
     out = tmp_path / "run"
     assert main(overrides(shards, out, "steps=4", "eval_every=2", "ckpt_every=2")) == EXIT_OK
     for path in list_checkpoints(out):
         state = torch.load(path, map_location="cpu", weights_only=False)
         del state["config"]["tta"]
+        del state["config"]["regime_axes"]["prior"]
         torch.save(state, path)
     (out / "results.json").unlink()      # not finished: the rerun loads the checkpoint and scores it
     assert main(overrides(shards, out, "steps=4", "eval_every=2", "ckpt_every=2")) == EXIT_OK

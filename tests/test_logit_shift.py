@@ -54,3 +54,29 @@ def test_shift_parsing_and_the_cli(finished_run):
     p = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "logit_shift.py"), str(finished_run),
                         "--shift", "nothing=1"], capture_output=True, text=True)
     assert p.returncode == 2 and "CLASS one of" in p.stderr
+
+
+def test_the_shift_like_a_prior_real_run_known_answer(tmp_path):
+    """tau * log((R + S) / R) for each class with real and synthetic cells; only logit_adjust + prior=real runs."""
+    from hpcgan.classify.shift import shift_like
+    from hpcgan.rundir import write_config, write_json
+    run = tmp_path / "prior"
+    run.mkdir()
+    write_config(run, {"logit_adjust_tau": 0.5, "regime_axes": {"loss": "logit_adjust", "prior": "real"}})
+    write_json(run / "training_set.json", {"counts": {"real": {"a": 20, "b": 280, "c": 0, "d": 5},
+                                                      "synthetic": {"a": 20, "b": 20, "c": 0, "d": 0}}})
+    assert shift_like(run) == pytest.approx({"a": 0.5 * math.log(2), "b": 0.5 * math.log(300 / 280)})
+    write_config(run, {"logit_adjust_tau": 1.0, "regime_axes": {"loss": "logit_adjust", "prior": "all"}})
+    with pytest.raises(ValueError, match="prior=real"):
+        shift_like(run)
+
+
+def test_an_unfinished_run_is_refused(finished_run, tmp_path):
+    import shutil
+    from hpcgan.rundir import write_status
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    write_status(copy, {"state": "running"})
+    target = json.loads((finished_run / "results.json").read_text())["classes"][0]
+    with pytest.raises(ValueError, match="not a finished"):
+        shifted_scores(copy, {target: 1.0})

@@ -180,8 +180,9 @@ def test_bagan_autoencoder_reconstructs_and_leaves_a_prior_per_class():
         y = torch.arange(12) % 3
         return colours[y][:, :, None, None] + 0.05 * torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(k)), y
     endless = (batch(k) for k in range(10 ** 6))
-    record = autoencoder_init(G, D, endless, [batch(-1), batch(-2)], spec.ae_init, DistEnv())
-    assert record["steps"] == 40 and record["codes_fitted"] == 24
+    # 24 rows to fit from, of which the last 4 are an epoch's padding (not read)
+    record = autoencoder_init(G, D, endless, [batch(-1), batch(-2)], 20, spec.ae_init, DistEnv())
+    assert record["steps"] == 40 and record["codes_fitted"] == 20
     assert record["mse_last"] < 0.3 * record["mse_first"]
     means = G.prior.mean
     assert torch.cdist(means, means).add(torch.eye(3) * 1e9).min() > 0   # three distinct class means
@@ -198,7 +199,7 @@ def test_bagan_starts_the_residual_models_too(model):
     spec = dataclasses.replace(load_spec(model), width=8, ae_init=2)
     G, D = build_model(spec, 3, 32)
     x, y = torch.rand(6, 3, 32, 32) * 2 - 1, torch.arange(6) % 3
-    record = autoencoder_init(G, D, iter([(x, y)] * 2), [(x, y)], 2, DistEnv())
+    record = autoencoder_init(G, D, iter([(x, y)] * 2), [(x, y)], 6, 2, DistEnv())
     assert record["codes_fitted"] == 6 and record["mse_first"] > 0
     assert not torch.equal(G.prior.scale_tril, torch.eye(spec.latent_dim))
     assert G(torch.randn(3, spec.latent_dim), torch.arange(3)).shape == (3, 3, 32, 32)
@@ -226,7 +227,7 @@ def test_long_tail_option_under_torchrun_resumes_exactly(shards_with_an_empty_cl
         for key in ("G", "G_ema"):
             assert state[key]["mapping.class_sigma"].tolist() == [0.75, 0.75, 0.75, 0.0]
     if option.startswith("model.ae_init"):
-        # the prior fitted once, before step 0, over both ranks' codes: 48 images, d (no images) at their mean
+        # the prior fitted once, before step 0, from all 48 images on each rank alike, d (no images) at their mean
         import json
         assert json.loads((resumed / "ae_init.json").read_text())["codes_fitted"] == 48
         for key in ("G", "G_ema"):

@@ -4,10 +4,12 @@ with a bias added to some classes' logits (hpcgan.classify.shift). The control f
 class's recall by counting it differently.
 
     python tools/logit_shift.py RUN_DIR --shift eosinophil=log2,monocyte=log2 [--json OUT.json]
+    python tools/logit_shift.py RIVAL_RUN --like PRIOR_REAL_RUN
 
-For regime axis prior=real with synthetic_count=N over a class's R real cells, the matching shift of the rival's
-run is log((R + N) / R): log2 for 20 synthetic cells beside 20 real ones. Prints balanced accuracy, macro-F1 and
-the shifted classes' recall, without and with the shift, as markdown.
+--like takes the shift a real+synthetic run with loss=logit_adjust prior=real amounts to if its synthetic cells
+held no information: tau * log((R + S) / R) for each class with R real and S synthetic training images (log 2 for
+20 synthetic cells beside 20 real ones, but also about 0.07 for a class of 280 real ones). Prints balanced accuracy,
+macro-F1 and the recall of the classes shifted most, without and with the shift, as markdown.
 """
 from __future__ import annotations
 
@@ -18,15 +20,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hpcgan.classify.shift import shifted_scores  # noqa: E402
+from hpcgan.classify.shift import shift_like, shifted_scores  # noqa: E402
 
 
 def table(result: dict) -> str:
-    names = list(result["shift"])
+    names = sorted(result["shift"], key=lambda c: -result["shift"][c])[:4]
     head = ["scored", "balanced acc.", "macro-F1", *(f"{c} recall" for c in names)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, label in (("plain", "kept weights"), ("shifted", "with the shift " + ", ".join(
-            f"{c} +{b:.3f}" for c, b in result["shift"].items()))):
+            f"{c} +{result['shift'][c]:.3f}" for c in sorted(result["shift"], key=lambda c: -result["shift"][c])))):
         sc = result[key]
         recall = [f"{sc['per_class']['recall'][c]:.3f}" if sc["per_class"]["recall"][c] is not None else "–"
                   for c in names]
@@ -38,11 +40,13 @@ def table(result: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir")
-    ap.add_argument("--shift", required=True, help="CLASS=BIAS,... (BIAS a number or logN)")
+    how = ap.add_mutually_exclusive_group(required=True)
+    how.add_argument("--shift", help="CLASS=BIAS,... (BIAS a number or logN)")
+    how.add_argument("--like", help="a finished run with loss=logit_adjust prior=real: the shift it amounts to")
     ap.add_argument("--json", help="also write the scores and confusion matrices here")
     a = ap.parse_args(argv)
     try:
-        result = shifted_scores(a.run_dir, a.shift)
+        result = shifted_scores(a.run_dir, shift_like(a.like) if a.like else a.shift)
     except (ValueError, FileNotFoundError) as e:
         print(f"logit_shift: {e}", file=sys.stderr)
         return 2

@@ -45,6 +45,7 @@ SAMPLING = ("shuffled", "balanced")
 LOSSES = ("ce", "weighted", "logit_adjust")
 AXES = ("sampling", "loss", "augment", "synthetic_count", "real_share", "prior")
 PRIORS = ("all", "real")
+NEWER_AXES = {"prior": "all"}   # axes that records (checkpoints, results) may predate: their value there
 _COUNT = re.compile(r"(topup)|(\d+)|(\d+(?:\.\d+)?)x")
 
 
@@ -146,10 +147,19 @@ def compose(preset: str, sampling: str | None = None, loss: str | None = None, a
         raise ValueError(f"real_share={real_share}: a share in (0, 1], with sampling=balanced and real+synthetic data")
     if r.prior not in PRIORS:
         raise ValueError(f"prior={prior!r}: choose one of {', '.join(PRIORS)}")
-    if r.prior == "real" and not (r.data == "real+synthetic" and r.loss in ("weighted", "logit_adjust")):
-        raise ValueError(f"prior=real changes nothing here: it is for real+synthetic data with loss=weighted or "
-                         f"loss=logit_adjust (this regime: {r.data}, loss={r.loss})")
+    if r.prior == "real" and r.data != "real+synthetic":
+        raise ValueError(f"prior=real changes nothing here: it is for real+synthetic data (regime "
+                         f"original+synthetic), not {preset}")
     return replace(r, name=label(r))
+
+
+def check_final(r: Regime) -> Regime:
+    """A regime as it will train (its loss final: after a rival's recipe filled it): ValueError where an axis
+    changes nothing."""
+    if r.prior == "real" and r.loss not in ("weighted", "logit_adjust"):
+        raise ValueError(f"prior=real changes nothing with loss={r.loss}: it weighs a weighted or logit_adjust loss "
+                         f"(regime {r.name})")
+    return r
 
 
 def label(r: Regime) -> str:

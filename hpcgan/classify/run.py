@@ -45,7 +45,7 @@ from hpcgan.classify.augment import RECIPES, augment_batch, build_recipe
 from hpcgan.classify.data import DataError, decode_split, epoch_loader, manifest_sha256, training_set
 from hpcgan.classify.metrics import confusion_csv, confusion_png, scores
 from hpcgan.classify.provenance import LeakageError, check_synthetic
-from hpcgan.classify.regimes import AXES, RegimeLoss, get_regime, parse_spec
+from hpcgan.classify.regimes import AXES, NEWER_AXES, RegimeLoss, check_final, get_regime, parse_spec
 from hpcgan.classify.rival import pick
 from hpcgan.data.loader import BACKENDS
 from hpcgan.fsutil import atomic_write_bytes
@@ -132,6 +132,8 @@ class ClassifySettings:
         try:
             get_arch(self.arch)
             regime = self.composed_regime()
+            if not self.recipe_from:   # else the rival's recipe may still fill the loss (ClassifierRun.setup)
+                check_final(regime)
         except ValueError as e:
             raise SettingsError(str(e)) from None
         if self.pretrained and not self.pretrained_file and not get_arch(self.arch).pretrained:
@@ -286,6 +288,11 @@ class ClassifierRun:
         s, env = self.s, self.env
         self.recipe = pick(s.recipe_from, s.select_on) if s.recipe_from else None
         self.regime, self.arch = s.composed_regime(self.recipe and self.recipe["axes"]), get_arch(s.arch)
+        try:
+            check_final(self.regime)
+        except ValueError as e:
+            raise DataError(f"{e}; the rival's recipe ({(self.recipe or {}).get('winner')}) gave loss="
+                            f"{self.regime.loss}: set loss= in the regime") from None
         self.autocast = resolve_precision(s.precision, env.device)
         self.scarce_seed = s.seed if s.scarce_seed is None else s.scarce_seed
         self.provenance = (check_synthetic(s.shards, s.synthetic, s.allow_unknown_provenance, s.scarce,
@@ -349,6 +356,8 @@ class ClassifierRun:
         self.step = int(ckpt["step"]) if ckpt else 0
         if ckpt is not None:
             saved = {k: ckpt["config"].get(k, SETTING_DEFAULTS.get(k)) for k in MUST_MATCH}   # a key it predates:
+            if isinstance(saved.get("regime_axes"), dict):                                  # (and an axis) its default
+                saved["regime_axes"] = {**NEWER_AXES, **saved["regime_axes"]}
             diffs = [f"{k}: {saved[k]!r} -> {self.run_config.get(k)!r}" for k in MUST_MATCH    # its default
                      if saved[k] != self.run_config.get(k)]
             if diffs:

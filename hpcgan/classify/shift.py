@@ -1,7 +1,8 @@
 """A finished classifier run's kept weights scored again on its test split with a bias added to some classes'
 logits: what a threshold shift alone buys. One job: the control for any row that raises a scarce class's recall
-by counting it differently (e.g. regime axis prior=real, which under logit adjustment amounts to adding
-log((real + synthetic) / real) to that class's logits if the synthetic cells held no information).
+by counting it differently. Regime axis prior=real under logit adjustment (tau) amounts, if the synthetic cells
+held no information, to adding tau * log((real + synthetic) / real) to the logits of every class given synthetic
+cells; `shift_like` reads that shift off such a run.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from hpcgan.checkpoint import load_latest
 from hpcgan.classify.archs import build_classifier
 from hpcgan.classify.metrics import scores
 from hpcgan.dist import DistEnv
-from hpcgan.rundir import read_config
+from hpcgan.rundir import read_config, read_json, read_status
 
 
 class _Shifted(nn.Module):
@@ -46,9 +47,26 @@ def parse_shift(text: str, classes: list[str]) -> dict[str, float]:
     return shift
 
 
+def shift_like(run_dir: str | Path) -> dict[str, float]:
+    """The shift a finished real+synthetic run with loss=logit_adjust prior=real amounts to: tau * log((R + S) / R)
+    for each class with R real and S > 0 synthetic training images (its training_set.json, config.yaml)."""
+    run_dir = Path(run_dir)
+    cfg = read_config(run_dir)
+    axes = cfg.get("regime_axes") or {}
+    if axes.get("loss") != "logit_adjust" or axes.get("prior") != "real":
+        raise ValueError(f"{run_dir}: --like takes a run with loss=logit_adjust prior=real, not loss="
+                         f"{axes.get('loss')} prior={axes.get('prior', 'all')}")
+    counts = read_json(run_dir / "training_set.json")["counts"]
+    tau = float(cfg["logit_adjust_tau"])
+    return {c: tau * math.log((r + counts["synthetic"].get(c, 0)) / r) for c, r in counts["real"].items()
+            if r > 0 and counts["synthetic"].get(c, 0) > 0}
+
+
 def shifted_scores(run_dir: str | Path, shift: dict[str, float] | str, batch_size: int = 256) -> dict:
     """{"classes", "shift", "plain": scores, "shifted": scores} of the run's kept (best-on-val) weights on the
-    test split, without and with `shift` added to the named classes' logits (the run's own TTA setting)."""
+    test split, without and with `shift` added to the named classes' logits (the run's own TTA setting; on the
+    CPU in fp32, so compare the shifted row with the plain one: a run scored in bf16 on a GPU may differ a little
+    from its results.json)."""
     from hpcgan.classify.data import decode_split
     from hpcgan.classify.run import confusion_on
     run_dir = Path(run_dir)
@@ -58,6 +76,8 @@ def shifted_scores(run_dir: str | Path, shift: dict[str, float] | str, batch_siz
         shift = parse_shift(shift, classes)
     if cfg.get("score_split") == "val":
         raise ValueError(f"{run_dir} is a rival search's run, scored on val only: the test split is not for it")
+    if read_status(run_dir).get("state") != "finished":
+        raise ValueError(f"{run_dir} is not a finished classifier run (status.json): its kept weights are not final")
     state, _ = load_latest(run_dir, required=("best", "config"))
     if state is None or not state["best"].get("model"):
         raise ValueError(f"{run_dir}: no checkpoint with kept weights; is it a finished classifier run?")

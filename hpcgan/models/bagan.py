@@ -112,32 +112,38 @@ def _train(G: PriorGenerator, encoder: Encoder, batches: Iterator, steps: int, e
 
 
 @torch.no_grad()
-def fit_prior(G: PriorGenerator, encoder: Encoder, batches_once, env) -> int:
-    """Fit G's prior to the codes of one pass over the training images (`batches_once`, each rank its share;
-    statistics summed over the ranks). The encoder stays in training mode: a critic's batch norms then give the
+def fit_prior(G: PriorGenerator, encoder: Encoder, every_image, n_images: int) -> int:
+    """Fit G's prior to the codes of the training images: `every_image` yields (images, labels) batches of all
+    `n_images` of them, in one order padded at the end (rows past n_images are not read), the same on every rank,
+    so every rank fits the same prior. The encoder stays in training mode: a critic's batch norms then give the
     codes the decoder was trained on (their running statistics lag behind a short training). Returns the number
     of codes."""
     num_classes, dim = G.prior.mean.shape
-    sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=env.device)
-    counts = torch.zeros(num_classes, dtype=torch.float64, device=env.device)
-    outer = torch.zeros(dim, dim, dtype=torch.float64, device=env.device)
-    for x, y in batches_once:
-        z = encoder(x).double()
+    sums = torch.zeros(num_classes, dim, dtype=torch.float64)
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    outer = torch.zeros(dim, dim, dtype=torch.float64)
+    seen = 0
+    for x, y in every_image:
+        keep = min(len(y), n_images - seen)
+        if keep <= 0:
+            break
+        z, y = encoder(x[:keep]).double().cpu(), y[:keep].cpu()
         sums.index_add_(0, y, z)
         counts += torch.bincount(y, minlength=num_classes).double()
         outer += z.T @ z
-    for t in (sums, counts, outer):
-        dist.all_reduce_sum(env, t)
-    G.prior.fit(sums.cpu(), counts.cpu(), outer.cpu())
+        seen += keep
+    G.prior.fit(sums, counts, outer)
     return int(counts.sum())
 
 
-def autoencoder_init(G: PriorGenerator, D: nn.Module, batches: Iterator, batches_once, steps: int, env) -> dict:
-    """BAGAN's initialisation of G and D (see the module docstring); returns its record (steps, losses, seconds,
-    codes fitted)."""
-    t0 = time.monotonic()
+def autoencoder_init(G: PriorGenerator, D: nn.Module, batches: Iterator, every_image, n_images: int, steps: int,
+                     env, clock=time.monotonic) -> dict:
+    """BAGAN's initialisation of G and D (see the module docstring): `steps` autoencoder steps on `batches` (each
+    rank its own), then the prior from `every_image` (see fit_prior). Returns its record (steps, first and last
+    reconstruction error, codes fitted, seconds by `clock`)."""
+    t0 = clock()
     encoder = Encoder(D, G.latent_dim).to(env.device)
     losses = _train(G, encoder, batches, steps, env)
-    codes = fit_prior(G, encoder, batches_once, env)
+    codes = fit_prior(G, encoder, every_image, n_images)
     return {"steps": steps, "mse_first": losses[0] if losses else None, "mse_last": losses[-1] if losses else None,
-            "codes_fitted": codes, "seconds": round(time.monotonic() - t0, 3)}
+            "codes_fitted": codes, "seconds": round(clock() - t0, 3)}
