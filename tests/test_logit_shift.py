@@ -80,3 +80,5 @@ def test_an_unfinished_run_is_refused(finished_run, tmp_path):
     target = json.loads((finished_run / "results.json").read_text())["classes"][0]
     with pytest.raises(ValueError, match="not a finished"):
         shifted_scores(copy, {target: 1.0})
+    with pytest.raises(ValueError, match="not classes of"):
+        shifted_scores(finished_run, {"no such class": 1.0})

@@ -24,11 +24,12 @@ from hpcgan.classify.shift import shift_like, shifted_scores  # noqa: E402
 
 
 def table(result: dict) -> str:
-    names = sorted(result["shift"], key=lambda c: -result["shift"][c])[:4]
+    order = sorted(result["shift"], key=lambda c: -result["shift"][c])   # the classes shifted most first
+    names = order[:4]
     head = ["scored", "balanced acc.", "macro-F1", *(f"{c} recall" for c in names)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, label in (("plain", "kept weights"), ("shifted", "with the shift " + ", ".join(
-            f"{c} +{result['shift'][c]:.3f}" for c in sorted(result["shift"], key=lambda c: -result["shift"][c])))):
+            f"{c} +{result['shift'][c]:.3f}" for c in order))):
         sc = result[key]
         recall = [f"{sc['per_class']['recall'][c]:.3f}" if sc["per_class"]["recall"][c] is not None else "–"
                   for c in names]

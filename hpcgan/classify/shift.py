@@ -74,6 +74,9 @@ def shifted_scores(run_dir: str | Path, shift: dict[str, float] | str, batch_siz
     classes = list(cfg["classes"])
     if isinstance(shift, str):
         shift = parse_shift(shift, classes)
+    unknown = sorted(set(shift) - set(classes))
+    if unknown:   # a shift taken --like another run, or given as a dict: its classes must be this run's
+        raise ValueError(f"shift for {unknown}: not classes of {run_dir} ({', '.join(classes)})")
     if cfg.get("score_split") == "val":
         raise ValueError(f"{run_dir} is a rival search's run, scored on val only: the test split is not for it")
     if read_status(run_dir).get("state") != "finished":
