@@ -31,10 +31,15 @@
                generator loss adds noisy_twins * barlow_twins_loss(w of the first halves, w of the second): the
                mapping's output stays the same across twins, its dimensions decorrelated over the batch (each
                rank's own batch under DDP: NoisyTwins' code all-reduces the correlation matrix across GPUs)
+  utlo_alpha   UTLO (Khorram et al. 2024), with class_from: the generator's unconditional layers also draw a
+               low-resolution image (`fakes`), the real images are average-pooled to its size, and the critic
+               scores both through its low-resolution path and an unconditional head (D(x, low=True)); each side's
+               adversarial loss becomes (L(high-resolution, conditional) + alpha L(low, unconditional)) / (1 + alpha),
+               as in the authors' code. The penalties (GP, R1) stay on the high-resolution path
 Stats (detached tensors, averaged and logged by the loop): d_loss, g_loss, gp (GP and R1), wdist (E[D(real)] -
 E[D(fake)]), ac_acc_real / ac_acc_fake (the auxiliary classifier's accuracy on real and on generated
 images, the paper's Figs. 7-8), info_loss, ms_ratio (mode seeking's image/noise distance ratio), gsr (the gSR
-penalty), twins (the Barlow Twins term, unweighted).
+penalty), twins (the Barlow Twins term, unweighted), utlo (the critic's low-resolution adversarial loss, unweighted).
 """
 from __future__ import annotations
 
@@ -49,7 +54,8 @@ from hpcgan.latent import Latent
 from hpcgan.models.registry import ADVERSARIAL, GANSpec
 from hpcgan.models.twins import class_noise_mapping
 
-STAT_KEYS = ("d_loss", "g_loss", "gp", "wdist", "ac_acc_real", "ac_acc_fake", "info_loss", "ms_ratio", "gsr", "twins")
+STAT_KEYS = ("d_loss", "g_loss", "gp", "wdist", "ac_acc_real", "ac_acc_fake", "info_loss", "ms_ratio", "gsr", "twins",
+             "utlo")
 MS_EPS = 1e-5
 BT_OFF_DIAGONAL = 0.05   # Barlow Twins' weight of the off-diagonal correlations (NoisyTwins' configs: 0.05)
 
@@ -77,11 +83,29 @@ class GANObjective:
     def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return diff_augment(x, self.policy, gen) if self.policy else x
 
-    def _critic(self, D: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> dict:
-        """D's heads, cast to fp32 so losses and statistics are computed in full precision."""
+    def _critic(self, D: nn.Module, x: torch.Tensor, y: torch.Tensor | None, low: bool = False) -> dict:
+        """D's heads (low: its unconditional low-resolution score, UTLO), cast to fp32 so losses and statistics
+        are computed in full precision."""
         with self.autocast():
-            out = D(x, y)
+            out = D(x, None, low=True) if low else D(x, y)
         return {k: v.float() for k, v in out.items()}
+
+    def fakes(self, G: nn.Module, latent: Latent) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """G's images of `latent` in fp32, and (UTLO, utlo_alpha > 0) its unconditional low-resolution images,
+        else None. Under torch.no_grad() for a critic step."""
+        with self.autocast():
+            out = G(latent.z, latent.y, low_res=True) if self.spec.utlo_alpha > 0 else (G(latent.z, latent.y), None)
+        return out[0].float(), (None if out[1] is None else out[1].float())
+
+    def _with_low(self, adv: torch.Tensor, adv_low: torch.Tensor) -> torch.Tensor:
+        a = self.spec.utlo_alpha
+        return (adv + a * adv_low) / (1 + a)
+
+    def _low_scores(self, D: nn.Module, x_low: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
+        if x_low is None:
+            raise ValueError(f"{self.spec.name}: utlo_alpha > 0 scores low-resolution images too: pass fake_low "
+                             "(GANObjective.fakes)")
+        return self._critic(D, self._augment(x_low, gen), None, low=True)["adv"]
 
     def _info_loss(self, out: dict, latent: Latent) -> torch.Tensor | None:
         s = self.spec
@@ -96,10 +120,12 @@ class GANObjective:
 
     # ---- losses ----------------------------------------------------------------------------------
     def critic_loss(self, D: nn.Module, real: torch.Tensor, y_real: torch.Tensor, fake: torch.Tensor,
-                    latent: Latent, gen: torch.Generator, grad_scale: float | None = None, step: int = 0):
-        """(loss, stats) of one critic step. `fake` should be detached. `grad_scale`: the fp16 GradScaler's
-        current scale (the penalty's inner gradient is taken of scaled outputs, then unscaled). `step`: the
-        critic step, which decides whether a lazy penalty (gp_every > 1) is due."""
+                    latent: Latent, gen: torch.Generator, grad_scale: float | None = None, step: int = 0,
+                    fake_low: torch.Tensor | None = None):
+        """(loss, stats) of one critic step. `fake` (and `fake_low`, UTLO's low-resolution images: `fakes`) should
+        be detached. `grad_scale`: the fp16 GradScaler's current scale (the penalty's inner gradient is taken of
+        scaled outputs, then unscaled). `step`: the critic step, which decides whether a lazy penalty (gp_every >
+        1) is due."""
         s = self.spec
         y_fake_d = latent.y if latent.y is not None else y_real  # projection critic needs some label
         real_in, fake_in = self._augment(real, gen), self._augment(fake, gen)
@@ -107,6 +133,11 @@ class GANObjective:
         out_f = self._critic(D, fake_in, y_fake_d)
         loss = self.critic_adversarial(out_r["adv"], out_f["adv"])
         stats = {"wdist": (out_r["adv"].mean() - out_f["adv"].mean()).detach()}
+        if s.utlo_alpha > 0:
+            real_low = F.avg_pool2d(real, real.shape[-1] // fake_low.shape[-1]) if fake_low is not None else None
+            low = self.critic_adversarial(self._low_scores(D, real_low, gen), self._low_scores(D, fake_low, gen))
+            loss = self._with_low(loss, low)
+            stats["utlo"] = low.detach()
         if (s.gp_lambda > 0 or s.r1_gamma > 0) and step % s.gp_every == 0:
             gp = 0.0
             if s.gp_lambda > 0:
@@ -168,13 +199,17 @@ class GANObjective:
         return (self._input_gradient_norms(D, real, y, grad_scale) ** 2).mean()
 
     def generator_loss(self, D: nn.Module, fake: torch.Tensor, latent: Latent, gen: torch.Generator,
-                       y_for_critic: torch.Tensor | None = None, G: nn.Module | None = None):
-        """(loss, stats) of one generator step; `fake` = G(latent.z, latent.y) with its graph; `G` (unwrapped):
-        the generator, for the spec's regularisers of its weights (gsr_weight)."""
+                       y_for_critic: torch.Tensor | None = None, G: nn.Module | None = None,
+                       fake_low: torch.Tensor | None = None):
+        """(loss, stats) of one generator step; `fake` = G(latent.z, latent.y) with its graph (and `fake_low`,
+        UTLO's low-resolution images: `fakes`); `G` (unwrapped): the generator, for the spec's regularisers of its
+        weights (gsr_weight)."""
         s = self.spec
         y_d = latent.y if latent.y is not None else y_for_critic
         out = self._critic(D, self._augment(fake, gen), y_d)
         loss = self.generator_adversarial(out["adv"])
+        if s.utlo_alpha > 0:
+            loss = self._with_low(loss, self.generator_adversarial(self._low_scores(D, fake_low, gen)))
         stats = {}
         if s.ac_weight > 0:
             ac = F.cross_entropy(out["cls"], latent.y)

@@ -366,11 +366,11 @@ class Trainer:
 
         # critic: D(real), D(fake.detach()), gradient penalty -> one backward
         lat = sample_latent(self.spec, n, gen, num_classes=self.num_classes, labels=self.labels, device=env.device)
-        with torch.no_grad(), obj.autocast():
-            fake = self.G(lat.z, lat.y)
+        with torch.no_grad():
+            fake, fake_low = obj.fakes(self.G, lat)
         self.opt_D.zero_grad(set_to_none=True)
         scale = self.scaler_D.get_scale() if self.scaler_D else None
-        d_loss, stats = obj.critic_loss(self.D, real, y, fake.float(), lat, gen, scale, step=step)
+        d_loss, stats = obj.critic_loss(self.D, real, y, fake, lat, gen, scale, step=step, fake_low=fake_low)
         self._backward(d_loss, self.scaler_D)
         flags = torch.stack([self._local_bad(d_loss, self.D, self.opt_D, self.scaler_D).float(),
                              torch.tensor(float(stop_requested), device=d_loss.device)])
@@ -389,9 +389,9 @@ class Trainer:
             no_sync = self.D.no_sync() if isinstance(self.D, DDP) else contextlib.nullcontext()
             try:
                 with no_sync:
-                    with obj.autocast():
-                        fake = self.G(lat.z, lat.y)
-                    g_loss, g_stats = obj.generator_loss(self.D, fake.float(), lat, gen, y, G=unwrap(self.G))
+                    fake, fake_low = obj.fakes(self.G, lat)
+                    g_loss, g_stats = obj.generator_loss(self.D, fake, lat, gen, y, G=unwrap(self.G),
+                                                         fake_low=fake_low)
                     self._backward(g_loss, self.scaler_G)
             finally:
                 unwrap(self.D).requires_grad_(True)
@@ -876,12 +876,13 @@ _MUST_MATCH = ("name", "generator", "critic", "conditional", "critic_condition",
 
 def _architecture(model: dict) -> dict:
     """What a checkpoint's weights are of: the spec keys that shape them (a key newer than the checkpoint: its
-    default), and whether NoisyTwins' mapping and BAGAN's prior are there (their weight and steps may change, their
-    presence may not)."""
+    default), and whether NoisyTwins' mapping, BAGAN's prior and UTLO's low-resolution layers are there (their weight
+    and steps may change, their presence may not)."""
     defaults = field_defaults(GANSpec)
     arch = {f"model.{k}": model.get(k, defaults.get(k)) for k in _MUST_MATCH}
     arch["model.noisy_twins > 0"] = float(model.get("noisy_twins", defaults["noisy_twins"])) > 0
     arch["model.ae_init > 0"] = int(model.get("ae_init", defaults["ae_init"])) > 0
+    arch["model.utlo_alpha > 0"] = float(model.get("utlo_alpha", defaults["utlo_alpha"])) > 0
     return arch
 
 

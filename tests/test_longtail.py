@@ -1,7 +1,8 @@
 """Long-tail options of the class-conditional generators (issue 20): group spectral regularisation (gSR,
 model.gsr_weight), class conditioning only from a resolution up (model.class_from, UTLO's generator half) and
-NoisyTwins (model.noisy_twins) and BAGAN's autoencoder initialisation (model.ae_init); known answers, and each under torchrun on 2 ranks with a bit-exact resume like
-every model."""
+the rest of UTLO (model.utlo_alpha: the unconditional layers' low-resolution image and the critic's unconditional
+low-resolution path), NoisyTwins (model.noisy_twins) and BAGAN's autoencoder initialisation (model.ae_init); known
+answers, and each under torchrun on 2 ranks with a bit-exact resume like every model."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +10,7 @@ import subprocess
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hpcgan.models.blocks import ConditionalBatchNorm2d, PlainBatchNorm2d
 from hpcgan.latent import sample_latent
@@ -54,6 +56,82 @@ def test_class_from_leaves_low_resolutions_unconditional():
     low_a = seen["8x8"]
     b = G(z, torch.tensor([1, 1]))
     assert torch.equal(low_a, seen["8x8"]) and not torch.equal(a, b)
+
+
+def utlo_spec(model: str = "cellgan", **kw) -> GANSpec:
+    return GANSpec.from_config({**dataclasses.asdict(load_spec(model)), "width": 8, "z_dim": 16, "class_from": 16,
+                                "utlo_alpha": 3.0, **kw})
+
+
+@pytest.mark.parametrize("model", ["cellgan", "sngan_proj"])
+def test_utlo_low_resolution_image_is_unconditional(model):
+    """With class_from=16 at 32 px, G(z, y, low_res=True) also returns the 8x8 image of its unconditional layers:
+    the same for any label, while the 32 px image is the plain forward's and depends on it. The critic's
+    low-resolution path scores it without the label."""
+    torch.manual_seed(0)
+    G, D = build_model(utlo_spec(model), 3, 32)
+    G.eval()
+    D.eval()
+    z = torch.randn(2, G.latent_dim)
+    a, low_a = G(z, torch.tensor([0, 0]), low_res=True)
+    b, low_b = G(z, torch.tensor([2, 2]), low_res=True)
+    assert low_a.shape == (2, 3, 8, 8) and torch.equal(low_a, low_b)
+    assert torch.equal(a, G(z, torch.tensor([0, 0]))) and not torch.equal(a, b)
+    out = D(low_a, torch.tensor([0, 1]), low=True)
+    assert set(out) == {"adv"} and out["adv"].shape == (2,)
+    assert torch.equal(out["adv"], D(low_a, None, low=True)["adv"])
+
+
+def test_utlo_objective_known_answer():
+    """alpha = 3: each side's adversarial loss is 1/4 of the conditional one on 32 px images plus 3/4 of the
+    unconditional one on 8 px images (the real ones average-pooled 4x4), the auxiliary classifier's terms
+    unweighted, as computed here from the same networks by hand (no DiffAugment, so no randomness)."""
+    torch.manual_seed(0)
+    spec = utlo_spec()
+    G, D = build_model(spec, 3, 32)
+    obj = GANObjective(spec, 3, diffaug=None)
+    lat = sample_latent(spec, 6, torch.Generator().manual_seed(1), num_classes=3)
+    real, y = torch.rand(6, 3, 32, 32) * 2 - 1, torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():
+        fake, fake_low = obj.fakes(G, lat)
+    loss, stats = obj.critic_loss(D, real, y, fake, lat, torch.Generator(), fake_low=fake_low)
+
+    def bce(logits, target):
+        return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+    r, f = D(real, y), D(fake, lat.y)
+    rl, fl = D(F.avg_pool2d(real, 4), None, low=True)["adv"], D(fake_low, None, low=True)["adv"]
+    adv, adv_low = bce(r["adv"], 1) + bce(f["adv"], 0), bce(rl, 1) + bce(fl, 0)
+    ac = 0.5 * (F.cross_entropy(r["cls"], y) + F.cross_entropy(f["cls"], lat.y))
+    assert loss.item() == pytest.approx((adv / 4 + 3 * adv_low / 4 + ac).item(), rel=1e-5)
+    assert stats["utlo"].item() == pytest.approx(adv_low.item(), rel=1e-5)
+
+    fake, fake_low = obj.fakes(G, lat)
+    g_loss, _ = obj.generator_loss(D, fake, lat, torch.Generator(), G=G, fake_low=fake_low)
+    f = D(fake, lat.y)
+    expected = (bce(f["adv"], 1) + 3 * bce(D(fake_low, None, low=True)["adv"], 1)) / 4 + 0.5 * F.cross_entropy(
+        f["cls"], lat.y)
+    assert g_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    g_loss.backward()   # the low-resolution term reaches the unconditional layers and the low image's own conv
+    assert G.to_rgb_low[0].weight.grad.abs().sum() > 0 and G.convs[0].weight.grad.abs().sum() > 0
+
+
+def test_utlo_is_refused_where_it_cannot_act():
+    with pytest.raises(SettingsError, match="set class_from too"):
+        utlo_spec(class_from=0)
+    with pytest.raises(SettingsError, match="utlo_alpha"):
+        utlo_spec(utlo_alpha=-1.0)
+    G, D = build_model(dataclasses.replace(load_spec("cellgan"), width=8, class_from=16), 3, 32)
+    with pytest.raises(ValueError, match="utlo_alpha > 0"):
+        G(torch.randn(1, G.latent_dim), torch.tensor([0]), low_res=True)
+    with pytest.raises(ValueError, match="utlo_alpha > 0"):
+        D(torch.rand(1, 3, 8, 8), None, low=True)
+    spec = utlo_spec()
+    G, D = build_model(spec, 3, 32)
+    lat = sample_latent(spec, 2, torch.Generator(), num_classes=3)
+    with pytest.raises(ValueError, match="pass fake_low"):
+        GANObjective(spec, 3).critic_loss(D, torch.rand(2, 3, 32, 32), lat.y, torch.rand(2, 3, 32, 32), lat,
+                                          torch.Generator())
 
 
 def twins_spec(**kw) -> GANSpec:
@@ -207,13 +285,14 @@ def test_bagan_starts_the_residual_models_too(model):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("option, column", [("model.gsr_weight=0.5", "gsr"), ("model.class_from=16", None),
+                                            ("model.class_from=16 model.utlo_alpha=1", "utlo"),
                                             ("model.noisy_twins=0.01", "twins"), ("model.ae_init=3", None)],
-                         ids=["gsr", "class_from", "noisy_twins", "ae_init"])
+                         ids=["gsr", "class_from", "utlo", "noisy_twins", "ae_init"])
 def test_long_tail_option_under_torchrun_resumes_exactly(shards_with_an_empty_class, tmp_path, option,  # noqa: F811
                                                         column):
     shards = shards_with_an_empty_class   # classes a, b, c with 16 images each and d with none
     args = ["model=cellgan", "ckpt_every=2", "log_every=2", "sample_every=0", "ema=0.9", "balance_classes=true",
-            option]
+            *option.split()]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for rd, steps in ((straight, 6), (resumed, 2), (resumed, 6)):
         p = subprocess.run(cli(shards, rd, f"steps={steps}", *args, nproc=2), env=ENV, capture_output=True, text=True)

@@ -68,10 +68,11 @@ class PriorGenerator(nn.Module):
         self.net, self.latent_dim = net, latent_dim
         self.prior = LatentPrior(num_classes, latent_dim)
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None, **kw):
+        """kw: the wrapped generator's options (low_res, UTLO)."""
         if y is None:
             raise ValueError("a BAGAN generator is conditional: call G(z, y) with labels y")
-        return self.net(self.prior(z, y), y)
+        return self.net(self.prior(z, y), y, **kw)
 
 
 class Encoder(nn.Module):

@@ -100,6 +100,15 @@ def class_norm(channels: int, num_classes: int, resolution: int, class_from: int
     return PlainBatchNorm2d(channels)
 
 
+def utlo_level(class_from: int) -> int:
+    """UTLO's unconditional low-resolution image (the spec's utlo_alpha; Khorram et al. 2024) is drawn at the last
+    generator resolution that class_from leaves unconditional, the largest power of two below class_from:
+    4 * 2^level px."""
+    if class_from <= 4:
+        raise ValueError(f"utlo_alpha needs class_from > 4 (unconditional layers to draw its image), got {class_from}")
+    return math.ceil(math.log2(class_from)) - 3
+
+
 class CondResBlockUp(nn.Module):
     """ResBlockUp with conditional batch norm (SNGAN's generator block):
     CBN-ReLU-up-conv-CBN-ReLU-conv + conv1x1-up shortcut (a 1x1 conv commutes with nearest upsampling)."""
@@ -159,6 +168,8 @@ class CriticHeads(nn.Module):
       cls_twin (spec.ac_twin)               linear -> num_classes (TAC-GAN's classifier of generated images)
       q_cat  (spec.info_cat > 0)            linear -> info_cat
       q_cont (spec.info_cont > 0)           linear -> info_cont
+      adv_low (spec.utlo_alpha > 0)         linear -> 1, unconditional: UTLO's head for the critic's low-resolution
+                                            path (`low`), on images of utlo_level(spec.class_from)
     """
 
     def __init__(self, spec, num_classes: int, features: int):
@@ -172,6 +183,7 @@ class CriticHeads(nn.Module):
         self.cls_twin = nn.Linear(features, num_classes) if spec.ac_twin else None
         self.q_cat = nn.Linear(features, spec.info_cat) if spec.info_cat > 0 else None
         self.q_cont = nn.Linear(features, spec.info_cont) if spec.info_cont > 0 else None
+        self.adv_low = nn.Linear(features, 1) if spec.utlo_alpha > 0 else None
 
     def forward(self, h: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
         adv = self.adv(h).squeeze(1)
@@ -185,6 +197,12 @@ class CriticHeads(nn.Module):
             if head is not None:
                 out[name] = head(h)
         return out
+
+    def low(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The unconditional score of low-resolution features (UTLO): {"adv": [B]}."""
+        if self.adv_low is None:
+            raise ValueError("this critic has no low-resolution head: it needs a spec with utlo_alpha > 0")
+        return {"adv": self.adv_low(h).squeeze(1)}
 
 
 SPECTRAL_NORMED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)

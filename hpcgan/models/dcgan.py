@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from hpcgan.models.blocks import (ConditionalBatchNorm2d, CriticHeads, channels_at, check_labels, check_latent,
-                                  class_norm, dcgan_init, norm_2d, num_resamples, require_conditional)
+                                  class_norm, dcgan_init, norm_2d, num_resamples, require_conditional,
+                                  utlo_level)
 from hpcgan.models.builders import register_critic, register_generator
 from hpcgan.models.twins import MAPPING_DIM, TWIN_DIM, ClassNoiseMapping
 
@@ -50,10 +51,12 @@ class CBNDCGANGenerator(nn.Module):
     """DCGANGenerator (conditional) with ConditionalBatchNorm2d in place of every BatchNorm2d."""
 
     def __init__(self, latent_dim: int, num_classes: int, image_size: int, width: int, class_from: int = 0,
-                 twin_sigma: float | None = None):
+                 twin_sigma: float | None = None, low_rgb: bool = False):
         """class_from: layers below this resolution are unconditional and the label is not at the input when
         class_from > 4 (blocks.class_norm; the spec's class_from). twin_sigma: NoisyTwins' class-embedding noise
-        (hpcgan.models.twins): a mapping of [z noise, noisy embed(y)] is the input instead of [z, embed(y)]."""
+        (hpcgan.models.twins): a mapping of [z noise, noisy embed(y)] is the input instead of [z, embed(y)].
+        low_rgb: UTLO's low-resolution image, a 3x3 conv + tanh on the last unconditional layer
+        (forward(low_res=True); the spec's utlo_alpha)."""
         super().__init__()
         self.latent_dim = latent_dim
         n_up = num_resamples(image_size)
@@ -68,6 +71,9 @@ class CBNDCGANGenerator(nn.Module):
                                    + [nn.ConvTranspose2d(ch[i], ch[i + 1], 4, 2, 1, bias=False) for i in range(n_up - 1)])
         self.norms = nn.ModuleList([class_norm(c, num_classes, 4 * 2 ** i, class_from) for i, c in enumerate(ch)])
         self.to_rgb = nn.Sequential(nn.ConvTranspose2d(ch[-1], 3, 4, 2, 1), nn.Tanh())
+        self.low_index = utlo_level(class_from) if low_rgb else None   # layer i is 4 * 2^i px
+        self.to_rgb_low = (nn.Sequential(nn.Conv2d(ch[self.low_index], 3, 3, padding=1), nn.Tanh()) if low_rgb
+                           else None)
         dcgan_init(self)
         for norm in self.norms:   # dcgan_init drew the embeddings N(0, 0.02): gains start near 1, biases at 0
             if isinstance(norm, ConditionalBatchNorm2d):
@@ -76,17 +82,23 @@ class CBNDCGANGenerator(nn.Module):
         if self.mapping is not None:
             self.mapping.reset_parameters()
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None, low_res: bool = False):
+        """Images [B, 3, S, S]; with low_res=True (UTLO), (images, the unconditional layers' low-resolution images)."""
         check_latent(z, self.latent_dim)
         check_labels(y, z.shape[0])
+        if low_res and self.to_rgb_low is None:
+            raise ValueError("this generator draws no low-resolution image: it needs a spec with utlo_alpha > 0")
         if self.mapping is not None:
             h = self.mapping(z, y)
         else:
             h = z if self.embed is None else torch.cat([z, self.embed(y).to(z.dtype)], dim=1)
         h = h[:, :, None, None]
-        for conv, norm in zip(self.convs, self.norms):
+        low = None
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             h = torch.relu(norm(conv(h), y))
-        return self.to_rgb(h)
+            if low_res and i == self.low_index:
+                low = self.to_rgb_low(h)
+        return (self.to_rgb(h), low) if low_res else self.to_rgb(h)
 
 
 class DCGANCritic(nn.Module):
@@ -102,14 +114,28 @@ class DCGANCritic(nn.Module):
                        norm_2d(spec.critic_norm, ch[i + 1]), nn.LeakyReLU(0.2)]
         self.net = nn.Sequential(*layers)
         self.heads = CriticHeads(spec, num_classes, ch[-1] * 16)
+        if spec.utlo_alpha > 0:   # UTLO: low-resolution images enter where net's features have their resolution
+            j = num_resamples(image_size) - utlo_level(spec.class_from) - 1   # res[j] = L
+            self.low_from = 2 + 3 * j   # net[:2] makes res[0], each later [conv, norm, act] the next
+            self.from_rgb_low = nn.Sequential(nn.Conv2d(3, ch[j], 1), nn.LeakyReLU(0.2))
+        else:
+            self.from_rgb_low = None
         dcgan_init(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The flattened 4x4 features the heads read (also BAGAN's encoder trunk, hpcgan.models.bagan)."""
         return self.net(x).flatten(1)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, low: bool = False) -> dict[str, torch.Tensor]:
+        """The spec's heads on images; low=True: UTLO's unconditional score of low-resolution images (y unused)."""
+        if low:
+            return self.heads.low(self.low_features(x))
         return self.heads(self.features(x), y)
+
+    def low_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.from_rgb_low is None:
+            raise ValueError("this critic has no low-resolution path: it needs a spec with utlo_alpha > 0")
+        return self.net[self.low_from:](self.from_rgb_low(x)).flatten(1)
 
 
 @register_generator("dcgan")
@@ -121,7 +147,8 @@ def build_dcgan_generator(spec, num_classes: int, image_size: int) -> nn.Module:
 def build_dcgan_cbn_generator(spec, num_classes: int, image_size: int) -> nn.Module:
     require_conditional(spec, "dcgan_cbn", "dcgan")
     return CBNDCGANGenerator(spec.latent_dim, num_classes, image_size, spec.width, spec.class_from,
-                             twin_sigma=spec.twin_sigma if spec.noisy_twins > 0 else None)
+                             twin_sigma=spec.twin_sigma if spec.noisy_twins > 0 else None,
+                             low_rgb=spec.utlo_alpha > 0)
 
 
 @register_critic("dcgan")

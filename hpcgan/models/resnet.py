@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 
 from hpcgan.models.blocks import (CondResBlockUp, CriticHeads, LabelTo4x4, ResBlockDown, ResBlockUp, activation,
-                                  channels_at, check_labels, check_latent, num_resamples, require_conditional)
+                                  channels_at, check_labels, check_latent, num_resamples, require_conditional,
+                                  utlo_level)
 from hpcgan.models.builders import register_critic, register_generator
 
 
@@ -52,7 +53,10 @@ class ResNetGenerator(nn.Module):
 class CBNResNetGenerator(nn.Module):
     """The class-conditional ResNet generator with conditional batch norm in every block (SNGAN, BigGAN)."""
 
-    def __init__(self, latent_dim: int, num_classes: int, image_size: int, width: int, class_from: int = 0):
+    def __init__(self, latent_dim: int, num_classes: int, image_size: int, width: int, class_from: int = 0,
+                 low_rgb: bool = False):
+        """class_from: see blocks.class_norm; low_rgb: UTLO's low-resolution image (BN-ReLU-conv-tanh on the last
+        unconditional features; forward(low_res=True); the spec's utlo_alpha)."""
         super().__init__()
         self.latent_dim = latent_dim
         n_up = num_resamples(image_size)
@@ -62,14 +66,25 @@ class CBNResNetGenerator(nn.Module):
         self.blocks = nn.ModuleList([CondResBlockUp(ch[i], ch[i + 1], num_classes, 4 * 2 ** i, class_from)
                                      for i in range(n_up)])
         self.to_rgb = nn.Sequential(nn.BatchNorm2d(ch[-1]), nn.ReLU(), nn.Conv2d(ch[-1], 3, 3, padding=1), nn.Tanh())
+        # features at 4 * 2^k px: the 4x4 input (k = 0) or block k - 1's output
+        self.low_index = utlo_level(class_from) if low_rgb else None
+        self.to_rgb_low = (nn.Sequential(nn.BatchNorm2d(ch[self.low_index]), nn.ReLU(),
+                                         nn.Conv2d(ch[self.low_index], 3, 3, padding=1), nn.Tanh())
+                           if low_rgb else None)
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None, low_res: bool = False):
+        """Images [B, 3, S, S]; with low_res=True (UTLO), (images, the unconditional layers' low-resolution images)."""
         check_latent(z, self.latent_dim)
         check_labels(y, z.shape[0])
+        if low_res and self.to_rgb_low is None:
+            raise ValueError("this generator draws no low-resolution image: it needs a spec with utlo_alpha > 0")
         h = self.z_to_4x4(z).view(-1, self.z_channels, 4, 4)
-        for block in self.blocks:
+        low = self.to_rgb_low(h) if low_res and self.low_index == 0 else None
+        for k, block in enumerate(self.blocks, start=1):
             h = block(h, y)
-        return self.to_rgb(h)
+            if low_res and k == self.low_index:
+                low = self.to_rgb_low(h)
+        return (self.to_rgb(h), low) if low_res else self.to_rgb(h)
 
 
 class ResNetCritic(nn.Module):
@@ -86,13 +101,27 @@ class ResNetCritic(nn.Module):
                                       for i in range(n_down)])
         self.act = activation(act)
         self.heads = CriticHeads(spec, num_classes, ch[-1])
+        # UTLO: low-resolution images enter through their own stem where the blocks' features have their size
+        self.low_from = n_down - utlo_level(spec.class_from) if spec.utlo_alpha > 0 else None
+        self.from_rgb_low = (nn.Conv2d(3, ch[self.low_from], 3, padding=1) if spec.utlo_alpha > 0 else None)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled features the heads read (also BAGAN's encoder trunk, hpcgan.models.bagan)."""
-        h = self.act(self.blocks(self.stem(x)))
+        return self._pooled(self.blocks(self.stem(x)))
+
+    def low_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.from_rgb_low is None:
+            raise ValueError("this critic has no low-resolution path: it needs a spec with utlo_alpha > 0")
+        return self._pooled(self.blocks[self.low_from:](self.from_rgb_low(x)))
+
+    def _pooled(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.act(h)
         return h.mean(dim=(2, 3)) if self.pool == "mean" else h.sum(dim=(2, 3))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, low: bool = False) -> dict[str, torch.Tensor]:
+        """The spec's heads on images; low=True: UTLO's unconditional score of low-resolution images (y unused)."""
+        if low:
+            return self.heads.low(self.low_features(x))
         return self.heads(self.features(x), y)
 
 
@@ -109,7 +138,8 @@ def build_resnet_critic(spec, num_classes: int, image_size: int) -> nn.Module:
 @register_generator("resnet_cbn")
 def build_cbn_resnet_generator(spec, num_classes: int, image_size: int) -> nn.Module:
     require_conditional(spec, "resnet_cbn", "resnet")
-    return CBNResNetGenerator(spec.latent_dim, num_classes, image_size, spec.width, spec.class_from)
+    return CBNResNetGenerator(spec.latent_dim, num_classes, image_size, spec.width, spec.class_from,
+                              low_rgb=spec.utlo_alpha > 0)
 
 
 @register_critic("sngan")
