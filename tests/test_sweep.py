@@ -177,7 +177,8 @@ def test_the_lever_study_trains_variants_of_one_model_and_names_their_sets(tmp_p
     assert "synthetic_name=cellgan-curated" in on["cellgan-curated"].argv
     assert not any(a.startswith("synthetic_name=") for a in on["cellgan"].argv)
     assert "synthetic/cellgan-curated-s0-32" in on["cellgan-curated"].deps
-    assert len([t for t in tasks.values() if t.stage == "rival"]) == 2 + 11 * 3         # rival, full; 11 sets x 3
+    assert tasks["gan/cellgan-utlo-full-s0-32"].argv[-2:] == ["model.class_from=16", "model.utlo_alpha=1.0"]
+    assert len([t for t in tasks.values() if t.stage == "rival"]) == 2 + 12 * 3         # rival, full; 12 sets x 3
 
 
 @pytest.mark.parametrize("overrides, message", [
