@@ -6,6 +6,7 @@ answers, and each under torchrun on 2 ranks with a bit-exact resume like every m
 from __future__ import annotations
 
 import dataclasses
+import math
 import subprocess
 
 import pytest
@@ -20,6 +21,7 @@ from hpcgan.models.registry import GANSpec, build_model, load_spec
 from hpcgan.models.twins import TWIN_DIM, class_noise_mapping, fit_class_noise
 from hpcgan.objectives import GANObjective, barlow_twins_loss, gsr_penalty
 from hpcgan.settings import SettingsError
+from hpcgan.train import _check_compatible
 
 from test_train import ENV, assert_same_weights, cli, shards_with_an_empty_class, status  # noqa: F401  (fixture)
 
@@ -112,15 +114,51 @@ def test_utlo_objective_known_answer():
     expected = (bce(f["adv"], 1) + 3 * bce(D(fake_low, None, low=True)["adv"], 1)) / 4 + 0.5 * F.cross_entropy(
         f["cls"], lat.y)
     assert g_loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    g_loss.backward()   # the low-resolution term reaches the unconditional layers and the low image's own conv
+    loss.backward()     # the critic's low-resolution term trains its own input conv and head
+    assert D.from_rgb_low[0].weight.grad.abs().sum() > 0 and D.heads.adv_low.weight.grad.abs().sum() > 0
+
+    G.zero_grad()       # the generator's low-resolution term alone reaches the unconditional layers only
+    fake, fake_low = obj.fakes(G, lat)
+    bce(D(fake_low, None, low=True)["adv"], 1).backward()
     assert G.to_rgb_low[0].weight.grad.abs().sum() > 0 and G.convs[0].weight.grad.abs().sum() > 0
+    assert G.norms[2].gain.weight.grad is None and G.to_rgb[0].weight.grad is None
 
 
-def test_utlo_is_refused_where_it_cannot_act():
+@pytest.mark.parametrize("size", [32, 64, 128])
+@pytest.mark.parametrize("generator, critic", [("dcgan_cbn", "dcgan"), ("resnet_cbn", "resnet"),
+                                               ("resnet_cbn", "sngan")])
+def test_utlo_low_image_enters_the_critic_where_its_trunk_has_that_size(size, generator, critic):
+    """For every class_from that leaves a conditional layer, the low image is at the largest power of two below
+    class_from, and the critic's low-resolution input conv gives features of exactly the shape its trunk has at
+    the stage where the low path joins it; a class_from that leaves no conditional layer is refused."""
+    last = size // 2 if generator == "dcgan_cbn" else size   # the highest resolution with a batch norm
+    for class_from in (8, 12, 16, 32, 64, 128, 256):
+        spec = dataclasses.replace(load_spec("cellgan"), generator=generator, critic=critic, width=4, z_dim=8,
+                                   critic_norm="none", class_from=class_from, utlo_alpha=1.0)
+        if class_from > last:
+            with pytest.raises(ValueError, match="leaves no class-conditional layer"):
+                build_model(spec, 3, size)
+            continue
+        G, D = build_model(spec, 3, size)
+        img, low = G(torch.randn(2, spec.latent_dim), torch.tensor([0, 1]), low_res=True)
+        expected = 2 ** (math.ceil(math.log2(class_from)) - 1)
+        assert low.shape == (2, 3, expected, expected) and img.shape == (2, 3, size, size)
+        trunk = D.net[:D.low_from](img) if critic == "dcgan" else D.blocks[:D.low_from](D.stem(img))
+        assert D.from_rgb_low(low).shape == trunk.shape
+        assert D(low, None, low=True)["adv"].shape == (2,)
+
+
+def test_utlo_is_refused_where_it_cannot_act(tmp_path):
     with pytest.raises(SettingsError, match="set class_from too"):
         utlo_spec(class_from=0)
     with pytest.raises(SettingsError, match="utlo_alpha"):
         utlo_spec(utlo_alpha=-1.0)
+    with pytest.raises(SettingsError, match="unbounded"):
+        utlo_spec(adversarial="wasserstein", gp_lambda=10.0, critic_norm="none")
+    on = {"model": {**dataclasses.asdict(utlo_spec())}}
+    with pytest.raises(ValueError, match=r"model.utlo_alpha > 0: False -> True"):   # resume cannot switch it
+        _check_compatible({"model": {**on["model"], "utlo_alpha": 0.0}}, on, tmp_path)
+    _check_compatible({"model": {**on["model"], "utlo_alpha": 0.5}}, on, tmp_path)   # its weight may change
     G, D = build_model(dataclasses.replace(load_spec("cellgan"), width=8, class_from=16), 3, 32)
     with pytest.raises(ValueError, match="utlo_alpha > 0"):
         G(torch.randn(1, G.latent_dim), torch.tensor([0]), low_res=True)

@@ -87,9 +87,10 @@ class GANSpec:
                                        # resolution structure shared by every class (the generator half of UTLO,
                                        # Khorram et al. 2024); 0: every layer conditional
     utlo_alpha: float = 0.0            # long tail: the rest of UTLO: the unconditional layers (below class_from) also
-                                       # draw a class_from/2 px image, which the critic scores through a low-resolution
-                                       # path and an unconditional head; the adversarial loss is (L_cond + alpha
-                                       # L_uncond) / (1 + alpha) on both sides (hpcgan.objectives); 0: off
+                                       # draw an image at the largest power of two below class_from (16: 8 px), which
+                                       # the critic scores through a low-resolution path and an unconditional head;
+                                       # the adversarial loss is (L_cond + alpha L_uncond) / (1 + alpha) on both
+                                       # sides (hpcgan.objectives); 0: off
     noisy_twins: float = 0.0           # long tail: NoisyTwins (Rangwani et al. CVPR 2023) Barlow Twins weight on the
                                        # mapping of noisy class embeddings (hpcgan.models.twins; 0 = off; paper 0.01)
     twin_sigma: float = 0.75           # NoisyTwins: the class-embedding noise's std for a class with many images
@@ -133,6 +134,10 @@ class GANSpec:
         if spec.utlo_alpha > 0 and not spec.class_from:
             raise SettingsError(f"{spec.name}: utlo_alpha scores the image of the generator's unconditional layers; "
                                 "set class_from too (e.g. model.class_from=16), or utlo_alpha=0")
+        if spec.utlo_alpha > 0 and spec.adversarial == "wasserstein" and not (spec.spectral_norm or spec.clip > 0):
+            raise SettingsError(f"{spec.name}: utlo_alpha's low-resolution critic path is not under the gradient "
+                                "penalty, so a Wasserstein critic would be unbounded there; use adversarial=bce or "
+                                "hinge, or spectral_norm=true")
         if spec.noisy_twins > 0:
             _check_noisy_twins(spec)
         if spec.ae_init > 0:

@@ -68,6 +68,9 @@ class CBNResNetGenerator(nn.Module):
         self.to_rgb = nn.Sequential(nn.BatchNorm2d(ch[-1]), nn.ReLU(), nn.Conv2d(ch[-1], 3, 3, padding=1), nn.Tanh())
         # features at 4 * 2^k px: the 4x4 input (k = 0) or block k - 1's output
         self.low_index = utlo_level(class_from) if low_rgb else None
+        if low_rgb and self.low_index >= n_up:
+            raise ValueError(f"class_from={class_from} leaves no class-conditional layer in a {image_size} px "
+                             "resnet_cbn generator: lower it")
         self.to_rgb_low = (nn.Sequential(nn.BatchNorm2d(ch[self.low_index]), nn.ReLU(),
                                          nn.Conv2d(ch[self.low_index], 3, 3, padding=1), nn.Tanh())
                            if low_rgb else None)
