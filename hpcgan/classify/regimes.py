@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 SAMPLING = ("shuffled", "balanced")
 LOSSES = ("ce", "weighted", "logit_adjust")
+PRIOR_LOSSES = LOSSES[1:]   # the losses that weigh by the class counts (and so by the `prior` axis)
 AXES = ("sampling", "loss", "augment", "synthetic_count", "real_share", "prior")
 PRIORS = ("all", "real")
 NEWER_AXES = {"prior": "all"}   # axes that records (checkpoints, results) may predate: their value there
@@ -156,7 +157,7 @@ def compose(preset: str, sampling: str | None = None, loss: str | None = None, a
 def check_final(r: Regime) -> Regime:
     """A regime as it will train (its loss final: after a rival's recipe filled it): ValueError where an axis
     changes nothing."""
-    if r.prior == "real" and r.loss not in ("weighted", "logit_adjust"):
+    if r.prior == "real" and r.loss not in PRIOR_LOSSES:
         raise ValueError(f"prior=real changes nothing with loss={r.loss}: it weighs a weighted or logit_adjust loss "
                          f"(regime {r.name})")
     return r
