@@ -9,7 +9,7 @@ from typing import Iterable
 
 from hpcgan import CONFIG_DIR
 from hpcgan.settings import SettingsError, parse
-from hpcgan.sweep.settings import StudySettings
+from hpcgan.sweep.settings import StudySettings, override_key
 
 
 def _add_or_set(override: str) -> str:
@@ -25,10 +25,6 @@ def _add_or_set(override: str) -> str:
 REPLACED_KEYS = ("data.scarce", "data.sources")
 
 
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def load_study(name: str, overrides: Iterable[str] = ()) -> StudySettings:
     """configs/study/<name>.yaml (with its cluster file) + Hydra overrides -> StudySettings. `~KEY` removes a
     key (its schema default applies); REPLACED_KEYS are replaced, not merged."""
@@ -40,7 +36,7 @@ def load_study(name: str, overrides: Iterable[str] = ()) -> StudySettings:
         known = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "study").glob("*.yaml")))
         raise SettingsError(f"study={name}: no configs/study/{name}.yaml (studies: {known})")
     overrides = list(overrides)
-    after = [o for o in overrides if o.startswith("~") or _key(o) in REPLACED_KEYS]
+    after = [o for o in overrides if o.startswith("~") or override_key(o) in REPLACED_KEYS]
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             cfg = compose(f"study/{name}", overrides=[_add_or_set(o) for o in overrides if o not in after])
@@ -114,7 +110,7 @@ def _replace_or_remove(cfg, overrides: list[str]) -> None:
     parser = OverridesParser.create()
     with open_dict(cfg):
         for o in overrides:
-            key = _key(o)
+            key = override_key(o)
             if not _schema_has(StudySettings, key.split(".")):
                 raise SettingsError(f"{o}: the study has no key {key}")
             if o.startswith("~"):

@@ -365,10 +365,15 @@ STUDY_KEYS = {
                  "tag": "classify.rival_search, classify.full or classify.on_rival"}}
 
 
+def override_key(override: str) -> str:
+    """The key a Hydra override sets: `++a.b=v`, `~a.b`, `group@pkg=v` -> `a.b`, `group`."""
+    return re.split(r"[=@]", override, maxsplit=1)[0].strip().lstrip("+~")
+
+
 def check_study_keys(key: str, overrides: list[str], stage: str) -> None:
     """Refuse an override (of `key`) that sets a setting the study gives `stage`'s commands itself."""
     for o in overrides:
-        name = re.split(r"[=@]", o, maxsplit=1)[0].strip().lstrip("+~")
+        name = override_key(o)
         if name in STUDY_KEYS[stage]:
             raise SettingsError(f"{key}: {o!r} sets {name}, which the study gives every {stage} command itself; "
                                 f"set it with {STUDY_KEYS[stage][name]}")
