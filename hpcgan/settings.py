@@ -16,6 +16,7 @@ for the `tools/` entry points.
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from typing import Any, Iterator, Mapping, TypeVar
 
@@ -94,3 +95,8 @@ def exit_on_error(tool: str, *errors: type[BaseException]) -> Iterator[None]:
     except (SettingsError, *errors) as e:
         print(f"{tool}: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def override_key(override: str) -> str:
+    """The key a Hydra override sets: `++a.b=v`, `~a.b`, `group@pkg=v` -> `a.b`, `group`."""
+    return re.split(r"[=@]", override, maxsplit=1)[0].strip().lstrip("+~")

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Iterable
 
 from hpcgan import CONFIG_DIR
-from hpcgan.settings import SettingsError, parse
-from hpcgan.sweep.settings import StudySettings, override_key
+from hpcgan.settings import SettingsError, override_key, parse
+from hpcgan.sweep.settings import StudySettings
 
 
 def _add_or_set(override: str) -> str:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hpcgan import CONFIG_DIR, REPO_ROOT
-from hpcgan.settings import MISSING, SettingsError, check_choice, check_range
+from hpcgan.settings import MISSING, SettingsError, check_choice, check_range, override_key
 
 FORMAT = 1
 STAGES = ("simulate", "shard", "features", "train", "generate", "evaluate", "classify", "rival")
@@ -363,11 +363,6 @@ STUDY_KEYS = {
                  "synthetic_name": "generate.variants", "recipe_from": "classify.rival_search",
                  "synthetic_count": "a regime's axis: 'original+synthetic synthetic_count=N' in classify.regimes",
                  "tag": "classify.rival_search, classify.full or classify.on_rival"}}
-
-
-def override_key(override: str) -> str:
-    """The key a Hydra override sets: `++a.b=v`, `~a.b`, `group@pkg=v` -> `a.b`, `group`."""
-    return re.split(r"[=@]", override, maxsplit=1)[0].strip().lstrip("+~")
 
 
 def check_study_keys(key: str, overrides: list[str], stage: str) -> None:
