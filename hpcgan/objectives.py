@@ -101,10 +101,13 @@ class GANObjective:
         a = self.spec.utlo_alpha
         return (adv + a * adv_low) / (1 + a)
 
-    def _low_scores(self, D: nn.Module, x_low: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
-        if x_low is None:
+    def _required_low(self, fake_low: torch.Tensor | None) -> torch.Tensor:
+        if fake_low is None:
             raise ValueError(f"{self.spec.name}: utlo_alpha > 0 scores low-resolution images too: pass fake_low "
                              "(GANObjective.fakes)")
+        return fake_low
+
+    def _low_scores(self, D: nn.Module, x_low: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return self._critic(D, self._augment(x_low, gen), None, low=True)["adv"]
 
     def _info_loss(self, out: dict, latent: Latent) -> torch.Tensor | None:
@@ -134,7 +137,8 @@ class GANObjective:
         loss = self.critic_adversarial(out_r["adv"], out_f["adv"])
         stats = {"wdist": (out_r["adv"].mean() - out_f["adv"].mean()).detach()}
         if s.utlo_alpha > 0:
-            real_low = F.avg_pool2d(real, real.shape[-1] // fake_low.shape[-1]) if fake_low is not None else None
+            fake_low = self._required_low(fake_low)
+            real_low = F.avg_pool2d(real, real.shape[-1] // fake_low.shape[-1])
             low = self.critic_adversarial(self._low_scores(D, real_low, gen), self._low_scores(D, fake_low, gen))
             loss = self._with_low(loss, low)
             stats["utlo"] = low.detach()
@@ -209,7 +213,8 @@ class GANObjective:
         out = self._critic(D, self._augment(fake, gen), y_d)
         loss = self.generator_adversarial(out["adv"])
         if s.utlo_alpha > 0:
-            loss = self._with_low(loss, self.generator_adversarial(self._low_scores(D, fake_low, gen)))
+            low = self._low_scores(D, self._required_low(fake_low), gen)
+            loss = self._with_low(loss, self.generator_adversarial(low))
         stats = {}
         if s.ac_weight > 0:
             ac = F.cross_entropy(out["cls"], latent.y)

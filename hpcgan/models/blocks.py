@@ -100,13 +100,17 @@ def class_norm(channels: int, num_classes: int, resolution: int, class_from: int
     return PlainBatchNorm2d(channels)
 
 
-def utlo_level(class_from: int) -> int:
+def utlo_level(class_from: int, conditional_from: int | None = None, generator: str = "") -> int:
     """UTLO's unconditional low-resolution image (the spec's utlo_alpha; Khorram et al. 2024) is drawn at the last
     generator resolution that class_from leaves unconditional, the largest power of two below class_from:
-    4 * 2^level px."""
+    4 * 2^level px. conditional_from: a generator's levels are conditional up to this one (exclusive); a level at
+    or above it leaves no class-conditional layer in `generator` and is refused."""
     if class_from <= 4:
         raise ValueError(f"utlo_alpha needs class_from > 4 (unconditional layers to draw its image), got {class_from}")
-    return math.ceil(math.log2(class_from)) - 3
+    level = math.ceil(math.log2(class_from)) - 3
+    if conditional_from is not None and level >= conditional_from:
+        raise ValueError(f"class_from={class_from} leaves no class-conditional layer in a {generator}: lower it")
+    return level
 
 
 class CondResBlockUp(nn.Module):

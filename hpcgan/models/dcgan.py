@@ -71,10 +71,8 @@ class CBNDCGANGenerator(nn.Module):
                                    + [nn.ConvTranspose2d(ch[i], ch[i + 1], 4, 2, 1, bias=False) for i in range(n_up - 1)])
         self.norms = nn.ModuleList([class_norm(c, num_classes, 4 * 2 ** i, class_from) for i, c in enumerate(ch)])
         self.to_rgb = nn.Sequential(nn.ConvTranspose2d(ch[-1], 3, 4, 2, 1), nn.Tanh())
-        self.low_index = utlo_level(class_from) if low_rgb else None   # layer i is 4 * 2^i px
-        if low_rgb and self.low_index >= n_up - 1:
-            raise ValueError(f"class_from={class_from} leaves no class-conditional layer in a {image_size} px "
-                             "dcgan_cbn generator: lower it")
+        # layer i is 4 * 2^i px; the last one (n_up - 1) must stay conditional
+        self.low_index = utlo_level(class_from, n_up - 1, f"{image_size} px dcgan_cbn generator") if low_rgb else None
         self.to_rgb_low = (nn.Sequential(nn.Conv2d(ch[self.low_index], 3, 3, padding=1), nn.Tanh()) if low_rgb
                            else None)
         dcgan_init(self)

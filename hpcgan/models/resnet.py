@@ -66,11 +66,8 @@ class CBNResNetGenerator(nn.Module):
         self.blocks = nn.ModuleList([CondResBlockUp(ch[i], ch[i + 1], num_classes, 4 * 2 ** i, class_from)
                                      for i in range(n_up)])
         self.to_rgb = nn.Sequential(nn.BatchNorm2d(ch[-1]), nn.ReLU(), nn.Conv2d(ch[-1], 3, 3, padding=1), nn.Tanh())
-        # features at 4 * 2^k px: the 4x4 input (k = 0) or block k - 1's output
-        self.low_index = utlo_level(class_from) if low_rgb else None
-        if low_rgb and self.low_index >= n_up:
-            raise ValueError(f"class_from={class_from} leaves no class-conditional layer in a {image_size} px "
-                             "resnet_cbn generator: lower it")
+        # features at 4 * 2^k px: the 4x4 input (k = 0) or block k - 1's output; the last block's must stay conditional
+        self.low_index = utlo_level(class_from, n_up, f"{image_size} px resnet_cbn generator") if low_rgb else None
         self.to_rgb_low = (nn.Sequential(nn.BatchNorm2d(ch[self.low_index]), nn.ReLU(),
                                          nn.Conv2d(ch[self.low_index], 3, 3, padding=1), nn.Tanh())
                            if low_rgb else None)
