@@ -82,18 +82,9 @@ class Judge:
 def train_judge(seen: dict | None, classes: list[str], image_size: int, *, confidence: float,
                 copy_percentile: float | None, epochs: int, seed: int) -> Judge:
     """The judge of a GAN that trained on `seen` (hpcgan.generate.trained_on of its checkpoint)."""
-    from hpcgan.data.scarce import ScarceError, cut_split
-    from hpcgan.data.shards import read_manifest
-    from hpcgan.metrics.cell import CellTrainSettings, build_net, default_arch, fit, load_split, to_input
-    shards, split = _training_source(seen)
-    try:
-        if list(read_manifest(shards)["classes"]) != list(classes):
-            raise CurationError(f"curate=true: the GAN's shard set {shards} has other classes than its checkpoint")
-        index, _ = cut_split(shards, split, seen.get("scarce"), int(seen.get("scarce_seed") or 0))
-    except (FileNotFoundError, ScarceError) as e:
-        raise CurationError(f"curate=true needs the GAN's training cells ({shards}, split {split}): {e}") from None
+    from hpcgan.metrics.cell import CellTrainSettings, build_net, default_arch, fit, to_input
     s = CellTrainSettings(epochs=epochs, seed=seed, device="cpu", backend="webdataset")   # deterministic
-    x, y = load_split(shards, split, s, torch.device("cpu"), index=index)
+    x, y, (shards, split) = training_cells(seen, classes, "curate=true")
     counts = torch.bincount(y, minlength=len(classes)).float()
     weight = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * int((counts > 0).sum())), 0.0)
     with torch.random.fork_rng(devices=[]):
@@ -112,14 +103,33 @@ def train_judge(seen: dict | None, classes: list[str], image_size: int, *, confi
     return Judge(net, classes, image_size, feats, confidence, copy_percentile, info)
 
 
-def _training_source(seen: dict | None) -> tuple[str, str]:
+def training_cells(seen: dict | None, classes: list[str], who: str) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """Exactly the cells a GAN trained on (`seen`: hpcgan.generate.trained_on of its checkpoint): its shard set, its
+    split and its scarce cut, so never a cell the cut removed, never val or test. (uint8 [N, 3, S, S], labels [N],
+    (shards, split)), decoded deterministically on the CPU. `who` names the option asking, for the errors."""
+    from hpcgan.data.scarce import ScarceError, cut_split
+    from hpcgan.data.shards import read_manifest
+    from hpcgan.metrics.cell import CellTrainSettings, load_split
+    shards, split = _training_source(seen, who)
+    try:
+        if list(read_manifest(shards)["classes"]) != list(classes):
+            raise CurationError(f"{who}: the GAN's shard set {shards} has other classes than its checkpoint")
+        index, _ = cut_split(shards, split, seen.get("scarce"), int(seen.get("scarce_seed") or 0))
+    except (FileNotFoundError, ScarceError) as e:
+        raise CurationError(f"{who} needs the GAN's training cells ({shards}, split {split}): {e}") from None
+    s = CellTrainSettings(device="cpu", backend="webdataset")
+    x, y = load_split(shards, split, s, torch.device("cpu"), index=index)
+    return x, y, (shards, split)
+
+
+def _training_source(seen: dict | None, who: str) -> tuple[str, str]:
     if not seen:
-        raise CurationError("curate=true needs to know what the GAN trained on, and this checkpoint's config does not "
-                            "say (a run from before trained_on was recorded): retrain it, or generate without curate")
+        raise CurationError(f"{who} needs to know what the GAN trained on, and this checkpoint's config does not "
+                            "say (a run from before trained_on was recorded): retrain it, or generate without it")
     shards, split = seen["shards"], seen.get("split", "train")
     if isinstance(shards, (list, tuple)) or not isinstance(split, str):
-        raise CurationError(f"curate=true: the GAN trained on {shards} split {split}; curation supports one shard "
-                            "set and one split (the judge must see exactly what the GAN saw)")
+        raise CurationError(f"{who}: the GAN trained on {shards} split {split}; only one shard set and one split "
+                            "are supported (what reads them must see exactly what the GAN saw)")
     return str(shards), split
 
 

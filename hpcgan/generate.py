@@ -92,6 +92,14 @@ class GenerateSettings:
                                             # distances, hpcgan.metrics.memorisation); null: no copy filter
     curate_max_draws: float = 4.0           # per class, draw at most this many x the images wanted
     curate_epochs: int = 30                 # the judge's training epochs (the last is kept)
+    views: bool = False                     # draw each class's cells around its inverted training cells
+                                            # (hpcgan.views: the GAN's own training cells, never val or test)
+    view_sigma: float = 0.3                 # how far a view strays: anchor latent + view_sigma x N(0, I)
+    view_steps: int = 400                   # Adam steps of each class's inversion
+    view_weight: float = 1e-3               # weight of mean z^2 in the inversion (keeps latents near the prior)
+    view_anchors: int | None = None         # per class, invert at most this many training cells (null: all)
+    view_classes: Any = None                # the classes drawn as views (null: all; "scarce": those the GAN's
+                                            # scarce cut made scarce); the others are drawn as usual
 
     def __post_init__(self) -> None:
         if self.out in (None, MISSING):
@@ -114,6 +122,7 @@ class GenerateSettings:
                 raise GenerateError(f"{name} must be > 0")
         self.seed = _check_count("seed", self.seed)
         self._check_curation()
+        self._check_views()
         t = self.truncation
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
             raise GenerateError(f"truncation={t!r} must be a number > 0 (or null for none)")
@@ -133,6 +142,25 @@ class GenerateSettings:
             raise GenerateError(f"curate_max_draws={self.curate_max_draws!r} must be >= 1")
         if _check_count("curate_epochs", self.curate_epochs) == 0:
             raise GenerateError("curate_epochs must be > 0")
+
+
+    def _check_views(self) -> None:
+        if not self.views:
+            return
+        if self.count is not None:
+            raise GenerateError("views=true draws a class's cells around its training cells: it needs labelled "
+                                "cells (per_class or balance), not count=N")
+        if self.truncation is not None:
+            raise GenerateError("views=true and truncation exclude each other: a view is anchor + view_sigma x "
+                                "noise, which truncation would redraw; drop one")
+        if isinstance(self.view_sigma, bool) or not isinstance(self.view_sigma, (int, float)) or self.view_sigma < 0:
+            raise GenerateError(f"view_sigma={self.view_sigma!r} must be a number >= 0 (0: the reconstructions)")
+        if _check_count("view_steps", self.view_steps) == 0:
+            raise GenerateError("view_steps must be > 0")
+        if not self.view_weight >= 0:
+            raise GenerateError(f"view_weight={self.view_weight!r} must be >= 0")
+        if self.view_anchors is not None and _check_count("view_anchors", self.view_anchors) == 0:
+            raise GenerateError("view_anchors must be > 0 (or null: every training cell of the class)")
 
 
 # ---------------------------------------------------------------- names and seeds
@@ -364,17 +392,19 @@ def balance_counts(classes: list[str], chosen: list[str], balance, shards, real_
 
 @torch.inference_mode()
 def class_images(G, spec: GANSpec, label: int | None, n: int, seed: int, batch_size: int, device,
-                 truncation: float | None = None) -> Iterator[torch.Tensor]:
+                 truncation: float | None = None, views=None) -> Iterator[torch.Tensor]:
     """n images of class `label` (None: an unconditional model) as uint8 [B, 3, S, S] CPU batches of at most
     batch_size, in index order. `seed` seeds the class's latent stream: with class_seed(S, label) these are
     the images generate(seed=S) writes for that class. The latents are drawn at once, so they do not
-    depend on batch_size."""
+    depend on batch_size. `views` (hpcgan.views.Views) moves the stream around the class's anchors."""
     if (label is None) == spec.conditional:
         raise GenerateError(f"{spec.name} is {'' if spec.conditional else 'un'}conditional: "
                             + ("give a class label" if spec.conditional else "give label=None"))
     gen = torch.Generator().manual_seed(seed)
     y = None if label is None else torch.full((n,), label, dtype=torch.int64)
     latent = sample_latent(spec, n, gen, y=y, truncation=truncation)
+    if views is not None:
+        latent.z = views.move(latent.z, label)
     for start in range(0, n, batch_size):
         batch = slice(start, start + batch_size)
         y_batch = None if latent.y is None else latent.y[batch].to(device)
@@ -395,9 +425,9 @@ def to_png(images: torch.Tensor) -> list[bytes]:
 
 
 def generate_class(G, spec: GANSpec, label: int | None, n: int, seed: int, batch_size: int,
-                   device, truncation: float | None = None) -> Iterator[bytes]:
+                   device, truncation: float | None = None, views=None) -> Iterator[bytes]:
     """PNG bytes of class_images(...), one image at a time, in index order."""
-    for batch in class_images(G, spec, label, n, seed, batch_size, device, truncation):
+    for batch in class_images(G, spec, label, n, seed, batch_size, device, truncation, views):
         yield from to_png(batch)
 
 
@@ -443,11 +473,13 @@ def write_synthetic(s: GenerateSettings) -> dict:
         logger.warning("nothing to generate (every chosen class already has enough images): %s will hold a "
                        "manifest but no '%s' shards, so do not pass it to the loader", out, s.split)
     judge = _judge(s, ckpt, classes, image_size) if s.curate and total else None
+    views = _views(s, G, spec, ckpt, classes, plan) if s.views and total else None
     with atomic_dir(out) as staging:
-        shard_list, images, tallies = _write_images(staging, G, spec, classes, plan, s, ckpt, judge)
+        shard_list, images, tallies = _write_images(staging, G, spec, classes, plan, s, ckpt, judge, views)
         manifest = _manifest(s, spec, classes, image_size, plan, shard_list, images, ckpt, balance_info,
                              real_taxonomy, str(next(G.parameters()).device))
         manifest["curation"] = _curation_record(s, judge, tallies)
+        manifest["views"] = views.record if views is not None else None
         manifest = write_manifest(staging, manifest)
         if shard_list:  # the same picture tools/shard.py leaves beside real shards
             from hpcgan.viz import shard_contact_sheet
@@ -516,17 +548,49 @@ def _judge(s: GenerateSettings, ckpt: dict, classes: list[str], image_size: int)
         raise GenerateError(str(e)) from None
 
 
-def _class_pngs(G, spec: GANSpec, label: int | None, n: int, s: GenerateSettings, device, judge, tally):
-    """(index, PNG bytes, extra manifest fields) of the class's images: the first n of its latent order, or with
-    a judge the first n it keeps of at most curate_max_draws x n (tally counts them; hpcgan.curate)."""
+def _views(s: GenerateSettings, G, spec: GANSpec, ckpt: dict, classes: list[str], plan: dict[str, int]):
+    from hpcgan.curate import CurationError
+    from hpcgan.views import fit_views
+    seen = trained_on(ckpt["config"])
+    try:
+        return fit_views(G, spec, seen, classes, _view_classes(s.view_classes, plan, seen), sigma=s.view_sigma,
+                         steps=s.view_steps, weight=s.view_weight, anchors=s.view_anchors, seed=s.seed)
+    except CurationError as e:
+        raise GenerateError(str(e)) from None
+
+
+def _view_classes(wanted, plan: dict[str, int], seen: dict | None) -> list[str]:
+    """The planned classes view_classes names: null every one, "scarce" those the GAN's scarce cut cut."""
+    planned = [c for c, n in plan.items() if n]
+    if wanted == "scarce":
+        cut = list(((seen or {}).get("scarce") or {}))
+        if not cut:
+            raise GenerateError("view_classes=scarce: the checkpoint's run cut no class (no scarce= in what it "
+                                "trained on); name the classes, or null for all")
+        return [c for c in planned if c in cut]
+    if wanted is None or wanted == "all":
+        return planned
+    named = [w.strip() for w in wanted.split(",")] if isinstance(wanted, str) else list(wanted)
+    stray = [c for c in named if c not in planned]
+    if stray:
+        raise GenerateError(f"view_classes: {stray} are not among the classes this set generates ({planned})")
+    return [c for c in planned if c in named]
+
+
+def _class_pngs(G, spec: GANSpec, label: int | None, n: int, s: GenerateSettings, device, judge, tally,
+                views=None):
+    """(index, PNG bytes, extra manifest fields) of the class's images: the first n of its latent order (around
+    its anchors with views), or with a judge the first n it keeps of at most curate_max_draws x n (tally counts
+    them; hpcgan.curate)."""
     seed = class_seed(s.seed, label)
     if judge is None or n == 0:
-        for index, data in enumerate(generate_class(G, spec, label, n, seed, s.batch_size, device, s.truncation)):
+        for index, data in enumerate(generate_class(G, spec, label, n, seed, s.batch_size, device, s.truncation,
+                                                    views)):
             yield index, data, {}
         return
     from hpcgan.curate import curated
     draws = int(np.ceil(n * s.curate_max_draws))
-    batches = class_images(G, spec, label, draws, seed, s.batch_size, device, s.truncation)
+    batches = class_images(G, spec, label, draws, seed, s.batch_size, device, s.truncation, views)
     for index, img, p, distance in curated(batches, judge, label, n, tally):
         yield index, to_png(img[None])[0], {"judge_p": round(p, 4), "copy_distance": round(distance, 4)}
 
@@ -544,7 +608,7 @@ def _curation_record(s: GenerateSettings, judge, tallies: dict) -> dict | None:
 
 
 def _write_images(staging: Path, G, spec: GANSpec, classes: list[str], plan: dict[str, int], s: GenerateSettings,
-                  ckpt: dict, judge=None) -> tuple[list[dict], list[dict], dict]:
+                  ckpt: dict, judge=None, views=None) -> tuple[list[dict], list[dict], dict]:
     """Generate every planned image into shards (labelled) and/or the PNG folder, through the judge when curating;
     (shard dicts, image list, {class: hpcgan.curate.ClassTally} when curating)."""
     from hpcgan.curate import ClassTally
@@ -561,7 +625,7 @@ def _write_images(staging: Path, G, spec: GANSpec, classes: list[str], plan: dic
         for cls, n in plan.items():
             label = classes.index(cls) if labelled else -1
             g_label = label if labelled else None
-            for index, data, extra in _class_pngs(G, spec, g_label, n, s, device, judge, tallies.get(cls)):
+            for index, data, extra in _class_pngs(G, spec, g_label, n, s, device, judge, tallies.get(cls), views):
                 key = sample_key(cls, index)
                 rel = f"png/{slug(cls)}/{key}.png" if s.png else None
                 if rel is not None:

@@ -1,0 +1,94 @@
+"""Generative views of the GAN's own training cells (issue 20; tools/generate.py views=true).
+
+A class cut to 20 real cells gets, from a GAN trained on them, the GAN's own version of the class, which the lever
+studies found unlike the real cells (docs/studies.md). Views stay near the real cells instead. Each training cell x
+of a class is inverted into the generator by optimisation (Creswell & Bharath 2016, "Inverting the generator of a
+GAN"):
+
+    z_x = argmin_z  mean (G(z, y) - x)^2  +  weight * mean z^2        (Adam, `steps` steps, from 0.1 x a draw)
+
+and the class's synthetic cells are G(z_x + sigma * eps, y), eps ~ N(0, I), the class's anchors taken in turn:
+latent i of the class's stream (hpcgan.generate.class_images) becomes anchor i mod k plus sigma times itself.
+That is Chai et al.'s "generative views" (CVPR 2021: perturbed latents of an inverted real image), used as training
+data. sigma = 0 gives the reconstructions themselves.
+
+Only the cells the GAN trained on are read (hpcgan.curate.training_cells: the shard set, split and scarce cut its
+checkpoint records), never a cell the cut removed, val or test. Each class inverts up to `anchors` of its training
+cells (null: all), the first in shard order. The synthetic manifest's "views" records sigma, steps, weight and per
+class the anchors used and their reconstruction error. Same checkpoint, settings and seed -> the same anchors.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from hpcgan.latent import sample_latent
+
+logger = logging.getLogger(__name__)
+
+INIT_SCALE = 0.1   # the inversion starts from 0.1 x a latent draw: near the prior's centre, not at one point
+LR = 0.05          # Adam's step size for the latents (per-latent problems of a few hundred dimensions)
+
+
+class Views:
+    """Per class label, the inverted latents of its training cells (anchors), and how far views stray (sigma)."""
+
+    def __init__(self, anchors: dict[int, torch.Tensor], sigma: float, record: dict):
+        self.anchors, self.sigma, self.record = anchors, float(sigma), record
+
+    def move(self, z: torch.Tensor, label: int | None) -> torch.Tensor:
+        """The class's latent stream z [n, D] -> its views: anchor i mod k + sigma * z_i (other classes: z)."""
+        a = self.anchors.get(label)
+        if a is None:
+            return z
+        return a[torch.arange(len(z)) % len(a)].to(z) + self.sigma * z
+
+
+def invert(G, spec, x: torch.Tensor, label: int, *, steps: int, weight: float, seed: int) -> tuple[torch.Tensor, float]:
+    """Latents [n, D] whose images G(z, label) best match x (float [n, 3, S, S] in [-1, 1]) in mean squared error,
+    with `weight` x mean z^2 keeping them near the prior; and that error. G is not changed (eval mode, no grads)."""
+    n = len(x)
+    y = torch.full((n,), label, dtype=torch.int64, device=x.device)
+    start = sample_latent(spec, n, torch.Generator().manual_seed(seed), y=y.cpu()).z.to(x.device)
+    z = (INIT_SCALE * start).requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=LR)
+    grads = [p.requires_grad for p in G.parameters()]
+    try:
+        for p in G.parameters():
+            p.requires_grad_(False)
+        for _ in range(steps):
+            loss = F.mse_loss(G(z, y).float(), x) + weight * z.pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            error = float(F.mse_loss(G(z, y).float(), x))
+    finally:
+        for p, g in zip(G.parameters(), grads):
+            p.requires_grad_(g)
+    return z.detach(), error
+
+
+def fit_views(G, spec, seen: dict | None, classes: list[str], chosen: list[str], *, sigma: float, steps: int,
+              weight: float, anchors: int | None, seed: int) -> Views:
+    """The views of the `chosen` classes from the training cells of the GAN that trained on `seen`."""
+    from hpcgan.curate import training_cells
+    x_u8, y, (shards, split) = training_cells(seen, classes, "views=true")
+    device = next(G.parameters()).device
+    latents, per_class = {}, {}
+    for cls in chosen:
+        label = classes.index(cls)
+        cells = x_u8[y == label][:anchors]
+        if not len(cells):
+            continue
+        x = cells.to(device).float().sub_(127.5).div_(127.5)
+        latents[label], error = invert(G, spec, x, label, steps=steps, weight=weight, seed=seed + label)
+        per_class[cls] = {"anchors": len(cells), "reconstruction_mse": round(error, 6)}
+        logger.info("views: %s, %d training cells inverted, reconstruction MSE %.4f", cls, len(cells), error)
+    record = {"sigma": sigma, "steps": steps, "weight": weight, "anchors": anchors, "seed": seed,
+              "from": {"shards": shards, "split": split, "scarce": seen.get("scarce"),
+                       "scarce_seed": seen.get("scarce_seed")},
+              "classes": per_class}
+    return Views(latents, sigma, record)

@@ -1,0 +1,123 @@
+"""Generative views (hpcgan.views, tools/generate.py views=true): a class's cells drawn around its own training cells,
+each inverted into the generator. Inversion recovers a planted latent; sigma moves the stream around the anchors
+as said; only the GAN's cut train split is read (a removed cell or a val/test cell would fail to decode); the
+manifest records the views."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import pytest
+import torch
+
+from hpcgan.data.shards import iter_samples, read_manifest
+from hpcgan.generate import GenerateError, generate
+from hpcgan.models.registry import build_model, load_spec
+from hpcgan.views import Views, invert
+from test_curate import CLASSES, CUT, gan_run, write_set
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    return write_set(tmp_path_factory.mktemp("views_real"))
+
+
+class ToyGenerator(torch.nn.Module):
+    """G(z, y) = tanh(W z + b_y) as 3 x 8 x 8 images: every image it can make depends on all of z."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = torch.nn.Linear(16, 3 * 8 * 8)
+        self.b = torch.nn.Embedding(len(CLASSES), 3 * 8 * 8)
+
+    def forward(self, z, y):
+        return torch.tanh(self.w(z) + self.b(y)).view(-1, 3, 8, 8)
+
+
+def test_inversion_recovers_a_planted_latent():
+    """Images the generator can make exactly (G(z*, y)) are found again: the latents and the error fall to a small
+    fraction of the starting point's, and the generator is left as it was."""
+    G = ToyGenerator().eval()
+    spec = dataclasses.replace(load_spec("cgan"), z_dim=16)
+    before = {k: v.clone() for k, v in G.state_dict().items()}
+    z_star = 0.8 * torch.randn(6, 16, generator=torch.Generator().manual_seed(3))
+    y = torch.full((6,), 1)
+    with torch.no_grad():
+        x = G(z_star, y)
+    z0, start_error = invert(G, spec, x, 1, steps=1, weight=0.0, seed=0)
+    z, error = invert(G, spec, x, 1, steps=500, weight=0.0, seed=0)
+    assert error < 1e-3 * start_error
+    assert (z - z_star).abs().max() < 0.05 < (z0 - z_star).abs().max()
+    with torch.no_grad():
+        assert torch.nn.functional.mse_loss(G(z, y), x).item() == pytest.approx(error, rel=1e-5)
+    assert all(torch.equal(v, G.state_dict()[k]) for k, v in before.items())
+    assert all(p.requires_grad for p in G.parameters())
+
+
+def test_views_move_the_stream_around_the_anchors_in_turn():
+    anchors = torch.arange(6.0).reshape(3, 2)
+    z = torch.ones(7, 2)
+    at = Views({4: anchors}, 0.0, {}).move(z, 4)
+    assert torch.equal(at, anchors[[0, 1, 2, 0, 1, 2, 0]])       # sigma 0: the anchors themselves, in turn
+    assert torch.equal(Views({4: anchors}, 0.5, {}).move(z, 4), at + 0.5)
+    assert Views({4: anchors}, 0.5, {}).move(z, 2) is z           # a class without anchors: its own stream
+
+
+def decoded(out):
+    """{key: sha256 of the PNG} of a synthetic set's train shards."""
+    return {k: hashlib.sha256(data).hexdigest() for k, data, _, _, _ in iter_samples(out, "train")}
+
+
+def test_generate_views_read_only_the_cut_train_split_and_are_recorded(real, tmp_path):
+    """write_set plants GARBAGE for the cells the cut removed and for val/test: reading one would fail. Every
+    training cell of each class becomes an anchor (red: the 4 the cut kept); sigma 0 repeats them in turn."""
+    shards, _, _ = real
+    run = gan_run(tmp_path / "gan", shards)
+    kw = dict(run_dir=run, png=False, progress=False, device="cpu", views=True, view_steps=3)
+    m = generate(out=tmp_path / "v0", per_class=6, view_sigma=0.0, **kw)
+    views = m["views"]
+    assert {c: v["anchors"] for c, v in views["classes"].items()} == {"red": 4, "green": 16, "blue": 16}
+    assert views["from"] == {"shards": str(shards.resolve()), "split": "train", "scarce": CUT, "scarce_seed": 0}
+    assert views["sigma"] == 0.0 and views["steps"] == 3 and all(v["reconstruction_mse"] >= 0
+                                                                  for v in views["classes"].values())
+    png = decoded(tmp_path / "v0")
+    assert png["syn_red_000004"] == png["syn_red_000000"] and png["syn_red_000005"] == png["syn_red_000001"]
+    assert len({png[f"syn_red_{i:06d}"] for i in range(4)}) == 4
+    assert len({png[f"syn_green_{i:06d}"] for i in range(6)}) == 6     # 16 anchors: no repeat in 6
+    assert read_manifest(tmp_path / "v0")["views"] == views
+    # at most view_anchors per class; sigma > 0 draws new cells; the same settings, the same cells
+    m = generate(out=tmp_path / "v1", per_class=6, view_sigma=0.5, view_anchors=2, **kw)
+    assert {c: v["anchors"] for c, v in m["views"]["classes"].items()} == {c: 2 for c in CLASSES}
+    png1 = decoded(tmp_path / "v1")
+    assert png1["syn_red_000002"] != png1["syn_red_000000"]
+    generate(out=tmp_path / "v2", per_class=6, view_sigma=0.5, view_anchors=2, **kw)
+    assert decoded(tmp_path / "v2") == png1
+    assert generate(out=tmp_path / "plain", per_class=2, **{**kw, "views": False})["views"] is None
+    # only the classes the cut made scarce as views; the others exactly as without views
+    m = generate(out=tmp_path / "scarce", per_class=2, view_classes="scarce", **kw)
+    assert list(m["views"]["classes"]) == ["red"]
+    scarce, plain = decoded(tmp_path / "scarce"), decoded(tmp_path / "plain")
+    assert all(scarce[k] == plain[k] for k in plain if not k.startswith("syn_red"))
+    assert scarce["syn_red_000000"] != plain["syn_red_000000"]
+
+
+def test_views_refuse_what_they_cannot_do(real, tmp_path):
+    shards, _, _ = real
+    run = gan_run(tmp_path / "g", shards)
+    for bad, match in (({"count": 3}, "labelled cells"), ({"per_class": 3, "truncation": 2.0}, "truncation"),
+                       ({"per_class": 3, "view_sigma": -1}, "view_sigma"),
+                       ({"per_class": 3, "view_anchors": 0}, "view_anchors"),
+                       ({"per_class": 3, "view_classes": ["purple"]}, "not among the classes")):
+        with pytest.raises(GenerateError, match=match):
+            generate(run_dir=run, out=tmp_path / "o", views=True, **bad)
+    spec = dataclasses.replace(load_spec("cgan"), width=8, z_dim=16)
+    G, D = build_model(spec, len(CLASSES), 32)
+    from hpcgan.checkpoint import save_checkpoint
+    state = {"step": 1, "epoch": 0, "batch_in_epoch": 0, "G": G.state_dict(), "D": D.state_dict(), "G_ema": None,
+             "config": {"model": dataclasses.asdict(spec), "image_size": 32, "classes": CLASSES},
+             "opt_G": {}, "opt_D": {}, "scaler": None, "rng": {}, "meta": {}}
+    save_checkpoint(tmp_path / "old", state, keep_last=0)
+    with pytest.raises(GenerateError, match="what the GAN trained on"):
+        generate(run_dir=tmp_path / "old", out=tmp_path / "o", per_class=3, views=True, device="cpu", progress=False)
+    assert not (tmp_path / "o").exists()
