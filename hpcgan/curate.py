@@ -110,7 +110,7 @@ def training_cells(seen: dict | None, classes: list[str], who: str) -> tuple[tor
     from hpcgan.data.scarce import ScarceError, cut_split
     from hpcgan.data.shards import read_manifest
     from hpcgan.metrics.cell import CellTrainSettings, load_split
-    shards, split = _training_source(seen, who)
+    shards, split = training_source(seen, who)
     try:
         if list(read_manifest(shards)["classes"]) != list(classes):
             raise CurationError(f"{who}: the GAN's shard set {shards} has other classes than its checkpoint")
@@ -122,7 +122,8 @@ def training_cells(seen: dict | None, classes: list[str], who: str) -> tuple[tor
     return x, y, (shards, split)
 
 
-def _training_source(seen: dict | None, who: str) -> tuple[str, str]:
+def training_source(seen: dict | None, who: str) -> tuple[str, str]:
+    """(shard set, split) the GAN trained on, or a CurationError saying why it cannot be read back."""
     if not seen:
         raise CurationError(f"{who} needs to know what the GAN trained on, and this checkpoint's config does not "
                             "say (a run from before trained_on was recorded): retrain it, or generate without it")

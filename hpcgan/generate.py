@@ -148,8 +148,8 @@ class GenerateSettings:
         if not self.views:
             return
         if self.count is not None:
-            raise GenerateError("views=true draws a class's cells around its training cells: it needs labelled "
-                                "cells (per_class or balance), not count=N")
+            raise GenerateError("views=true draws a class's cells around its training cells: it needs a "
+                                "conditional model and labelled cells (per_class or balance), not count=N")
         if self.truncation is not None:
             raise GenerateError("views=true and truncation exclude each other: a view is anchor + view_sigma x "
                                 "noise, which truncation would redraw; drop one")
@@ -157,8 +157,13 @@ class GenerateSettings:
             raise GenerateError(f"view_sigma={self.view_sigma!r} must be a number >= 0 (0: the reconstructions)")
         if _check_count("view_steps", self.view_steps) == 0:
             raise GenerateError("view_steps must be > 0")
-        if not self.view_weight >= 0:
-            raise GenerateError(f"view_weight={self.view_weight!r} must be >= 0")
+        w = self.view_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise GenerateError(f"view_weight={w!r} must be a number >= 0")
+        c = self.view_classes
+        if not (c is None or isinstance(c, str) or (isinstance(c, (list, tuple))
+                                                    and all(isinstance(v, str) for v in c))):
+            raise GenerateError(f"view_classes={c!r}: give null (every class), scarce, or a list of class names")
         if self.view_anchors is not None and _check_count("view_anchors", self.view_anchors) == 0:
             raise GenerateError("view_anchors must be > 0 (or null: every training cell of the class)")
 
@@ -551,10 +556,13 @@ def _judge(s: GenerateSettings, ckpt: dict, classes: list[str], image_size: int)
 def _views(s: GenerateSettings, G, spec: GANSpec, ckpt: dict, classes: list[str], plan: dict[str, int]):
     from hpcgan.curate import CurationError
     from hpcgan.views import fit_views
+    from hpcgan.curate import training_source
     seen = trained_on(ckpt["config"])
     try:
-        return fit_views(G, spec, seen, classes, _view_classes(s.view_classes, plan, seen), sigma=s.view_sigma,
-                         steps=s.view_steps, weight=s.view_weight, anchors=s.view_anchors, seed=s.seed)
+        training_source(seen, "views=true")
+        chosen = _view_classes(s.view_classes, plan, seen)
+        return fit_views(G, spec, seen, classes, chosen, sigma=s.view_sigma, steps=s.view_steps,
+                         weight=s.view_weight, anchors=s.view_anchors, seed=s.seed, batch_size=s.batch_size)
     except CurationError as e:
         raise GenerateError(str(e)) from None
 
@@ -567,7 +575,11 @@ def _view_classes(wanted, plan: dict[str, int], seen: dict | None) -> list[str]:
         if not cut:
             raise GenerateError("view_classes=scarce: the checkpoint's run cut no class (no scarce= in what it "
                                 "trained on); name the classes, or null for all")
-        return [c for c in planned if c in cut]
+        chosen = [c for c in planned if c in cut]
+        if not chosen:
+            raise GenerateError(f"view_classes=scarce: none of the classes this set generates ({planned}) was cut "
+                                f"(the cut: {cut}); name the classes, or null for all")
+        return chosen
     if wanted is None or wanted == "all":
         return planned
     named = [w.strip() for w in wanted.split(",")] if isinstance(wanted, str) else list(wanted)

@@ -15,14 +15,15 @@ data. sigma = 0 gives the reconstructions themselves.
 Only the cells the GAN trained on are read (hpcgan.curate.training_cells: the shard set, split and scarce cut its
 checkpoint records), never a cell the cut removed, val or test. Each class inverts up to `anchors` of its training
 cells (null: all), the first in shard order. The synthetic manifest's "views" records sigma, steps, weight and per
-class the anchors used and their reconstruction error. Same checkpoint, settings and seed -> the same anchors.
+class the anchors used and their reconstruction error. Same checkpoint, settings and seed -> the same anchors on the
+CPU (a GPU's convolution gradients need not be bitwise repeatable). Views near their real cell may be near-copies
+to curate=true's copy filter.
 """
 from __future__ import annotations
 
 import logging
 
 import torch
-import torch.nn.functional as F
 
 from hpcgan.latent import sample_latent
 
@@ -46,34 +47,49 @@ class Views:
         return a[torch.arange(len(z)) % len(a)].to(z) + self.sigma * z
 
 
-def invert(G, spec, x: torch.Tensor, label: int, *, steps: int, weight: float, seed: int) -> tuple[torch.Tensor, float]:
+def invert(G, spec, x: torch.Tensor, label: int, *, steps: int, weight: float, seed: int,
+           batch_size: int = 64) -> tuple[torch.Tensor, float]:
     """Latents [n, D] whose images G(z, label) best match x (float [n, 3, S, S] in [-1, 1]) in mean squared error,
-    with `weight` x mean z^2 keeping them near the prior; and that error. G is not changed (eval mode, no grads)."""
+    with `weight` x mean z^2 keeping each near the prior; and that error over all n. Each cell's problem is its
+    own (the loss sums the cells' losses, Adam is per element), solved `batch_size` cells at a time. G is run in
+    eval mode (BatchNorm statistics untouched) and left as it was, weights, mode and requires_grad alike."""
     n = len(x)
-    y = torch.full((n,), label, dtype=torch.int64, device=x.device)
-    start = sample_latent(spec, n, torch.Generator().manual_seed(seed), y=y.cpu()).z.to(x.device)
-    z = (INIT_SCALE * start).requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=LR)
-    grads = [p.requires_grad for p in G.parameters()]
+    start = sample_latent(spec, n, torch.Generator().manual_seed(seed),
+                          y=torch.full((n,), label, dtype=torch.int64)).z.to(x.device)
+    mode, grads = G.training, [p.requires_grad for p in G.parameters()]
+    G.eval()
     try:
         for p in G.parameters():
             p.requires_grad_(False)
-        for _ in range(steps):
-            loss = F.mse_loss(G(z, y).float(), x) + weight * z.pow(2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            error = float(F.mse_loss(G(z, y).float(), x))
+        chunks = [_invert_chunk(G, x[i:i + batch_size], INIT_SCALE * start[i:i + batch_size], label, steps, weight)
+                  for i in range(0, n, batch_size)]
     finally:
+        G.train(mode)
         for p, g in zip(G.parameters(), grads):
             p.requires_grad_(g)
+    z = torch.cat([c[0] for c in chunks])
+    return z, sum(c[1] for c in chunks) / n
+
+
+def _invert_chunk(G, x: torch.Tensor, z0: torch.Tensor, label: int, steps: int, weight: float):
+    """(fitted latents, summed per-cell error) of one chunk of cells (see invert)."""
+    y = torch.full((len(x),), label, dtype=torch.int64, device=x.device)
+    z = z0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=LR)
+    for _ in range(steps):
+        per_cell = (G(z, y).float() - x).pow(2).flatten(1).mean(1) + weight * z.pow(2).mean(1)
+        opt.zero_grad(set_to_none=True)
+        per_cell.sum().backward()
+        opt.step()
+    with torch.no_grad():
+        error = (G(z, y).float() - x).pow(2).flatten(1).mean(1).sum().item()
     return z.detach(), error
 
 
 def fit_views(G, spec, seen: dict | None, classes: list[str], chosen: list[str], *, sigma: float, steps: int,
-              weight: float, anchors: int | None, seed: int) -> Views:
-    """The views of the `chosen` classes from the training cells of the GAN that trained on `seen`."""
+              weight: float, anchors: int | None, seed: int, batch_size: int = 64) -> Views:
+    """The views of the `chosen` classes from the training cells of the GAN that trained on `seen` (a chosen class
+    without any is drawn as without views, with a warning)."""
     from hpcgan.curate import training_cells
     x_u8, y, (shards, split) = training_cells(seen, classes, "views=true")
     device = next(G.parameters()).device
@@ -82,9 +98,11 @@ def fit_views(G, spec, seen: dict | None, classes: list[str], chosen: list[str],
         label = classes.index(cls)
         cells = x_u8[y == label][:anchors]
         if not len(cells):
+            logger.warning("views: %s has no training cell to invert; its cells are drawn as without views", cls)
             continue
         x = cells.to(device).float().sub_(127.5).div_(127.5)
-        latents[label], error = invert(G, spec, x, label, steps=steps, weight=weight, seed=seed + label)
+        latents[label], error = invert(G, spec, x, label, steps=steps, weight=weight, seed=seed + label,
+                                       batch_size=batch_size)
         per_class[cls] = {"anchors": len(cells), "reconstruction_mse": round(error, 6)}
         logger.info("views: %s, %d training cells inverted, reconstruction MSE %.4f", cls, len(cells), error)
     record = {"sigma": sigma, "steps": steps, "weight": weight, "anchors": anchors, "seed": seed,

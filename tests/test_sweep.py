@@ -158,6 +158,10 @@ def test_a_command_line_cut_replaces_the_studys_and_tilde_removes_it():
     assert split_args(["study=scarcity", "out=x", "~data.scarce"])[2] == ["~data.scarce"]
 
 
+def argv_has(argv: list[str], *wanted: str) -> bool:
+    return all(w in argv for w in wanted)
+
+
 def test_the_lever_study_trains_variants_of_one_model_and_names_their_sets(tmp_path):
     """Issue 20: a lever is a GAN variant (the model's overrides, then its own) or a set variant (another set
     of a GAN above); classifiers and evaluations name them, so the report keeps them apart."""
@@ -178,7 +182,9 @@ def test_the_lever_study_trains_variants_of_one_model_and_names_their_sets(tmp_p
     assert not any(a.startswith("synthetic_name=") for a in on["cellgan"].argv)
     assert "synthetic/cellgan-curated-s0-32" in on["cellgan-curated"].deps
     assert tasks["gan/cellgan-utlo-full-s0-32"].argv[-2:] == ["model.class_from=16", "model.utlo_alpha=1.0"]
-    assert len([t for t in tasks.values() if t.stage == "rival"]) == 2 + 12 * 3         # rival, full; 12 sets x 3
+    views = tasks["synthetic/cellgan-bagan-views-s0-32"]
+    assert views.deps[0] == "gan/cellgan-bagan-s0-32" and argv_has(views.argv, "views=true", "view_classes=scarce")
+    assert len([t for t in tasks.values() if t.stage == "rival"]) == 2 + 13 * 3         # rival, full; 13 sets x 3
 
 
 @pytest.mark.parametrize("overrides, message", [

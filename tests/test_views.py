@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from hpcgan.data.shards import iter_samples, read_manifest
 from hpcgan.generate import GenerateError, generate
@@ -23,36 +26,44 @@ def real(tmp_path_factory):
 
 
 class ToyGenerator(torch.nn.Module):
-    """G(z, y) = tanh(W z + b_y) as 3 x 8 x 8 images: every image it can make depends on all of z."""
+    """G(z, y) = tanh(BN(W z) + b_y) as 3 x 8 x 8 images: every image it can make depends on all of z; the batch
+    norm's running statistics would move if it ran in training mode."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.w = torch.nn.Linear(16, 3 * 8 * 8)
+        self.bn = torch.nn.BatchNorm1d(3 * 8 * 8)
         self.b = torch.nn.Embedding(len(CLASSES), 3 * 8 * 8)
 
     def forward(self, z, y):
-        return torch.tanh(self.w(z) + self.b(y)).view(-1, 3, 8, 8)
+        return torch.tanh(self.bn(self.w(z)) + self.b(y)).view(-1, 3, 8, 8)
 
 
 def test_inversion_recovers_a_planted_latent():
     """Images the generator can make exactly (G(z*, y)) are found again: the latents and the error fall to a small
-    fraction of the starting point's, and the generator is left as it was."""
-    G = ToyGenerator().eval()
+    fraction of the starting point's, and the generator is left as it was (run in eval mode, its weights, batch
+    norm statistics, mode and requires_grad flags as before); each cell's problem is its own, so chunks of 2 cells
+    find the same latents."""
+    G = ToyGenerator().train()
+    G.b.weight.requires_grad_(False)
     spec = dataclasses.replace(load_spec("cgan"), z_dim=16)
     before = {k: v.clone() for k, v in G.state_dict().items()}
     z_star = 0.8 * torch.randn(6, 16, generator=torch.Generator().manual_seed(3))
     y = torch.full((6,), 1)
     with torch.no_grad():
-        x = G(z_star, y)
+        x = G.eval()(z_star, y)
+    G.train()
     z0, start_error = invert(G, spec, x, 1, steps=1, weight=0.0, seed=0)
     z, error = invert(G, spec, x, 1, steps=500, weight=0.0, seed=0)
     assert error < 1e-3 * start_error
     assert (z - z_star).abs().max() < 0.05 < (z0 - z_star).abs().max()
-    with torch.no_grad():
-        assert torch.nn.functional.mse_loss(G(z, y), x).item() == pytest.approx(error, rel=1e-5)
+    assert G.training and not G.b.weight.requires_grad and G.w.weight.requires_grad and G.bn.weight.requires_grad
     assert all(torch.equal(v, G.state_dict()[k]) for k, v in before.items())
-    assert all(p.requires_grad for p in G.parameters())
+    with torch.no_grad():
+        assert torch.nn.functional.mse_loss(G.eval()(z, y), x).item() == pytest.approx(error, rel=1e-4)
+    z2, error2 = invert(G, spec, x, 1, steps=500, weight=0.0, seed=0, batch_size=2)
+    assert torch.allclose(z2, z, atol=1e-5) and error2 == pytest.approx(error, rel=1e-3)
 
 
 def test_views_move_the_stream_around_the_anchors_in_turn():
@@ -62,6 +73,12 @@ def test_views_move_the_stream_around_the_anchors_in_turn():
     assert torch.equal(at, anchors[[0, 1, 2, 0, 1, 2, 0]])       # sigma 0: the anchors themselves, in turn
     assert torch.equal(Views({4: anchors}, 0.5, {}).move(z, 4), at + 0.5)
     assert Views({4: anchors}, 0.5, {}).move(z, 2) is z           # a class without anchors: its own stream
+
+
+def images(out) -> dict[str, np.ndarray]:
+    """{key: HWC float array} of a synthetic set's train shards."""
+    return {k: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float64)
+            for k, data, _, _, _ in iter_samples(out, "train")}
 
 
 def decoded(out):
@@ -79,9 +96,14 @@ def test_generate_views_read_only_the_cut_train_split_and_are_recorded(real, tmp
     views = m["views"]
     assert {c: v["anchors"] for c, v in views["classes"].items()} == {"red": 4, "green": 16, "blue": 16}
     assert views["from"] == {"shards": str(shards.resolve()), "split": "train", "scarce": CUT, "scarce_seed": 0}
-    assert views["sigma"] == 0.0 and views["steps"] == 3 and all(v["reconstruction_mse"] >= 0
-                                                                  for v in views["classes"].values())
+    assert views["sigma"] == 0.0 and views["steps"] == 3
     png = decoded(tmp_path / "v0")
+    # the recorded error is the written reconstructions' (up to the uint8 rounding): view i of red is cell i's
+    _, train_images, train_labels = real
+    reds = [a for a, label in zip(train_images, train_labels) if label == 0]
+    written = {k: a for k, a in images(tmp_path / "v0").items() if k.startswith("syn_red")}
+    mse = np.mean([((written[f"syn_red_{i:06d}"] / 127.5 - 1) - (reds[i] / 127.5 - 1)) ** 2 for i in range(4)])
+    assert mse == pytest.approx(views["classes"]["red"]["reconstruction_mse"], rel=5e-3)
     assert png["syn_red_000004"] == png["syn_red_000000"] and png["syn_red_000005"] == png["syn_red_000001"]
     assert len({png[f"syn_red_{i:06d}"] for i in range(4)}) == 4
     assert len({png[f"syn_green_{i:06d}"] for i in range(6)}) == 6     # 16 anchors: no repeat in 6
@@ -108,7 +130,10 @@ def test_views_refuse_what_they_cannot_do(real, tmp_path):
     for bad, match in (({"count": 3}, "labelled cells"), ({"per_class": 3, "truncation": 2.0}, "truncation"),
                        ({"per_class": 3, "view_sigma": -1}, "view_sigma"),
                        ({"per_class": 3, "view_anchors": 0}, "view_anchors"),
-                       ({"per_class": 3, "view_classes": ["purple"]}, "not among the classes")):
+                       ({"per_class": 3, "view_classes": ["purple"]}, "not among the classes"),
+                       ({"per_class": 3, "view_classes": 3}, "view_classes=3"),
+                       ({"per_class": 3, "view_weight": "x"}, "view_weight"),
+                       ({"per_class": 3, "classes": ["green"], "view_classes": "scarce"}, "none of the classes")):
         with pytest.raises(GenerateError, match=match):
             generate(run_dir=run, out=tmp_path / "o", views=True, **bad)
     spec = dataclasses.replace(load_spec("cgan"), width=8, z_dim=16)
