@@ -185,14 +185,14 @@ class StopFlag:
         for s, h in self._previous.items():
             signal.signal(s, h)
 
-    def leave(self, env: DistEnv, write_status, step: int, total: int) -> int:
-        """After the run's checkpoint at a stop signal: status "interrupted" (main rank), a line saying how to go
-        on, every rank leaving together; returns the exit code (rundir.EXIT_SIGNAL)."""
+    def leave(self, env: DistEnv, write_status, step: int, total: int,
+              done: str = "checkpoint written; rerun to resume") -> int:
+        """After the run's checkpoint at a stop signal: status "interrupted" (main rank), a line saying what was
+        done and how to go on, every rank leaving together; returns the exit code (rundir.EXIT_SIGNAL)."""
         from hpcgan.rundir import EXIT_SIGNAL
         name = self.name or "a stop signal (on another rank)"
         if env.is_main:
             write_status("interrupted", signal=name)
-            print(f"stopped by {name} at step {step}/{total}; checkpoint written; rerun to resume",
-                  file=sys.stderr, flush=True)
+            print(f"stopped by {name} at step {step}/{total}; {done}", file=sys.stderr, flush=True)
         barrier(env)
         return EXIT_SIGNAL

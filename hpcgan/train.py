@@ -65,6 +65,7 @@ from hpcgan.data.loader import BACKENDS
 from hpcgan.data.shards import NO_TRAINING_IMAGES, unseen_classes
 from hpcgan.gauges import CLASS_SIGNAL_ADVICE, DIVERSITY_COLUMNS, class_signal, grid_diversity
 from hpcgan.latent import sample_latent
+from hpcgan.models.bagan import AutoencoderStopped
 from hpcgan.models.registry import GANSpec, build_model, optimiser_lr
 from hpcgan.objectives import STAT_KEYS, GANObjective
 from hpcgan.progress import Progress
@@ -537,7 +538,10 @@ class TrainingRun:
         ckpt = self.newest_checkpoint()
         if self.step >= self.total or self.budget_spent_by(ckpt):
             return self.already_finished()
-        self.resume(ckpt)
+        try:
+            self.resume(ckpt)
+        except AutoencoderStopped as e:
+            return self.stopped_before_training(e)
         del ckpt
         self.open_outputs()
         if self.loop():
@@ -657,7 +661,8 @@ class TrainingRun:
                 yield from self.loader(epoch, balance=False)
                 epoch += 1
         record = autoencoder_init(G, D, epochs(), self.loader(0, balance=False, whole=True),
-                                  int(sum(self.class_counts.values())), self.spec.ae_init, self.env, self.clock)
+                                  int(sum(self.class_counts.values())), self.spec.ae_init, self.env, self.clock,
+                                  stop_requested=lambda: self.stop_flag.requested)
         self.ae_seconds = record["seconds"]
         logger.info("BAGAN autoencoder: %d steps, reconstruction MSE %.4f -> %.4f, prior from %d codes, %.1f s",
                     record["steps"], record["mse_first"], record["mse_last"], record["codes_fitted"],
@@ -815,6 +820,14 @@ class TrainingRun:
         self.checkpoint()
         self.samples()
         return self.stop_flag.leave(self.env, self.write_status, self.step, self.total)
+
+    def stopped_before_training(self, e: Exception) -> int:
+        """Stopped by a signal before the first GAN step (BAGAN's autoencoder): nothing to checkpoint; status
+        "interrupted" at step 0, and a rerun starts afresh."""
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        return self.stop_flag.leave(self.env, lambda state, **kw: self.write_status(state, phase="autoencoder", **kw),
+                                    0, self.total, done=f"{e}; no checkpoint yet; rerun to start again")
 
     def finish(self) -> None:
         """The last checkpoint and samples, the class check, status "finished"."""

@@ -16,14 +16,15 @@ import torch.nn.functional as F
 from hpcgan.models.blocks import ConditionalBatchNorm2d, PlainBatchNorm2d
 from hpcgan.latent import sample_latent
 from hpcgan.dist import DistEnv
-from hpcgan.models.bagan import LatentPrior, PriorGenerator, autoencoder_init
+from hpcgan.models.bagan import AutoencoderStopped, LatentPrior, PriorGenerator, autoencoder_init
 from hpcgan.models.registry import GANSpec, build_model, load_spec
 from hpcgan.models.twins import TWIN_DIM, class_noise_mapping, fit_class_noise
 from hpcgan.objectives import GANObjective, barlow_twins_loss, gsr_penalty
 from hpcgan.settings import SettingsError
 from hpcgan.train import _check_compatible
 
-from test_train import ENV, assert_same_weights, cli, shards_with_an_empty_class, status  # noqa: F401  (fixture)
+from test_train import (ENV, _children, _rank_of, _wait_for, assert_same_weights, cli,  # noqa: F401  (fixture)
+                        shards_with_an_empty_class, status)
 
 
 def test_gsr_penalty_known_answer():
@@ -306,6 +307,52 @@ def test_bagan_autoencoder_reconstructs_and_leaves_a_prior_per_class():
         made = G(torch.zeros(12, spec.latent_dim), torch.arange(12) % 3).mean(dim=(2, 3))
     nearest = torch.cdist(made, colours).argmin(dim=1)
     assert nearest.tolist() == (torch.arange(12) % 3).tolist()   # each class's colour already, before any GAN step
+
+
+def test_bagan_autoencoder_stops_after_the_step_a_stop_is_asked():
+    """A stop asked during the third step ends the autoencoder after it: three steps taken, no prior fitted."""
+    torch.manual_seed(0)
+    spec = dataclasses.replace(load_spec("cellgan"), width=8, ae_init=40)
+    G, D = build_model(spec, 3, 32)
+    before = {k: v.clone() for k, v in G.state_dict().items()}
+    x, y = torch.rand(6, 3, 32, 32) * 2 - 1, torch.arange(6) % 3
+    asked = iter([False, False, True] + [False] * 100)
+    with pytest.raises(AutoencoderStopped) as stopped:
+        autoencoder_init(G, D, iter([(x, y)] * 40), [(x, y)], 6, 40, DistEnv(), stop_requested=lambda: next(asked))
+    assert (stopped.value.step, stopped.value.steps) == (3, 40) and "after step 3/40" in str(stopped.value)
+    assert next(asked) is False and next(asked) is False   # 3 asked, not more: it left right after step 3
+    assert any(not torch.equal(v, G.state_dict()[k]) for k, v in before.items())   # the 3 steps were taken
+    assert torch.equal(G.prior.scale_tril, torch.eye(spec.latent_dim))     # and no prior fitted
+
+
+@pytest.mark.slow
+def test_a_signal_during_the_autoencoder_stops_every_rank_then_a_rerun_starts_afresh(shards_with_an_empty_class,  # noqa: F811
+                                                                                   tmp_path):
+    """SIGUSR2 to rank 1 alone, during an autoencoder phase far too long to finish: both ranks leave it after the
+    same step, with status "interrupted" (phase autoencoder, step 0) and no checkpoint; the run directory then
+    takes a fresh run."""
+    rd, log = tmp_path / "run", tmp_path / "stderr.txt"
+    args = ["model=cellgan", "sample_every=0", "balance_classes=true"]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cli(shards_with_an_empty_class, rd, "steps=4", "model.ae_init=1000000", *args,
+                                    nproc=2), env=ENV, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        _wait_for(lambda: "BAGAN autoencoder step 100/1000000" in log.read_text(), proc, timeout=300)
+        rank1 = [c for c in _children(proc.pid) if _rank_of(c) == 1]
+        assert len(rank1) == 1
+        import os
+        import signal
+        os.kill(rank1[0], signal.SIGUSR2)
+        proc.wait(timeout=120)
+    text = log.read_text()
+    assert proc.returncode != 0   # torchrun reports the workers' exit code 3 as a failure
+    st = status(rd)
+    assert st["state"] == "interrupted" and st["phase"] == "autoencoder" and st["step"] == 0, st
+    assert "at step 0/4; stopped during BAGAN's autoencoder, after step" in text   # rank 0 heard it from rank 1
+    assert not list(rd.glob("checkpoints/*.pt")) and not (rd / "ae_init.json").exists()
+    p = subprocess.run(cli(shards_with_an_empty_class, rd, "steps=2", "model.ae_init=3", *args, nproc=2), env=ENV,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert status(rd)["state"] == "finished" and status(rd)["step"] == 2
 
 
 @pytest.mark.parametrize("model", ["wgan_gp_ac", "sngan_proj"])

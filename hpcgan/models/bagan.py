@@ -89,11 +89,20 @@ class Encoder(nn.Module):
         return self.head(self.critic.features(x))
 
 
+class AutoencoderStopped(RuntimeError):
+    """A stop signal arrived during the autoencoder phase: every rank left it after the same step."""
+
+    def __init__(self, step: int, steps: int):
+        super().__init__(f"stopped during BAGAN's autoencoder, after step {step}/{steps}")
+        self.step, self.steps = step, steps
+
+
 def _train(G: PriorGenerator, encoder: Encoder, batches: Iterator, steps: int, env,
-           log_every: int = 100) -> list[float]:
+           log_every: int = 100, stop_requested=lambda: False) -> list[float]:
     """`steps` Adam steps of mean squared reconstruction error, G.net(E(x), y) against x in [-1, 1], on
-    `batches` ((images, labels), each rank its own); gradients averaged over the ranks, so every rank's weights
-    stay the same. Returns the loss of each step (this rank's batch)."""
+    `batches` ((images, labels), each rank its own); gradients averaged over the ranks (one all-reduce a step), so
+    every rank's weights stay the same. Returns the loss of each step (this rank's batch). When
+    `stop_requested()` is true on any rank, every rank raises AutoencoderStopped after the same step."""
     params = [p for m in (G.net, encoder) for p in m.parameters()]
     opt = torch.optim.Adam(params, lr=AE_LR, betas=AE_BETAS)
     losses = []
@@ -102,14 +111,28 @@ def _train(G: PriorGenerator, encoder: Encoder, batches: Iterator, steps: int, e
         loss = F.mse_loss(G.net(encoder(x), y).float(), x.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        for p in params:
-            if p.grad is not None:      # the critic's heads have none
-                dist.all_reduce_mean(env, p.grad)
+        stop = _average_grads(env, params, stop_requested())
         opt.step()
         losses.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
             logger.info("BAGAN autoencoder step %d/%d: reconstruction MSE %.4f", step + 1, steps, losses[-1])
+        if stop:
+            raise AutoencoderStopped(step + 1, steps)
     return losses
+
+
+def _average_grads(env, params: list[nn.Parameter], stop: bool) -> bool:
+    """Average the gradients over the ranks in one all-reduce, with this rank's stop flag beside them; whether
+    any rank asked to stop (the flag's mean is above 0)."""
+    grads = [p.grad for p in params if p.grad is not None]      # the critic's heads have none
+    flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([float(stop)], device=grads[0].device,
+                                                                    dtype=grads[0].dtype)])
+    dist.all_reduce_mean(env, flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return bool(flat[-1] > 0)
 
 
 @torch.no_grad()
@@ -138,13 +161,14 @@ def fit_prior(G: PriorGenerator, encoder: Encoder, every_image, n_images: int) -
 
 
 def autoencoder_init(G: PriorGenerator, D: nn.Module, batches: Iterator, every_image, n_images: int, steps: int,
-                     env, clock=time.monotonic) -> dict:
+                     env, clock=time.monotonic, stop_requested=lambda: False) -> dict:
     """BAGAN's initialisation of G and D (see the module docstring): `steps` autoencoder steps on `batches` (each
     rank its own), then the prior from `every_image` (see fit_prior). Returns its record (steps, first and last
-    reconstruction error, codes fitted, seconds by `clock`)."""
+    reconstruction error, codes fitted, seconds by `clock`). A stop signal (`stop_requested`) ends it with
+    AutoencoderStopped after the step the ranks agree on."""
     t0 = clock()
     encoder = Encoder(D, G.latent_dim).to(env.device)
-    losses = _train(G, encoder, batches, steps, env)
+    losses = _train(G, encoder, batches, steps, env, stop_requested=stop_requested)
     codes = fit_prior(G, encoder, every_image, n_images)
     return {"steps": steps, "mse_first": losses[0] if losses else None, "mse_last": losses[-1] if losses else None,
             "codes_fitted": codes, "seconds": round(clock() - t0, 3)}
