@@ -165,12 +165,17 @@ def test_curation_refuses_what_it_cannot_judge(real, tmp_path):
         generate(run_dir=gan_run(tmp_path / "g", shards), out=tmp_path / "o", count=3, curate=True)
     with pytest.raises(GenerateError, match="curate_confidence"):
         generate(run_dir=tmp_path / "g", out=tmp_path / "o", per_class=3, curate=True, curate_confidence=2)
+    with pytest.raises(GenerateError, match="what the GAN trained on"):
+        generate(run_dir=run_without_trained_on(tmp_path / "old"), out=tmp_path / "o", per_class=3, curate=True,
+                 device="cpu", progress=False)
+
+
+def run_without_trained_on(run_dir: Path) -> Path:
+    """A tiny checkpoint from before runs recorded what they trained on (no shards or scarce in its config)."""
     spec = dataclasses.replace(load_spec("cgan"), width=8, z_dim=16)
     G, D = build_model(spec, len(CLASSES), 32)
     state = {"step": 1, "epoch": 0, "batch_in_epoch": 0, "G": G.state_dict(), "D": D.state_dict(), "G_ema": None,
              "config": {"model": dataclasses.asdict(spec), "image_size": 32, "classes": CLASSES},
              "opt_G": {}, "opt_D": {}, "scaler": None, "rng": {}, "meta": {}}
-    save_checkpoint(tmp_path / "old", state, keep_last=0)
-    with pytest.raises(GenerateError, match="what the GAN trained on"):
-        generate(run_dir=tmp_path / "old", out=tmp_path / "o", per_class=3, curate=True, device="cpu",
-                 progress=False)
+    save_checkpoint(run_dir, state, keep_last=0)
+    return run_dir

@@ -15,9 +15,9 @@ from PIL import Image
 
 from hpcgan.data.shards import iter_samples, read_manifest
 from hpcgan.generate import GenerateError, generate
-from hpcgan.models.registry import build_model, load_spec
+from hpcgan.models.registry import load_spec
 from hpcgan.views import Views, invert
-from test_curate import CLASSES, CUT, gan_run, write_set
+from test_curate import CLASSES, CUT, gan_run, run_without_trained_on, write_set
 
 
 @pytest.fixture(scope="module")
@@ -136,13 +136,7 @@ def test_views_refuse_what_they_cannot_do(real, tmp_path):
                        ({"per_class": 3, "classes": ["green"], "view_classes": "scarce"}, "none of the classes")):
         with pytest.raises(GenerateError, match=match):
             generate(run_dir=run, out=tmp_path / "o", views=True, **bad)
-    spec = dataclasses.replace(load_spec("cgan"), width=8, z_dim=16)
-    G, D = build_model(spec, len(CLASSES), 32)
-    from hpcgan.checkpoint import save_checkpoint
-    state = {"step": 1, "epoch": 0, "batch_in_epoch": 0, "G": G.state_dict(), "D": D.state_dict(), "G_ema": None,
-             "config": {"model": dataclasses.asdict(spec), "image_size": 32, "classes": CLASSES},
-             "opt_G": {}, "opt_D": {}, "scaler": None, "rng": {}, "meta": {}}
-    save_checkpoint(tmp_path / "old", state, keep_last=0)
     with pytest.raises(GenerateError, match="what the GAN trained on"):
-        generate(run_dir=tmp_path / "old", out=tmp_path / "o", per_class=3, views=True, device="cpu", progress=False)
+        generate(run_dir=run_without_trained_on(tmp_path / "old"), out=tmp_path / "o", per_class=3, views=True,
+                 device="cpu", progress=False)
     assert not (tmp_path / "o").exists()
