@@ -13,15 +13,17 @@ def test_lever_table_rows_and_mean_cut_recall(tmp_path):
     (run / "status.json").write_text(json.dumps({"step": 1234, "time_budget": {"elapsed_s": 600.4}}))
     (syn / "manifest.json").write_text(json.dumps({
         "checkpoint": {"path": str(run / "checkpoints" / "step-00001234.pt")},
-        "curation": {"classes": {"monocyte": {"kept": 260, "drawn": 300}, "basophil": {"kept": 1, "drawn": 1}}}}))
+        "curation": {"classes": {"monocyte": {"kept": 260, "drawn": 300}, "basophil": {"kept": 1, "drawn": 1}}},
+        "views": {"sigma": 0.3, "classes": {"eosinophil": {"anchors": 20}, "basophil": {"anchors": 280}}}}))
     for name, synthetic, mono in (("plain", None, 0.5), ("gan", {"path": str(syn), "name": "g-long"}, 0.7)):
         write_result(tmp_path, name, synthetic, {"monocyte": mono, "eosinophil": 0.9, "basophil": 0.1},
                      {"monocyte": 20, "eosinophil": 20})
     out = lever_table(tmp_path).stdout.splitlines()
     assert out[0].startswith("| lever | set | regime | balanced acc. | macro-F1 | eosinophil recall | monocyte recall |")
     rows = {line.split(" | ")[0].strip("| "): line for line in out[2:]}
-    assert "| – | r | 0.800 | 0.750 | 0.90 | 0.50 | 0.700 | 1200 / 900 | – | – | – |" in rows["plain"]
-    assert "| g-long | r | 0.800 | 0.750 | 0.90 | 0.70 | 0.800 | 1200 / 900 | 1234 | 600 | monocyte 260/300 |" in rows["gan"]
+    assert "| – | r | 0.800 | 0.750 | 0.90 | 0.50 | 0.700 | 1200 / 900 | – | – | – | – |" in rows["plain"]
+    assert ("| g-long | r | 0.800 | 0.750 | 0.90 | 0.70 | 0.800 | 1200 / 900 | 1234 | 600 | monocyte 260/300 | "
+            "eosinophil 20 (sigma 0.3) |") in rows["gan"]
 
 
 def write_result(root, name, synthetic, recall, scarce):

@@ -9,7 +9,8 @@ The cut classes are those each run was trained with (its results.json's settings
 Columns: the run's tag (a study's row, e.g. on_rival; the former script's lever) and synthetic set (a study's name
 for it: the GAN or its variant), the regime, balanced accuracy and macro-F1 on the real test split, recall of each
 cut class and their mean, the classifier's steps (run / best), and for synthetic rows the GAN's steps and training
-seconds and, when curated, the cut classes' kept / drawn.
+seconds, when curated the cut classes' kept / drawn, and when drawn as views (views=true) the cut classes' anchors
+and the sigma.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def gan_cells(result: dict, cut: list[str]) -> list[str]:
     syn = (result.get("synthetic") or {})
     path = syn.get("shards") or syn.get("path")
     if not path:
-        return ["–", "–", "–"]
+        return ["–", "–", "–", "–"]
     manifest = _json(Path(path) / "manifest.json")
     run = Path(manifest.get("checkpoint", {}).get("path", "")).parent.parent
     status = _json(run / "status.json")
@@ -37,7 +38,14 @@ def gan_cells(result: dict, cut: list[str]) -> list[str]:
             seconds = float(list(csv.DictReader(f))[-1]["time"])
     curation = manifest.get("curation") or {}
     kept = ", ".join(f"{c} {t['kept']}/{t['drawn']}" for c, t in curation.get("classes", {}).items() if c in cut)
-    return [str(status.get("step", "?")), f"{seconds:.0f}" if isinstance(seconds, (int, float)) else "–", kept or "–"]
+    return [str(status.get("step", "?")), f"{seconds:.0f}" if isinstance(seconds, (int, float)) else "–", kept or "–",
+            views_cell(manifest.get("views"), cut)]
+
+
+def views_cell(views: dict | None, cut: list[str]) -> str:
+    """The cut classes drawn as views (tools/generate.py views=true): their anchors, and the sigma."""
+    anchors = ", ".join(f"{c} {v['anchors']}" for c, v in ((views or {}).get("classes") or {}).items() if c in cut)
+    return f"{anchors} (sigma {views['sigma']:g})" if anchors else "–"
 
 
 def row(result: dict, cut: list[str]) -> list[str]:
@@ -75,7 +83,7 @@ def main() -> None:
     results = [_json(p) for p in paths]
     cut = cut_of(results, args.cut)
     head = ["lever", "set", "regime", "balanced acc.", "macro-F1", *(f"{c} recall" for c in cut), "mean cut recall",
-            "classifier steps (run / best)", "GAN steps", "GAN s", "curation kept/drawn"]
+            "classifier steps (run / best)", "GAN steps", "GAN s", "curation kept/drawn", "views: anchors"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for result in results:
