@@ -123,9 +123,8 @@ class GenerateSettings:
         self.seed = _check_count("seed", self.seed)
         self._check_curation()
         self._check_views()
-        t = self.truncation
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
-            raise GenerateError(f"truncation={t!r} must be a number > 0 (or null for none)")
+        if self.truncation is not None:
+            _check_number("truncation", self.truncation, above_zero=True, hint=" (or null for none)")
 
     def _check_curation(self) -> None:
         if not self.curate:
@@ -153,13 +152,10 @@ class GenerateSettings:
         if self.truncation is not None:
             raise GenerateError("views=true and truncation exclude each other: a view is anchor + view_sigma x "
                                 "noise, which truncation would redraw; drop one")
-        if isinstance(self.view_sigma, bool) or not isinstance(self.view_sigma, (int, float)) or self.view_sigma < 0:
-            raise GenerateError(f"view_sigma={self.view_sigma!r} must be a number >= 0 (0: the reconstructions)")
+        _check_number("view_sigma", self.view_sigma, above_zero=False, hint=" (0: the reconstructions)")
         if _check_count("view_steps", self.view_steps) == 0:
             raise GenerateError("view_steps must be > 0")
-        w = self.view_weight
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-            raise GenerateError(f"view_weight={w!r} must be a number >= 0")
+        _check_number("view_weight", self.view_weight, above_zero=False)
         c = self.view_classes
         if not (c is None or isinstance(c, str) or (isinstance(c, (list, tuple))
                                                     and all(isinstance(v, str) for v in c))):
@@ -311,6 +307,13 @@ def load_generator(run_dir=None, checkpoint=None, weights: str = "auto", device:
 
 
 # ---------------------------------------------------------------- how many of each class
+
+def _check_number(name: str, value, *, above_zero: bool, hint: str = "") -> None:
+    """A real number > 0 (above_zero) or >= 0; a bool is no number here."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and (value > 0 if above_zero else value >= 0)
+    if not ok:
+        raise GenerateError(f"{name}={value!r} must be a number {'> 0' if above_zero else '>= 0'}{hint}")
+
 
 def _check_count(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -554,12 +557,11 @@ def _judge(s: GenerateSettings, ckpt: dict, classes: list[str], image_size: int)
 
 
 def _views(s: GenerateSettings, G, spec: GANSpec, ckpt: dict, classes: list[str], plan: dict[str, int]):
-    from hpcgan.curate import CurationError
+    from hpcgan.curate import CurationError, training_source
     from hpcgan.views import fit_views
-    from hpcgan.curate import training_source
     seen = trained_on(ckpt["config"])
     try:
-        training_source(seen, "views=true")
+        training_source(seen, "views=true")    # a checkpoint without trained_on: said before view_classes' checks
         chosen = _view_classes(s.view_classes, plan, seen)
         return fit_views(G, spec, seen, classes, chosen, sigma=s.view_sigma, steps=s.view_steps,
                          weight=s.view_weight, anchors=s.view_anchors, seed=s.seed, batch_size=s.batch_size)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import signal
 import subprocess
 
 import pytest
@@ -339,8 +341,6 @@ def test_a_signal_during_the_autoencoder_stops_every_rank_then_a_rerun_starts_af
         _wait_for(lambda: "BAGAN autoencoder step 100/1000000" in log.read_text(), proc, timeout=300)
         rank1 = [c for c in _children(proc.pid) if _rank_of(c) == 1]
         assert len(rank1) == 1
-        import os
-        import signal
         os.kill(rank1[0], signal.SIGUSR2)
         proc.wait(timeout=120)
     text = log.read_text()
