@@ -184,7 +184,9 @@ def test_the_lever_study_trains_variants_of_one_model_and_names_their_sets(tmp_p
     assert tasks["gan/cellgan-utlo-full-s0-32"].argv[-2:] == ["model.class_from=16", "model.utlo_alpha=1.0"]
     views = tasks["synthetic/cellgan-bagan-views-s0-32"]
     assert views.deps[0] == "gan/cellgan-bagan-s0-32" and argv_has(views.argv, "views=true", "view_classes=scarce")
-    assert len([t for t in tasks.values() if t.stage == "rival"]) == 2 + 13 * 3         # rival, full; 13 sets x 3
+    assert tasks["gan/cellgan-bagan-long-s0-32"].argv[-4:] == ["steps=1900", "model.ae_init=2000", "steps=1000000",
+                                                                "time_budget_s=600"]
+    assert len([t for t in tasks.values() if t.stage == "rival"]) == 2 + 14 * 3         # rival, full; 14 sets x 3
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -475,9 +477,10 @@ def test_tiny_study_on_slurm_survives_scancel_and_relaunch(slurm_cluster, sim_sh
     if not slurm_cluster.conf:
         monkeypatch.delenv("SLURM_CONF")
     out = tmp_path / "study"
-    # the DCGAN trains long enough (400 steps, seconds) for the cancel to land while it runs, even under load
+    # the DCGAN trains for 20 s of training time, however many steps that is: the cancel, sent once it has
+    # logged a step, lands while it runs however loaded the machine is, and the relaunch ends it by the budget
     args = ["study=tiny", f"out={out}", "executor=slurm", f"data.shards={sim_shards}", "gan.steps=30",
-            "+gan.model_overrides.dcgan=['steps=400']", *classify_args()]
+            "+gan.model_overrides.dcgan=['steps=1000000','time_budget_s=20']", *classify_args()]
     first = sweep_cli(*args, env=slurm_cluster.env)
     assert first.returncode == 0 and "train: 2 task(s) -> job" in first.stdout, first.stdout + first.stderr
     n_submitted = len(submitted_tasks(out))
@@ -488,9 +491,10 @@ def test_tiny_study_on_slurm_survives_scancel_and_relaunch(slurm_cluster, sim_sh
 
     # cancel the DCGAN while it trains
     files = TaskFiles(out, "gan/dcgan-s0-32")
+    dcgan_status = out / "gan" / "dcgan-s0-32" / "status.json"
     deadline = time.monotonic() + 180
-    while files.state().get("state") != "running":
-        assert time.monotonic() < deadline, "the DCGAN task never started"
+    while not (dcgan_status.is_file() and json.loads(dcgan_status.read_text()).get("step", 0)):
+        assert time.monotonic() < deadline, "the DCGAN task never logged a step"
         time.sleep(0.2)
     slurm_cluster.run("scancel", files.state()["job"])
     statuses = {st.name: st for st in wait_settled(out)}
@@ -512,8 +516,9 @@ def test_tiny_study_on_slurm_survives_scancel_and_relaunch(slurm_cluster, sim_sh
     assert {st.state for st in statuses} == {"finished"}, [(st.name, st.state, st.note) for st in statuses]
     assert {k: v for k, v in mtimes(out, doc).items() if k in before} == before
     check_results(out, {"wgan_gp_ac", "dcgan"})
-    dcgan = json.loads((out / "gan" / "dcgan-s0-32" / "status.json").read_text())
-    assert dcgan["state"] == "finished" and dcgan["step"] == 400
+    dcgan = json.loads(dcgan_status.read_text())
+    assert dcgan["state"] == "finished" and 0 < dcgan["step"] < 1000000, dcgan
+    assert dcgan["time_budget"]["step_reached"] == dcgan["step"], dcgan   # ended by its budget, across the resume
 
 
 @pytest.mark.slurm
