@@ -13,11 +13,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from hpcgan.checkpoint import load_latest
 from hpcgan.classify.archs import build_classifier
+from hpcgan.classify.kept import kept_weights
 from hpcgan.classify.metrics import scores
 from hpcgan.dist import DistEnv
-from hpcgan.rundir import read_config, read_json, read_status
+from hpcgan.rundir import read_config, read_json
 
 
 class _Shifted(nn.Module):
@@ -79,19 +79,15 @@ def shifted_scores(run_dir: str | Path, shift: dict[str, float] | str, batch_siz
         raise ValueError(f"shift for {unknown}: not classes of {run_dir} ({', '.join(classes)})")
     if cfg.get("score_split") == "val":
         raise ValueError(f"{run_dir} is a rival search's run, scored on val only: the test split is not for it")
-    if read_status(run_dir).get("state") != "finished":
-        raise ValueError(f"{run_dir} is not a finished classifier run (status.json): its kept weights are not final")
-    state, _ = load_latest(run_dir, required=("best", "config"))
-    if state is None or not state["best"].get("model"):
-        raise ValueError(f"{run_dir}: no checkpoint with kept weights; is it a finished classifier run?")
+    _, weights, best_step = kept_weights(run_dir)
     net, _ = build_classifier(cfg["arch"], len(classes), int(cfg["image_size"]))
-    net.load_state_dict(state["best"]["model"])
+    net.load_state_dict(weights)
     bias = torch.zeros(len(classes))
     for name, b in shift.items():
         bias[classes.index(name)] = b
     x, y = decode_split(cfg["shards"], "test", torch.device("cpu"), backend="auto", num_threads=None)
     env, tta = DistEnv(), bool(cfg.get("tta", False))
     cms = [confusion_on(m, x, y, len(classes), env, batch_size, tta=tta) for m in (net, _Shifted(net, bias))]
-    return {"classes": classes, "shift": shift, "best_step": state["best"].get("step"),
+    return {"classes": classes, "shift": shift, "best_step": best_step,
             "plain": scores(cms[0], classes), "shifted": scores(cms[1], classes),
             "confusion_matrix": {"plain": np.asarray(cms[0]).tolist(), "shifted": np.asarray(cms[1]).tolist()}}

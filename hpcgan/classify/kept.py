@@ -1,0 +1,22 @@
+"""A finished classifier run's kept weights: the state dict its best validation score chose, with the run's
+config. One job, shared by the logit-shift control (hpcgan.classify.shift) and by tools/export_weights.py, which
+writes them as a file another run starts from (`pretrained_file=`: every tensor but the head)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hpcgan.checkpoint import load_latest
+from hpcgan.rundir import read_config, read_status
+
+
+def kept_weights(run_dir: str | Path) -> tuple[dict, dict, int | None]:
+    """(config, state dict, step) of the weights the run kept (best on val); ValueError, naming why, for a run
+    that did not finish or holds no kept weights."""
+    run_dir = Path(run_dir)
+    cfg = read_config(run_dir)
+    if read_status(run_dir).get("state") != "finished":
+        raise ValueError(f"{run_dir} is not a finished classifier run (status.json): its kept weights are not final")
+    state, _ = load_latest(run_dir, required=("best", "config"))
+    if state is None or not state["best"].get("model"):
+        raise ValueError(f"{run_dir}: no checkpoint with kept weights; is it a finished classifier run?")
+    return cfg, state["best"]["model"], state["best"].get("step")
