@@ -40,7 +40,7 @@ def test_the_file_holds_the_kept_weights_and_a_run_starts_from_them(finished_run
     assert p.returncode == 0, p.stderr[-2000:]
     record = json.loads(out.with_suffix(".json").read_text())
     doc = json.loads((finished_run / "results.json").read_text())
-    assert record["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert record["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest() and record["bytes"] == out.stat().st_size
     assert record["kept_step"] == doc["selection"]["best_step"] and record["run_dir"] == str(finished_run.resolve())
     assert record["arch"] == doc["arch"]["arch"] and record["classes"] == doc["classes"]
     state, _ = load_latest(finished_run, required=("best",))

@@ -6,41 +6,27 @@ from: `tools/classify.py ... pretrained_file=OUT.pt` loads every tensor but the 
 
 E.g. a classifier trained on synthetic cells alone (`regime=synthetic`), then the real cells' recipe from its
 weights (docs/studies.md, "Synthetic cells as a classifier's first lesson"). OUT.json beside the file records the
-run it came from: its directory, arch, regime, synthetic set, seed, kept step and the file's sha256 (the one the
-next run's results.json records as pretrained_sha256). Both files are written atomically.
+run it came from: its directory, arch, regime, synthetic set, seed, kept step, and the file's sha256 (the one
+the next run's results.json records as pretrained_sha256) and bytes. Both files are written atomically.
 """
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-
 from hpcgan.classify.kept import kept_weights  # noqa: E402
-from hpcgan.data.shards import sha256_file  # noqa: E402
-from hpcgan.fsutil import atomic_write_bytes  # noqa: E402
-from hpcgan.jsonfile import write_json  # noqa: E402
+from hpcgan.classify.pretrained import save_weights  # noqa: E402
 
 
 def export(run_dir: str | Path, out: str | Path) -> dict:
     """Write the run's kept weights to `out` and their record to out's .json; returns the record."""
-    run_dir, out = Path(run_dir), Path(out)
-    if not (run_dir / "config.yaml").is_file():
-        raise ValueError(f"{run_dir} is not a classifier run directory (no config.yaml)")
     cfg, weights, step = kept_weights(run_dir)
-    buf = io.BytesIO()
-    torch.save(weights, buf)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, buf.getvalue())
-    record = {"run_dir": str(run_dir.resolve()), "arch": cfg["arch"], "regime": cfg.get("regime"),
-              "synthetic": cfg.get("synthetic"), "seed": cfg.get("seed"), "kept_step": step,
-              "classes": cfg.get("classes"), "sha256": sha256_file(out)}
-    write_json(out.with_suffix(".json"), record)
-    return record
+    return save_weights(out, weights, {"run_dir": str(Path(run_dir).resolve()), "arch": cfg["arch"],
+                                       "regime": cfg.get("regime"), "synthetic": cfg.get("synthetic"),
+                                       "seed": cfg.get("seed"), "kept_step": step, "classes": cfg.get("classes")})
 
 
 def main(argv=None) -> int:
@@ -49,7 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("out", help="the weights file to write (a .pt; its record goes beside it as .json)")
     a = ap.parse_args(argv)
     if Path(a.out).suffix != ".pt":
-        print(f"export_weights: {a.out}: name the file .pt (pretrained_file= reads a torch state dict)", file=sys.stderr)
+        print(f"export_weights: {a.out}: name the file .pt (pretrained_file= reads a torch state dict)",
+              file=sys.stderr)
         return 2
     try:
         record = export(a.run_dir, a.out)

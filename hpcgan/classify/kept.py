@@ -6,13 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from hpcgan.checkpoint import load_latest
-from hpcgan.rundir import read_config, read_status
+from hpcgan.rundir import CONFIG, read_config, read_status
 
 
 def kept_weights(run_dir: str | Path) -> tuple[dict, dict, int | None]:
-    """(config, state dict, step) of the weights the run kept (best on val); ValueError, naming why, for a run
-    that did not finish or holds no kept weights."""
+    """(config, state dict, step) of the weights the run kept (best on val); ValueError, naming why, for a folder
+    that is not a run, a run that did not finish or one that holds no kept weights."""
     run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise ValueError(f"{run_dir} is not a classifier run directory (no {CONFIG})")
     cfg = read_config(run_dir)
     if read_status(run_dir).get("state") != "finished":
         raise ValueError(f"{run_dir} is not a finished classifier run (status.json): its kept weights are not final")

@@ -53,18 +53,26 @@ def save_staged(arch: str, state_dict: dict, folder: str | os.PathLike | None = 
                 timm_version: str | None = None) -> Path:
     """Write `state_dict` as arch's staged file (atomically) with its record beside it; returns the file."""
     a = _arch(arch)
+    if timm_version is None:
+        import timm
+        timm_version = timm.__version__
     path = staged_file(arch, folder)
+    save_weights(path, state_dict, {"arch": a.name, "timm_model": a.timm, "pretrained_tag": a.pretrained,
+                                    "timm_version": timm_version})
+    return path
+
+
+def save_weights(path: str | os.PathLike, state_dict: dict, record: dict) -> dict:
+    """Write `state_dict` (torch.save, on the CPU) atomically to `path`, and `record` plus the file's sha256 and
+    bytes to path's .json; returns that record. A file `pretrained_file=` reads, and the sha256 it records."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, buf)
     atomic_write_bytes(path, buf.getvalue())
-    if timm_version is None:
-        import timm
-        timm_version = timm.__version__
-    write_json(path.with_suffix(".json"), {"arch": a.name, "timm_model": a.timm, "pretrained_tag": a.pretrained,
-                                           "timm_version": timm_version, "sha256": sha256_file(path),
-                                           "bytes": path.stat().st_size})
-    return path
+    record = {**record, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+    write_json(path.with_suffix(".json"), record)
+    return record
 
 
 class DownloadError(RuntimeError):
