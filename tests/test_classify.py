@@ -32,6 +32,7 @@ from hpcgan.classify.metrics import confusion, expand, scores
 from hpcgan.classify.provenance import LeakageError, check_synthetic
 from hpcgan.classify.regimes import REGIMES, RegimeLoss, check_final, get_regime
 from hpcgan.classify.run import CKPT_KEYS, ClassifySettings, main
+from hpcgan.classify.schedule import Schedule
 from hpcgan.rundir import EXIT_BAD_INPUT, EXIT_OK, EXIT_SIGNAL
 from hpcgan.data.shards import read_manifest, write_manifest
 from hpcgan.generate import generate
@@ -454,6 +455,7 @@ def test_yaml_documents_the_settings_defaults():
 @pytest.mark.parametrize("bad, msg", [({"regime": "mixup"}, "regime='mixup'"), ({"arch": "alexnet"}, "arch='alexnet'"),
                                       ({"regime": "synthetic"}, "pass synthetic=DIR"),
                                       ({"synthetic": "x"}, "drop synthetic="), ({"select_on": "loss"}, "select_on"),
+                                      ({"schedule": "plateau"}, "set patience=N"), ({"schedule": "step"}, "schedule="),
                                       ({"recipes": {"aug1": [{"name": "flip", "angle": 3}]}}, "recipes.aug1"),
                                       ({"sampling": "random"}, "sampling='random'"), ({"augment": "aug9"}, "augment='aug9'"),
                                       ({"loss": "focal"}, "loss='focal'"), ({"synthetic_count": 90}, r"only for real\+synthetic"),
@@ -650,13 +652,11 @@ def test_classes_without_real_training_images_are_never_topped_up():
         synthetic_wanted(get_regime("original+synthetic"), real, np.array([0, 9, 2]), names, None)
 
 
-def test_early_stopping_stops_where_a_planted_validation_curve_peaks(shards, tmp_path, monkeypatch):
-    """Issue 19: val macro-F1 planted to rise to a peak at the 3rd scoring (step 6) and fall after: with
-    patience 2 the run stops at step 10 (two scorings later), keeps step 6's weights, and says so; a rerun
-    finds it finished."""
+def plant_val_curve(monkeypatch, shards: Path, values: list[float]) -> None:
+    """Every val scoring of a run in this process returns the next of `values` as its macro-F1 (test is real)."""
     import hpcgan.classify.run as run_mod
-    curve = iter([0.2, 0.5, 0.9, 0.6, 0.4, 0.3, 0.3, 0.3, 0.3, 0.3])
-    real = run_mod.confusion_on
+    curve, real = iter(values), getattr(run_mod.confusion_on, "real", run_mod.confusion_on)   # planted again: over the real one
+    test_y = decode_split(shards, "test", torch.device("cpu"))[1]
 
     def planted(model, images, labels, num_classes, *a, **k):
         cm = real(model, images, labels, num_classes, *a, **k)
@@ -665,8 +665,15 @@ def test_early_stopping_stops_where_a_planted_validation_curve_peaks(shards, tmp
             cm = np.zeros((num_classes, num_classes), np.int64)
             cm[0, 0], cm[1, 1], cm[1, 0] = 100, int(100 * f), int(100 * (1 - f))
         return cm
-    test_y = decode_split(shards, "test", torch.device("cpu"))[1]
+    planted.real = real
     monkeypatch.setattr(run_mod, "confusion_on", planted)
+
+
+def test_early_stopping_stops_where_a_planted_validation_curve_peaks(shards, tmp_path, monkeypatch):
+    """Issue 19: val macro-F1 planted to rise to a peak at the 3rd scoring (step 6) and fall after: with
+    patience 2 the run stops at step 10 (two scorings later), keeps step 6's weights, and says so; a rerun
+    finds it finished."""
+    plant_val_curve(monkeypatch, shards, [0.2, 0.5, 0.9, 0.6, 0.4, 0.3, 0.3, 0.3, 0.3, 0.3])
     out = tmp_path / "run"
     assert main(overrides(shards, out, "steps=40", "eval_every=2", "patience=2", "ckpt_every=1000")) == EXIT_OK
     doc = json.loads((out / "results.json").read_text())
@@ -676,6 +683,72 @@ def test_early_stopping_stops_where_a_planted_validation_curve_peaks(shards, tmp
     assert [r["value"] for r in doc["rows"] if r["metric"] == "steps_run"] == [10.0]
     assert main(overrides(shards, out, "steps=40", "eval_every=2", "patience=2", "ckpt_every=1000")) == EXIT_OK
     assert json.loads((out / "results.json").read_text())["time"] == doc["time"]   # not trained again
+
+
+def test_schedules_known_answer():
+    """cosine: the warm-up ramp, then half the rate halfway through the decay, 0 at the cap, and patience's stop.
+    plateau: scorings every 10 steps, patience 2, best steps 10, 20, 30, then none until 80: the rate drops x0.1
+    at step 50 (two scorings after 30) and at 70 (two after that decay), the best at 80 does not lift it back, and
+    the run stops at 100, the second plateau after the last decay; a fresh schedule loaded with the state agrees."""
+    cos = Schedule("cosine", 1e-3, total=110, warmup=10 / 110, eval_every=10, patience=2)
+    assert [cos.lr_at(s) for s in (0, 4, 9)] == pytest.approx([1e-4, 5e-4, 1e-3])
+    assert [cos.lr_at(s) for s in (10, 60, 110)] == pytest.approx([1e-3, 5e-4, 0.0])
+    assert not cos.scored(40, best_step=30) and cos.scored(50, best_step=30) and cos.lr_at(50) > 0
+    assert not cos.stopped(110, best_step=30)    # the cap is an end, not an early stop
+
+    plat = Schedule("plateau", 1e-3, total=1000, warmup=0.0, eval_every=10, patience=2, factor=0.1, decays=2)
+    best, seen = -1, []
+    for step in range(10, 200, 10):
+        best = step if step in (10, 20, 30, 80) else best
+        stop = plat.scored(step, best)
+        seen.append((step, plat.lr_at(step), stop))
+        if stop:
+            break
+    assert [(s, round(lr, 8), stop) for s, lr, stop in seen] == [
+        (10, 1e-3, False), (20, 1e-3, False), (30, 1e-3, False), (40, 1e-3, False), (50, 1e-4, False),
+        (60, 1e-4, False), (70, 1e-5, False), (80, 1e-5, False), (90, 1e-5, False), (100, 1e-5, True)]
+    again = Schedule("plateau", 1e-3, total=1000, warmup=0.0, eval_every=10, patience=2, factor=0.1, decays=2)
+    again.load_state_dict(plat.state_dict())
+    assert again.stopped(100, 80) and not again.stopped(90, 80) and again.lr_at(95) == pytest.approx(1e-5)
+
+
+PLATEAU = ["steps=40", "eval_every=2", "patience=2", "schedule=plateau", "warmup=0"]
+# val macro-F1 at steps 2, 4, ...: best at 6; decay 1 at 10 (6 + 2 x 2), decay 2 at 14, a new best at 16, stop at 20
+PLATEAU_CURVE = [0.2, 0.5, 0.9, 0.6, 0.4, 0.3, 0.3, 0.95, 0.3, 0.3]
+
+
+def test_plateau_decays_the_rate_where_val_stalls_and_stops_after_the_last_decay(shards, tmp_path, monkeypatch):
+    """schedule=plateau on a planted val curve: log.csv shows the rate x0.1 after step 10 and again after 14,
+    the best weights are step 16's (found after both decays), the run stops at step 20, and says so."""
+    plant_val_curve(monkeypatch, shards, PLATEAU_CURVE)
+    out = tmp_path / "run"
+    assert main(overrides(shards, out, *PLATEAU, "ckpt_every=1000")) == EXIT_OK
+    lr = {int(r.split(",")[0]): float(r.split(",")[5]) for r in (out / "log.csv").read_text().splitlines()[1:]}
+    assert [lr[s] for s in (10, 12, 14, 16, 20)] == pytest.approx([1e-3, 1e-4, 1e-4, 1e-5, 1e-5])
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["selection"]["best_step"] == 16
+    row = doc["rows"][0]
+    assert (row["steps_run"], row["stopped_early"], row["schedule"], row["lr_decays"]) == (20, True, "plateau", 2)
+
+
+def test_plateau_resumes_with_its_decays(shards, tmp_path, monkeypatch):
+    """A plateau run resumed from its step-12 checkpoint (one decay taken, at step 10) ends with the weights, best
+    step and stop of the uninterrupted run: the decays are in the checkpoint, not re-derived from step 0."""
+    plant_val_curve(monkeypatch, shards, PLATEAU_CURVE)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(overrides(shards, straight, *PLATEAU, "ckpt_every=12")) == EXIT_OK
+    shutil.copytree(straight, resumed)
+    for path in list_checkpoints(resumed):
+        if path.name != "step-00000012.pt":
+            path.unlink()
+    (resumed / "results.json").unlink()
+    plant_val_curve(monkeypatch, shards, PLATEAU_CURVE[6:])   # the scorings after step 12
+    assert main(overrides(shards, resumed, *PLATEAU, "ckpt_every=12")) == EXIT_OK
+    a, _ = load_latest(straight, required=CKPT_KEYS)
+    b, _ = load_latest(resumed, required=CKPT_KEYS)
+    assert a["step"] == b["step"] == 20 and a["best"]["step"] == b["best"]["step"] == 16
+    assert a["schedule"] == b["schedule"] == {"taken": 2, "since": 14}
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_test_time_augmentation_averages_the_eight_views_known_answer(shards, tmp_path):

@@ -6,8 +6,9 @@
 Settings: ClassifySettings (configs/classify.yaml documents the same defaults). The run reads top to bottom
 in ClassifierRun.run(): setup (regime, leakage guard, training set, val split), resume, loop, finish.
 
-Training: `steps` optimisation steps for every regime (one batch per rank each; AdamW, linear warm-up then
-cosine decay, a pure function of the step). All randomness of step s on rank r (augmentation, dropout) comes
+Training: up to `steps` optimisation steps for every regime (one batch per rank each; AdamW; the learning rate
+and the stopping rule are hpcgan.classify.schedule's: cosine to `steps`, or `schedule=plateau`, train until val
+stops improving). All randomness of step s on rank r (augmentation, dropout) comes
 from the global torch RNG seeded by (seed, r, s), and the data order is the loader's plan of (seed, epoch,
 rank), so a run killed and resumed from a checkpoint ends with the same weights as an uninterrupted one.
 Model selection: the val split is scored every `eval_every` steps and at the end; the weights with the best
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,6 +47,7 @@ from hpcgan.classify.metrics import confusion_csv, confusion_png, scores
 from hpcgan.classify.provenance import LeakageError, check_synthetic
 from hpcgan.classify.regimes import AXES, NEWER_AXES, RegimeLoss, check_final, get_regime, parse_spec
 from hpcgan.classify.rival import pick
+from hpcgan.classify.schedule import SCHEDULES, Schedule
 from hpcgan.data.loader import BACKENDS
 from hpcgan.fsutil import atomic_write_bytes
 from hpcgan.progress import Progress
@@ -66,7 +67,8 @@ LOG_COLUMNS = ("step", "epoch", "time", "loss", "train_accuracy", "lr", "images_
                "val_accuracy", "val_macro_f1", "best_step")
 RESULT, RESULTS, TRAINING_SET, SCARCE = "results.json", "results.jsonl", "training_set.json", "scarce.json"
 # a checkpoint from other values of these cannot be continued (another model, data or schedule)
-MUST_MATCH = ("arch", "regime", "recipe", "score_split", "tta", "seed", "steps", "batch_size", "lr", "weight_decay", "warmup", "synthetic_per_class",
+MUST_MATCH = ("arch", "regime", "recipe", "score_split", "tta", "seed", "steps", "batch_size", "lr", "weight_decay", "warmup", "schedule",
+              "plateau_factor", "plateau_decays", "synthetic_per_class",
               "logit_adjust_tau", "recipes", "regime_axes", "scarce", "scarce_seed", "classes", "image_size", "manifest_sha256",
               "synthetic_manifest_sha256", "pretrained_sha256")
 
@@ -90,6 +92,11 @@ class ClassifySettings:
     eval_every: int = 250                   # val scoring (and model selection) every N steps and at the end
     patience: int | None = None             # early stopping: stop after this many val scorings without a new
                                             # best (select_on); `steps` is then the cap. null: train all steps
+    schedule: str = "cosine"                # cosine (to `steps`) | plateau (full rate until `patience` scorings
+                                            # without a new best, then x plateau_factor, plateau_decays times,
+                                            # then stop; hpcgan.classify.schedule)
+    plateau_factor: float = 0.1
+    plateau_decays: int = 2
     select_on: str = "macro_f1"             # macro_f1 | accuracy (on val)
     tta: bool = False                       # score val (selection) and test with the softmax averaged over the 8
                                             # flips and rotations of each cell (test-time augmentation)
@@ -165,6 +172,12 @@ class ClassifySettings:
             check_range("synthetic_per_class", self.synthetic_per_class, 1)
         if self.patience is not None:
             check_range("patience", self.patience, 1)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        if self.schedule == "plateau" and self.patience is None:
+            raise SettingsError("schedule=plateau decays the learning rate when val stops improving: set patience=N "
+                                "(val scorings without a new best), e.g. patience=4")
+        check_range("plateau_factor", self.plateau_factor, 1e-6, 1)
+        check_range("plateau_decays", self.plateau_decays, 0)
         if self.num_threads is not None:
             check_range("num_threads", self.num_threads, 1)
         for name, n in (self.scarce or {}).items():
@@ -192,15 +205,6 @@ SETTING_DEFAULTS = field_defaults(ClassifySettings)   # what a setting a checkpo
 
 
 # ---- small pieces ----------------------------------------------------------------------------------
-
-def lr_at(step: int, total: int, lr: float, warmup: float) -> float:
-    """Linear warm-up over the first warmup * total steps, then cosine decay to 0 at `total`."""
-    w = int(round(warmup * total))
-    if step < w:
-        return lr * (step + 1) / w
-    t = (step - w) / max(1, total - w)
-    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
 
 def step_seed(seed: int, rank: int, step: int) -> int:
     from hpcgan.train import step_generator
@@ -273,7 +277,9 @@ class ClassifierRun:
         self.setup()
         ckpt = self.newest_checkpoint()
         best_step = ckpt["best"]["step"] if ckpt else -1
-        if (self.step >= self.total or self.patience_spent(best_step)) and read_json(self.run_dir / RESULT) is not None:
+        self.schedule.load_state_dict(ckpt.get("schedule") if ckpt else None)
+        if ((self.step >= self.total or self.schedule.stopped(self.step, best_step))
+                and read_json(self.run_dir / RESULT) is not None):
             return self.already_finished()
         self.build(ckpt)
         del ckpt
@@ -305,6 +311,8 @@ class ClassifierRun:
         except ValueError as e:  # e.g. a batch larger than the training set
             raise DataError(f"regime {s.regime}: {e}") from None
         self.total = s.steps
+        self.schedule = Schedule(s.schedule, s.lr, s.steps, s.warmup, s.eval_every, s.patience, s.plateau_factor,
+                                 s.plateau_decays)
         self.aug = (build_recipe(s.recipes[self.regime.augment], self.image_size) if self.regime.augment else None)
         self.loss_fn = RegimeLoss(self.regime, self.data.class_counts, s.logit_adjust_tau, env.device,
                                   real_counts=[self.data.counts["real"].get(c, 0) for c in self.data.classes])
@@ -434,20 +442,24 @@ class ClassifierRun:
                 self.log_row(val=self.last_val if evaluated else None)
             if stop:
                 return True
-            if evaluated and self.patience_spent(self.best["step"]):
-                logger.info("early stop at step %d: no better val %s than step %d's (%.4f) in %d scorings",
-                            self.step, s.select_on, self.best["step"], self.best["score"], s.patience)
+            if evaluated and self.after_val():
                 return False
             if self.step % s.ckpt_every == 0 and self.step < self.total:
                 self.checkpoint()
         return False
 
-    def patience_spent(self, best_step: int) -> bool:
-        """Whether `patience` val scorings have passed since the best one (early stopping; from the step alone, so
-        a resumed run stops where an uninterrupted one would)."""
-        s = self.s
-        return (s.patience is not None and best_step >= 0 and self.step < self.total
-                and self.step - best_step >= s.patience * s.eval_every)
+    def after_val(self) -> bool:
+        """The schedule's word after a val scoring: a learning-rate decay (logged) or the early stop (whether)."""
+        s, taken = self.s, self.schedule.taken
+        if self.schedule.scored(self.step, self.best["step"]):
+            logger.info("early stop at step %d: no better val %s than step %d's (%.4f) in %d scorings",
+                        self.step, s.select_on, self.best["step"], self.best["score"], s.patience)
+            return True
+        if self.schedule.taken > taken:
+            logger.info("step %d: no better val %s than step %d's (%.4f) in %d scorings: learning rate x %g (decay "
+                        "%d of %d)", self.step, s.select_on, self.best["step"], self.best["score"], s.patience,
+                        s.plateau_factor, self.schedule.taken, s.plateau_decays)
+        return False
 
     def next_batch(self):
         while True:
@@ -466,7 +478,7 @@ class ClassifierRun:
             x = augment_batch(x, self.aug)
         x = x.contiguous(memory_format=self.memory_format)
         for group in self.opt.param_groups:
-            group["lr"] = lr_at(self.step, self.total, s.lr, s.warmup)
+            group["lr"] = self.schedule.lr_at(self.step)
         with torch.autocast(env.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             logits = self.model(x)
         loss = self.loss_fn(logits, y)
@@ -536,7 +548,7 @@ class ClassifierRun:
             net = self.model.module if isinstance(self.model, DDP) else self.model
             state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.in_epoch,
                      "config": self.run_config, "model": net.state_dict(), "opt": self.opt.state_dict(),
-                     "best": self.best, "rng": capture_rng(),
+                     "best": self.best, "schedule": self.schedule.state_dict(), "rng": capture_rng(),
                      "meta": {"data_order": self.data_order, "train_seconds": self.elapsed(),
                               "torch": str(torch.__version__), "time": time.time()}}
             save_checkpoint(self.run_dir, state, keep_last=self.s.keep_last, required=CKPT_KEYS)
@@ -599,6 +611,7 @@ class ClassifierRun:
                 "recipe_margin": (self.recipe or {}).get("margin"),
                 "recipe_runner_up": (self.recipe or {}).get("runner_up"), "selected_on": f"val_{s.select_on}", "tta": s.tta, "best_step": self.best["step"],
                 "steps_run": self.step, "stopped_early": self.step < self.total, "patience": s.patience,
+                "schedule": s.schedule, "lr_decays": self.schedule.taken if s.schedule == "plateau" else None,
                 "n_train": len(self.data.index), "n_test": n_test, "world_size": self.env.world_size}
         rows = [{**base, "metric": m, "class": None, "value": number(v)} for m, v in sc["overall"].items()]
         rows.append({**base, "metric": "steps_run", "class": None, "value": float(self.step)})  # the tables show it
