@@ -742,7 +742,8 @@ def test_plateau_resumes_with_its_decays(shards, tmp_path, monkeypatch):
         if path.name != "step-00000012.pt":
             path.unlink()
     (resumed / "results.json").unlink()
-    plant_val_curve(monkeypatch, shards, PLATEAU_CURVE[6:])   # the scorings after step 12
+    plant_val_curve(monkeypatch, shards, PLATEAU_CURVE[6:] + [0.3] * 10)   # the scorings after step 12 (and more,
+                                                                             # for a run that would not stop at 20)
     assert main(overrides(shards, resumed, *PLATEAU, "ckpt_every=12")) == EXIT_OK
     a, _ = load_latest(straight, required=CKPT_KEYS)
     b, _ = load_latest(resumed, required=CKPT_KEYS)
