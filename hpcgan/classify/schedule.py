@@ -3,7 +3,8 @@
     cosine   linear warm-up over the first `warmup` x `steps`, then cosine decay to 0 at `steps`; with `patience`,
              the run also stops after that many val scorings without a new best. The rate is a pure function of
              the step. At the studies' short caps the rate is still high when patience counts, and val scores
-             swing by 0.2-0.4 macro-F1 between scorings there, so patience can stop a run at a lucky early peak.
+             swing by up to 0.23 macro-F1 between scorings there (the rival on pbc-dev), so patience can stop a
+             run at a lucky early peak.
     plateau  the same warm-up, then the full rate until `patience` val scorings pass without a new best; then the
              rate is multiplied by `plateau_factor`, up to `plateau_decays` times, and the next such plateau ends
              the run (the rule of torch's ReduceLROnPlateau, with the stop that makes it "train until converged").
