@@ -744,6 +744,8 @@ def test_plateau_resumes_with_its_decays(shards, tmp_path, monkeypatch):
     (resumed / "results.json").unlink()
     plant_val_curve(monkeypatch, shards, PLATEAU_CURVE[6:] + [0.3] * 10)   # the scorings after step 12 (and more,
                                                                              # for a run that would not stop at 20)
+    other_patience = [a if a != "patience=2" else "patience=3" for a in PLATEAU]   # shapes the rate: refused
+    assert main(overrides(shards, resumed, *other_patience, "ckpt_every=12")) == EXIT_BAD_INPUT
     assert main(overrides(shards, resumed, *PLATEAU, "ckpt_every=12")) == EXIT_OK
     a, _ = load_latest(straight, required=CKPT_KEYS)
     b, _ = load_latest(resumed, required=CKPT_KEYS)

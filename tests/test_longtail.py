@@ -371,8 +371,9 @@ def test_bagan_starts_the_residual_models_too(model):
 @pytest.mark.slow
 @pytest.mark.parametrize("option, column", [("model.gsr_weight=0.5", "gsr"), ("model.class_from=16", None),
                                             ("model.class_from=16 model.utlo_alpha=1", "utlo"),
-                                            ("model.noisy_twins=0.01", "twins"), ("model.ae_init=3", None)],
-                         ids=["gsr", "class_from", "utlo", "noisy_twins", "ae_init"])
+                                            ("model.noisy_twins=0.01", "twins"), ("model.ae_init=3", None),
+                                            ("model.mode_seeking=1", "ms_ratio"), ("model.ac_twin=true", None)],
+                         ids=["gsr", "class_from", "utlo", "noisy_twins", "ae_init", "mode_seeking", "ac_twin"])
 def test_long_tail_option_under_torchrun_resumes_exactly(shards_with_an_empty_class, tmp_path, option,  # noqa: F811
                                                         column):
     shards = shards_with_an_empty_class   # classes a, b, c with 16 images each and d with none
@@ -398,6 +399,8 @@ def test_long_tail_option_under_torchrun_resumes_exactly(shards_with_an_empty_cl
             mean = state[key]["prior.mean"]
             assert torch.allclose(mean[3], mean[:3].mean(0), atol=1e-5)   # 16 codes each in a, b, c
             assert not torch.equal(state[key]["prior.scale_tril"], torch.eye(len(mean[0])))
+    if option == "model.ac_twin=true":   # the twin head exists and was trained alike on both ranks
+        assert state["D"]["heads.cls_twin.weight"].shape[0] == 4
     if column:  # the option's own stat, logged on every row
         import csv
         rows = list(csv.DictReader(open(straight / "log.csv")))

@@ -66,9 +66,10 @@ CKPT_KEYS = ("step", "epoch", "batch_in_epoch", "config", "model", "opt", "best"
 LOG_COLUMNS = ("step", "epoch", "time", "loss", "train_accuracy", "lr", "images_per_s", "bad_steps",
                "val_accuracy", "val_macro_f1", "best_step")
 RESULT, RESULTS, TRAINING_SET, SCARCE = "results.json", "results.jsonl", "training_set.json", "scarce.json"
-# a checkpoint from other values of these cannot be continued (another model, data or schedule)
+# a checkpoint from other values of these cannot be continued (another model, data or schedule; patience shapes
+# the plateau schedule's rate)
 MUST_MATCH = ("arch", "regime", "recipe", "score_split", "tta", "seed", "steps", "batch_size", "lr", "weight_decay", "warmup", "schedule",
-              "plateau_factor", "plateau_decays", "synthetic_per_class",
+              "patience", "plateau_factor", "plateau_decays", "synthetic_per_class",
               "logit_adjust_tau", "recipes", "regime_axes", "scarce", "scarce_seed", "classes", "image_size", "manifest_sha256",
               "synthetic_manifest_sha256", "pretrained_sha256")
 
