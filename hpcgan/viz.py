@@ -210,6 +210,8 @@ CLASSIFIER_PANELS = (
     ("training loss", [("log", "loss", "train batches")], "cross-entropy"),
     ("accuracy", [("log", "train_accuracy", "train batches"), ("log", "val_accuracy", "val"),
                   ("log", "val_macro_f1", "val macro-F1 (model selection)")], ""),
+    ("learning rate: the warm-up, then the cosine or the plateau schedule's x0.1 decays", [("log", "lr", "lr")],
+     "", "log"),
 )
 
 
@@ -243,17 +245,19 @@ def training_curves(run_dir: str | Path, path: str | Path, title: str | None = N
     run_dir = Path(run_dir)
     data = {"log": read_columns(run_dir / "log.csv"),
             "div": read_columns(run_dir / "samples" / "diversity.csv")}
-    panels = [(t, [(data[src][col], leg) for src, col, leg in lines if data[src].get(col)], ylabel)
-              for t, lines, ylabel in panels]
+    panels = [(t, [(data[src][col], leg) for src, col, leg in lines if data[src].get(col)], ylabel, *scale)
+              for t, lines, ylabel, *scale in panels]   # scale: optional, "log" for a log y axis
     panels = [p for p in panels if p[1]]
     if not panels:
         return None
     fig = Figure(figsize=(7, 2.3 * len(panels)))
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)
-    for ax, (panel_title, lines, ylabel) in zip(axes[:, 0], panels):
+    for ax, (panel_title, lines, ylabel, *scale) in zip(axes[:, 0], panels):
         for points, legend in lines:
             xs, ys = zip(*points)
             ax.plot(xs, ys, label=legend, lw=1.2, marker="." if len(xs) < 30 else None)
+        if scale == ["log"]:
+            ax.set_yscale("log", nonpositive="mask")   # a cosine's last 0 is left out
         ax.set_title(panel_title, fontsize=9, loc="left")
         ax.set_ylabel(ylabel, fontsize=8)
         ax.tick_params(labelsize=8)

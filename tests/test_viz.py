@@ -137,3 +137,18 @@ def test_training_curves_draw_a_panel_per_logged_quantity(tmp_path):
     with Image.open(training_curves(run, tmp_path / "curves.png")) as im:
         assert im.size == (700, 4 * 230)
         assert np.asarray(im.convert("L")).std() > 10  # something drawn, not a blank canvas
+
+
+def test_classifier_curves_draw_the_learning_rate_on_a_log_axis(tmp_path):
+    """A classifier's curves: loss, accuracies and the learning rate, whose x0.1 decays (schedule=plateau) are
+    equal steps on its log axis; a cosine's final 0 is left out rather than breaking the axis."""
+    from hpcgan.viz import CLASSIFIER_PANELS
+    run = tmp_path / "run"
+    _write_csv(run / "log.csv", ["step", "loss", "train_accuracy", "lr", "val_accuracy", "val_macro_f1"],
+               [[2, 1.0, 0.5, 1e-3, 0.4, 0.3], [4, 0.8, 0.6, 1e-4, 0.5, 0.4], [6, 0.7, 0.7, 1e-5, 0.6, 0.5],
+                [8, 0.6, 0.8, 0.0, 0.6, 0.5]])
+    with Image.open(training_curves(run, tmp_path / "curves.png", panels=CLASSIFIER_PANELS)) as im:
+        assert im.size == (700, 3 * 230)
+    _write_csv(run / "log.csv", ["step", "loss", "train_accuracy"], [[2, 1.0, 0.5], [4, 0.8, 0.6]])
+    with Image.open(training_curves(run, tmp_path / "curves.png", panels=CLASSIFIER_PANELS)) as im:
+        assert im.size == (700, 2 * 230)   # no lr column (an older log): no panel for it
