@@ -240,6 +240,17 @@ def training_curves(run_dir: str | Path, path: str | Path, title: str | None = N
     """One PNG of a run's log.csv and samples/diversity.csv against the step, a panel per quantity that
     the run logs (`panels`: CURVE_PANELS for a GAN, CLASSIFIER_PANELS for a classifier). None (and nothing
     written) while there is nothing to draw."""
+    fig = curves_figure(run_dir, title, panels)
+    if fig is None:
+        return None
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def curves_figure(run_dir: str | Path, title: str | None = None, panels=CURVE_PANELS):
+    """training_curves' matplotlib Figure (None while there is nothing to draw)."""
     from matplotlib.figure import Figure  # no pyplot: no backend or global state, no display needed
 
     run_dir = Path(run_dir)
@@ -267,7 +278,4 @@ def training_curves(run_dir: str | Path, path: str | Path, title: str | None = N
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return fig

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from hpcgan.viz import class_grid, contact_sheet, hwc_uint8, image_grid, read_columns, training_curves
+from hpcgan.viz import (class_grid, contact_sheet, curves_figure, hwc_uint8, image_grid, read_columns,
+                        training_curves)
 
 TILE, PAD = 32, 2
 
@@ -149,6 +150,10 @@ def test_classifier_curves_draw_the_learning_rate_on_a_log_axis(tmp_path):
                 [8, 0.6, 0.8, 0.0, 0.6, 0.5]])
     with Image.open(training_curves(run, tmp_path / "curves.png", panels=CLASSIFIER_PANELS)) as im:
         assert im.size == (700, 3 * 230)
+    loss, acc, lr = curves_figure(run, panels=CLASSIFIER_PANELS).axes
+    assert [ax.get_yscale() for ax in (loss, acc, lr)] == ["linear", "linear", "log"]
+    assert lr.get_lines()[0].get_ydata().tolist() == [1e-3, 1e-4, 1e-5, 0.0]   # the 0 is masked on the axis
+    assert lr.get_ylim()[0] > 0
     _write_csv(run / "log.csv", ["step", "loss", "train_accuracy"], [[2, 1.0, 0.5], [4, 0.8, 0.6]])
     with Image.open(training_curves(run, tmp_path / "curves.png", panels=CLASSIFIER_PANELS)) as im:
         assert im.size == (700, 2 * 230)   # no lr column (an older log): no panel for it
