@@ -463,7 +463,8 @@ def test_yaml_documents_the_settings_defaults():
                                        "synthetic_count='3y'"),
                                       ({"regime": "original+synthetic", "synthetic": "x", "real_share": 0.5},
                                        "with sampling=balanced"),
-                                      ({"regime": "balanced augmnt=aug2"}, "not axis=value")])
+                                      ({"regime": "balanced augmnt=aug2"}, "not axis=value"),
+                                      ({"warmup": 2.5}, "warmup=2.5"), ({"warmup": 5000, "steps": 5000}, "under steps=5000")])
 def test_bad_settings_are_one_line_errors(bad, msg):
     with pytest.raises(SettingsError, match=msg):
         parse(ClassifySettings, {"shards": "s", "out": "o", **bad})
@@ -695,6 +696,13 @@ def test_schedules_known_answer():
     assert [cos.lr_at(s) for s in (10, 60, 110)] == pytest.approx([1e-3, 5e-4, 0.0])
     assert not cos.scored(40, best_step=30) and cos.scored(50, best_step=30) and cos.lr_at(50) > 0
     assert not cos.stopped(110, best_step=30)    # the cap is an end, not an early stop
+    # a warm-up in steps (>= 1) is the same ramp whatever the cap; a share (< 1) moves with it
+    share, fixed = (Schedule("plateau", 1e-3, total=6000, warmup=w, eval_every=10, patience=2) for w in (0.05, 300))
+    assert share.warmup_steps() == fixed.warmup_steps() == 300
+    assert [share.lr_at(s) for s in range(0, 400, 7)] == [fixed.lr_at(s) for s in range(0, 400, 7)]
+    longer = Schedule("plateau", 1e-3, total=20000, warmup=300, eval_every=10, patience=2)
+    assert [longer.lr_at(s) for s in (149, 299, 300)] == pytest.approx([5e-4, 1e-3, 1e-3])
+    assert Schedule("plateau", 1e-3, total=20000, warmup=0.05, eval_every=10, patience=2).warmup_steps() == 1000
 
     plat = Schedule("plateau", 1e-3, total=1000, warmup=0.0, eval_every=10, patience=2, factor=0.1, decays=2)
     best, seen = -1, []

@@ -89,7 +89,7 @@ class ClassifySettings:
     batch_size: int = 64                    # per rank
     lr: float = 1e-3
     weight_decay: float = 0.05
-    warmup: float = 0.05                    # share of the steps with a linear learning-rate warm-up
+    warmup: float = 0.05                    # a linear learning-rate warm-up: steps (>= 1), or a share of `steps` (< 1)
     eval_every: int = 250                   # val scoring (and model selection) every N steps and at the end
     patience: int | None = None             # early stopping: stop after this many val scorings without a new
                                             # best (select_on); `steps` is then the cap. null: train all steps
@@ -167,7 +167,10 @@ class ClassifySettings:
         check_range("seed", self.seed, 0)
         check_range("lr", self.lr, 0)
         check_range("weight_decay", self.weight_decay, 0)
-        check_range("warmup", self.warmup, 0, 1)
+        check_range("warmup", self.warmup, 0)
+        if self.warmup >= 1 and (self.warmup != int(self.warmup) or self.warmup >= self.steps):
+            raise SettingsError(f"warmup={self.warmup}: give a share of the steps (under 1) or a whole number of "
+                                f"steps under steps={self.steps}")
         check_range("logit_adjust_tau", self.logit_adjust_tau, 0)
         if self.synthetic_per_class is not None:
             check_range("synthetic_per_class", self.synthetic_per_class, 1)

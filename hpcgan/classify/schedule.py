@@ -1,6 +1,7 @@
 """A classifier run's learning rate and its stopping rule: one object, the only home of both.
 
-    cosine   linear warm-up over the first `warmup` x `steps`, then cosine decay to 0 at `steps`; with `patience`,
+    cosine   linear warm-up over the first `warmup` steps (a `warmup` under 1: that share of `steps`), then cosine
+             decay to 0 at `steps`; with `patience`,
              the run also stops after that many val scorings without a new best. The rate is a pure function of
              the step. At the studies' short caps the rate is still high when patience counts, and val scores
              swing by up to 0.23 macro-F1 between scorings there (the rival on pbc-dev), so patience can stop a
@@ -24,7 +25,7 @@ class Schedule:
     kind: str
     lr: float
     total: int                  # the step cap
-    warmup: float
+    warmup: float               # steps (>= 1) or, under 1, a share of `total`
     eval_every: int
     patience: int | None
     factor: float = 0.1
@@ -33,7 +34,7 @@ class Schedule:
     since: int = 0              # plateau: the step of the last decay (patience counts from it or the best step)
 
     def warmup_steps(self) -> int:
-        return int(round(self.warmup * self.total))
+        return int(self.warmup) if self.warmup >= 1 else int(round(self.warmup * self.total))
 
     def lr_at(self, step: int) -> float:
         w = self.warmup_steps()
