@@ -190,9 +190,9 @@ def shard_contact_sheet(shard_dir: str | Path, split: str, path: str | Path, tit
     return contact_sheet(rows, path, title=title, per_row=per_row, tile=tile)
 
 
-# Panels of training_curves(): (title, [(csv, column, legend)], y label). csv "log" = run_dir/log.csv,
-# "div" = run_dir/samples/diversity.csv. A panel whose columns are all empty (e.g. no auxiliary
-# classifier) is left out.
+# Panels of training_curves(): (title, [(csv, column, legend)], y label[, "log" for a log y axis]).
+# csv "log" = run_dir/log.csv, "div" = run_dir/samples/diversity.csv. A panel whose columns are all empty
+# (e.g. no auxiliary classifier) is left out.
 CURVE_PANELS = (
     ("losses", [("log", "d_loss", "critic"), ("log", "g_loss", "generator")], "loss"),
     ("critic", [("log", "wdist", "E[D(real)] - E[D(fake)]"), ("log", "gp", "gradient penalty")], ""),
@@ -210,7 +210,7 @@ CLASSIFIER_PANELS = (
     ("training loss", [("log", "loss", "train batches")], "cross-entropy"),
     ("accuracy", [("log", "train_accuracy", "train batches"), ("log", "val_accuracy", "val"),
                   ("log", "val_macro_f1", "val macro-F1 (model selection)")], ""),
-    ("learning rate: the warm-up, then the cosine or the plateau schedule's x0.1 decays", [("log", "lr", "lr")],
+    ("learning rate: the warm-up, then the cosine or the plateau schedule's decays", [("log", "lr", "lr")],
      "", "log"),
 )
 

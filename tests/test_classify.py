@@ -703,6 +703,11 @@ def test_schedules_known_answer():
     longer = Schedule("plateau", 1e-3, total=20000, warmup=300, eval_every=10, patience=2)
     assert [longer.lr_at(s) for s in (149, 299, 300)] == pytest.approx([5e-4, 1e-3, 1e-3])
     assert Schedule("plateau", 1e-3, total=20000, warmup=0.05, eval_every=10, patience=2).warmup_steps() == 1000
+    assert Schedule("cosine", 1e-3, total=100, warmup=1.0, eval_every=10, patience=2).warmup_steps() == 100  # a share
+    # plateau: patience counts from the warm-up's end at the earliest (best at 10, warm-up to 50: no decay at 30)
+    warm = Schedule("plateau", 1e-3, total=1000, warmup=50, eval_every=10, patience=2)
+    assert [warm.scored(s, best_step=10) for s in (20, 30, 40, 50, 60)] == [False] * 5 and warm.taken == 0
+    assert not warm.scored(70, best_step=10) and warm.taken == 1 and warm.lr_at(70) == pytest.approx(1e-4)
 
     plat = Schedule("plateau", 1e-3, total=1000, warmup=0.0, eval_every=10, patience=2, factor=0.1, decays=2)
     best, seen = -1, []

@@ -67,7 +67,7 @@ LOG_COLUMNS = ("step", "epoch", "time", "loss", "train_accuracy", "lr", "images_
                "val_accuracy", "val_macro_f1", "best_step")
 RESULT, RESULTS, TRAINING_SET, SCARCE = "results.json", "results.jsonl", "training_set.json", "scarce.json"
 # a checkpoint from other values of these cannot be continued (another model, data or schedule; patience shapes
-# the plateau schedule's rate)
+# the plateau schedule's rate, and under cosine another patience would be another stopping rule)
 MUST_MATCH = ("arch", "regime", "recipe", "score_split", "tta", "seed", "steps", "batch_size", "lr", "weight_decay", "warmup", "schedule",
               "patience", "plateau_factor", "plateau_decays", "synthetic_per_class",
               "logit_adjust_tau", "recipes", "regime_axes", "scarce", "scarce_seed", "classes", "image_size", "manifest_sha256",
@@ -89,7 +89,7 @@ class ClassifySettings:
     batch_size: int = 64                    # per rank
     lr: float = 1e-3
     weight_decay: float = 0.05
-    warmup: float = 0.05                    # a linear learning-rate warm-up: steps (>= 1), or a share of `steps` (< 1)
+    warmup: float = 0.05                    # a linear learning-rate warm-up: steps (over 1), or a share of `steps`
     eval_every: int = 250                   # val scoring (and model selection) every N steps and at the end
     patience: int | None = None             # early stopping: stop after this many val scorings without a new
                                             # best (select_on); `steps` is then the cap. null: train all steps
@@ -168,8 +168,8 @@ class ClassifySettings:
         check_range("lr", self.lr, 0)
         check_range("weight_decay", self.weight_decay, 0)
         check_range("warmup", self.warmup, 0)
-        if self.warmup >= 1 and (self.warmup != int(self.warmup) or self.warmup >= self.steps):
-            raise SettingsError(f"warmup={self.warmup}: give a share of the steps (under 1) or a whole number of "
+        if self.warmup > 1 and (self.warmup != int(self.warmup) or self.warmup >= self.steps):
+            raise SettingsError(f"warmup={self.warmup:g}: give a share of the steps (at most 1) or a whole number of "
                                 f"steps under steps={self.steps}")
         check_range("logit_adjust_tau", self.logit_adjust_tau, 0)
         if self.synthetic_per_class is not None:

@@ -1,7 +1,7 @@
 """A classifier run's learning rate and its stopping rule: one object, the only home of both.
 
-    cosine   linear warm-up over the first `warmup` steps (a `warmup` under 1: that share of `steps`), then cosine
-             decay to 0 at `steps`; with `patience`,
+    cosine   linear warm-up over the first `warmup` steps (a `warmup` of at most 1: that share of `steps`), then
+             cosine decay to 0 at `steps`; with `patience`,
              the run also stops after that many val scorings without a new best. The rate is a pure function of
              the step. At the studies' short caps the rate is still high when patience counts, and val scores
              swing by up to 0.23 macro-F1 between scorings there (the rival on pbc-dev), so patience can stop a
@@ -25,7 +25,7 @@ class Schedule:
     kind: str
     lr: float
     total: int                  # the step cap
-    warmup: float               # steps (>= 1) or, under 1, a share of `total`
+    warmup: float               # steps (over 1) or, up to 1, a share of `total`
     eval_every: int
     patience: int | None
     factor: float = 0.1
@@ -34,7 +34,7 @@ class Schedule:
     since: int = 0              # plateau: the step of the last decay (patience counts from it or the best step)
 
     def warmup_steps(self) -> int:
-        return int(self.warmup) if self.warmup >= 1 else int(round(self.warmup * self.total))
+        return int(self.warmup) if self.warmup > 1 else int(round(self.warmup * self.total))
 
     def lr_at(self, step: int) -> float:
         w = self.warmup_steps()
@@ -46,10 +46,12 @@ class Schedule:
         return self.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     def _stalled(self, step: int, best_step: int) -> bool:
-        """`patience` scorings have passed since the best one (and, on a plateau, since the last decay)."""
+        """`patience` scorings have passed since the best one (and, on a plateau, since the last decay and the
+        warm-up)."""
         if self.patience is None or best_step < 0 or step >= self.total:
             return False
-        since = max(best_step, self.since) if self.kind == "plateau" else best_step
+        # plateau: patience counts from the warm-up's end at the earliest (a decay there would be silent)
+        since = max(best_step, self.since, self.warmup_steps()) if self.kind == "plateau" else best_step
         return step - since >= self.patience * self.eval_every
 
     def stopped(self, step: int, best_step: int) -> bool:
