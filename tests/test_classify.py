@@ -696,7 +696,7 @@ def test_schedules_known_answer():
     assert [cos.lr_at(s) for s in (10, 60, 110)] == pytest.approx([1e-3, 5e-4, 0.0])
     assert not cos.scored(40, best_step=30) and cos.scored(50, best_step=30) and cos.lr_at(50) > 0
     assert not cos.stopped(110, best_step=30)    # the cap is an end, not an early stop
-    # a warm-up in steps (>= 1) is the same ramp whatever the cap; a share (< 1) moves with it
+    # a warm-up in steps (over 1) is the same ramp whatever the cap; a share (up to 1) moves with it
     share, fixed = (Schedule("plateau", 1e-3, total=6000, warmup=w, eval_every=10, patience=2) for w in (0.05, 300))
     assert share.warmup_steps() == fixed.warmup_steps() == 300
     assert [share.lr_at(s) for s in range(0, 400, 7)] == [fixed.lr_at(s) for s in range(0, 400, 7)]
