@@ -763,8 +763,93 @@ def test_plateau_resumes_with_its_decays(shards, tmp_path, monkeypatch):
     a, _ = load_latest(straight, required=CKPT_KEYS)
     b, _ = load_latest(resumed, required=CKPT_KEYS)
     assert a["step"] == b["step"] == 20 and a["best"]["step"] == b["best"]["step"] == 16
-    assert a["schedule"] == b["schedule"] == {"taken": 2, "since": 14}
+    assert a["schedule"] == b["schedule"] == {"taken": 2, "since": 14, "decayed_at": [10, 14]}
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_plateau_checkpoint_from_before_the_decay_steps_were_kept_loads_its_last_decay():
+    old = Schedule("plateau", 1e-3, total=40, warmup=0, eval_every=2, patience=2)
+    old.load_state_dict({"taken": 2, "since": 14})
+    assert (old.taken, old.since, old.lr_at(15)) == (2, 14, pytest.approx(1e-5))
+
+
+def test_a_replayed_schedule_has_the_decays_it_is_given_and_never_stops_early():
+    """A refit's rate: another run's decays at steps 10 and 14 (x0.1 each from that step on), after a 4-step
+    warm-up; patience never stops it, and the decays it reports are those before a given step."""
+    rep = Schedule("plateau", 1e-3, total=40, warmup=4, eval_every=2, patience=2, replay=(10, 14))
+    assert [rep.lr_at(s) for s in (0, 3, 9, 10, 13, 14, 30)] == pytest.approx(
+        [2.5e-4, 1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5])
+    assert not any(rep.scored(s, best_step=2) for s in range(2, 40, 2)) and rep.taken == 0
+    assert rep.decay_steps(before=12) == (10,) and rep.decay_steps(before=16) == (10, 14)
+
+
+def plateau_source(monkeypatch, shards: Path, out: Path) -> Path:
+    """The planted plateau run of the tests above: best step 16, decays at 10 and 14, stopped at 20."""
+    plant_val_curve(monkeypatch, shards, PLATEAU_CURVE)
+    assert main(overrides(shards, out, *PLATEAU, "ckpt_every=1000")) == EXIT_OK
+    doc = json.loads((out / "results.json").read_text())
+    assert (doc["selection"]["best_step"], doc["lr_decay_steps"]) == (16, [10, 14])
+    return out
+
+
+def test_a_refit_trains_on_train_and_val_for_the_best_step_with_the_runs_decays(shards, tmp_path, monkeypatch):
+    """refit_from= a plateau run (best step 16, decays at 10 and 14): 16 steps on train + val at the rate the run
+    had (x0.1 from step 10, x0.01 from 14; log.csv row s shows step s-1's rate), no val scoring at all, and the
+    last weights scored on test; the rows say so."""
+    src = plateau_source(monkeypatch, shards, tmp_path / "src")
+    plant_val_curve(monkeypatch, shards, [])   # a val scoring would raise StopIteration
+    out = tmp_path / "refit"
+    assert main(overrides(shards, out, *PLATEAU, "ckpt_every=1000", "log_every=1", f"refit_from={src}")) == EXIT_OK
+    rows = [r.split(",") for r in (out / "log.csv").read_text().splitlines()[1:]]
+    lr = {int(r[0]): float(r[5]) for r in rows}
+    assert sorted(lr) == list(range(1, 17)) and all(r[8] == r[9] == "" for r in rows)   # 16 steps, no val
+    assert [lr[s] for s in (1, 10, 11, 14, 15, 16)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5])
+    doc = json.loads((out / "results.json").read_text())
+    n = counts(shards, "train")
+    assert doc["training_set"]["n_train"] == sum(n.values()) + sum(counts(shards, "val").values())
+    assert doc["selection"] == {"on": "refit", "source": str(src.resolve()), "best_step": 16, "decayed_at": [10, 14],
+                                "source_result_time": pytest.approx(json.loads((src / "results.json").read_text())["time"]),
+                                "val": None}
+    assert doc["real"]["split"] == "test" and doc["lr_decay_steps"] == [10, 14]
+    row = doc["rows"][0]
+    assert (row["selected_on"], row["refit_from"], row["best_step"], row["steps_run"], row["lr_decays"]) == (
+        "refit", str(src.resolve()), 16, 16, 2)
+    assert (out / "curves.png").is_file()
+
+
+def test_a_refit_resumes_exactly_and_refuses_what_its_source_did_not_run(shards, tmp_path, monkeypatch):
+    """A refit resumed from its step-8 checkpoint ends with the uninterrupted refit's weights. Refused before any
+    training, each with a one-line error: another lr than the source's, a source with no results, a refit as a
+    source, a plateau source from before runs kept their decay steps, and a scarce cut."""
+    src = plateau_source(monkeypatch, shards, tmp_path / "src")
+    plant_val_curve(monkeypatch, shards, [])
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    refit = [*PLATEAU, f"refit_from={src}"]
+    assert main(overrides(shards, straight, *refit, "ckpt_every=8")) == EXIT_OK
+    shutil.copytree(straight, resumed)
+    for path in list_checkpoints(resumed):
+        if path.name != "step-00000008.pt":
+            path.unlink()
+    (resumed / "results.json").unlink()
+    assert main(overrides(shards, resumed, *refit, "ckpt_every=8")) == EXIT_OK
+    a, _ = load_latest(straight, required=CKPT_KEYS)
+    b, _ = load_latest(resumed, required=CKPT_KEYS)
+    assert a["step"] == b["step"] == 16 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+    def refused(*extra, src_dir=src) -> bool:
+        out = tmp_path / f"bad-{len(list(tmp_path.iterdir()))}"
+        code = main(overrides(shards, out, *PLATEAU, f"refit_from={src_dir}", *extra))
+        return code == EXIT_BAD_INPUT and not list_checkpoints(out)
+    assert refused("lr=0.002")
+    assert refused(src_dir=tmp_path / "nothing-here")
+    assert refused(src_dir=straight)
+    assert refused("scarce={a: 2}")
+    old = tmp_path / "old"
+    shutil.copytree(src, old)
+    doc = json.loads((old / "results.json").read_text())
+    del doc["lr_decay_steps"]
+    (old / "results.json").write_text(json.dumps(doc))
+    assert refused(src_dir=old)
 
 
 def test_test_time_augmentation_averages_the_eight_views_known_answer(shards, tmp_path):

@@ -2,7 +2,7 @@
 
 Training set of a regime (hpcgan.classify.regimes):
   real part       the real shard set's `train` split, whole, or with the scarce cut (hpcgan.data.scarce:
-                  named classes reduced to N images) when `scarce` is given
+                  named classes reduced to N images) when `scarce` is given; a refit adds the whole `val` split
   synthetic part  from a synthetic shard set's `train` split, the first n images of each class in generation
                   order (tools/generate.py draws each class from its own stream, so the first n are exactly
                   what `per_class=n` would have written: the choice does not depend on the classifier seed):
@@ -109,13 +109,19 @@ def synthetic_wanted(regime: Regime, real_counts: np.ndarray, syn_counts: np.nda
 
 def training_set(regime: Regime, shards: str | Path, synthetic: str | Path | None = None,
                  synthetic_per_class: int | None = None, scarce: dict[str, int] | None = None,
-                 scarce_seed: int = 0) -> TrainingSet:
-    """The regime's training samples as one index (see the module docstring)."""
+                 scarce_seed: int = 0, with_val: bool = False) -> TrainingSet:
+    """The regime's training samples as one index (see the module docstring); `with_val`: the real part is the
+    train split and then the whole val split (a refit, hpcgan.classify.refit; never with a scarce cut)."""
     from hpcgan.data.scarce import ScarceError, cut_split
+    if with_val and scarce:
+        raise DataError("a training set with the val split cannot keep a scarce cut (val's cells of a cut class "
+                        "would undo it)")
     try:
         real, cut = cut_split(shards, TRAIN_SPLIT, scarce, scarce_seed)
     except ScarceError as e:
         raise DataError(str(e)) from None
+    if with_val:
+        real = real.concat(load_index(shards, "val"))
     classes = list(real.classes)
     real_counts = np.bincount(real.labels, minlength=len(classes))
     counts = {"real": _counts(classes, real.labels) if "real" in regime.data else {},

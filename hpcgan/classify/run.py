@@ -45,6 +45,7 @@ from hpcgan.classify.augment import RECIPES, augment_batch, build_recipe
 from hpcgan.classify.data import DataError, decode_split, epoch_loader, manifest_sha256, training_set
 from hpcgan.classify.metrics import confusion_csv, confusion_png, scores
 from hpcgan.classify.provenance import LeakageError, check_synthetic
+from hpcgan.classify.refit import plan as refit_plan
 from hpcgan.classify.regimes import AXES, NEWER_AXES, RegimeLoss, check_final, get_regime, parse_spec
 from hpcgan.classify.rival import pick
 from hpcgan.classify.schedule import SCHEDULES, Schedule
@@ -52,8 +53,8 @@ from hpcgan.data.loader import BACKENDS
 from hpcgan.fsutil import atomic_write_bytes
 from hpcgan.progress import Progress
 from hpcgan.results import append_rows, number, write_result
-from hpcgan.rundir import (EXIT_BAD_INPUT, EXIT_OK, LOG, CsvLog, read_json, read_status, write_config, write_json,
-                           write_status)
+from hpcgan.rundir import (EXIT_BAD_INPUT, EXIT_OK, LOG, CsvLog, read_config, read_json, read_status, write_config,
+                           write_json, write_status)
 from hpcgan.settings import MISSING, SettingsError, check_choice, check_range, field_defaults, parse
 
 logger = logging.getLogger("hpcgan.classify")
@@ -72,6 +73,7 @@ MUST_MATCH = ("arch", "regime", "recipe", "score_split", "tta", "seed", "steps",
               "patience", "plateau_factor", "plateau_decays", "synthetic_per_class",
               "logit_adjust_tau", "recipes", "regime_axes", "scarce", "scarce_seed", "classes", "image_size", "manifest_sha256",
               "synthetic_manifest_sha256", "pretrained_sha256")
+REFIT_KEYS = ("refit",)   # a refit's plan must match too on resume (not against its source, which has none)
 
 
 @dataclass
@@ -119,6 +121,9 @@ class ClassifySettings:
                                             # rival search's runs, which never read test)
     tag: str | None = None                  # the study row this run is (search, rival, full, on_rival): in its rows
     recipes: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: copy.deepcopy(RECIPES))
+    refit_from: str | None = None           # a finished run of these settings: train on train + val for its best
+                                            # step with its learning rate, score the last weights on test
+                                            # (hpcgan.classify.refit)
     pretrained_file: str | None = None      # ImageNet weights staged as a file (never downloaded); null: from scratch
     pretrained: bool = False                # ImageNet weights staged by name (tools/stage_weights.py timm:ARCH)
     weights_dir: str | None = None          # where they are staged (null: $HPCGAN_WEIGHTS, else ~/.cache/hpcgan/weights)
@@ -184,6 +189,10 @@ class ClassifySettings:
         check_range("plateau_decays", self.plateau_decays, 0)
         if self.num_threads is not None:
             check_range("num_threads", self.num_threads, 1)
+        if self.refit_from and (self.scarce or self.score_split == "val"):
+            raise SettingsError("refit_from= trains on the val split too: it cannot keep a scarce cut (val's cells of "
+                                "a cut class would undo it) nor score on val; drop refit_from= or scarce= / "
+                                "score_split=val")
         for name, n in (self.scarce or {}).items():
             check_range(f"scarce.{name}", n, 1)
         if self.scarce_seed is not None:
@@ -213,6 +222,15 @@ SETTING_DEFAULTS = field_defaults(ClassifySettings)   # what a setting a checkpo
 def step_seed(seed: int, rank: int, step: int) -> int:
     from hpcgan.train import step_generator
     return step_generator(seed, rank, step, torch.device("cpu")).initial_seed()
+
+
+def setting_differences(saved: dict, current: dict, keys=MUST_MATCH) -> list[str]:
+    """Where `current` (a run's config) differs from `saved` (a checkpoint's, or a refit's source's) among `keys`;
+    a key `saved` predates counts as its default, and so does a regime axis it predates."""
+    old = {k: saved.get(k, SETTING_DEFAULTS.get(k)) for k in keys}
+    if isinstance(old.get("regime_axes"), dict):
+        old["regime_axes"] = {**NEWER_AXES, **old["regime_axes"]}
+    return [f"{k}: {old[k]!r} -> {current.get(k)!r}" for k in keys if old[k] != current.get(k)]
 
 
 def _fmt(v) -> str:
@@ -305,18 +323,19 @@ class ClassifierRun:
                             f"{self.regime.loss}: set loss= in the regime") from None
         self.autocast = resolve_precision(s.precision, env.device)
         self.scarce_seed = s.seed if s.scarce_seed is None else s.scarce_seed
+        self.refit = refit_plan(s.refit_from) if s.refit_from else None
         self.provenance = (check_synthetic(s.shards, s.synthetic, s.allow_unknown_provenance, s.scarce,
                                            self.scarce_seed) if self.regime.reads_synthetic else None)
         self.data = training_set(self.regime, s.shards, s.synthetic, s.synthetic_per_class, s.scarce,
-                                 self.scarce_seed)
+                                 self.scarce_seed, with_val=self.refit is not None)
         self.classes, self.image_size = self.data.classes, self.data.image_size
         try:
             self.epoch_batches = self.loader(0).epoch_batches
         except ValueError as e:  # e.g. a batch larger than the training set
             raise DataError(f"regime {s.regime}: {e}") from None
-        self.total = s.steps
+        self.total = self.refit.best_step if self.refit else s.steps
         self.schedule = Schedule(s.schedule, s.lr, s.steps, s.warmup, s.eval_every, s.patience, s.plateau_factor,
-                                 s.plateau_decays)
+                                 s.plateau_decays, replay=self.refit.decayed_at if self.refit else None)
         self.aug = (build_recipe(s.recipes[self.regime.augment], self.image_size) if self.regime.augment else None)
         self.loss_fn = RegimeLoss(self.regime, self.data.class_counts, s.logit_adjust_tau, env.device,
                                   real_counts=[self.data.counts["real"].get(c, 0) for c in self.data.classes])
@@ -333,8 +352,13 @@ class ClassifierRun:
                            "manifest_sha256": sha, "synthetic_manifest_sha256": syn_sha, "pretrained_sha256": pre_sha,
                            "timm": self.arch.timm, "training_set": self.data.describe(),
                            "regime_name": self.regime.name, "regime_axes": self.regime.axes(),
-                           "recipe": self.recipe,
+                           "recipe": self.recipe, "refit": self.refit.as_dict() if self.refit else None,
                            "scarce_seed": self.scarce_seed if s.scarce else None}
+        if self.refit:
+            diffs = setting_differences(read_config(self.refit.source), self.run_config)
+            if diffs:
+                raise DataError(f"refit_from={self.refit.source} ran other settings or data ({'; '.join(diffs)}): "
+                                "give its settings")
         self.data_order = {"world_size": env.world_size}
         self.status_fields = {"steps": self.total, "arch": s.arch, "regime": self.regime.name, "seed": s.seed,
                               "world_size": env.world_size}
@@ -367,11 +391,7 @@ class ClassifierRun:
                                              "them away or use a new out=")
         self.step = int(ckpt["step"]) if ckpt else 0
         if ckpt is not None:
-            saved = {k: ckpt["config"].get(k, SETTING_DEFAULTS.get(k)) for k in MUST_MATCH}   # a key it predates:
-            if isinstance(saved.get("regime_axes"), dict):                                  # (and an axis) its default
-                saved["regime_axes"] = {**NEWER_AXES, **saved["regime_axes"]}
-            diffs = [f"{k}: {saved[k]!r} -> {self.run_config.get(k)!r}" for k in MUST_MATCH    # its default
-                     if saved[k] != self.run_config.get(k)]
+            diffs = setting_differences(ckpt["config"], self.run_config, MUST_MATCH + REFIT_KEYS)
             if diffs:
                 raise DataError(f"{self.run_dir} holds a classifier of other settings or data ({'; '.join(diffs)}); "
                                 "use a new out= or the original settings")
@@ -409,7 +429,8 @@ class ClassifierRun:
         if env.distributed:
             model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         self.model = model
-        self.val_x, self.val_y = decode_split(s.shards, "val", env.device, s.backend, s.num_threads)
+        if self.refit is None:   # a refit trains on val: it never scores it
+            self.val_x, self.val_y = decode_split(s.shards, "val", env.device, s.backend, s.num_threads)
 
     def open_outputs(self) -> None:
         if self.env.is_main:
@@ -439,7 +460,7 @@ class ClassifierRun:
             if self.bad_streak >= s.max_bad_steps:
                 raise RuntimeError(f"{self.bad_streak} consecutive non-finite steps at step {self.step}: the run "
                                    "diverged; lower lr or use precision=fp32")
-            evaluated = self.step % s.eval_every == 0 or self.step == self.total
+            evaluated = self.refit is None and (self.step % s.eval_every == 0 or self.step == self.total)
             if evaluated:
                 self.validate()
             if self.step % s.log_every == 0 or evaluated:
@@ -539,10 +560,13 @@ class ClassifierRun:
             if self.pbar is not None:
                 self.pbar.set_postfix(loss=row["loss"], val=row["val_macro_f1"] or None)
             if val:  # curves.png: the loss and the train / val accuracies so far
-                from hpcgan.viz import CLASSIFIER_PANELS, training_curves
-                training_curves(self.run_dir, self.run_dir / "curves.png",
-                                f"{self.s.arch} / {self.regime.name}: {self.run_dir.name}", CLASSIFIER_PANELS)
+                self.draw_curves()
             self.write_status("running")
+
+    def draw_curves(self) -> None:
+        from hpcgan.viz import CLASSIFIER_PANELS, training_curves
+        training_curves(self.run_dir, self.run_dir / "curves.png",
+                        f"{self.s.arch} / {self.regime.name}: {self.run_dir.name}", CLASSIFIER_PANELS)
 
     def elapsed(self) -> float:
         return self.train_seconds + time.time() - getattr(self, "t0", time.time())
@@ -574,10 +598,13 @@ class ClassifierRun:
             self.pbar = None
         if not checkpoint_path(self.run_dir, self.step).is_file():
             self.checkpoint()
-        if self.best["model"] is None:
-            raise RuntimeError("no validation score was recorded; cannot select a model")
         net = self.model.module if isinstance(self.model, DDP) else self.model
-        net.load_state_dict(self.best["model"])
+        if self.refit is None:   # a refit keeps its last weights: its length was chosen on val by its source
+            if self.best["model"] is None:
+                raise RuntimeError("no validation score was recorded; cannot select a model")
+            net.load_state_dict(self.best["model"])
+        elif self.env.is_main:
+            self.draw_curves()
         if self.s.score_split == "val":   # a rival search's run: the test split is never read
             x, y = self.val_x, self.val_y
         else:
@@ -588,6 +615,10 @@ class ClassifierRun:
             self.write_status("finished")
         logger.info("finished %d steps in %s", self.step, self.run_dir)
         dist.barrier(self.env)
+
+    @property
+    def selected_on(self) -> str:
+        return "refit" if self.refit else f"val_{self.s.select_on}"
 
     @property
     def synthetic_from(self) -> str | None:
@@ -613,9 +644,11 @@ class ClassifierRun:
                 "scarce": s.scarce or None, "scarce_seed": cfg["scarce_seed"],
                 "real_split": s.score_split, "tag": s.tag, "recipe_from": (self.recipe or {}).get("winner"),
                 "recipe_margin": (self.recipe or {}).get("margin"),
-                "recipe_runner_up": (self.recipe or {}).get("runner_up"), "selected_on": f"val_{s.select_on}", "tta": s.tta, "best_step": self.best["step"],
+                "recipe_runner_up": (self.recipe or {}).get("runner_up"), "selected_on": self.selected_on,
+                "tta": s.tta, "best_step": self.refit.best_step if self.refit else self.best["step"],
+                "refit_from": self.refit.source if self.refit else None,
                 "steps_run": self.step, "stopped_early": self.step < self.total, "patience": s.patience,
-                "schedule": s.schedule, "lr_decays": self.schedule.taken if s.schedule == "plateau" else None,
+                "schedule": s.schedule, "lr_decays": len(self.schedule.decay_steps(self.step)) if s.schedule == "plateau" else None,
                 "n_train": len(self.data.index), "n_test": n_test, "world_size": self.env.world_size}
         rows = [{**base, "metric": m, "class": None, "value": number(v)} for m, v in sc["overall"].items()]
         rows.append({**base, "metric": "steps_run", "class": None, "value": float(self.step)})  # the tables show it
@@ -631,7 +664,9 @@ class ClassifierRun:
                "real": {"shards": cfg["shards"], "manifest_sha256": cfg["manifest_sha256"], "split": s.score_split,
                         "n": n_test}, "tag": s.tag, "recipe": self.recipe,
                "synthetic": syn, "training_set": self.data.describe(),
-               "selection": {"on": f"val_{s.select_on}", "best_step": self.best["step"], "val": self.best["val"]},
+               "selection": ({"on": "refit", **self.refit.as_dict(), "val": None} if self.refit else
+                             {"on": f"val_{s.select_on}", "best_step": self.best["step"], "val": self.best["val"]}),
+               "lr_decay_steps": list(self.schedule.decay_steps(self.step)),
                "metrics": sc["overall"], "per_class": sc["per_class"], "confusion_matrix": cm.tolist(),
                "settings": asdict(s), "world_size": self.env.world_size, "rows": rows}
         atomic_write_bytes(rd / "confusion_matrix.csv", confusion_csv(cm, self.classes).encode())
