@@ -235,6 +235,13 @@ def read_columns(path: Path) -> dict[str, list[tuple[float, float]]]:
     return out
 
 
+def _log_floor(ys, decades: int = 3) -> float | None:
+    """A log axis's bottom: half the smallest positive value, but no lower than `decades` under the largest (a
+    cosine's last rates, 1e-8 and less, would otherwise squeeze its whole decay into the top of the panel)."""
+    pos = [y for y in ys if y > 0]
+    return max(min(pos), max(pos) * 10.0 ** -decades) / 2 if pos else None
+
+
 def training_curves(run_dir: str | Path, path: str | Path, title: str | None = None,
                     panels=CURVE_PANELS) -> Path | None:
     """One PNG of a run's log.csv and samples/diversity.csv against the step, a panel per quantity that
@@ -269,6 +276,7 @@ def curves_figure(run_dir: str | Path, title: str | None = None, panels=CURVE_PA
             ax.plot(xs, ys, label=legend, lw=1.2, marker="." if len(xs) < 30 else None)
         if scale == ["log"]:
             ax.set_yscale("log", nonpositive="mask")   # a cosine's last 0 is left out
+            ax.set_ylim(bottom=_log_floor([y for points, _ in lines for _, y in points]))
         ax.set_title(panel_title, fontsize=9, loc="left")
         ax.set_ylabel(ylabel, fontsize=8)
         ax.tick_params(labelsize=8)

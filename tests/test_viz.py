@@ -153,7 +153,11 @@ def test_classifier_curves_draw_the_learning_rate_on_a_log_axis(tmp_path):
     loss, acc, lr = curves_figure(run, panels=CLASSIFIER_PANELS).axes
     assert [ax.get_yscale() for ax in (loss, acc, lr)] == ["linear", "linear", "log"]
     assert lr.get_lines()[0].get_ydata().tolist() == [1e-3, 1e-4, 1e-5, 0.0]   # the 0 is masked on the axis
-    assert lr.get_ylim()[0] > 0
+    assert lr.get_ylim()[0] == pytest.approx(0.5e-5)   # half the smallest rate: the last decay is clear of the edge
+    _write_csv(run / "log.csv", ["step", "loss", "train_accuracy", "lr"],
+               [[2, 1.0, 0.5, 1e-3], [4, 0.8, 0.6, 5e-4], [6, 0.7, 0.7, 1.6e-8]])   # a cosine's last rates
+    lr = curves_figure(run, panels=CLASSIFIER_PANELS).axes[-1]
+    assert lr.get_ylim()[0] == pytest.approx(0.5e-6)   # three decades under the top, not down to 1.6e-8
     _write_csv(run / "log.csv", ["step", "loss", "train_accuracy"], [[2, 1.0, 0.5], [4, 0.8, 0.6]])
     with Image.open(training_curves(run, tmp_path / "curves.png", panels=CLASSIFIER_PANELS)) as im:
         assert im.size == (700, 2 * 230)   # no lr column (an older log): no panel for it
