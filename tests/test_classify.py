@@ -273,6 +273,22 @@ def test_the_scarce_cut_is_exact_nested_and_fixed_by_seed(shards):
         training_set(original, shards, scarce={"megakaryocyte": 3})
 
 
+def test_the_val_cut_keeps_the_train_cuts_share_of_a_class_and_the_rest_whole(shards):
+    """cut_val: a class cut to N of its T train images keeps round(N V / T) of its V val images (at least 1), the
+    same nested way as the train cut; every other class keeps all of its val images."""
+    from hpcgan.classify.data import val_cut
+    train, val = counts(shards, "train"), counts(shards, "val")
+    cut = val_cut(shards, {"neutrophil": 10, "lymphocyte": 1})
+    assert cut == {"neutrophil": max(1, round(10 * val["neutrophil"] / train["neutrophil"])), "lymphocyte": 1}
+    assert 1 <= cut["neutrophil"] < val["neutrophil"] and val_cut(shards, None) is None
+    classes = read_manifest(shards)["classes"]
+    _, y = decode_split(shards, "val", torch.device("cpu"), scarce=cut, scarce_seed=0)
+    kept = dict(zip(classes, np.bincount(y.numpy(), minlength=len(classes)).tolist()))
+    assert kept == {c: cut.get(c, n) for c, n in zip(classes, [val.get(c, 0) for c in classes])}
+    with pytest.raises(DataError, match="val split's cut"):
+        decode_split(shards, "val", torch.device("cpu"), scarce={"neutrophil": 10 ** 6})
+
+
 def test_a_scarce_run_writes_its_cut_and_the_guard_holds_its_gan_to_it(shards, tmp_path):
     cut = {"neutrophil": 10}
     same = synthetic_set(tmp_path / "same", shards, scarce=cut, per_class=1)
@@ -815,6 +831,28 @@ def test_a_refit_trains_on_train_and_val_for_the_best_step_with_the_runs_decays(
     assert (row["selected_on"], row["refit_from"], row["best_step"], row["steps_run"], row["lr_decays"]) == (
         "refit", str(src.resolve()), 16, 16, 2)
     assert (out / "curves.png").is_file()
+
+
+def test_a_run_with_cut_val_selects_on_the_cut_val_split_and_records_it(shards, tmp_path, monkeypatch):
+    """scarce= with cut_val=true: every val scoring sees the cut val split (the neutrophils cut to their train
+    share), the rows record the val cut, and a resume without cut_val is refused."""
+    import hpcgan.classify.run as run_mod
+    from hpcgan.classify.data import val_cut
+    seen, real = [], run_mod.confusion_on
+    monkeypatch.setattr(run_mod, "confusion_on", lambda m, x, y, *a, **k: seen.append(y.clone()) or real(m, x, y, *a, **k))
+    out, cut = tmp_path / "run", {"neutrophil": 10}
+    args = overrides(shards, out, "steps=4", "eval_every=2", "scarce={neutrophil: 10}", "cut_val=true", "ckpt_every=2")
+    assert main(args) == EXIT_OK
+    classes = read_manifest(shards)["classes"]
+    n_val = sum(counts(shards, "val").values())
+    want = val_cut(shards, cut)["neutrophil"]
+    vals = [y for y in seen[:-1]]   # the last scoring is test's
+    assert len(vals) == 2 and all(len(y) == n_val - counts(shards, "val")["neutrophil"] + want for y in vals)
+    assert all(int((y == classes.index("neutrophil")).sum()) == want for y in vals)
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    assert row["val_cut"] == {"neutrophil": want}
+    (out / "results.json").unlink()
+    assert main([a for a in args if a != "cut_val=true"]) == EXIT_BAD_INPUT   # another val: refused on resume
 
 
 def test_a_refit_resumes_exactly_and_refuses_what_its_source_did_not_run(shards, tmp_path, monkeypatch):

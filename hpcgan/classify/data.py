@@ -15,7 +15,8 @@ Training set of a regime (hpcgan.classify.regimes):
                                         class equally; a class with none is an error
 The result is one ShardIndex (hpcgan.data.loader) over the chosen samples, read with the loader's own epoch
 plan (seeded by seed, epoch, rank; resumable mid-epoch with skip_batches; DALI or webdataset).
-The `val` split selects the model; the `test` split is decoded only for the final score (`decode_split`).
+The `val` split selects the model (with `cut_val`, cut as the train split is: `val_cut`); the `test` split is decoded
+only for the final score (`decode_split`).
 """
 from __future__ import annotations
 
@@ -157,12 +158,32 @@ def epoch_loader(ts: TrainingSet, batch_size: int, rank: int, world_size: int, *
                        num_threads=num_threads, skip_batches=skip_batches, index=ts.index)
 
 
+def val_cut(shards: str | Path, scarce: dict[str, int] | None) -> dict[str, int] | None:
+    """The scarce cut carried to the val split: a class cut to N of its T train images keeps round(N V / T) of its V
+    val images, at least 1 (what a lab with that few cells would validate on). None without a cut."""
+    if not scarce:
+        return None
+    counts = read_manifest(shards).get("counts") or {}
+    train, val = counts.get(TRAIN_SPLIT, {}), counts.get("val", {})
+    return {c: max(1, round(int(n) * val.get(c, 0) / train[c])) if train.get(c) else int(n)
+            for c, n in scarce.items()}
+
+
 def decode_split(shards: str | Path, split: str, device: torch.device, backend: str = "auto",
-                 num_threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split decoded once through the loader: (uint8 [N, 3, S, S], int64 [N]) on `device`."""
+                 num_threads: int | None = None, scarce: dict[str, int] | None = None,
+                 scarce_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole split decoded once through the loader: (uint8 [N, 3, S, S], int64 [N]) on `device`; with `scarce`,
+    only what that cut of the split keeps (hpcgan.data.scarce, nested by `scarce_seed` as the train cut is)."""
+    from hpcgan.data.scarce import ScarceError, cut_split
     from hpcgan.metrics.cell import CellTrainSettings, load_split
     man = read_manifest(shards)
     if not sum((man.get("counts") or {}).get(split, {}).values()):
         raise DataError(f"{shards}: the {split} split is empty; the classifier selects on val and scores on test "
                         "(shard with val_fraction > 0 and test_fraction > 0)")
-    return load_split(shards, split, CellTrainSettings(backend=backend, num_threads=num_threads), device)
+    index = None
+    if scarce:
+        try:
+            index = cut_split(shards, split, scarce, scarce_seed)[0]
+        except ScarceError as e:
+            raise DataError(f"the {split} split's cut: {e}") from None
+    return load_split(shards, split, CellTrainSettings(backend=backend, num_threads=num_threads), device, index)

@@ -42,7 +42,7 @@ from hpcgan import dist
 from hpcgan.checkpoint import capture_rng, checkpoint_path, restore_rng, resume_point, save_checkpoint
 from hpcgan.classify.archs import build_classifier, get_arch, load_pretrained
 from hpcgan.classify.augment import RECIPES, augment_batch, build_recipe
-from hpcgan.classify.data import DataError, decode_split, epoch_loader, manifest_sha256, training_set
+from hpcgan.classify.data import DataError, decode_split, epoch_loader, manifest_sha256, training_set, val_cut
 from hpcgan.classify.metrics import confusion_csv, confusion_png, scores
 from hpcgan.classify.provenance import LeakageError, check_synthetic
 from hpcgan.classify.refit import plan as refit_plan
@@ -70,7 +70,7 @@ RESULT, RESULTS, TRAINING_SET, SCARCE = "results.json", "results.jsonl", "traini
 # a checkpoint from other values of these cannot be continued (another model, data or schedule; patience shapes
 # the plateau schedule's rate, and under cosine another patience would be another stopping rule)
 MUST_MATCH = ("arch", "regime", "recipe", "score_split", "tta", "seed", "steps", "batch_size", "lr", "weight_decay", "warmup", "schedule",
-              "patience", "plateau_factor", "plateau_decays", "synthetic_per_class",
+              "patience", "plateau_factor", "plateau_decays", "synthetic_per_class", "cut_val",
               "logit_adjust_tau", "recipes", "regime_axes", "scarce", "scarce_seed", "classes", "image_size", "manifest_sha256",
               "synthetic_manifest_sha256", "pretrained_sha256")
 REFIT_KEYS = ("refit",)   # a refit's plan must match too on resume (not against its source, which has none)
@@ -107,6 +107,8 @@ class ClassifySettings:
     synthetic_per_class: int | None = None  # regime synthetic: images per class (null: the set's smallest class)
     scarce: dict[str, int] | None = None    # scarcity study: {class: N} cuts the real train split (hpcgan.data.scarce)
     scarce_seed: int | None = None          # which cut (null: seed); a GAN for it must use the same
+    cut_val: bool = False                   # with scarce: cut the val split's scarce classes too, to the share of
+                                            # their val images that the cut keeps of their train ones (at least 1)
     # the regime's axes over its preset (hpcgan.classify.regimes; null: the preset's)
     sampling: str | None = None             # shuffled | balanced
     loss: str | None = None                 # ce | weighted | logit_adjust
@@ -324,6 +326,7 @@ class ClassifierRun:
         self.autocast = resolve_precision(s.precision, env.device)
         self.scarce_seed = s.seed if s.scarce_seed is None else s.scarce_seed
         self.refit = refit_plan(s.refit_from) if s.refit_from else None
+        self.val_cut = val_cut(s.shards, s.scarce) if s.cut_val else None
         self.provenance = (check_synthetic(s.shards, s.synthetic, s.allow_unknown_provenance, s.scarce,
                                            self.scarce_seed) if self.regime.reads_synthetic else None)
         self.data = training_set(self.regime, s.shards, s.synthetic, s.synthetic_per_class, s.scarce,
@@ -353,7 +356,7 @@ class ClassifierRun:
                            "timm": self.arch.timm, "training_set": self.data.describe(),
                            "regime_name": self.regime.name, "regime_axes": self.regime.axes(),
                            "recipe": self.recipe, "refit": self.refit.as_dict() if self.refit else None,
-                           "scarce_seed": self.scarce_seed if s.scarce else None}
+                           "scarce_seed": self.scarce_seed if s.scarce else None, "val_cut": self.val_cut}
         if self.refit:
             diffs = setting_differences(read_config(self.refit.source), self.run_config)
             if diffs:
@@ -430,7 +433,8 @@ class ClassifierRun:
             model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         self.model = model
         if self.refit is None:   # a refit trains on val: it never scores it
-            self.val_x, self.val_y = decode_split(s.shards, "val", env.device, s.backend, s.num_threads)
+            self.val_x, self.val_y = decode_split(s.shards, "val", env.device, s.backend, s.num_threads,
+                                                  self.val_cut, self.scarce_seed)
 
     def open_outputs(self) -> None:
         if self.env.is_main:
@@ -641,7 +645,7 @@ class ClassifierRun:
                 "synthetic_manifest_sha256": cfg["synthetic_manifest_sha256"],
                 "synthetic_from": self.synthetic_from,
                 "provenance_unknown": bool((self.provenance or {}).get("unknown")),
-                "scarce": s.scarce or None, "scarce_seed": cfg["scarce_seed"],
+                "scarce": s.scarce or None, "scarce_seed": cfg["scarce_seed"], "val_cut": self.val_cut,
                 "real_split": s.score_split, "tag": s.tag, "recipe_from": (self.recipe or {}).get("winner"),
                 "recipe_margin": (self.recipe or {}).get("margin"),
                 "recipe_runner_up": (self.recipe or {}).get("runner_up"), "selected_on": self.selected_on,
