@@ -760,17 +760,22 @@ def test_plateau_decays_the_rate_where_val_stalls_and_stops_after_the_last_decay
     assert (row["steps_run"], row["stopped_early"], row["schedule"], row["lr_decays"]) == (20, True, "plateau", 2)
 
 
+def as_if_stopped_at(finished: Path, copy: Path, step: int) -> None:
+    """`copy`: the finished run as a run stopped at `step` would have left it (that checkpoint, no results)."""
+    shutil.copytree(finished, copy)
+    for path in list_checkpoints(copy):
+        if path.name != f"step-{step:08d}.pt":
+            path.unlink()
+    (copy / "results.json").unlink()
+
+
 def test_plateau_resumes_with_its_decays(shards, tmp_path, monkeypatch):
     """A plateau run resumed from its step-12 checkpoint (one decay taken, at step 10) ends with the weights, best
     step and stop of the uninterrupted run: the decays are in the checkpoint, not re-derived from step 0."""
     plant_val_curve(monkeypatch, shards, PLATEAU_CURVE)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(overrides(shards, straight, *PLATEAU, "ckpt_every=12")) == EXIT_OK
-    shutil.copytree(straight, resumed)
-    for path in list_checkpoints(resumed):
-        if path.name != "step-00000012.pt":
-            path.unlink()
-    (resumed / "results.json").unlink()
+    as_if_stopped_at(straight, resumed, 12)
     plant_val_curve(monkeypatch, shards, PLATEAU_CURVE[6:] + [0.3] * 10)   # the scorings after step 12 (and more,
                                                                              # for a run that would not stop at 20)
     other_patience = [a if a != "patience=2" else "patience=3" for a in PLATEAU]   # shapes the rate: refused
@@ -864,11 +869,7 @@ def test_a_refit_resumes_exactly_and_refuses_what_its_source_did_not_run(shards,
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     refit = [*PLATEAU, f"refit_from={src}"]
     assert main(overrides(shards, straight, *refit, "ckpt_every=8")) == EXIT_OK
-    shutil.copytree(straight, resumed)
-    for path in list_checkpoints(resumed):
-        if path.name != "step-00000008.pt":
-            path.unlink()
-    (resumed / "results.json").unlink()
+    as_if_stopped_at(straight, resumed, 8)
     assert main(overrides(shards, resumed, *refit, "ckpt_every=8")) == EXIT_OK
     a, _ = load_latest(straight, required=CKPT_KEYS)
     b, _ = load_latest(resumed, required=CKPT_KEYS)
