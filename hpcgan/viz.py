@@ -236,8 +236,8 @@ def read_columns(path: Path) -> dict[str, list[tuple[float, float]]]:
 
 
 def _log_floor(ys, decades: int = 3) -> float | None:
-    """A log axis's bottom: half the smallest positive value, but no lower than `decades` under the largest (a
-    cosine's last rates, 1e-8 and less, would otherwise squeeze its whole decay into the top of the panel)."""
+    """A log axis's bottom: half of the smallest positive value or of `decades` under the largest, whichever is
+    higher (a cosine's last rates, 1e-8 and less, would otherwise squeeze its whole decay into the panel's top)."""
     pos = [y for y in ys if y > 0]
     return max(min(pos), max(pos) * 10.0 ** -decades) / 2 if pos else None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -279,7 +280,8 @@ def test_the_val_cut_keeps_the_train_cuts_share_of_a_class_and_the_rest_whole(sh
     from hpcgan.classify.data import val_cut
     train, val = counts(shards, "train"), counts(shards, "val")
     cut = val_cut(shards, {"neutrophil": 10, "lymphocyte": 1})
-    assert cut == {"neutrophil": max(1, round(10 * val["neutrophil"] / train["neutrophil"])), "lymphocyte": 1}
+    assert cut == {"neutrophil": max(1, math.floor(10 * val["neutrophil"] / train["neutrophil"] + 0.5)),
+                   "lymphocyte": 1}
     assert 1 <= cut["neutrophil"] < val["neutrophil"] and val_cut(shards, None) is None
     classes = read_manifest(shards)["classes"]
     _, y = decode_split(shards, "val", torch.device("cpu"), scarce=cut, scarce_seed=0)
@@ -287,6 +289,14 @@ def test_the_val_cut_keeps_the_train_cuts_share_of_a_class_and_the_rest_whole(sh
     assert kept == {c: cut.get(c, n) for c, n in zip(classes, [val.get(c, 0) for c in classes])}
     with pytest.raises(DataError, match="val split's cut"):
         decode_split(shards, "val", torch.device("cpu"), scarce={"neutrophil": 10 ** 6})
+
+
+def test_the_val_cut_rounds_halves_up_and_leaves_out_a_class_with_no_val_image(tmp_path):
+    from hpcgan.classify.data import val_cut
+    (tmp_path / "manifest.json").write_text(json.dumps({"counts": {"train": {"a": 280, "b": 40, "c": 9},
+                                                                   "val": {"a": 70, "b": 0, "c": 2}}}))
+    # a: 10 x 70 / 280 = 2.5 -> 3 (Python's round would say 2); b: no val image; c: 1 x 2 / 9 -> at least 1
+    assert val_cut(tmp_path, {"a": 10, "b": 5, "c": 1}) == {"a": 3, "c": 1}
 
 
 def test_a_scarce_run_writes_its_cut_and_the_guard_holds_its_gan_to_it(shards, tmp_path):
@@ -554,6 +564,12 @@ def test_original_plus_synthetic_runs_and_records_its_synthetic_set(shards, topu
     assert {r["synthetic_from"] for r in read_rows(named / "results.jsonl")} == {"wgan_gp_ac-long"}
     assert json.loads((named / "results.json").read_text())["synthetic"]["name"] == "wgan_gp_ac-long"
     assert main(overrides(shards, tmp_path / "bad", "synthetic_name=x")) == EXIT_BAD_INPUT   # no set to name
+    refit = tmp_path / "refit"   # trained again on train + val: the same synthetic cells, val's real ones added
+    assert main(overrides(shards, refit, f"synthetic={topup}", "regime=original+synthetic", "steps=8",
+                          "eval_every=4", f"refit_from={out}")) == EXIT_OK
+    again = json.loads((refit / "training_set.json").read_text())
+    assert again["counts"]["synthetic"] == ts["counts"]["synthetic"]
+    assert again["counts"]["real"] == {c: n + counts(shards, "val").get(c, 0) for c, n in ts["counts"]["real"].items()}
 
 
 def test_a_composed_regime_runs_and_records_every_axis(shards, per_class, tmp_path):
@@ -792,6 +808,10 @@ def test_a_plateau_checkpoint_from_before_the_decay_steps_were_kept_loads_its_la
     old = Schedule("plateau", 1e-3, total=40, warmup=0, eval_every=2, patience=2)
     old.load_state_dict({"taken": 2, "since": 14})
     assert (old.taken, old.since, old.lr_at(15)) == (2, 14, pytest.approx(1e-5))
+    assert not old.known and "decayed_at" not in old.state_dict()   # the first decay's step is not made up
+    fresh = Schedule("plateau", 1e-3, total=40, warmup=0, eval_every=2, patience=2)
+    fresh.load_state_dict({"taken": 0, "since": 0})
+    assert fresh.known and fresh.state_dict()["decayed_at"] == []
 
 
 def test_a_replayed_schedule_has_the_decays_it_is_given_and_never_stops_early():
@@ -883,6 +903,12 @@ def test_a_refit_resumes_exactly_and_refuses_what_its_source_did_not_run(shards,
     assert refused(src_dir=tmp_path / "nothing-here")
     assert refused(src_dir=straight)
     assert refused("scarce={a: 2}")
+    other_ranks = tmp_path / "other-ranks"
+    shutil.copytree(src, other_ranks)
+    config = (other_ranks / "config.yaml").read_text()
+    assert "world_size: 1\n" in config
+    (other_ranks / "config.yaml").write_text(config.replace("world_size: 1\n", "world_size: 2\n"))
+    assert refused(src_dir=other_ranks)   # another global batch: its best step is another amount of training
     old = tmp_path / "old"
     shutil.copytree(src, old)
     doc = json.loads((old / "results.json").read_text())

@@ -20,6 +20,7 @@ only for the final score (`decode_split`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,10 +122,10 @@ def training_set(regime: Regime, shards: str | Path, synthetic: str | Path | Non
         real, cut = cut_split(shards, TRAIN_SPLIT, scarce, scarce_seed)
     except ScarceError as e:
         raise DataError(str(e)) from None
+    classes = list(real.classes)
+    real_counts = np.bincount(real.labels, minlength=len(classes))   # the train split's: they size the synthetic part
     if with_val:
         real = real.concat(load_index(shards, "val"))
-    classes = list(real.classes)
-    real_counts = np.bincount(real.labels, minlength=len(classes))
     counts = {"real": _counts(classes, real.labels) if "real" in regime.data else {},
               "synthetic": {}}
     index = real if "real" in regime.data else None
@@ -160,13 +161,14 @@ def epoch_loader(ts: TrainingSet, batch_size: int, rank: int, world_size: int, *
 
 def val_cut(shards: str | Path, scarce: dict[str, int] | None) -> dict[str, int] | None:
     """The scarce cut carried to the val split: a class cut to N of its T train images keeps round(N V / T) of its V
-    val images, at least 1 (what a lab with that few cells would validate on). None without a cut."""
+    val images (halves up), at least 1 (what a lab with that few cells would validate on); a class with no val
+    image is left out. None without a cut."""
     if not scarce:
         return None
     counts = read_manifest(shards).get("counts") or {}
     train, val = counts.get(TRAIN_SPLIT, {}), counts.get("val", {})
-    return {c: max(1, round(int(n) * val.get(c, 0) / train[c])) if train.get(c) else int(n)
-            for c, n in scarce.items()}
+    share = {c: int(n) * val.get(c, 0) / train[c] if train.get(c) else int(n) for c, n in scarce.items()}
+    return {c: min(val.get(c, 0), max(1, math.floor(x + 0.5))) for c, x in share.items() if val.get(c, 0)}
 
 
 def decode_split(shards: str | Path, split: str, device: torch.device, backend: str = "auto",

@@ -53,8 +53,8 @@ from hpcgan.data.loader import BACKENDS
 from hpcgan.fsutil import atomic_write_bytes
 from hpcgan.progress import Progress
 from hpcgan.results import append_rows, number, write_result
-from hpcgan.rundir import (EXIT_BAD_INPUT, EXIT_OK, LOG, CsvLog, read_config, read_json, read_status, write_config,
-                           write_json, write_status)
+from hpcgan.rundir import (EXIT_BAD_INPUT, EXIT_OK, LOG, CsvLog, read_json, read_status, write_config, write_json,
+                           write_status)
 from hpcgan.settings import MISSING, SettingsError, check_choice, check_range, field_defaults, parse
 
 logger = logging.getLogger("hpcgan.classify")
@@ -357,8 +357,8 @@ class ClassifierRun:
                            "regime_name": self.regime.name, "regime_axes": self.regime.axes(),
                            "recipe": self.recipe, "refit": self.refit.as_dict() if self.refit else None,
                            "scarce_seed": self.scarce_seed if s.scarce else None, "val_cut": self.val_cut}
-        if self.refit:
-            diffs = setting_differences(read_config(self.refit.source), self.run_config)
+        if self.refit:   # the same settings, and as many ranks (another global batch is another step count)
+            diffs = setting_differences(self.refit.config, self.run_config, MUST_MATCH + ("world_size",))
             if diffs:
                 raise DataError(f"refit_from={self.refit.source} ran other settings or data ({'; '.join(diffs)}): "
                                 "give its settings")
@@ -467,7 +467,7 @@ class ClassifierRun:
             evaluated = self.refit is None and (self.step % s.eval_every == 0 or self.step == self.total)
             if evaluated:
                 self.validate()
-            if self.step % s.log_every == 0 or evaluated:
+            if self.step % s.log_every == 0 or evaluated or self.step == self.total:
                 self.log_row(val=self.last_val if evaluated else None)
             if stop:
                 return True
@@ -670,7 +670,7 @@ class ClassifierRun:
                "synthetic": syn, "training_set": self.data.describe(),
                "selection": ({"on": "refit", **self.refit.as_dict(), "val": None} if self.refit else
                              {"on": f"val_{s.select_on}", "best_step": self.best["step"], "val": self.best["val"]}),
-               "lr_decay_steps": list(self.schedule.decay_steps(self.step)),
+               "lr_decay_steps": list(self.schedule.decay_steps(self.step)) if self.schedule.known else None,
                "metrics": sc["overall"], "per_class": sc["per_class"], "confusion_matrix": cm.tolist(),
                "settings": asdict(s), "world_size": self.env.world_size, "rows": rows}
         atomic_write_bytes(rd / "confusion_matrix.csv", confusion_csv(cm, self.classes).encode())

@@ -34,6 +34,7 @@ class Schedule:
     decays: int = 2
     decayed_at: list[int] = field(default_factory=list)   # plateau: the steps of the decays taken so far
     replay: tuple[int, ...] | None = None                  # plateau: another run's decay steps, taken as given
+    known: bool = True                                     # False: loaded from a checkpoint that kept only the last
 
     @property
     def taken(self) -> int:
@@ -83,10 +84,11 @@ class Schedule:
         return tuple(d for d in (self.decayed_at if self.replay is None else self.replay) if d < before)
 
     def state_dict(self) -> dict:
-        return {"taken": self.taken, "since": self.since, "decayed_at": list(self.decayed_at)}
+        return {"taken": self.taken, "since": self.since, **({"decayed_at": list(self.decayed_at)} if self.known else {})}
 
     def load_state_dict(self, state: dict | None) -> None:
         state = state or {}
+        self.known = "decayed_at" in state or not state.get("taken")
         if "decayed_at" in state:
             self.decayed_at = [int(d) for d in state["decayed_at"]]
         else:   # a checkpoint from before the steps were kept: only the last one (all the rule reads) is known
