@@ -8,12 +8,13 @@ the cells (70% x 0.8). Once a run has made its choices on val (the step of its b
 
   - the settings must be RUN's (run.MUST_MATCH, the shards' manifest included) and so must the number of ranks,
     else an error lists the differences;
-  - NEW trains on RUN's training set (its synthetic cells too, as many as RUN took) plus the whole val split,
-    for RUN's best step, with RUN's learning rate (the
-    same warm-up, then the cosine over RUN's `steps`, or RUN's plateau decays at their steps), from the same seed;
+  - NEW trains on RUN's training set (its synthetic cells too, as many as RUN took) plus the whole val split, for
+    RUN's best step, with RUN's learning rate (the same warm-up, then the cosine over RUN's `steps`, or RUN's plateau
+    decays at their steps), from the same seed;
   - NEW never scores val (it trains on it): the weights of its last step are scored on test.
 A scarce cut is refused (val's cells of a cut class would undo the cut), and so is score_split=val (a rival search's
-runs select on val). The plan is a pure function of RUN's results.json, so a resumed refit continues exactly.
+runs select on val). The plan is a pure function of RUN's results.json (and it is checked again on resume), so a
+resumed refit continues exactly.
 """
 from __future__ import annotations
 
