@@ -13,5 +13,7 @@
   (the scarce cut of the scarcity study, shared with GAN training, is hpcgan.data.scarce)
   metrics.py     accuracy, macro-F1, balanced accuracy, per-class precision/recall/specificity/F1 (scikit-learn),
                  confusion matrix CSV and PNG
+  schedule.py    the learning rate and the stopping rule (cosine, plateau, a refit's replay)
+  refit.py       a finished run's choices (best step, decays), to train again on train + val
   run.py         ClassifySettings, the training loop (DDP, bf16, checkpoints, exact resume), scoring, results rows
 """
