@@ -632,6 +632,7 @@ class ClassifierRun:
     def write_results(self, cm: np.ndarray, n_test: int) -> dict:
         s, rd = self.s, self.run_dir
         sc = scores(cm, self.classes)
+        decays = list(self.schedule.decay_steps(self.step))   # the decays that shaped the scored weights' steps
         cfg = self.run_config
         syn = None
         if s.synthetic:
@@ -652,7 +653,7 @@ class ClassifierRun:
                 "tta": s.tta, "best_step": self.refit.best_step if self.refit else self.best["step"],
                 "refit_from": self.refit.source if self.refit else None,
                 "steps_run": self.step, "stopped_early": self.step < self.total, "patience": s.patience,
-                "schedule": s.schedule, "lr_decays": len(self.schedule.decay_steps(self.step)) if s.schedule == "plateau" else None,
+                "schedule": s.schedule, "lr_decays": len(decays) if s.schedule == "plateau" else None,
                 "n_train": len(self.data.index), "n_test": n_test, "world_size": self.env.world_size}
         rows = [{**base, "metric": m, "class": None, "value": number(v)} for m, v in sc["overall"].items()]
         rows.append({**base, "metric": "steps_run", "class": None, "value": float(self.step)})  # the tables show it
@@ -670,7 +671,7 @@ class ClassifierRun:
                "synthetic": syn, "training_set": self.data.describe(),
                "selection": ({"on": "refit", **self.refit.as_dict(), "val": None} if self.refit else
                              {"on": f"val_{s.select_on}", "best_step": self.best["step"], "val": self.best["val"]}),
-               "lr_decay_steps": list(self.schedule.decay_steps(self.step)) if self.schedule.known else None,
+               "lr_decay_steps": decays if self.schedule.known else None,
                "metrics": sc["overall"], "per_class": sc["per_class"], "confusion_matrix": cm.tolist(),
                "settings": asdict(s), "world_size": self.env.world_size, "rows": rows}
         atomic_write_bytes(rd / "confusion_matrix.csv", confusion_csv(cm, self.classes).encode())
