@@ -164,7 +164,7 @@ def test_synthetic_count_in_all_three_forms_and_a_composed_regimes_shares(shards
     r = get_regime("original+synthetic sampling=balanced augment=aug2 synthetic_count=3 real_share=0.25")
     assert r.name == "original+synthetic(3)+balanced+aug2+real_share=0.25"
     assert r.axes() == {"data": "real+synthetic", "sampling": "balanced", "loss": "ce", "augment": "aug2",
-                        "synthetic_count": "3", "real_share": 0.25, "prior": "all"}
+                        "synthetic_count": "3", "real_share": 0.25, "prior": "all", "synthetic_bn": "shared"}
     ts = training_set(r, shards, per_class, scarce=cut)
     assert ts.describe()["per_class"] == {c: (4 if c in present else 0) for c in classes}
     group, share = ts.balance_share()
@@ -592,6 +592,59 @@ def test_a_composed_regime_runs_and_records_every_axis(shards, per_class, tmp_pa
                                                           "logit_adjust", "real")
 
 
+def test_split_batch_norm_normalises_each_source_by_its_own_statistics():
+    """Known answer: the real rows go through the original layer (its running mean moves by 0.1 x their mean), the
+    synthetic rows through the copy (0.1 x 100); the real rows' output is the original layer's on them alone."""
+    from hpcgan.classify.splitbn import SplitBatchNorm, real_layers, split_batchnorm, synthetic_rows
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1, bias=False), torch.nn.BatchNorm2d(1))
+    torch.nn.init.ones_(net[0].weight)
+    alone = torch.nn.BatchNorm2d(1)
+    assert split_batchnorm(net) == 1 and isinstance(net[1], SplitBatchNorm)
+    real = torch.randn(3, 1, 4, 4)
+    x = torch.cat([real[:2], torch.full((2, 1, 4, 4), 100.0), real[2:]])
+    rows = torch.tensor([False, False, True, True, False])
+    with synthetic_rows(net, rows):
+        out = net(x)
+    assert net[1].rows is None   # only within the block
+    assert torch.allclose(net[1].main.running_mean, 0.1 * real.mean().reshape(1), atol=1e-6)
+    assert torch.allclose(net[1].aux.running_mean, torch.tensor([10.0]))
+    assert torch.allclose(out[~rows], alone(real), atol=1e-5) and torch.allclose(out[rows], torch.zeros(2, 1, 4, 4), atol=1e-3)
+    net.eval()
+    assert torch.allclose(net(real), net[1].main(real))   # scoring: the real cells' layer alone
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1, bias=False), torch.nn.BatchNorm2d(1)).eval()
+    plain.load_state_dict(real_layers(net.state_dict()))   # strict: the plain architecture's names, no aux
+    assert torch.equal(plain(real), net(real))
+    with pytest.raises(ValueError, match="no batch-norm layer"):
+        split_batchnorm(torch.nn.Linear(2, 2))
+
+
+def test_split_batch_norm_runs_resumes_exactly_and_is_refused_without_both_sources(shards, per_class, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = (f"synthetic={per_class}", "regime=original+synthetic", "synthetic_count=3", "synthetic_bn=split", "steps=12",
+            "eval_every=4", "ckpt_every=8", "batch_size=16")
+    assert main(overrides(shards, straight, *args)) == EXIT_OK
+    doc = json.loads((straight / "results.json").read_text())
+    assert doc["regime"]["synthetic_bn"] == "split" and doc["rows"][0]["synthetic_bn"] == "split"
+    assert doc["regime"]["name"] == "original+synthetic(3)+split_bn" and doc["arch"]["split_batchnorm_layers"] > 0
+    a, _ = load_latest(straight, required=CKPT_KEYS)
+    aux = [k for k in a["model"] if k.endswith(".aux.running_mean")]
+    assert aux and all(not torch.equal(a["model"][k], a["model"][k.replace(".aux.", ".main.")]) for k in aux)
+    from hpcgan.classify.kept import kept_weights
+    plain, _ = build_classifier("small_cnn", len(doc["classes"]), 32)
+    plain.load_state_dict(kept_weights(straight)[1])   # outside the run: the real cells' layers, plain names
+    as_if_stopped_at(straight, resumed, 8)
+    assert main(overrides(shards, resumed, *args)) == EXIT_OK
+    b, _ = load_latest(resumed, required=CKPT_KEYS)
+    assert a["step"] == b["step"] == 12 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    shared = [x if x != "synthetic_bn=split" else "synthetic_bn=shared" for x in args]
+    assert main(overrides(shards, resumed, *shared)) == EXIT_BAD_INPUT   # another model: refused on resume
+    for bad in (("regime=aug2", "synthetic_bn=split"), (f"synthetic={per_class}", "regime=synthetic",
+                                                         "synthetic_bn=split"), ("synthetic_bn=own",)):
+        with pytest.raises(SettingsError, match="synthetic_bn"):
+            ClassifySettings(shards="s", out="o", **dict(a.split("=", 1) for a in bad))
+
+
 def cli(shards: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, str(REPO_ROOT / "tools" / "classify.py"), f"shards={shards}", f"out={out}",
             "batch_size=8", "eval_every=4", "log_every=1", *FAST, *extra]
@@ -662,6 +715,20 @@ def test_two_ranks_under_torchrun(shards, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())
     assert doc["world_size"] == 2 and sum(map(sum, doc["confusion_matrix"])) == sum(counts(shards, "test").values())
+
+
+@pytest.mark.slow
+def test_split_batch_norm_under_torchrun(shards, per_class, tmp_path):
+    """Two ranks, some batches without a synthetic cell (the auxiliary layers then unused: DDP must allow it)."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "hpcgan.classify", f"shards={shards}", f"out={out}", f"synthetic={per_class}",
+           "regime=original+synthetic", "synthetic_count=1", "synthetic_bn=split", "batch_size=4", "steps=12",
+           "eval_every=6", "log_every=3", *FAST]
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["world_size"] == 2 and doc["regime"]["synthetic_bn"] == "split"
 
 
 def test_train_split_settings_one_or_several(shards, tmp_path):

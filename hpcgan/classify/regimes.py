@@ -28,6 +28,9 @@ preset (`compose`; tools/classify.py takes them as settings, a study's grid as "
   prior            with real+synthetic data and loss weighted or logit_adjust: the class counts the loss weighs by,
                    all (default: every training image) | real (the real images only: a class's synthetic cells
                    then count as augmentations of its real ones, and a scarce class keeps its full adjustment)
+  synthetic_bn     with real+synthetic data: shared (one set of batch-norm layers) | split (the synthetic cells
+                   through batch-norm layers of their own, AdvProp's auxiliary BN; scoring uses the real cells'
+                   layers alone: hpcgan.classify.splitbn)
 A composed regime is named by its preset when its axes are a preset's, else by its parts
 ("balanced+aug2", "original+synthetic(3x)+balanced+aug2"); every axis is recorded with the results.
 """
@@ -44,9 +47,10 @@ import torch.nn.functional as F
 SAMPLING = ("shuffled", "balanced")
 LOSSES = ("ce", "weighted", "logit_adjust")
 PRIOR_LOSSES = LOSSES[1:]   # the losses that weigh by the class counts (and so by the `prior` axis)
-AXES = ("sampling", "loss", "augment", "synthetic_count", "real_share", "prior")
+AXES = ("sampling", "loss", "augment", "synthetic_count", "real_share", "prior", "synthetic_bn")
 PRIORS = ("all", "real")
-NEWER_AXES = {"prior": "all"}   # axes that records (checkpoints, results) may predate: their value there
+SYNTHETIC_BN = ("shared", "split")
+NEWER_AXES = {"prior": "all", "synthetic_bn": "shared"}   # axes that records (checkpoints, results) may predate: their value there
 _COUNT = re.compile(r"(topup)|(\d+)|(\d+(?:\.\d+)?)x")
 
 
@@ -60,6 +64,7 @@ class Regime:
     synthetic_count: str = "topup"    # real+synthetic: topup | N | Nx
     real_share: float | None = None   # balanced sampling of real+synthetic: share of a class's draws from real
     prior: str = "all"                # weighted / logit_adjust loss: the class counts of all | real images
+    synthetic_bn: str = "shared"      # real+synthetic: the synthetic cells' batch norm, shared | split
 
     @property
     def reads_synthetic(self) -> bool:
@@ -73,7 +78,7 @@ class Regime:
         """Every axis of the regime (recorded with its results)."""
         return {"data": self.data, "sampling": self.sampling,
                 "loss": self.loss, "augment": self.augment or "none", "synthetic_count": self.synthetic_count,
-                "real_share": self.real_share, "prior": self.prior}
+                "real_share": self.real_share, "prior": self.prior, "synthetic_bn": self.synthetic_bn}
 
     def synthetic_per_class(self, real_count: int, largest: int) -> int:
         """Synthetic images a class with `real_count` real ones takes (real+synthetic data)."""
@@ -126,7 +131,7 @@ def parse_count(value) -> tuple[str, float | None]:
 
 
 def compose(preset: str, sampling: str | None = None, loss: str | None = None, augment: str | None = None,
-            synthetic_count=None, real_share=None, prior=None, recipes=("aug1", "aug2", "aug3")) -> Regime:
+            synthetic_count=None, real_share=None, prior=None, synthetic_bn=None, recipes=("aug1", "aug2", "aug3")) -> Regime:
     """The preset with the axes given (None: the preset's) overriding it; ValueError naming a bad one."""
     r = get_regime(preset)
     if sampling is not None and sampling not in SAMPLING:
@@ -143,13 +148,19 @@ def compose(preset: str, sampling: str | None = None, loss: str | None = None, a
     r = replace(r, balanced_sampling=r.balanced_sampling if sampling is None else sampling == "balanced",
                 loss=loss or r.loss, augment=r.augment if augment is None else (None if augment == "none" else augment),
                 synthetic_count=str(synthetic_count if synthetic_count is not None else r.synthetic_count).strip(),
-                real_share=None if real_share is None else float(real_share), prior=prior or r.prior)
+                real_share=None if real_share is None else float(real_share), prior=prior or r.prior,
+                synthetic_bn=synthetic_bn or r.synthetic_bn)
     if r.real_share is not None and not (r.balanced_sampling and r.data == "real+synthetic" and 0 < r.real_share <= 1):
         raise ValueError(f"real_share={real_share}: a share in (0, 1], with sampling=balanced and real+synthetic data")
     if r.prior not in PRIORS:
         raise ValueError(f"prior={prior!r}: choose one of {', '.join(PRIORS)}")
     if r.prior == "real" and r.data != "real+synthetic":
         raise ValueError(f"prior=real changes nothing here: it is for real+synthetic data (regime "
+                         f"original+synthetic), not {preset}")
+    if r.synthetic_bn not in SYNTHETIC_BN:
+        raise ValueError(f"synthetic_bn={synthetic_bn!r}: choose one of {', '.join(SYNTHETIC_BN)}")
+    if r.synthetic_bn == "split" and r.data != "real+synthetic":
+        raise ValueError(f"synthetic_bn=split splits real from synthetic cells: it is for real+synthetic data (regime "
                          f"original+synthetic), not {preset}")
     return replace(r, name=label(r))
 
@@ -175,7 +186,8 @@ def label(r: Regime) -> str:
              *({"weighted": ["weighted_loss"], "logit_adjust": ["logit_adjust"]}.get(r.loss, [])),
              *([r.augment] if r.augment else []),
              *([f"real_share={r.real_share:g}"] if r.real_share is not None else []),
-             *(["real_prior"] if r.prior == "real" else [])]
+             *(["real_prior"] if r.prior == "real" else []),
+             *(["split_bn"] if r.synthetic_bn == "split" else [])]
     return "+".join(parts) or "original"
 
 

@@ -49,6 +49,7 @@ from hpcgan.classify.refit import plan as refit_plan
 from hpcgan.classify.regimes import AXES, NEWER_AXES, RegimeLoss, check_final, get_regime, parse_spec
 from hpcgan.classify.rival import pick
 from hpcgan.classify.schedule import SCHEDULES, Schedule
+from hpcgan.classify.splitbn import split_batchnorm, synthetic_rows
 from hpcgan.data.loader import BACKENDS
 from hpcgan.fsutil import atomic_write_bytes
 from hpcgan.progress import Progress
@@ -116,6 +117,7 @@ class ClassifySettings:
     synthetic_count: Any = None             # real+synthetic: topup | N | Nx
     real_share: float | None = None         # balanced real+synthetic: share of a class's draws from real images
     prior: str | None = None                # real+synthetic with a weighted / logit_adjust loss: all | real counts
+    synthetic_bn: str | None = None         # real+synthetic: shared | split (the synthetic cells' own batch norm)
     recipe_from: list[str] | None = None    # a rival search's run dirs (score_split=val): the best on val gives
                                             # the sampling, loss and augment this run sets neither way above
                                             # (hpcgan.classify.rival)
@@ -224,6 +226,15 @@ SETTING_DEFAULTS = field_defaults(ClassifySettings)   # what a setting a checkpo
 def step_seed(seed: int, rank: int, step: int) -> int:
     from hpcgan.train import step_generator
     return step_generator(seed, rank, step, torch.device("cpu")).initial_seed()
+
+
+def planned(loader):
+    """(images, labels, training-set positions) of each batch of `loader`: the positions from its plan, which
+    both backends follow sample for sample."""
+    for (idx, _), (x, y) in zip(loader.planned_batches(), loader, strict=True):
+        if len(idx) != len(y):
+            raise RuntimeError(f"the loader gave a batch of {len(y)} for a planned batch of {len(idx)}")
+        yield x, y, idx
 
 
 def setting_differences(saved: dict, current: dict, keys=MUST_MATCH) -> list[str]:
@@ -414,6 +425,8 @@ class ClassifierRun:
         model, self.arch_info = build_classifier(s.arch, len(self.classes), self.image_size)
         if self.pretrained:
             self.arch_info["pretrained"] = load_pretrained(model, self.pretrained)
+        if self.regime.synthetic_bn == "split":
+            self.arch_info["split_batchnorm_layers"] = split_batchnorm(model)
         self.memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
         model = model.to(env.device, memory_format=self.memory_format)
         self.opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
@@ -430,7 +443,9 @@ class ClassifierRun:
                                "batch", ckpt["meta"].get("data_order"), self.data_order, self.epoch)
                 self.in_epoch = 0
         if env.distributed:
-            model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+            # split batch norm: a batch without synthetic cells leaves the auxiliary layers without a gradient
+            model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                        find_unused_parameters=self.regime.synthetic_bn == "split")
         self.model = model
         if self.refit is None:   # a refit trains on val: it never scores it
             self.val_x, self.val_y = decode_split(s.shards, "val", env.device, s.backend, s.num_threads,
@@ -457,10 +472,10 @@ class ClassifierRun:
         s = self.s
         self.t0 = self.t_log = time.time()
         self.n_log, self.bad_streak, self.stats = 0, 0, torch.zeros(3, dtype=torch.float64)
-        self.batches = iter(self.loader(self.epoch, min(self.in_epoch, self.epoch_batches)))
+        self.batches = planned(self.loader(self.epoch, min(self.in_epoch, self.epoch_batches)))
         while self.step < self.total:
-            x, y = self.next_batch()
-            stop = self.train_step(x, y)
+            x, y, idx = self.next_batch()
+            stop = self.train_step(x, y, idx)
             if self.bad_streak >= s.max_bad_steps:
                 raise RuntimeError(f"{self.bad_streak} consecutive non-finite steps at step {self.step}: the run "
                                    "diverged; lower lr or use precision=fp32")
@@ -496,10 +511,10 @@ class ClassifierRun:
                 return next(self.batches)
             except StopIteration:
                 self.epoch, self.in_epoch = self.epoch + 1, 0
-                self.batches = iter(self.loader(self.epoch))
+                self.batches = planned(self.loader(self.epoch))
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> bool:
-        """One optimisation step; whether the ranks agreed to stop after it."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: np.ndarray) -> bool:
+        """One optimisation step on the training set's samples `idx`; whether the ranks agreed to stop after it."""
         s, env = self.s, self.env
         torch.manual_seed(step_seed(s.seed, env.rank, self.step))  # augmentation and dropout of this step
         x, y = x.to(env.device), y.to(env.device)
@@ -508,7 +523,10 @@ class ClassifierRun:
         x = x.contiguous(memory_format=self.memory_format)
         for group in self.opt.param_groups:
             group["lr"] = self.schedule.lr_at(self.step)
-        with torch.autocast(env.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+        rows = (torch.from_numpy(self.data.synthetic[idx] == 1).to(env.device)
+                if self.regime.synthetic_bn == "split" else None)
+        with torch.autocast(env.device.type, dtype=self.autocast, enabled=self.autocast is not None), \
+                synthetic_rows(self.model, rows):
             logits = self.model(x)
         loss = self.loss_fn(logits, y)
         self.opt.zero_grad(set_to_none=True)
