@@ -35,6 +35,7 @@ from hpcgan.classify.regimes import REGIMES, RegimeLoss, check_final, get_regime
 from hpcgan.classify.run import CKPT_KEYS, ClassifySettings, main
 from hpcgan.classify.schedule import Schedule
 from hpcgan.rundir import EXIT_BAD_INPUT, EXIT_OK, EXIT_SIGNAL
+from hpcgan.data.loader import dali_available
 from hpcgan.data.shards import read_manifest, write_manifest
 from hpcgan.generate import generate
 from hpcgan.models.registry import build_model, load_spec
@@ -617,6 +618,35 @@ def test_split_batch_norm_normalises_each_source_by_its_own_statistics():
     assert torch.equal(plain(real), net(real))
     with pytest.raises(ValueError, match="no batch-norm layer"):
         split_batchnorm(torch.nn.Linear(2, 2))
+
+
+def test_a_single_row_of_a_one_by_one_map_is_normalised_by_the_running_statistics():
+    """resnet50 / xception end at 1x1 maps at 32 px: one synthetic row there has no batch statistics (BatchNorm
+    would raise), so it takes aux's running ones (at the start 0 and 1: x / sqrt(1 + eps)), leaving them."""
+    from hpcgan.classify.splitbn import split_batchnorm, synthetic_rows
+    net = torch.nn.Sequential(torch.nn.BatchNorm2d(2))
+    split_batchnorm(net)
+    x = torch.randn(3, 2, 1, 1)
+    with synthetic_rows(net, torch.tensor([False, True, False])):
+        out = net(x)
+    assert torch.allclose(out[1], x[1] / math.sqrt(1 + 1e-5))
+    assert torch.equal(net[0].aux.running_mean, torch.zeros(2)) and int(net[0].aux.num_batches_tracked) == 0
+    assert int(net[0].main.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("backend", ["webdataset", pytest.param("dali", marks=pytest.mark.skipif(
+    not dali_available()[0], reason="DALI not importable"))])
+def test_planned_batches_carry_their_training_set_positions(shards, per_class, backend):
+    """What split batch norm's mask rests on: each batch's positions are those of its images (their labels),
+    after a skip as on resume."""
+    from hpcgan.classify.run import planned
+    ts = training_set(get_regime("original+synthetic synthetic_count=3"), shards, per_class)
+    loader = epoch_loader(ts, 16, 0, 1, seed=0, epoch=1, skip_batches=1, backend=backend, device="cpu")
+    seen = 0
+    for x, y, idx in planned(loader):
+        assert len(x) == len(idx) == 16 and torch.equal(y.cpu(), torch.as_tensor(ts.index.labels[idx]))
+        seen += 1
+    assert seen == len(loader) > 1 and ts.synthetic.sum() > 0
 
 
 def test_split_batch_norm_runs_resumes_exactly_and_is_refused_without_both_sources(shards, per_class, tmp_path):

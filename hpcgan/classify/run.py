@@ -426,7 +426,10 @@ class ClassifierRun:
         if self.pretrained:
             self.arch_info["pretrained"] = load_pretrained(model, self.pretrained)
         if self.regime.synthetic_bn == "split":
-            self.arch_info["split_batchnorm_layers"] = split_batchnorm(model)
+            try:
+                self.arch_info["split_batchnorm_layers"] = split_batchnorm(model)
+            except ValueError as e:
+                raise DataError(str(e)) from None
         self.memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
         model = model.to(env.device, memory_format=self.memory_format)
         self.opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)

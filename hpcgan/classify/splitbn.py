@@ -1,4 +1,4 @@
-"""Split batch norm: synthetic cells normalised by batch-norm layers of their own (`split_bn=true`).
+"""Split batch norm: synthetic cells normalised by batch-norm layers of their own (`synthetic_bn=split`).
 
 A classifier trained on real and synthetic cells normalises both with one set of batch-norm statistics, which
 the test split (real cells only) then meets. AdvProp (Xie et al., CVPR 2020) gives the other distribution its own
@@ -25,6 +25,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class SplitBatchNorm(nn.Module):
@@ -33,18 +34,28 @@ class SplitBatchNorm(nn.Module):
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
         super().__init__()
         self.main, self.aux = bn, copy.deepcopy(bn)
-        self.rows: torch.Tensor | None = None   # bool [B]: synthetic rows of the current forward pass
+        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None   # (real, synthetic) row indices of this pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.rows
-        if rows is None or not bool(rows.any()):
+        if self.rows is None:
             return self.main(x)
-        if bool(rows.all()):
-            return self.aux(x)
-        out = torch.empty_like(x)
-        out[~rows] = self.main(x[~rows])
-        out[rows] = self.aux(x[rows])
+        real, synthetic = self.rows
+        if not len(synthetic):
+            return self.main(x)
+        if not len(real):
+            return _normalise(self.aux, x)
+        out = torch.empty_like(x)   # advanced indexing keeps x's memory format (index_select would not)
+        out[real] = _normalise(self.main, x[real])
+        out[synthetic] = _normalise(self.aux, x[synthetic])
         return out
+
+
+def _normalise(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """`bn` on `x`; a part with one value per channel (one row of a 1x1 map: no batch statistics) is normalised
+    by the layer's running statistics, which it leaves as they are."""
+    if not bn.training or x.numel() > x.shape[1] or bn.running_mean is None:
+        return bn(x)
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
 
 def split_batchnorm(model: nn.Module) -> int:
@@ -57,16 +68,22 @@ def split_batchnorm(model: nn.Module) -> int:
                 setattr(parent, name, SplitBatchNorm(child))
                 n += 1
     if not n:
-        raise ValueError("split_bn=true: this architecture has no batch-norm layer to split; drop split_bn")
+        raise ValueError("synthetic_bn=split: this architecture has no batch-norm layer to split; use "
+                         "synthetic_bn=shared or an architecture with batch norm")
     return n
 
 
 @contextmanager
 def synthetic_rows(model: nn.Module, rows: torch.Tensor | None):
-    """Within it, every SplitBatchNorm of `model` sends the rows where `rows` is True to its `aux` layer."""
+    """Within it, every SplitBatchNorm of `model` sends the rows where `rows` (bool [B]) is True to its `aux` layer.
+    The rows' indices are found once here (one host sync a step, not one per layer)."""
     layers = [m for m in model.modules() if isinstance(m, SplitBatchNorm)]
+    split = None
+    if rows is not None:
+        flags = rows.cpu()
+        split = tuple(torch.nonzero(f).flatten().to(rows.device) for f in (~flags, flags))
     for m in layers:
-        m.rows = rows
+        m.rows = split
     try:
         yield
     finally:
@@ -77,7 +94,8 @@ def synthetic_rows(model: nn.Module, rows: torch.Tensor | None):
 def real_layers(state: dict) -> dict:
     """A split model's state dict as the plain architecture's: each SplitBatchNorm's `main` tensors under the
     layer's own name, its `aux` tensors dropped. A state dict without split layers comes back as it is."""
-    split = {k.rsplit(".aux.", 1)[0] for k in state if ".aux." in k}
+    split = ({k.rsplit(".aux.", 1)[0] for k in state if ".aux." in k} &
+             {k.rsplit(".main.", 1)[0] for k in state if ".main." in k})   # a layer holds both
     out = {}
     for k, v in state.items():
         layer = next((p for p in split if k.startswith(f"{p}.main.") or k.startswith(f"{p}.aux.")), None)
