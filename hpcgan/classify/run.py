@@ -526,10 +526,9 @@ class ClassifierRun:
         x = x.contiguous(memory_format=self.memory_format)
         for group in self.opt.param_groups:
             group["lr"] = self.schedule.lr_at(self.step)
-        rows = (torch.from_numpy(self.data.synthetic[idx] == 1).to(env.device)
-                if self.regime.synthetic_bn == "split" else None)
+        rows = torch.from_numpy(self.data.synthetic[idx] == 1) if self.regime.synthetic_bn == "split" else None
         with torch.autocast(env.device.type, dtype=self.autocast, enabled=self.autocast is not None), \
-                synthetic_rows(self.model, rows):
+                synthetic_rows(self.model, rows, env.device):
             logits = self.model(x)
         loss = self.loss_fn(logits, y)
         self.opt.zero_grad(set_to_none=True)
