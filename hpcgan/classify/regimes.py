@@ -142,9 +142,7 @@ def compose(preset: str, sampling: str | None = None, loss: str | None = None, a
         raise ValueError(f"augment={augment!r}: choose none or a recipe ({', '.join(recipes)})")
     if synthetic_count is not None:
         parse_count(synthetic_count)
-        if r.data != "real+synthetic":
-            raise ValueError(f"synthetic_count={synthetic_count}: only for real+synthetic data (regime "
-                             f"original+synthetic), not {preset}")
+        _mixed_only(r, preset, f"synthetic_count={synthetic_count}")
     r = replace(r, balanced_sampling=r.balanced_sampling if sampling is None else sampling == "balanced",
                 loss=loss or r.loss, augment=r.augment if augment is None else (None if augment == "none" else augment),
                 synthetic_count=str(synthetic_count if synthetic_count is not None else r.synthetic_count).strip(),
@@ -154,15 +152,19 @@ def compose(preset: str, sampling: str | None = None, loss: str | None = None, a
         raise ValueError(f"real_share={real_share}: a share in (0, 1], with sampling=balanced and real+synthetic data")
     if r.prior not in PRIORS:
         raise ValueError(f"prior={prior!r}: choose one of {', '.join(PRIORS)}")
-    if r.prior == "real" and r.data != "real+synthetic":
-        raise ValueError(f"prior=real changes nothing here: it is for real+synthetic data (regime "
-                         f"original+synthetic), not {preset}")
+    if r.prior == "real":
+        _mixed_only(r, preset, "prior=real changes nothing here")
     if r.synthetic_bn not in SYNTHETIC_BN:
         raise ValueError(f"synthetic_bn={synthetic_bn!r}: choose one of {', '.join(SYNTHETIC_BN)}")
-    if r.synthetic_bn == "split" and r.data != "real+synthetic":
-        raise ValueError(f"synthetic_bn=split splits real from synthetic cells: it is for real+synthetic data (regime "
-                         f"original+synthetic), not {preset}")
+    if r.synthetic_bn == "split":
+        _mixed_only(r, preset, "synthetic_bn=split splits real from synthetic cells")
     return replace(r, name=label(r))
+
+
+def _mixed_only(r: Regime, preset: str, setting: str) -> None:
+    """ValueError unless `r` trains on real and synthetic data, the only data `setting` (an axis value) acts on."""
+    if r.data != "real+synthetic":
+        raise ValueError(f"{setting}: only for real+synthetic data (regime original+synthetic), not {preset}")
 
 
 def check_final(r: Regime) -> Regime:

@@ -77,12 +77,13 @@ def split_batchnorm(model: nn.Module) -> int:
 def synthetic_rows(model: nn.Module, rows: torch.Tensor | None, device: torch.device | str | None = None):
     """Within it, every SplitBatchNorm of `model` sends the rows where `rows` (bool [B]) is True to its `aux` layer.
     The rows' indices are found once here, on the host, and moved to `device` (default: rows'): no layer waits on
-    the accelerator for them."""
+    the accelerator for them. `rows` None (a run without split layers, on each of its steps): nothing to do."""
+    if rows is None:
+        yield
+        return
     layers = [m for m in model.modules() if isinstance(m, SplitBatchNorm)]
-    split = None
-    if rows is not None:
-        flags = rows.cpu()
-        split = tuple(torch.nonzero(f).flatten().to(device or rows.device) for f in (~flags, flags))
+    flags = rows.cpu()
+    split = tuple(torch.nonzero(f).flatten().to(device or rows.device) for f in (~flags, flags))
     for m in layers:
         m.rows = split
     try:
