@@ -245,8 +245,9 @@ def _log_floor(ys, decades: int = 3) -> float | None:
 def training_curves(run_dir: str | Path, path: str | Path, title: str | None = None,
                     panels=CURVE_PANELS) -> Path | None:
     """One PNG of a run's log.csv and samples/diversity.csv against the step, a panel per quantity that
-    the run logs (`panels`: CURVE_PANELS for a GAN, CLASSIFIER_PANELS for a classifier). None (and nothing
-    written) while there is nothing to draw."""
+    the run logs (`panels`: CURVE_PANELS for a GAN, CLASSIFIER_PANELS for a classifier); a log with a best_step
+    column (a classifier's) gets a dashed line on every panel at its last value, the step whose weights the run
+    keeps. None (and nothing written) while there is nothing to draw."""
     fig = curves_figure(run_dir, title, panels)
     if fig is None:
         return None
@@ -268,12 +269,16 @@ def curves_figure(run_dir: str | Path, title: str | None = None, panels=CURVE_PA
     panels = [p for p in panels if p[1]]
     if not panels:
         return None
+    kept = data["log"].get("best_step", [])[-1:]   # a classifier's log: the step whose weights it keeps so far
+    kept = kept[0][1] if kept and kept[0][1] >= 0 else None
     fig = Figure(figsize=(7, 2.3 * len(panels)))
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)
     for ax, (panel_title, lines, ylabel, *scale) in zip(axes[:, 0], panels):
         for points, legend in lines:
             xs, ys = zip(*points)
             ax.plot(xs, ys, label=legend, lw=1.2, marker="." if len(xs) < 30 else None)
+        if kept is not None:
+            ax.axvline(kept, color="0.4", ls="--", lw=0.9, label=f"kept weights (step {kept:g})")
         if scale == ["log"]:
             ax.set_yscale("log", nonpositive="mask")   # a cosine's last 0 is left out
             ax.set_ylim(bottom=_log_floor([y for points, _ in lines for _, y in points]))

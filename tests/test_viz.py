@@ -145,19 +145,26 @@ def test_classifier_curves_draw_the_learning_rate_on_a_log_axis(tmp_path):
     equal steps on its log axis; a cosine's final 0 is left out rather than breaking the axis."""
     from hpcgan.viz import CLASSIFIER_PANELS
     run = tmp_path / "run"
-    _write_csv(run / "log.csv", ["step", "loss", "train_accuracy", "lr", "val_accuracy", "val_macro_f1"],
-               [[2, 1.0, 0.5, 1e-3, 0.4, 0.3], [4, 0.8, 0.6, 1e-4, 0.5, 0.4], [6, 0.7, 0.7, 1e-5, 0.6, 0.5],
-                [8, 0.6, 0.8, 0.0, 0.6, 0.5]])
+    _write_csv(run / "log.csv", ["step", "loss", "train_accuracy", "lr", "val_accuracy", "val_macro_f1",
+                                 "best_step"],
+               [[2, 1.0, 0.5, 1e-3, 0.4, 0.3, 2], [4, 0.8, 0.6, 1e-4, 0.5, 0.4, 4], [6, 0.7, 0.7, 1e-5, 0.6, 0.5, 4],
+                [8, 0.6, 0.8, 0.0, 0.6, 0.5, 4]])
     with Image.open(training_curves(run, tmp_path / "curves.png", panels=CLASSIFIER_PANELS)) as im:
         assert im.size == (700, 3 * 230)
     loss, acc, lr = curves_figure(run, panels=CLASSIFIER_PANELS).axes
     assert [ax.get_yscale() for ax in (loss, acc, lr)] == ["linear", "linear", "log"]
     assert lr.get_lines()[0].get_ydata().tolist() == [1e-3, 1e-4, 1e-5, 0.0]   # the 0 is masked on the axis
+    for ax in (loss, acc, lr):   # the kept weights' step (the log's last best_step, not its first) on every panel
+        kept = [ln for ln in ax.get_lines() if ln.get_label().startswith("kept weights")]
+        assert [ln.get_label() for ln in kept] == ["kept weights (step 4)"]
+        assert list(kept[0].get_xdata()) == [4, 4]
     assert lr.get_ylim()[0] == pytest.approx(0.5e-5)   # half the smallest rate: the last decay is clear of the edge
     _write_csv(run / "log.csv", ["step", "loss", "train_accuracy", "lr"],
                [[2, 1.0, 0.5, 1e-3], [4, 0.8, 0.6, 5e-4], [6, 0.7, 0.7, 1.6e-8]])   # a cosine's last rates
     lr = curves_figure(run, panels=CLASSIFIER_PANELS).axes[-1]
     assert lr.get_ylim()[0] == pytest.approx(0.5e-6)   # three decades under the top, not down to 1.6e-8
-    _write_csv(run / "log.csv", ["step", "loss", "train_accuracy"], [[2, 1.0, 0.5], [4, 0.8, 0.6]])
+    _write_csv(run / "log.csv", ["step", "loss", "train_accuracy", "best_step"], [[2, 1.0, 0.5, -1], [4, 0.8, 0.6, -1]])
     with Image.open(training_curves(run, tmp_path / "curves.png", panels=CLASSIFIER_PANELS)) as im:
         assert im.size == (700, 2 * 230)   # no lr column (an older log): no panel for it
+    assert not [ln for ax in curves_figure(run, panels=CLASSIFIER_PANELS).axes for ln in ax.get_lines()
+                if ln.get_label().startswith("kept")]   # no val scoring yet (best_step -1): no line
