@@ -208,12 +208,18 @@ def scarcity_tables(cl: pd.DataFrame, size, ev: pd.DataFrame | None = None
                     ) -> dict[str, tuple[pd.DataFrame, pd.DataFrame, list[str], tuple]]:
     """Per scarce cut: every regime's balanced accuracy, macro-F1, accuracy and the recall (sensitivity) of
     each scarce class on the real test split, mean ± std over seeds; the study's `full` rows (uncut, the rival's
-    recipe) join every cut's table as its reference, and the rival's choice is said under it. Rows with a GAN's
-    cells carry its per-class fidelity on the cut classes (`ev`: _generator_evaluations' rows; _fidelity)."""
+    recipe) join every cut's table as its reference, and so do its `realN` rows (the rival's recipe with the cut
+    classes at N real cells: classify.more_real) to the cut of the same classes; the rival's choice is said under
+    it. Rows with a GAN's cells carry its per-class fidelity on the cut classes (`ev`: _generator_evaluations'
+    rows; _fidelity)."""
     out = {}
     full = cl[(cl["tag"] == "full") & cl["scarce"].isna()]
-    for cut, part in cl[cl["scarce"].notna()].groupby("scarce"):
-        part = pd.concat([full[full["arch"].isin(part["arch"])], part], ignore_index=True)
+    more = cl["tag"].astype(str).str.fullmatch(r"real\d+") & cl["scarce"].notna()
+    classes = cl["scarce"].map(lambda c: frozenset(_cut_classes(str(c))))
+    for cut, part in cl[cl["scarce"].notna() & ~more].groupby("scarce"):
+        same = more & (classes == frozenset(_cut_classes(str(cut))))
+        part = pd.concat([full[full["arch"].isin(part["arch"])], cl[same & cl["arch"].isin(part["arch"])], part],
+                         ignore_index=True)
         fidelity, extra = _fidelity(part, ev, str(cut), size)
         wide, sources, by, metrics = _with_recalls(pd.concat([part, fidelity], ignore_index=True), str(cut),
                                                    SCARCITY, ["arch", "regime", "synthetic_from"], extra)

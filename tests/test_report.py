@@ -127,6 +127,28 @@ def test_scarcity_table_keeps_cuts_and_gan_sources_apart(tmp_path):
     assert mono.loc["monocyte=20", "sensitivity_mean"] == pytest.approx(0.2)
 
 
+def test_more_real_rows_join_the_table_of_the_cut_of_their_classes(tmp_path):
+    """classify.more_real's `realN` rows (the rival's recipe, its cut classes at N real cells) are a reference in
+    the table of the cut with the same classes, as `full` is, and never a cut table of their own."""
+    s, rows = tmp_path / "study", []
+    for seed in (0, 1):
+        for tag, cut, rec in (("rival", {"monocyte": 20}, 0.8), ("full", None, 0.95), ("real40", {"monocyte": 40}, 0.9),
+                              ("real40", {"basophil": 40}, 0.1)):
+            run = str(s / f"cls/{tag}-{cut}-s{seed}")
+            base = {"scarce": cut, "tag": tag}
+            rows += [{**cl(run, "small_resnet", "logit_adjust+aug2", seed, "balanced_accuracy", 0.8), **base},
+                     {**cl(run, "small_resnet", "logit_adjust+aug2", seed, "sensitivity", rec + 0.02 * seed,
+                           cls="monocyte"), **base}]
+    append_rows(s / "cls/results.jsonl", rows)
+    written = report(s, figures=False)
+    t = pd.read_csv(written["scarcity_32px_monocyte20"]).set_index("tag")
+    assert sorted(t.index) == ["full", "real40", "rival"]     # not the basophil cut's real40
+    assert t.loc["real40", "recall_monocyte_mean"] == pytest.approx(0.91)
+    assert t.loc["real40", "recall_monocyte_n"] == 2
+    assert t.loc["rival", "recall_monocyte_mean"] == pytest.approx(0.81)
+    assert not [k for k in written if k.startswith("scarcity_32px_monocyte40") or "basophil" in k]
+
+
 def two_gan_rows(study):
     """Classifier rows of a study whose `original+synthetic` regime is fed by two GANs."""
     rows = []

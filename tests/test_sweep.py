@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from hpcgan import CONFIG_DIR, REPO_ROOT
 from hpcgan.settings import SettingsError
 from hpcgan.sweep import (ClusterSettings, TaskError, TaskFiles, collect_status, command, expand, finished,
-                          hydra_value, load_study, plan_arrays, read_study)
+                          hydra_value, load_study, plan_arrays, read_study, study_summary)
 
 SWEEP = [sys.executable, str(REPO_ROOT / "tools" / "sweep.py")]
 HAVE_CLASSIFY = (REPO_ROOT / "tools" / "classify.py").is_file()
@@ -136,6 +136,32 @@ def test_bad_study_settings_fail_with_one_line_naming_the_key(override, message)
     with pytest.raises(SettingsError, match=message.replace("[", r"\[").replace("(", r"\(")) as e:
         load_study("tiny", [override])
     assert "\n" not in str(e.value)
+
+
+def test_more_real_runs_the_rival_on_the_same_seeds_cut_with_more_cells_of_each_cut_class(tmp_path):
+    """classify.more_real=[40]: per seed, the search's winner with each cut class at 40 real cells, cut with the
+    seed's scarce_seed (the cut is nested: the 20 and 20 more), tagged real40; refused without a cut, at or under
+    a cut class's count, and without the rival search."""
+    sc = expand(load_study("scarcity", ["data.scarce={monocyte: 20, eosinophil: 10}", "classify.more_real=[40]"]),
+                tmp_path)
+    by = {t.name: t for t in sc}
+    for seed in (0, 1, 2):
+        t = by[f"cls/small_resnet-real40-original-s{seed}-32"]
+        argv = " ".join(t.argv)
+        assert t.stage == "rival" and "tag=real40" in argv and "regime=original" in argv
+        assert f"scarce={{monocyte:40,eosinophil:40}} scarce_seed={seed}" in argv
+        assert "recipe_from=" in argv and "synthetic=" not in argv
+        assert set(t.deps) >= {d for d in by[f"cls/small_resnet-rival-original-s{seed}-32"].deps}
+    assert len(names(sc, "rival")) == 3 * (1 + 1 + 2 + 1)
+    for override, message in (("~data.scarce", "the study cuts no class"),
+                              ("classify.more_real=[20]", "20 is not above the cut of ['monocyte', 'eosinophil']"),
+                              ("classify.more_real=[40,40]", "repeats a value"),
+                              ("classify.rival_search=null", "take the rival search's winner")):
+        extra = ["classify.full=false", "classify.on_rival=[]"] if "rival_search" in override else []
+        with pytest.raises(SettingsError, match=message.replace("[", r"\[")):
+            load_study("scarcity", ["classify.more_real=[40]", *extra, override])
+    summary = study_summary(dataclasses.asdict(load_study("scarcity", ["classify.more_real=[40]"])))
+    assert "with more real cells [40]" in summary
 
 
 def test_a_command_line_cut_replaces_the_studys_and_tilde_removes_it():

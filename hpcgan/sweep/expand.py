@@ -219,6 +219,9 @@ def _classify_tasks(s: StudySettings, out: Path, shards: dict, add) -> None:
                                 uncut=True, **pick)
                 for regime in c.on_rival:
                     _classifier(s, out, shards[size], add, "rival", arch, regime, seed, size, tag="on_rival", **pick)
+                for n in c.more_real:
+                    _classifier(s, out, shards[size], add, "rival", arch, "original", seed, size, tag=f"real{n}",
+                                cut={name: int(n) for name in s.data.scarce}, **pick)
 
 
 def _set_name(s: StudySettings, name: str | None) -> str | None:
@@ -230,9 +233,11 @@ def _set_name(s: StudySettings, name: str | None) -> str | None:
 
 
 def _classifier(s: StudySettings, out: Path, shard: tuple[str, str | None], add, stage: str, arch: str, regime: str,
-                seed: int, size: int, tag: str | None = None, deps=(), extra=(), uncut: bool = False):
+                seed: int, size: int, tag: str | None = None, deps=(), extra=(), uncut: bool = False,
+                cut: dict[str, int] | None = None):
     """One classifier task per synthetic set the regime reads (one without): a synthetic regime runs on that
-    GAN's run with the classifier's seed when the GAN grid has it, else its first seed. Returns the last."""
+    GAN's run with the classifier's seed when the GAN grid has it, else its first seed. Returns the last.
+    uncut: no scarce cut (`full`); cut: this cut instead of data.scarce, with the same seed (more_real)."""
     from hpcgan.classify.regimes import get_regime
     g, task = s.gan, None
     gan_seed = seed if seed in g.seeds else g.seeds[0]
@@ -243,7 +248,7 @@ def _classifier(s: StudySettings, out: Path, shard: tuple[str, str | None], add,
         task = add(stage, f"cls/{name}", run,
                    [TOOLS / "classify.py", *kv(shards=shard[0], synthetic=syn, arch=arch, regime=regime, seed=seed,
                                                out=run, tag=tag, synthetic_name=_set_name(s, model)),
-                    *([] if uncut else scarce_args(s, gan_seed)),
+                    *([] if uncut else kv(scarce=cut, scarce_seed=gan_seed) if cut else scarce_args(s, gan_seed)),
                     *s.classify.overrides, *extra],
                    deps=[shard[1], f"synthetic/{gan_name(model, gan_seed, size)}" if model else None, *deps],
                    grid={"arch": arch, "regime": regime, "seed": seed, "size": size, "synthetic_from": model,

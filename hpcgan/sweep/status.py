@@ -168,7 +168,8 @@ def study_summary(settings: dict) -> str:
         lines.append(f"  classify  archs {c['archs']}, regimes {c['regimes']}, seeds {c['seeds']}")
         if c.get("rival_search") is not None:
             lines.append(f"  rival     search {c['rival_search'] or 'every recipe'} on val; full {c.get('full')}, "
-                         f"on the rival {c.get('on_rival') or 'none'}")
+                         f"on the rival {c.get('on_rival') or 'none'}, with more real cells "
+                         f"{c.get('more_real') or 'none'}")
     return "\n".join(lines)
 
 
