@@ -209,13 +209,14 @@ def scarcity_tables(cl: pd.DataFrame, size, ev: pd.DataFrame | None = None
     """Per scarce cut: every regime's balanced accuracy, macro-F1, accuracy and the recall (sensitivity) of
     each scarce class on the real test split, mean ± std over seeds; the study's `full` rows (uncut, the rival's
     recipe) join every cut's table as its reference, and so do its `realN` rows (the rival's recipe with the cut
-    classes at N real cells: classify.more_real) to the cut of the same classes; the rival's choice is said under
-    it. Rows with a GAN's cells carry its per-class fidelity on the cut classes (`ev`: _generator_evaluations'
+    classes at N real cells: classify.more_real) to each cut of the same classes (a table of their own while no
+    such cut has rows); the rival's choice is said under it. Rows with a GAN's cells carry its per-class fidelity on the cut classes (`ev`: _generator_evaluations'
     rows; _fidelity)."""
     out = {}
     full = cl[(cl["tag"] == "full") & cl["scarce"].isna()]
-    more = cl["tag"].astype(str).str.fullmatch(r"real\d+") & cl["scarce"].notna()
     classes = cl["scarce"].map(lambda c: frozenset(_cut_classes(str(c))))
+    more = cl["tag"].astype(str).str.fullmatch(r"real\d+") & cl["scarce"].notna()
+    more &= classes.isin(set(classes[cl["scarce"].notna() & ~more]))   # else (no cut of its classes): its own table
     for cut, part in cl[cl["scarce"].notna() & ~more].groupby("scarce"):
         same = more & (classes == frozenset(_cut_classes(str(cut))))
         part = pd.concat([full[full["arch"].isin(part["arch"])], cl[same & cl["arch"].isin(part["arch"])], part],

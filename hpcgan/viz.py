@@ -278,7 +278,7 @@ def curves_figure(run_dir: str | Path, title: str | None = None, panels=CURVE_PA
             xs, ys = zip(*points)
             ax.plot(xs, ys, label=legend, lw=1.2, marker="." if len(xs) < 30 else None)
         if kept is not None:
-            ax.axvline(kept, color="0.4", ls="--", lw=0.9, label=f"kept weights (step {kept:g})")
+            ax.axvline(kept, color="0.4", ls="--", lw=0.9, label=f"kept weights (step {int(kept)})")
         if scale == ["log"]:
             ax.set_yscale("log", nonpositive="mask")   # a cosine's last 0 is left out
             ax.set_ylim(bottom=_log_floor([y for points, _ in lines for _, y in points]))

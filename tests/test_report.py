@@ -131,22 +131,28 @@ def test_more_real_rows_join_the_table_of_the_cut_of_their_classes(tmp_path):
     """classify.more_real's `realN` rows (the rival's recipe, its cut classes at N real cells) are a reference in
     the table of the cut with the same classes, as `full` is, and never a cut table of their own."""
     s, rows = tmp_path / "study", []
+    me20, me40 = {"monocyte": 20, "eosinophil": 20}, {"eosinophil": 40, "monocyte": 40}   # any order
     for seed in (0, 1):
-        for tag, cut, rec in (("rival", {"monocyte": 20}, 0.8), ("full", None, 0.95), ("real40", {"monocyte": 40}, 0.9),
-                              ("real40", {"basophil": 40}, 0.1)):
+        for tag, cut, rec in (("rival", me20, 0.8), ("full", None, 0.95), ("real40", me40, 0.9),
+                              ("real40", {"monocyte": 40}, 0.3), ("real40", {"basophil": 40}, 0.1)):
             run = str(s / f"cls/{tag}-{cut}-s{seed}")
             base = {"scarce": cut, "tag": tag}
             rows += [{**cl(run, "small_resnet", "logit_adjust+aug2", seed, "balanced_accuracy", 0.8), **base},
-                     {**cl(run, "small_resnet", "logit_adjust+aug2", seed, "sensitivity", rec + 0.02 * seed,
-                           cls="monocyte"), **base}]
+                     *({**cl(run, "small_resnet", "logit_adjust+aug2", seed, "sensitivity", rec + 0.02 * seed + d,
+                             cls=c), **base} for c, d in (("monocyte", 0), ("eosinophil", 0.04)))]
     append_rows(s / "cls/results.jsonl", rows)
     written = report(s, figures=False)
-    t = pd.read_csv(written["scarcity_32px_monocyte20"]).set_index("tag")
-    assert sorted(t.index) == ["full", "real40", "rival"]     # not the basophil cut's real40
+    t = pd.read_csv(written["scarcity_32px_eosinophil20_monocyte20"]).set_index("tag")
+    assert sorted(t.index) == ["full", "real40", "rival"]     # not the monocyte-only cut's real40, nor basophil's
     assert t.loc["real40", "recall_monocyte_mean"] == pytest.approx(0.91)
+    assert t.loc["real40", "recall_eosinophil_mean"] == pytest.approx(0.95)
     assert t.loc["real40", "recall_monocyte_n"] == 2
     assert t.loc["rival", "recall_monocyte_mean"] == pytest.approx(0.81)
-    assert not [k for k in written if k.startswith("scarcity_32px_monocyte40") or "basophil" in k]
+    # a realN row whose classes no cut of the study has rows for: a table of its own, not dropped
+    alone = pd.read_csv(written["scarcity_32px_monocyte40"]).set_index("tag")
+    assert sorted(alone.index) == ["full", "real40"] and alone.loc["real40", "recall_monocyte_mean"] == pytest.approx(0.31)
+    assert "scarcity_32px_basophil40" in written
+    assert not [k for k in written if k.startswith("scarcity_32px_eosinophil40")]
 
 
 def two_gan_rows(study):

@@ -643,3 +643,6 @@ def test_the_cut_classes_are_checked_against_the_shards_own_classes(tmp_path):
             load_study("levers", [f"data.shards={shards}", "data.scarce={monocyte: 20}"])
         with pytest.raises(SettingsError, match=r"more images than .*\{'blast': '41 > 40'\}"):
             load_study("levers", [f"data.shards={shards}", "data.scarce={blast: 41}"])
+        load_study("levers", [f"data.shards={shards}", "data.scarce={blast: 20}", "classify.more_real=[30,40]"])
+        with pytest.raises(SettingsError, match=r"more_real asks more images .*\{'blast': '41 > 40'\}"):
+            load_study("levers", [f"data.shards={shards}", "data.scarce={blast: 20}", "classify.more_real=[30,41]"])

@@ -82,6 +82,11 @@ def _check_cut_classes(s: StudySettings, manifests) -> None:
         if over:
             raise SettingsError(f"data.scarce cuts a class to more images than {path}'s train split has ({over}): "
                                 "give each at most its count")
+        top = max(s.classify.more_real, default=0) if s.classify.enabled else 0
+        over = {c: f"{top} > {have.get(c, 0)}" for c in s.data.scarce if top > have.get(c, 0)}
+        if over:
+            raise SettingsError(f"classify.more_real asks more images of a cut class than {path}'s train split has "
+                                f"({over}): give each at most its count")
 
 
 def _check_top_up(s: StudySettings, manifests) -> None:

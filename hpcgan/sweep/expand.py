@@ -199,7 +199,8 @@ def shard_dir(shards, size: int) -> str:
 
 def _classify_tasks(s: StudySettings, out: Path, shards: dict, add) -> None:
     """The classify stage (the grid, and the rival search on the first seed's cut, scored on val) and the rival
-    stage (the search's winner: `rival` with every seed, `full` on the uncut split, `on_rival` regimes)."""
+    stage (the search's winner: `rival` with every seed, `full` on the uncut split, `on_rival` regimes, and
+    `realN` on the seed's cut with every cut class at N real cells: classify.more_real)."""
     c = s.classify
     search = [" ".join(["original", *(f"{k}={v}" for k, v in axes.items())]) for axes in c.search_grid()]
     for size in c.sizes or s.gan.sizes:
