@@ -50,6 +50,7 @@ def load_study(name: str, overrides: Iterable[str] = ()) -> StudySettings:
     study = parse(StudySettings, cfg)
     manifests = _manifests(study)
     _check_cut_classes(study, manifests)
+    _check_more_real(study, manifests)
     _check_top_up(study, manifests)
     return study
 
@@ -82,8 +83,28 @@ def _check_cut_classes(s: StudySettings, manifests) -> None:
         if over:
             raise SettingsError(f"data.scarce cuts a class to more images than {path}'s train split has ({over}): "
                                 "give each at most its count")
-        top = max(s.classify.more_real, default=0) if s.classify.enabled else 0
-        over = {c: f"{top} > {have.get(c, 0)}" for c in s.data.scarce if top > have.get(c, 0)}
+
+
+def _check_more_real(s: StudySettings, manifests) -> None:
+    """classify.more_real (the rival search's winner with the cut classes at N real cells; the cut is nested, so
+    the cut's cells and N - cut more of the same pool): each N above every cut class's count and at most its
+    train count (data.shards' manifest, when it exists), none repeated."""
+    more, cut = s.classify.more_real, s.data.scarce or {}
+    if not more or not s.classify.enabled:
+        return
+    if not cut:
+        raise SettingsError("classify.more_real: the study cuts no class (data.scarce is empty), so there is no cut "
+                            "class to give more real cells")
+    if len(set(more)) != len(more):
+        raise SettingsError(f"classify.more_real: {more} repeats a value")
+    for n in more:
+        low = [name for name, k in cut.items() if int(n) <= int(k)]
+        if low:
+            raise SettingsError(f"classify.more_real: {n} is not above the cut of {low} (data.scarce {cut}); give "
+                                "counts above every cut class's")
+    for path, manifest in manifests:
+        have = manifest.get("counts", {}).get("train", {})
+        over = {c: f"{max(more)} > {have.get(c, 0)}" for c in cut if max(more) > have.get(c, 0)}
         if over:
             raise SettingsError(f"classify.more_real asks more images of a cut class than {path}'s train split has "
                                 f"({over}): give each at most its count")

@@ -229,9 +229,7 @@ class ClassifyGrid:
     rival_search: dict[str, list[str]] | None = None
     full: bool = False                 # the winner on the uncut train split too (the `full` row; needs the search)
     on_rival: list[str] = field(default_factory=list)   # regimes run over the winner's recipe (axes they set win)
-    # the winner with each cut class at N real cells (N above data.scarce's counts; the cut is nested, so these are
-    # the cut's cells and N - cut more): what N - cut synthetic cells as good as real ones could buy (`realN` rows)
-    more_real: list[int] = field(default_factory=list)
+    more_real: list[int] = field(default_factory=list)   # the winner, cut classes at N real cells (compose checks)
 
     def __post_init__(self) -> None:
         check_study_keys("classify.overrides", self.overrides, "classify")
@@ -248,8 +246,6 @@ class ClassifyGrid:
             if self.rival_search is None and (self.full or self.on_rival or self.more_real):
                 raise SettingsError("classify.full, classify.on_rival and classify.more_real take the rival "
                                     "search's winner: set classify.rival_search ({} searches every recipe)")
-            if self.more_real:
-                _check_grid("classify", more_real=self.more_real)
             self.search_grid()
 
     def search_grid(self) -> list[dict[str, str]]:
@@ -283,28 +279,12 @@ class StudySettings:
         self._check_generate()
         if self.classify.enabled:
             self._check_synthetic_counts()
-            self._check_more_real()
             if any(needs_synthetic(r) for r in self.classify.regimes + self.classify.on_rival) and not self.generate.models:
                 raise SettingsError(f"classify.regimes {self.classify.regimes + self.classify.on_rival} use synthetic "
                                     "data but generate.models is empty: name the GANs whose synthetic sets feed them")
             for size in self.classify.sizes or ():
                 if size not in self.gan.sizes:
                     raise SettingsError(f"classify.sizes: {size} is not in gan.sizes {self.gan.sizes}")
-
-    def _check_more_real(self) -> None:
-        """classify.more_real's counts each lie above every class's count in the cut (data.scarce)."""
-        if not self.classify.more_real:
-            return
-        cut = self.data.scarce or {}
-        if not cut:
-            raise SettingsError("classify.more_real: the study cuts no class (data.scarce is empty), so there is "
-                                "no cut class to give more real cells")
-        for n in self.classify.more_real:
-            check_range("classify.more_real", n, 1)
-            low = [name for name, k in cut.items() if int(n) <= int(k)]
-            if low:
-                raise SettingsError(f"classify.more_real: {n} is not above the cut of {low} (data.scarce {cut}); "
-                                    "give counts above every cut class's")
 
     def _check_generate(self) -> None:
         """generate.models name conditional GANs of gan.models, or set variants of them (those it lists)."""
