@@ -210,8 +210,8 @@ def scarcity_tables(cl: pd.DataFrame, size, ev: pd.DataFrame | None = None
     each scarce class on the real test split, mean ± std over seeds; the study's `full` rows (uncut, the rival's
     recipe) join every cut's table as its reference, and so do its `realN` rows (the rival's recipe with the cut
     classes at N real cells: classify.more_real) to each cut of the same classes (a table of their own while no
-    such cut has rows); the rival's choice is said under it. Rows with a GAN's cells carry its per-class fidelity on the cut classes (`ev`: _generator_evaluations'
-    rows; _fidelity)."""
+    such cut has rows); the rival's choice is said under it. Rows with a GAN's cells carry its per-class fidelity
+    on the cut classes (`ev`: _generator_evaluations' rows; _fidelity)."""
     out = {}
     full = cl[(cl["tag"] == "full") & cl["scarce"].isna()]
     classes = cl["scarce"].map(lambda c: frozenset(_cut_classes(str(c))))
