@@ -9,7 +9,7 @@ from typing import Iterable
 
 from hpcgan import CONFIG_DIR
 from hpcgan.settings import SettingsError, override_key, parse
-from hpcgan.sweep.settings import StudySettings
+from hpcgan.sweep.settings import StudySettings, check_grid
 
 
 def _add_or_set(override: str) -> str:
@@ -77,12 +77,17 @@ def _check_cut_classes(s: StudySettings, manifests) -> None:
     if problem:
         raise SettingsError(f"data.{problem} (a class with a space on the command line: "
                             r"data.scarce={immature\ granulocyte: 20})")
+    _check_train_counts(manifests, s.data.scarce, "data.scarce cuts a class to more images")
+
+
+def _check_train_counts(manifests, wanted: dict[str, int], asks: str) -> None:
+    """SettingsError, beginning with `asks`, when a class of `wanted` ({class: images}) asks more images than the
+    train split of a shard set in `manifests` has."""
     for path, manifest in manifests:
         have = manifest.get("counts", {}).get("train", {})
-        over = {c: f"{n} > {have.get(c, 0)}" for c, n in s.data.scarce.items() if n > have.get(c, 0)}
+        over = {c: f"{n} > {have.get(c, 0)}" for c, n in wanted.items() if n > have.get(c, 0)}
         if over:
-            raise SettingsError(f"data.scarce cuts a class to more images than {path}'s train split has ({over}): "
-                                "give each at most its count")
+            raise SettingsError(f"{asks} than {path}'s train split has ({over}): give each at most its count")
 
 
 def _check_more_real(s: StudySettings, manifests) -> None:
@@ -95,19 +100,13 @@ def _check_more_real(s: StudySettings, manifests) -> None:
     if not cut:
         raise SettingsError("classify.more_real: the study cuts no class (data.scarce is empty), so there is no cut "
                             "class to give more real cells")
-    if len(set(more)) != len(more):
-        raise SettingsError(f"classify.more_real: {more} repeats a value")
+    check_grid("classify", more_real=more)
     for n in more:
         low = [name for name, k in cut.items() if int(n) <= int(k)]
         if low:
             raise SettingsError(f"classify.more_real: {n} is not above the cut of {low} (data.scarce {cut}); give "
                                 "counts above every cut class's")
-    for path, manifest in manifests:
-        have = manifest.get("counts", {}).get("train", {})
-        over = {c: f"{max(more)} > {have.get(c, 0)}" for c in cut if max(more) > have.get(c, 0)}
-        if over:
-            raise SettingsError(f"classify.more_real asks more images of a cut class than {path}'s train split has "
-                                f"({over}): give each at most its count")
+    _check_train_counts(manifests, {c: max(more) for c in cut}, "classify.more_real asks more images of a cut class")
 
 
 def _check_top_up(s: StudySettings, manifests) -> None:

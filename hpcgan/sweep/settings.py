@@ -136,7 +136,7 @@ class GanGrid:
         for m in self.model_overrides:   # a model left out of gan.models (gan.models=[a,b] on the command line)
             if m not in known:          # keeps its overrides unused; an unknown name is a typo
                 raise SettingsError(f"gan.model_overrides: unknown model {m!r}; choose from {', '.join(known)}")
-        _check_grid("gan", models=self.models, seeds=self.seeds, sizes=self.sizes)
+        check_grid("gan", models=self.models, seeds=self.seeds, sizes=self.sizes)
         for s in self.seeds:
             check_range("gan.seeds", s, 0)
         for size in self.sizes:
@@ -236,7 +236,7 @@ class ClassifyGrid:
         if self.enabled:
             from hpcgan.classify.archs import get_arch
             from hpcgan.classify.regimes import get_regime
-            _check_grid("classify", archs=self.archs, regimes=self.regimes, seeds=self.seeds)
+            check_grid("classify", archs=self.archs, regimes=self.regimes, seeds=self.seeds)
             for name, check in (("archs", get_arch), ("regimes", get_regime), ("on_rival", get_regime)):
                 for value in getattr(self, name):
                     try:
@@ -340,7 +340,7 @@ class StudySettings:
         return merged
 
 
-def _check_grid(prefix: str, **lists) -> None:
+def check_grid(prefix: str, **lists) -> None:
     for name, values in lists.items():
         if not values:
             raise SettingsError(f"{prefix}.{name}: give at least one")
