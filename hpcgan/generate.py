@@ -51,6 +51,7 @@ from hpcgan.latent import sample_latent
 from hpcgan.models.registry import GANSpec, build_model
 from hpcgan.progress import Progress
 from hpcgan.settings import MISSING
+from hpcgan.views import SOURCES as VIEW_SOURCES
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ class GenerateSettings:
     view_anchors: int | None = None         # per class, invert at most this many training cells (null: all)
     view_classes: Any = None                # the classes drawn as views (null: all; "scarce": those the GAN's
                                             # scarce cut made scarce); the others are drawn as usual
+    view_from: str = "own"                  # whose cells anchor a view class: its own, or "others" (class-
+                                            # swapped views: the other classes' cells drawn as the view class)
 
     def __post_init__(self) -> None:
         if self.out in (None, MISSING):
@@ -160,6 +163,9 @@ class GenerateSettings:
         if not (c is None or isinstance(c, str) or (isinstance(c, (list, tuple))
                                                     and all(isinstance(v, str) for v in c))):
             raise GenerateError(f"view_classes={c!r}: give null (every class), scarce, or a list of class names")
+        if self.view_from not in VIEW_SOURCES:
+            raise GenerateError(f"view_from={self.view_from!r}: choose own (a class's own training cells) or "
+                                "others (the other classes' cells, drawn as the view class)")
         if self.view_anchors is not None and _check_count("view_anchors", self.view_anchors) == 0:
             raise GenerateError("view_anchors must be > 0 (or null: every training cell of the class)")
 
@@ -564,8 +570,9 @@ def _views(s: GenerateSettings, G, spec: GANSpec, ckpt: dict, classes: list[str]
         training_source(seen, "views=true")    # a checkpoint without trained_on: said before view_classes' checks
         chosen = _view_classes(s.view_classes, plan, seen)
         return fit_views(G, spec, seen, classes, chosen, sigma=s.view_sigma, steps=s.view_steps,
-                         weight=s.view_weight, anchors=s.view_anchors, seed=s.seed, batch_size=s.batch_size)
-    except CurationError as e:
+                         weight=s.view_weight, anchors=s.view_anchors, seed=s.seed, batch_size=s.batch_size,
+                         source=s.view_from)
+    except (CurationError, ValueError) as e:
         raise GenerateError(str(e)) from None
 
 

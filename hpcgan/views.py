@@ -12,6 +12,12 @@ latent i of the class's stream (hpcgan.generate.class_images) becomes anchor i m
 That is Chai et al.'s "generative views" (CVPR 2021: perturbed latents of an inverted real image), used as training
 data. sigma = 0 gives the reconstructions themselves.
 
+Class-swapped views (`source="others"`, tools/generate.py view_from=others) borrow the common classes' variety for
+a cut class: the anchors are the inverted training cells of every class *not* drawn as views, each inverted under
+its own label, taken in turn across those classes (one of each, then the next of each, ...), and every view class's
+cells are G(anchor + sigma * eps, y) under the view class's label y. What the latent holds of a cell (its place,
+size, outline, neighbours; under BAGAN's prior, its offset from its class's mean code) is drawn as the view class.
+
 Only the cells the GAN trained on are read (hpcgan.curate.training_cells: the shard set, split and scarce cut its
 checkpoint records), never a cell the cut removed, val or test. Each class inverts up to `anchors` of its training
 cells (null: all), the first in shard order. The synthetic manifest's "views" records sigma, steps, weight and per
@@ -30,6 +36,7 @@ from hpcgan.latent import sample_latent
 logger = logging.getLogger(__name__)
 
 INIT_SCALE = 0.1   # the inversion starts from 0.1 x a latent draw: near the prior's centre, not at one point
+SOURCES = ("own", "others")   # whose training cells a view class's anchors are (fit_views)
 LR = 0.05          # Adam's step size for the latents (per-latent problems of a few hundred dimensions)
 
 
@@ -87,26 +94,48 @@ def _invert_chunk(G, x: torch.Tensor, z0: torch.Tensor, label: int, steps: int, 
 
 
 def fit_views(G, spec, seen: dict | None, classes: list[str], chosen: list[str], *, sigma: float, steps: int,
-              weight: float, anchors: int | None, seed: int, batch_size: int = 64) -> Views:
-    """The views of the `chosen` classes from the training cells of the GAN that trained on `seen` (a chosen class
-    without any is drawn as without views, with a warning)."""
+              weight: float, anchors: int | None, seed: int, batch_size: int = 64, source: str = "own") -> Views:
+    """The views of the `chosen` classes from the training cells of the GAN that trained on `seen`: each class's
+    own cells (source "own"; a chosen class without any is drawn as without views, with a warning), or the cells
+    of every other class (source "others": class-swapped views, the same anchors for every chosen class)."""
     from hpcgan.curate import training_cells
+    if source not in SOURCES:
+        raise ValueError(f"views: source={source!r}: choose one of {', '.join(SOURCES)}")
     x_u8, y, (shards, split) = training_cells(seen, classes, "views=true")
     device = next(G.parameters()).device
-    latents, per_class = {}, {}
-    for cls in chosen:
+    inverted = [c for c in classes if c not in chosen] if source == "others" else chosen
+    fitted, per_class = {}, {}
+    for cls in inverted:
         label = classes.index(cls)
         cells = x_u8[y == label][:anchors]
         if not len(cells):
-            logger.warning("views: %s has no training cell to invert; its cells are drawn as without views", cls)
+            if source == "own":
+                logger.warning("views: %s has no training cell to invert; its cells are drawn as without views", cls)
             continue
         x = cells.to(device).float().sub_(127.5).div_(127.5)
-        latents[label], error = invert(G, spec, x, label, steps=steps, weight=weight, seed=seed + label,
-                                       batch_size=batch_size)
+        fitted[label], error = invert(G, spec, x, label, steps=steps, weight=weight, seed=seed + label,
+                                      batch_size=batch_size)
         per_class[cls] = {"anchors": len(cells), "reconstruction_mse": round(error, 6)}
         logger.info("views: %s, %d training cells inverted, reconstruction MSE %.4f", cls, len(cells), error)
-    record = {"sigma": sigma, "steps": steps, "weight": weight, "anchors": anchors, "seed": seed,
+    if source == "others":
+        if not fitted:
+            raise ValueError(f"view_from=others: no class outside the view classes {chosen} has training cells to "
+                             "borrow from; name fewer view classes, or view_from=own")
+        shared = interleave(list(fitted.values()))
+        fitted = {classes.index(c): shared for c in chosen}
+    record = {"sigma": sigma, "steps": steps, "weight": weight, "anchors": anchors, "seed": seed, "source": source,
               "from": {"shards": shards, "split": split, "scarce": seen.get("scarce"),
                        "scarce_seed": seen.get("scarce_seed")},
               "classes": per_class}
-    return Views(latents, sigma, record)
+    if source == "others":
+        record["view_classes"] = list(chosen)
+    return Views(fitted, sigma, record)
+
+
+def interleave(groups: list[torch.Tensor]) -> torch.Tensor:
+    """Rows taken in turn across the groups: the first of each, then the second of each (groups running out drop
+    out), so the first k anchors of class-swapped views span the source classes."""
+    rows, longest = [], max(len(g) for g in groups)
+    for i in range(longest):
+        rows.extend(g[i] for g in groups if i < len(g))
+    return torch.stack(rows)

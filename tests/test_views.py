@@ -1,5 +1,5 @@
 """Generative views (hpcgan.views, tools/generate.py views=true): a class's cells drawn around its own training cells,
-each inverted into the generator. Inversion recovers a planted latent; sigma moves the stream around the anchors
+each inverted into the generator, or around the other classes' cells (view_from=others). Inversion recovers a planted latent; sigma moves the stream around the anchors
 as said; only the GAN's cut train split is read (a removed cell or a val/test cell would fail to decode); the
 manifest records the views."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from PIL import Image
 from hpcgan.data.shards import iter_samples, read_manifest
 from hpcgan.generate import GenerateError, generate
 from hpcgan.models.registry import load_spec
-from hpcgan.views import Views, invert
+from hpcgan.views import Views, fit_views, interleave, invert
 from test_curate import CLASSES, CUT, gan_run, run_without_trained_on, write_set
 
 
@@ -133,6 +133,8 @@ def test_views_refuse_what_they_cannot_do(real, tmp_path):
                        ({"per_class": 3, "view_classes": ["purple"]}, "not among the classes"),
                        ({"per_class": 3, "view_classes": 3}, "view_classes=3"),
                        ({"per_class": 3, "view_weight": "x"}, "view_weight"),
+                       ({"per_class": 3, "view_from": "mine"}, "view_from='mine'"),
+                       ({"per_class": 3, "view_from": "others"}, "no class outside the view classes"),
                        ({"per_class": 3, "classes": ["green"], "view_classes": "scarce"}, "none of the classes")):
         with pytest.raises(GenerateError, match=match):
             generate(run_dir=run, out=tmp_path / "o", views=True, **bad)
@@ -140,3 +142,55 @@ def test_views_refuse_what_they_cannot_do(real, tmp_path):
         generate(run_dir=run_without_trained_on(tmp_path / "old"), out=tmp_path / "o", per_class=3, views=True,
                  device="cpu", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+class Upsampled(torch.nn.Module):
+    """ToyGenerator's 8 px images, nearest-neighbour upsampled to the 32 px of the test shard set."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = ToyGenerator()
+
+    def forward(self, z, y):
+        return torch.nn.functional.interpolate(self.g(z, y), scale_factor=4, mode="nearest")
+
+
+def test_interleave_takes_the_groups_in_turn():
+    a, b = torch.tensor([[0.0], [1.0], [2.0]]), torch.tensor([[10.0]])
+    assert interleave([a, b]).flatten().tolist() == [0.0, 10.0, 1.0, 2.0]
+
+
+def test_class_swapped_views_anchor_on_the_other_classes_inverted_cells(real):
+    """view_from=others: the view class's anchors are the other classes' cells, each inverted under its own label
+    exactly as those classes' own views would be, taken in turn across them; the view class has none of its own."""
+    shards, _, _ = real
+    G = Upsampled()
+    spec = dataclasses.replace(load_spec("cgan"), z_dim=16)
+    seen = {"shards": str(shards), "split": "train", "scarce": CUT, "scarce_seed": 0}
+    kw = dict(sigma=0.0, steps=4, weight=0.0, anchors=3, seed=0)
+    swapped = fit_views(G, spec, seen, CLASSES, ["red"], source="others", **kw)
+    own = fit_views(G, spec, seen, CLASSES, ["green", "blue"], **kw)
+    assert list(swapped.anchors) == [0] and set(own.anchors) == {1, 2}
+    assert torch.equal(swapped.anchors[0], interleave([own.anchors[1], own.anchors[2]]))
+    assert swapped.record["source"] == "others" and swapped.record["view_classes"] == ["red"]
+    assert swapped.record["classes"] == own.record["classes"]          # green and blue: 3 anchors each, same error
+    z = torch.zeros(7, own.anchors[1].shape[1])
+    assert torch.equal(swapped.move(z, 0)[:2], torch.stack([own.anchors[1][0], own.anchors[2][0]]))
+    assert swapped.move(z, 1) is z                                      # a borrowed-from class: drawn as usual
+    with pytest.raises(ValueError, match="source='x'"):
+        fit_views(G, spec, seen, CLASSES, ["red"], source="x", **kw)
+
+
+def test_generate_class_swapped_views_are_recorded_and_change_only_the_view_class(real, tmp_path):
+    shards, _, _ = real
+    run = gan_run(tmp_path / "gan", shards)
+    kw = dict(run_dir=run, png=False, progress=False, device="cpu", views=True, view_steps=3, per_class=4,
+              view_classes="scarce")
+    m = generate(out=tmp_path / "swap", view_from="others", view_anchors=2, **kw)
+    assert m["views"]["source"] == "others" and m["views"]["view_classes"] == ["red"]
+    assert {c: v["anchors"] for c, v in m["views"]["classes"].items()} == {"green": 2, "blue": 2}
+    own = generate(out=tmp_path / "own", **kw)
+    assert own["views"]["source"] == "own" and list(own["views"]["classes"]) == ["red"]
+    swap, mine = decoded(tmp_path / "swap"), decoded(tmp_path / "own")
+    assert all(swap[k] == mine[k] for k in mine if not k.startswith("syn_red"))
+    assert all(swap[f"syn_red_{i:06d}"] != mine[f"syn_red_{i:06d}"] for i in range(4))
