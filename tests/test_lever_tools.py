@@ -26,6 +26,18 @@ def test_lever_table_rows_and_mean_cut_recall(tmp_path):
             "eosinophil 20 (sigma 0.3) |") in rows["gan"]
 
 
+def test_lever_table_names_class_swapped_views_and_what_they_borrow():
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    from lever_table import views_cell
+    swapped = {"source": "others", "sigma": 0.3, "view_classes": ["eosinophil", "monocyte"],
+               "classes": {"basophil": {"anchors": 20}, "neutrophil": {"anchors": 12}}}
+    assert views_cell(swapped, ["monocyte", "basophil"]) == "monocyte swapped: 32 anchors of 2 other classes (sigma 0.3)"
+    assert views_cell(swapped, ["lymphocyte"]) == "–"
+    assert views_cell({"source": "own", "sigma": 0.3, "classes": {"monocyte": {"anchors": 20}}},
+                      ["monocyte"]) == "monocyte 20 (sigma 0.3)"
+    assert views_cell(None, ["monocyte"]) == "–"
+
+
 def write_result(root, name, synthetic, recall, scarce):
     d = root / "cls" / name
     d.mkdir(parents=True)

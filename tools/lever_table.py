@@ -43,8 +43,17 @@ def gan_cells(result: dict, cut: list[str]) -> list[str]:
 
 
 def views_cell(views: dict | None, cut: list[str]) -> str:
-    """The cut classes drawn as views (tools/generate.py views=true): their anchors, and the sigma."""
-    anchors = ", ".join(f"{c} {v['anchors']}" for c, v in ((views or {}).get("classes") or {}).items() if c in cut)
+    """The cut classes drawn as views (tools/generate.py views=true): their anchors, and the sigma; class-swapped
+    views (view_from=others): the cut classes drawn, and the anchors and classes they borrow from."""
+    views = views or {}
+    if views.get("source") == "others":
+        drawn = [c for c in views.get("view_classes") or [] if c in cut]
+        if not drawn:
+            return "–"
+        lent = views.get("classes") or {}
+        return (f"{', '.join(drawn)} swapped: {sum(v['anchors'] for v in lent.values())} anchors of {len(lent)} "
+                f"other classes (sigma {views['sigma']:g})")
+    anchors = ", ".join(f"{c} {v['anchors']}" for c, v in (views.get("classes") or {}).items() if c in cut)
     return f"{anchors} (sigma {views['sigma']:g})" if anchors else "–"
 
 
