@@ -51,7 +51,7 @@ from hpcgan.latent import sample_latent
 from hpcgan.models.registry import GANSpec, build_model
 from hpcgan.progress import Progress
 from hpcgan.settings import MISSING
-from hpcgan.views import SOURCES as VIEW_SOURCES
+from hpcgan.views import ViewsError, check_source
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,9 @@ class GenerateSettings:
 
     def _check_views(self) -> None:
         if not self.views:
+            if self.view_from != "own":
+                raise GenerateError(f"view_from={self.view_from} chooses the anchors of views: add views=true, or "
+                                    "drop view_from")
             return
         if self.count is not None:
             raise GenerateError("views=true draws a class's cells around its training cells: it needs a "
@@ -163,9 +166,10 @@ class GenerateSettings:
         if not (c is None or isinstance(c, str) or (isinstance(c, (list, tuple))
                                                     and all(isinstance(v, str) for v in c))):
             raise GenerateError(f"view_classes={c!r}: give null (every class), scarce, or a list of class names")
-        if self.view_from not in VIEW_SOURCES:
-            raise GenerateError(f"view_from={self.view_from!r}: choose own (a class's own training cells) or "
-                                "others (the other classes' cells, drawn as the view class)")
+        try:
+            check_source(self.view_from)
+        except ViewsError as e:
+            raise GenerateError(str(e)) from None
         if self.view_anchors is not None and _check_count("view_anchors", self.view_anchors) == 0:
             raise GenerateError("view_anchors must be > 0 (or null: every training cell of the class)")
 
@@ -572,7 +576,7 @@ def _views(s: GenerateSettings, G, spec: GANSpec, ckpt: dict, classes: list[str]
         return fit_views(G, spec, seen, classes, chosen, sigma=s.view_sigma, steps=s.view_steps,
                          weight=s.view_weight, anchors=s.view_anchors, seed=s.seed, batch_size=s.batch_size,
                          source=s.view_from)
-    except (CurationError, ValueError) as e:
+    except (CurationError, ViewsError) as e:
         raise GenerateError(str(e)) from None
 
 

@@ -1,4 +1,4 @@
-"""Generative views of the GAN's own training cells (issue 20; tools/generate.py views=true).
+"""Generative views of the GAN's own training cells (issue 20; tools/generate.py views=true, view_from=own|others).
 
 A class cut to 20 real cells gets, from a GAN trained on them, the GAN's own version of the class, which the lever
 studies found unlike the real cells (docs/studies.md). Views stay near the real cells instead. Each training cell x
@@ -20,8 +20,9 @@ size, outline, neighbours; under BAGAN's prior, its offset from its class's mean
 
 Only the cells the GAN trained on are read (hpcgan.curate.training_cells: the shard set, split and scarce cut its
 checkpoint records), never a cell the cut removed, val or test. Each class inverts up to `anchors` of its training
-cells (null: all), the first in shard order. The synthetic manifest's "views" records sigma, steps, weight and per
-class the anchors used and their reconstruction error. Same checkpoint, settings and seed -> the same anchors on the
+cells (null: all), the first in shard order. The synthetic manifest's "views" records sigma, steps, weight, the
+source, the view classes and, per inverted class (with "others": the classes borrowed from), the anchors and their
+reconstruction error. Same checkpoint, settings and seed -> the same anchors on the
 CPU (a GPU's convolution gradients need not be bitwise repeatable). Views near their real cell may be near-copies
 to curate=true's copy filter.
 """
@@ -36,12 +37,24 @@ from hpcgan.latent import sample_latent
 logger = logging.getLogger(__name__)
 
 INIT_SCALE = 0.1   # the inversion starts from 0.1 x a latent draw: near the prior's centre, not at one point
-SOURCES = ("own", "others")   # whose training cells a view class's anchors are (fit_views)
 LR = 0.05          # Adam's step size for the latents (per-latent problems of a few hundred dimensions)
+SOURCES = ("own", "others")   # whose training cells a view class's anchors are (fit_views' source)
+
+
+class ViewsError(ValueError):
+    """Views asked for what they cannot do; the message says what to change."""
+
+
+def check_source(source: str) -> None:
+    """The one check of `source` (tools/generate.py's view_from)."""
+    if source not in SOURCES:
+        raise ViewsError(f"view_from={source!r}: choose own (a class's own training cells) or others (the other "
+                         "classes' cells, drawn as the view class)")
 
 
 class Views:
-    """Per class label, the inverted latents of its training cells (anchors), and how far views stray (sigma)."""
+    """Per view class label, its anchors (inverted latents of its own training cells, or with source "others" of the
+    other classes'), and how far views stray (sigma)."""
 
     def __init__(self, anchors: dict[int, torch.Tensor], sigma: float, record: dict):
         self.anchors, self.sigma, self.record = anchors, float(sigma), record
@@ -99,37 +112,49 @@ def fit_views(G, spec, seen: dict | None, classes: list[str], chosen: list[str],
     own cells (source "own"; a chosen class without any is drawn as without views, with a warning), or the cells
     of every other class (source "others": class-swapped views, the same anchors for every chosen class)."""
     from hpcgan.curate import training_cells
-    if source not in SOURCES:
-        raise ValueError(f"views: source={source!r}: choose one of {', '.join(SOURCES)}")
+    check_source(source)
+    swapped = source == "others"
+    inverted = [c for c in classes if c not in chosen] if swapped else chosen
+    if swapped and not inverted:
+        raise ViewsError(f"view_from=others: every class is a view class ({chosen}), so none is left to borrow "
+                         "cells from; name fewer view classes (view_classes=scarce), or view_from=own")
     x_u8, y, (shards, split) = training_cells(seen, classes, "views=true")
+    fitted, per_class = _invert_classes(G, spec, x_u8, y, classes, inverted, steps=steps, weight=weight,
+                                        anchors=anchors, seed=seed, batch_size=batch_size)
+    if swapped:
+        if not fitted:
+            raise ViewsError(f"view_from=others: no class outside the view classes {chosen} has training cells to "
+                             "borrow from; name fewer view classes, or view_from=own")
+        shared = interleave(list(fitted.values()))
+        fitted = {classes.index(c): shared for c in chosen}
+    lent = "lent no cell (none in the training split)" if swapped else "drawn as without views (no training cell)"
+    for cls in (c for c in inverted if c not in per_class):
+        (logger.info if swapped else logger.warning)("views: %s %s", cls, lent)
+    record = {"sigma": sigma, "steps": steps, "weight": weight, "anchors": anchors, "seed": seed, "source": source,
+              "view_classes": list(chosen),
+              "from": {"shards": shards, "split": split, "scarce": seen.get("scarce"),
+                       "scarce_seed": seen.get("scarce_seed")},
+              "classes": per_class}
+    return Views(fitted, sigma, record)
+
+
+def _invert_classes(G, spec, x_u8: torch.Tensor, y: torch.Tensor, classes: list[str], names: list[str], *,
+                    steps: int, weight: float, anchors: int | None, seed: int, batch_size: int):
+    """({label: latents} of the named classes that have training cells, {class: anchors and reconstruction error});
+    each class's first `anchors` cells, inverted under its own label with seed + label."""
     device = next(G.parameters()).device
-    inverted = [c for c in classes if c not in chosen] if source == "others" else chosen
     fitted, per_class = {}, {}
-    for cls in inverted:
+    for cls in names:
         label = classes.index(cls)
         cells = x_u8[y == label][:anchors]
         if not len(cells):
-            if source == "own":
-                logger.warning("views: %s has no training cell to invert; its cells are drawn as without views", cls)
             continue
         x = cells.to(device).float().sub_(127.5).div_(127.5)
         fitted[label], error = invert(G, spec, x, label, steps=steps, weight=weight, seed=seed + label,
                                       batch_size=batch_size)
         per_class[cls] = {"anchors": len(cells), "reconstruction_mse": round(error, 6)}
         logger.info("views: %s, %d training cells inverted, reconstruction MSE %.4f", cls, len(cells), error)
-    if source == "others":
-        if not fitted:
-            raise ValueError(f"view_from=others: no class outside the view classes {chosen} has training cells to "
-                             "borrow from; name fewer view classes, or view_from=own")
-        shared = interleave(list(fitted.values()))
-        fitted = {classes.index(c): shared for c in chosen}
-    record = {"sigma": sigma, "steps": steps, "weight": weight, "anchors": anchors, "seed": seed, "source": source,
-              "from": {"shards": shards, "split": split, "scarce": seen.get("scarce"),
-                       "scarce_seed": seen.get("scarce_seed")},
-              "classes": per_class}
-    if source == "others":
-        record["view_classes"] = list(chosen)
-    return Views(fitted, sigma, record)
+    return fitted, per_class
 
 
 def interleave(groups: list[torch.Tensor]) -> torch.Tensor:

@@ -31,7 +31,8 @@ def test_lever_table_names_class_swapped_views_and_what_they_borrow():
     from lever_table import views_cell
     swapped = {"source": "others", "sigma": 0.3, "view_classes": ["eosinophil", "monocyte"],
                "classes": {"basophil": {"anchors": 20}, "neutrophil": {"anchors": 12}}}
-    assert views_cell(swapped, ["monocyte", "basophil"]) == "monocyte swapped: 32 anchors of 2 other classes (sigma 0.3)"
+    expected = "monocyte swapped: 32 anchors of 2 other classes (sigma 0.3)"
+    assert views_cell(swapped, ["monocyte", "basophil"]) == expected
     assert views_cell(swapped, ["lymphocyte"]) == "–"
     assert views_cell({"source": "own", "sigma": 0.3, "classes": {"monocyte": {"anchors": 20}}},
                       ["monocyte"]) == "monocyte 20 (sigma 0.3)"

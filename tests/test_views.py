@@ -1,7 +1,7 @@
 """Generative views (hpcgan.views, tools/generate.py views=true): a class's cells drawn around its own training cells,
-each inverted into the generator, or around the other classes' cells (view_from=others). Inversion recovers a planted latent; sigma moves the stream around the anchors
-as said; only the GAN's cut train split is read (a removed cell or a val/test cell would fail to decode); the
-manifest records the views."""
+each inverted into the generator, or around the other classes' cells (view_from=others). Inversion recovers a
+planted latent; sigma moves the stream around the anchors as said; only the GAN's cut train split is read (a
+removed cell or a val/test cell would fail to decode); the manifest records the views."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +16,7 @@ from PIL import Image
 from hpcgan.data.shards import iter_samples, read_manifest
 from hpcgan.generate import GenerateError, generate
 from hpcgan.models.registry import load_spec
-from hpcgan.views import Views, fit_views, interleave, invert
+from hpcgan.views import Views, ViewsError, fit_views, interleave, invert
 from test_curate import CLASSES, CUT, gan_run, run_without_trained_on, write_set
 
 
@@ -134,10 +134,12 @@ def test_views_refuse_what_they_cannot_do(real, tmp_path):
                        ({"per_class": 3, "view_classes": 3}, "view_classes=3"),
                        ({"per_class": 3, "view_weight": "x"}, "view_weight"),
                        ({"per_class": 3, "view_from": "mine"}, "view_from='mine'"),
-                       ({"per_class": 3, "view_from": "others"}, "no class outside the view classes"),
+                       ({"per_class": 3, "view_from": "others"}, "none is left to borrow"),
                        ({"per_class": 3, "classes": ["green"], "view_classes": "scarce"}, "none of the classes")):
         with pytest.raises(GenerateError, match=match):
             generate(run_dir=run, out=tmp_path / "o", views=True, **bad)
+    with pytest.raises(GenerateError, match="add views=true"):
+        generate(run_dir=run, out=tmp_path / "o", per_class=3, view_from="others")
     with pytest.raises(GenerateError, match="what the GAN trained on"):
         generate(run_dir=run_without_trained_on(tmp_path / "old"), out=tmp_path / "o", per_class=3, views=True,
                  device="cpu", progress=False)
@@ -177,8 +179,19 @@ def test_class_swapped_views_anchor_on_the_other_classes_inverted_cells(real):
     z = torch.zeros(7, own.anchors[1].shape[1])
     assert torch.equal(swapped.move(z, 0)[:2], torch.stack([own.anchors[1][0], own.anchors[2][0]]))
     assert swapped.move(z, 1) is z                                      # a borrowed-from class: drawn as usual
-    with pytest.raises(ValueError, match="source='x'"):
+    with pytest.raises(ViewsError, match="view_from='x'"):
         fit_views(G, spec, seen, CLASSES, ["red"], source="x", **kw)
+    with pytest.raises(ViewsError, match="none is left to borrow"):
+        fit_views(G, spec, seen, CLASSES, CLASSES, source="others", **kw)
+    # two view classes share the one class left to lend; each view is drawn under its own class's label
+    two = fit_views(G, spec, seen, CLASSES, ["red", "green"], source="others", **kw)
+    assert set(two.anchors) == {0, 1} and list(two.record["classes"]) == ["blue"]
+    assert torch.equal(two.anchors[0], own.anchors[2]) and torch.equal(two.anchors[1], own.anchors[2])
+    assert two.record["view_classes"] == ["red", "green"] and own.record["view_classes"] == ["green", "blue"]
+    with torch.no_grad():
+        drawn = G.eval()(two.move(torch.randn(3, 16), 0), torch.zeros(3, dtype=torch.int64))
+        assert torch.equal(drawn, G(own.anchors[2], torch.zeros(3, dtype=torch.int64)))   # sigma 0: G(anchor, red)
+        assert not torch.equal(drawn, G(own.anchors[2], torch.full((3,), 2)))
 
 
 def test_generate_class_swapped_views_are_recorded_and_change_only_the_view_class(real, tmp_path):
