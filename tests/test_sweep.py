@@ -244,6 +244,19 @@ def test_bad_lever_settings_fail_naming_the_key(overrides, message):
         load_study("levers", overrides)
 
 
+def test_the_lever_study_draws_class_swapped_sets_from_the_long_bagan(tmp_path):
+    """The class-swapped sets (view_from=others; docs/studies.md) are named, not run by default."""
+    s = load_study("levers", ["gan.models=[cellgan-bagan-long]",
+                              "generate.models=[cellgan-bagan-long-swap,cellgan-bagan-long-swap-curated]"])
+    tasks = {t.name: t for t in expand(s, tmp_path)}
+    for name, curated in (("cellgan-bagan-long-swap", False), ("cellgan-bagan-long-swap-curated", True)):
+        task = tasks[f"synthetic/{name}-s0-32"]
+        assert task.deps[0] == "gan/cellgan-bagan-long-s0-32"
+        assert argv_has(task.argv, "views=true", "view_classes=scarce", "view_from=others", "view_anchors=20")
+        assert ("curate=true" in task.argv) == curated
+    assert not any("swap" in m for m in load_study("levers").generate.models)
+
+
 def test_the_lever_study_narrows_to_some_levers_from_the_command_line(tmp_path):
     """The set variants it no longer lists stay unused (a curated set of a GAN left out is not an error)."""
     s = load_study("levers", ["gan.models=[cellgan,cellgan-gsr]", "generate.models=[cellgan,cellgan-gsr]"])
