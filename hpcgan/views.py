@@ -1,4 +1,4 @@
-"""Generative views of the GAN's own training cells (issue 20; tools/generate.py views=true, view_from=own|others).
+"""Generative views of the GAN's training cells (issue 20; tools/generate.py views=true, view_from=own|others).
 
 A class cut to 20 real cells gets, from a GAN trained on them, the GAN's own version of the class, which the lever
 studies found unlike the real cells (docs/studies.md). Views stay near the real cells instead. Each training cell x
