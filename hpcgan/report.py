@@ -20,6 +20,10 @@ key (run, stage, metric, class, extractor, weights, steps, tag, split): the last
                         fidelity on each cut class (class accuracy of its cells by the `cell` classifier and
                         intra-FID in `cell` features, from the evaluations of the trained generator on the same
                         cut and size: per GAN run its newest step, EMA weights when evaluated; mean over seeds)
+  verdict_<px>_<cut>_<arch>.csv/.md  issue 20's test on that cut (hpcgan.verdict): the target (the rival's mean
+                        cut recall plus half its gap to `full`'s) and, for every row with a GAN's cells and every
+                        `realN` row, its mean cut recall, balanced accuracy, gain over the rival (per seed too)
+                        and whether it meets the target at no less balanced accuracy than the rival's
   rival_search_<px>_<cut>.csv/.md  the rival search: every cheap recipe's val scores (never test), best first
   sources.csv           for every table cell, the run directories its number comes from
   fig_ac_accuracy.png   the auxiliary classifier's accuracy on real and generated images against the step, a
@@ -46,6 +50,8 @@ from hpcgan.jsonfile import write_json
 from hpcgan.results import read_rows
 from hpcgan.rundir import EXIT_BAD_INPUT, EXIT_FAILED
 from hpcgan.settings import MISSING
+from hpcgan.verdict import markdown as verdict_markdown
+from hpcgan.verdict import verdicts
 
 logger = logging.getLogger("hpcgan.report")
 
@@ -213,20 +219,40 @@ def scarcity_tables(cl: pd.DataFrame, size, ev: pd.DataFrame | None = None
     such cut has rows); the rival's choice is said under it. Rows with a GAN's cells carry its per-class fidelity
     on the cut classes (`ev`: _generator_evaluations' rows; _fidelity)."""
     out = {}
-    full = cl[(cl["tag"] == "full") & cl["scarce"].isna()]
-    classes = cl["scarce"].map(lambda c: frozenset(_cut_classes(str(c))))
-    more = cl["tag"].astype(str).str.fullmatch(r"real\d+") & cl["scarce"].notna()
-    more &= classes.isin(set(classes[cl["scarce"].notna() & ~more]))   # else (no cut of its classes): its own table
-    for cut, part in cl[cl["scarce"].notna() & ~more].groupby("scarce"):
-        same = more & (classes == frozenset(_cut_classes(str(cut))))
-        part = pd.concat([full[full["arch"].isin(part["arch"])], cl[same & cl["arch"].isin(part["arch"])], part],
-                         ignore_index=True)
+    for cut, part in _cut_parts(cl):
         fidelity, extra = _fidelity(part, ev, str(cut), size)
         wide, sources, by, metrics = _with_recalls(pd.concat([part, fidelity], ignore_index=True), str(cut),
                                                    SCARCITY, ["arch", "regime", "synthetic_from"], extra)
         if not wide.empty:
             wide.attrs["note"] = rival_note(part)
             out[_unique(out, f"scarcity_{_px(size)}_{_cut_slug(cut)}", cut)] = (wide, sources, by, metrics)
+    return out
+
+
+def _cut_parts(cl: pd.DataFrame):
+    """(cut, rows) per scarce cut: its runs, with the study's `full` rows and the `realN` rows of the same
+    classes (classify.more_real) of the same architectures. A `realN` cut with no cut of its classes is a cut
+    of its own."""
+    full = cl[(cl["tag"] == "full") & cl["scarce"].isna()]
+    classes = cl["scarce"].map(lambda c: frozenset(_cut_classes(str(c))))
+    more = cl["tag"].astype(str).str.fullmatch(r"real\d+") & cl["scarce"].notna()
+    more &= classes.isin(set(classes[cl["scarce"].notna() & ~more]))
+    for cut, part in cl[cl["scarce"].notna() & ~more].groupby("scarce"):
+        same = more & (classes == frozenset(_cut_classes(str(cut))))
+        yield cut, pd.concat([full[full["arch"].isin(part["arch"])], cl[same & cl["arch"].isin(part["arch"])], part],
+                             ignore_index=True)
+
+
+def verdict_tables(df: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, str]]:
+    """Issue 20's test (hpcgan.verdict) per image size, scarce cut and classifier architecture that has `rival`
+    and `full` rows: name -> (table, markdown)."""
+    cl = df[(df["stage"] == "classify") & (df["real_split"] != "val")]
+    out = {}
+    for size, sized in cl.groupby("image_size", dropna=False):
+        for cut, part in _cut_parts(sized):
+            for arch, table in verdicts(part, _cut_classes(str(cut))).items():
+                name = _unique(out, f"verdict_{_px(size)}_{_cut_slug(cut)}_{_cut_slug(arch)}", cut)
+                out[name] = (table, verdict_markdown(table, arch, str(cut)))
     return out
 
 
@@ -431,6 +457,9 @@ def report(study: str | Path, out: str | Path | None = None, figures: bool = Tru
         written[name] = _csv(wide, out / f"{name}.csv")
         atomic_write_bytes(out / f"{name}.md", (markdown(wide, by, metrics) + "\n").encode())
         sources.append(src.assign(table=name))
+    for name, (table, text) in verdict_tables(df).items():
+        written[name] = _csv(table, out / f"{name}.csv")
+        atomic_write_bytes(out / f"{name}.md", text.encode())
     if sources:
         written["sources"] = _csv(pd.concat(sources, ignore_index=True), out / "sources.csv")
     if figures:
