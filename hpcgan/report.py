@@ -24,6 +24,7 @@ key (run, stage, metric, class, extractor, weights, steps, tag, split): the last
                         cut recall plus half its gap to `full`'s) and, for every row with a GAN's cells and every
                         `realN` row, its mean cut recall, balanced accuracy, gain over the rival (per seed too)
                         and whether it meets the target at no less balanced accuracy than the rival's
+  fig_verdict_<px>_<cut>_<arch>.png  the same as a picture: a dot per seed, the rival's mean and the target as lines
   rival_search_<px>_<cut>.csv/.md  the rival search: every cheap recipe's val scores (never test), best first
   sources.csv           for every table cell, the run directories its number comes from
   fig_ac_accuracy.png   the auxiliary classifier's accuracy on real and generated images against the step, a
@@ -51,7 +52,7 @@ from hpcgan.results import read_rows
 from hpcgan.rundir import EXIT_BAD_INPUT, EXIT_FAILED
 from hpcgan.settings import MISSING
 from hpcgan.verdict import markdown as verdict_markdown
-from hpcgan.verdict import verdicts
+from hpcgan.verdict import row_name, seeds_of, verdicts
 
 logger = logging.getLogger("hpcgan.report")
 
@@ -430,6 +431,45 @@ def fig_per_class(wide: pd.DataFrame, by: list[str], path: Path, metric: str = "
     return _save(fig, path)
 
 
+def fig_verdict(table: pd.DataFrame, title: str, path: Path) -> Path | None:
+    """Issue 20's test as a picture: per row (the rival, each candidate, `full`) its cut classes' mean recall,
+    a dot per seed and a bar at the mean; the rival's mean and the target as vertical lines; a candidate that
+    meets the target (at no less balanced accuracy) in green, one that does not in red, `realN` rows in blue."""
+    from matplotlib.figure import Figure
+    if table.empty:
+        return None
+    ref = table.iloc[0]
+    rows = [(f"rival (bal. acc. {ref['rival_balanced_accuracy']:.3f})", seeds_of(ref["rival_per_seed"]), "0.4"),
+            *((_verdict_label(r), seeds_of(r["per_seed"]), _verdict_colour(r)) for _, r in table.iterrows()),
+            ("full (uncut)", seeds_of(ref["full_per_seed"]), "0.4")]
+    fig = Figure(figsize=(9, 1.4 + 0.45 * len(rows)))
+    ax = fig.subplots()
+    for y, (_label, values, color) in enumerate(rows):
+        ax.scatter(values, [y] * len(values), color=color, s=18, zorder=3)
+        if values:
+            ax.plot([np.mean(values)] * 2, [y - 0.3, y + 0.3], color=color, lw=2.5)
+    ax.axvline(ref["rival_cut_recall"], color="0.4", ls=":", lw=1, label="the rival's mean")
+    ax.axvline(ref["target"], color="tab:green", ls="--", lw=1, label="target")
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("the cut classes' mean recall on real test cells (dot: a seed, bar: the mean)", fontsize=8)
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7, loc="lower left", frameon=False)
+    ax.grid(alpha=0.3, axis="x")
+    return _save(fig, path)
+
+
+def _verdict_colour(r: pd.Series) -> str:
+    """Green: synthetic cells that meet the target; red: that do not; blue: real cells (a `realN` row, the bar)."""
+    if not isinstance(r["synthetic_from"], str):
+        return "tab:blue"
+    return "tab:green" if r["met"] else "tab:red"
+
+
+def _verdict_label(r: pd.Series) -> str:
+    return f"{row_name(r)} ({r['cells']}; bal. acc. {r['balanced_accuracy']:.3f})"
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     buf = io.BytesIO()
@@ -457,18 +497,19 @@ def report(study: str | Path, out: str | Path | None = None, figures: bool = Tru
         written[name] = _csv(wide, out / f"{name}.csv")
         atomic_write_bytes(out / f"{name}.md", (markdown(wide, by, metrics) + "\n").encode())
         sources.append(src.assign(table=name))
-    for name, (table, text) in verdict_tables(df).items():
+    verdicts_ = verdict_tables(df)
+    for name, (table, text) in verdicts_.items():
         written[name] = _csv(table, out / f"{name}.csv")
         atomic_write_bytes(out / f"{name}.md", text.encode())
     if sources:
         written["sources"] = _csv(pd.concat(sources, ignore_index=True), out / "sources.csv")
     if figures:
-        written.update(draw_figures(df, tables, out))
+        written.update(draw_figures(df, tables, out, verdicts_))
     write_json(out / "index.json", {k: str(v) for k, v in written.items()}, indent=1)
     return written
 
 
-def draw_figures(df: pd.DataFrame, tables: dict, out: Path) -> dict[str, Path]:
+def draw_figures(df: pd.DataFrame, tables: dict, out: Path, verdicts_: dict | None = None) -> dict[str, Path]:
     """Every figure the rows allow; one that fails is a warning naming it (the tables are written already)."""
     runs = gan_runs(df)
     todo = {"fig_ac_accuracy": lambda: fig_ac_accuracy(runs, out / "fig_ac_accuracy.png"),
@@ -477,6 +518,10 @@ def draw_figures(df: pd.DataFrame, tables: dict, out: Path) -> dict[str, Path]:
         if name.startswith("table6_"):
             fig = f"fig_per_class_{name.split('_', 1)[1]}"
             todo[fig] = lambda wide=wide, by=by, fig=fig: fig_per_class(wide, by, out / f"{fig}.png")
+    for name, (table, _text) in (verdicts_ or {}).items():
+        title = f"Issue 20's test: {name.removeprefix('verdict_')}"
+        todo[f"fig_{name}"] = lambda table=table, title=title, name=name: fig_verdict(table, title,
+                                                                                    out / f"fig_{name}.png")
     written = {}
     for name, draw in todo.items():
         try:

@@ -50,7 +50,17 @@ def verdicts(part: pd.DataFrame, classes: list[str]) -> dict[str, pd.DataFrame]:
 def _reference(rival: pd.DataFrame, full: pd.DataFrame) -> dict:
     r, f = rival["cut_recall"].mean(), full["cut_recall"].mean()
     return {"rival_cut_recall": r, "rival_balanced_accuracy": rival["balanced_accuracy"].mean(),
-            "rival_seeds": len(rival), "full_cut_recall": f, "full_seeds": len(full), "target": r + (f - r) / 2}
+            "rival_seeds": len(rival), "rival_per_seed": per_seed(rival), "full_cut_recall": f,
+            "full_seeds": len(full), "full_per_seed": per_seed(full), "target": r + (f - r) / 2}
+
+
+def per_seed(runs: pd.DataFrame) -> str:
+    """The runs' cut recalls by seed, "0:0.8500;1:0.7500": a CSV cell the figure reads back (seeds_of)."""
+    return ";".join(f"{int(s)}:{v:.4f}" for s, v in sorted(zip(runs["seed"], runs["cut_recall"])))
+
+
+def seeds_of(cell: str) -> list[float]:
+    return [float(kv.split(":")[1]) for kv in str(cell).split(";") if ":" in kv]
 
 
 def _judge(key: tuple, group: pd.DataFrame, rival: pd.DataFrame, ref: dict) -> dict:
@@ -60,7 +70,7 @@ def _judge(key: tuple, group: pd.DataFrame, rival: pd.DataFrame, ref: dict) -> d
     recall, ba = group["cut_recall"].mean(), group["balanced_accuracy"].mean()
     return {"tag": tag, "regime": regime, "synthetic_from": synthetic_from,
             "cells": f"synthetic: {synthetic_from}" if synthetic_from else f"{tag[4:]} real per cut class",
-            "seeds": len(group), "cut_recall": recall,
+            "seeds": len(group), "cut_recall": recall, "per_seed": per_seed(group),
             "cut_recall_std": group["cut_recall"].std() if len(group) > 1 else np.nan,
             "balanced_accuracy": ba, "gain": recall - ref["rival_cut_recall"],
             "needed": ref["target"] - ref["rival_cut_recall"],
@@ -77,7 +87,7 @@ def markdown(table: pd.DataFrame, arch: str, cut: str) -> str:
             f"{ref['full_cut_recall']:.3f} ({ref['full_seeds']} seeds): the target is **{ref['target']:.3f}** "
             f"at no less than {ref['rival_balanced_accuracy']:.3f}.")
     shown = pd.DataFrame({
-        "row": [_row_name(r) for _, r in table.iterrows()], "cells": table["cells"], "seeds": table["seeds"],
+        "row": [row_name(r) for _, r in table.iterrows()], "cells": table["cells"], "seeds": table["seeds"],
         "mean cut recall": [_pm(m, s) for m, s in zip(table["cut_recall"], table["cut_recall_std"])],
         "balanced acc.": table["balanced_accuracy"].map("{:.3f}".format),
         "gain over the rival (needed)": [f"{g:+.3f} ({n:+.3f})" for g, n in zip(table["gain"], table["needed"])],
@@ -85,12 +95,12 @@ def markdown(table: pd.DataFrame, arch: str, cut: str) -> str:
                                        for p, s in zip(table["paired_gain"], table["seeds_gained"])],
         "met": table["met"].map({True: "**yes**", False: "no"})})
     met = table[table["met"] & table["synthetic_from"].notna()]
-    tail = ("Met by: " + ", ".join(f"{_row_name(r)} ({r['cells']})" for _, r in met.iterrows()) + "." if len(met)
+    tail = ("Met by: " + ", ".join(f"{row_name(r)} ({r['cells']})" for _, r in met.iterrows()) + "." if len(met)
             else "No row with synthetic cells meets it.")
     return f"{head}\n\n{shown.to_markdown(index=False, disable_numparse=True)}\n\n{tail}\n"
 
 
-def _row_name(r: pd.Series) -> str:
+def row_name(r: pd.Series) -> str:
     return " ".join(v for v in (r["tag"], r["regime"]) if isinstance(v, str))
 
 

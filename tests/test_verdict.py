@@ -1,11 +1,13 @@
 """hpcgan.verdict (issue 20's test from a scarcity study's rows), and its tables in hpcgan.report: numbers
 checked by hand."""
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from hpcgan.report import load_rows, report
 from hpcgan.results import append_rows
-from hpcgan.verdict import per_run, verdicts
+from hpcgan.verdict import per_run, seeds_of, verdicts
 
 ME20 = {"monocyte": 20, "eosinophil": 20}
 CUT = ["eosinophil", "monocyte"]
@@ -64,6 +66,8 @@ def test_the_target_and_each_row_against_it(study):
     assert a["paired_gain"] == pytest.approx((0.05 + 0.15 + 0.0) / 3)
     assert a["seeds_gained"] == "2/3"                   # a tie is not a gain
     assert a["met"]
+    assert a["per_seed"] == "0:0.9000;1:0.9000;2:0.9000" and a["rival_per_seed"] == "0:0.8500;1:0.7500;2:0.9000"
+    assert seeds_of(a["full_per_seed"]) == [0.95, 0.95, 0.95]
     b = t.loc["synthetic: cgan"]                        # more recall, but less balanced accuracy than the rival's
     assert b["cut_recall"] == pytest.approx(0.95) and not b["met"]
     real = t.loc["40 real per cut class"]               # the bar: the rival's recipe with 20 more real cells
@@ -82,7 +86,7 @@ def test_a_run_without_every_cut_class_is_left_out(study):
 
 
 def test_the_report_writes_the_verdict(study):
-    written = report(study, figures=False)
+    written = report(study)
     name = "verdict_32px_eosinophil20_monocyte20_small_resnet"
     assert name in written and not [k for k in written if k.startswith("verdict_") and k.endswith("small_cnn")]
     t = pd.read_csv(written[name])
@@ -91,6 +95,11 @@ def test_the_report_writes_the_verdict(study):
     assert "the target is **0.892** at no less than 0.860" in md
     assert "Met by: original+synthetic (synthetic: cellgan)." in md
     assert "+0.067 (2/3)" in md                        # the paired gain and the seeds that gained
+    fig = Image.open(written[f"fig_{name}"]).convert("RGB")
+    assert fig.width > 300 and fig.height > 150
+    colours = {tuple(p) for p in np.asarray(fig).reshape(-1, 3)}
+    # synthetic cells that meet it (green), that do not (red), and the real cells' bar (blue)
+    assert {(44, 160, 44), (214, 39, 40), (31, 119, 180)} <= colours
 
 
 def test_no_row_meets_it(tmp_path):
