@@ -20,10 +20,11 @@ key (run, stage, metric, class, extractor, weights, steps, tag, split): the last
                         fidelity on each cut class (class accuracy of its cells by the `cell` classifier and
                         intra-FID in `cell` features, from the evaluations of the trained generator on the same
                         cut and size: per GAN run its newest step, EMA weights when evaluated; mean over seeds)
-  verdict_<px>_<cut>_<arch>.csv/.md  issue 20's test on that cut (hpcgan.verdict): the target (the rival's mean
-                        cut recall plus half its gap to `full`'s) and, for every row with a GAN's cells and every
-                        `realN` row, its mean cut recall, balanced accuracy, gain over the rival (per seed too)
-                        and whether it meets the target at no less balanced accuracy than the rival's
+  verdict_<px>_<cut>_<arch>[_tta].csv/.md  issue 20's test on that cut, per classifier architecture with `rival`
+                        and `full` rows (hpcgan.verdict): the target (the rival's mean cut recall plus half its
+                        gap to `full`'s) and, for every row with a GAN's cells and every `realN` row, its mean
+                        cut recall, balanced accuracy, gain over the rival (per seed too), whether it meets the
+                        target at no less balanced accuracy than the rival's, and its runs (run_dirs)
   fig_verdict_<px>_<cut>_<arch>.png  the same as a picture: a dot per seed, the rival's mean and the target as lines
   rival_search_<px>_<cut>.csv/.md  the rival search: every cheap recipe's val scores (never test), best first
   sources.csv           for every table cell, the run directories its number comes from
@@ -52,7 +53,7 @@ from hpcgan.results import read_rows
 from hpcgan.rundir import EXIT_BAD_INPUT, EXIT_FAILED
 from hpcgan.settings import MISSING
 from hpcgan.verdict import markdown as verdict_markdown
-from hpcgan.verdict import row_name, seeds_of, verdicts
+from hpcgan.verdict import VerdictError, real_n, row_name, seeds_of, tta_of, verdicts
 
 logger = logging.getLogger("hpcgan.report")
 
@@ -197,7 +198,7 @@ def classifier_tables(df: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, pd.Data
     for size, part in cl.groupby("image_size", dropna=False):
         # which GAN's synthetic set, and which scarce cut, make a regime's row: never averaged together
         by = ["arch", "regime"] + [c for c in ("synthetic_from", "scarce", "tag") if part[c].notna().any()]
-        tta = part["tta"].map(lambda v: bool(v) if isinstance(v, (bool, np.bool_)) else False)  # older rows: none
+        tta = part["tta"].map(tta_of)
         part = part.assign(tta=tta)
         by += ["tta"] if tta.nunique() > 1 else []   # test-time augmentation: rows of their own
         wide, sources = summarise(part[part["class"].isna()], by, TABLE5)
@@ -236,7 +237,7 @@ def _cut_parts(cl: pd.DataFrame):
     of its own."""
     full = cl[(cl["tag"] == "full") & cl["scarce"].isna()]
     classes = cl["scarce"].map(lambda c: frozenset(_cut_classes(str(c))))
-    more = cl["tag"].astype(str).str.fullmatch(r"real\d+") & cl["scarce"].notna()
+    more = cl["tag"].map(real_n).notna() & cl["scarce"].notna()
     more &= classes.isin(set(classes[cl["scarce"].notna() & ~more]))
     for cut, part in cl[cl["scarce"].notna() & ~more].groupby("scarce"):
         same = more & (classes == frozenset(_cut_classes(str(cut))))
@@ -245,15 +246,22 @@ def _cut_parts(cl: pd.DataFrame):
 
 
 def verdict_tables(df: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, str]]:
-    """Issue 20's test (hpcgan.verdict) per image size, scarce cut and classifier architecture that has `rival`
-    and `full` rows: name -> (table, markdown)."""
+    """Issue 20's test (hpcgan.verdict) per image size, scarce cut and classifier architecture (with 8-view
+    test-time averaging or without) that has `rival` and `full` rows and a row to judge: name -> (table,
+    markdown). Rows that cannot be judged (VerdictError) are a warning: the other tables are still written."""
     cl = df[(df["stage"] == "classify") & (df["real_split"] != "val")]
     out = {}
     for size, sized in cl.groupby("image_size", dropna=False):
         for cut, part in _cut_parts(sized):
-            for arch, table in verdicts(part, _cut_classes(str(cut))).items():
-                name = _unique(out, f"verdict_{_px(size)}_{_cut_slug(cut)}_{_cut_slug(arch)}", cut)
-                out[name] = (table, verdict_markdown(table, arch, str(cut)))
+            try:
+                found = verdicts(part, _cut_classes(str(cut)))
+            except VerdictError as e:
+                logger.warning("report: no verdict for the cut %s at %s: %s", cut, _px(size), e)
+                continue
+            for (arch, tta), table in found.items():
+                name = f"verdict_{_px(size)}_{_cut_slug(cut)}_{_cut_slug(arch)}" + ("_tta" if tta else "")
+                label = f"{arch}, 8-view test-time averaging" if tta else arch
+                out[_unique(out, name, cut)] = (table, verdict_markdown(table, label, str(cut)))
     return out
 
 
@@ -449,7 +457,7 @@ def fig_verdict(table: pd.DataFrame, title: str, path: Path) -> Path | None:
         if values:
             ax.plot([np.mean(values)] * 2, [y - 0.3, y + 0.3], color=color, lw=2.5)
     ax.axvline(ref["rival_cut_recall"], color="0.4", ls=":", lw=1, label="the rival's mean")
-    ax.axvline(ref["target"], color="tab:green", ls="--", lw=1, label="target")
+    ax.axvline(ref["target"], color="black", ls="--", lw=1, label="target")
     ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("the cut classes' mean recall on real test cells (dot: a seed, bar: the mean)", fontsize=8)

@@ -11,39 +11,66 @@ per-seed gains and how many seeds gained. hpcgan.report writes one table per cut
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 
-GROUP = ["tag", "regime", "synthetic_from"]
+ROW = ["tag", "regime", "synthetic_from"]       # what makes a row of the table (its runs differ by seed only)
+REAL_N = r"real(\d+)"                           # classify.more_real's rows: the cut classes at N real cells
+
+
+class VerdictError(ValueError):
+    """The rows cannot be judged as they are (e.g. two runs of one row with the same seed)."""
+
+
+def real_n(tag) -> int | None:
+    """N of a `realN` tag, else None."""
+    found = re.fullmatch(REAL_N, tag) if isinstance(tag, str) else None
+    return int(found.group(1)) if found else None
+
+
+def tta_of(value) -> bool:
+    """A row's `tta` (8-view test-time averaging): rows from before it was recorded have none, i.e. False."""
+    return bool(value) if isinstance(value, (bool, np.bool_)) else False
 
 
 def per_run(part: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
-    """One row per classifier run that has the recall of every cut class and its balanced accuracy: arch, tag,
-    regime, synthetic_from, seed, cut_recall (the mean over the cut classes), balanced_accuracy."""
+    """One row per classifier run that has the recall of every cut class and its balanced accuracy: run_dir,
+    arch, tta, tag, regime, synthetic_from, seed, cut_recall (the mean over the cut classes), balanced_accuracy.
+    A run appended more than once (another step cap) counts by its last rows, as everywhere in the report."""
     rec = part[(part["metric"] == "sensitivity") & part["class"].isin(classes)]
+    rec = rec.drop_duplicates(["run_dir", "class"], keep="last")
     rec = rec.groupby("run_dir")["value"].agg(cut_recall="mean", n="count")
     rec = rec[rec["n"] == len(classes)].drop(columns="n")
     whole = part[(part["metric"] == "balanced_accuracy") & part["class"].isna()]
     ba = whole.drop_duplicates("run_dir", keep="last").set_index("run_dir")
-    runs = ba[["arch", *GROUP, "seed"]].join(ba["value"].rename("balanced_accuracy")).join(rec, how="inner")
-    runs[GROUP] = runs[GROUP].astype(object).where(runs[GROUP].notna(), None)
+    runs = ba[["arch", *ROW, "seed"]].join(ba["value"].rename("balanced_accuracy")).join(rec, how="inner")
+    runs[ROW] = runs[ROW].astype(object).where(runs[ROW].notna(), None)
+    tta = ba["tta"] if "tta" in ba else pd.Series(False, index=ba.index)
+    runs["tta"] = tta.reindex(runs.index).map(tta_of)
     return runs.reset_index()
 
 
-def verdicts(part: pd.DataFrame, classes: list[str]) -> dict[str, pd.DataFrame]:
-    """arch -> its verdict table (candidates best cut recall first), for every arch with `rival` and `full`
-    runs; the reference numbers are columns of every row."""
+def verdicts(part: pd.DataFrame, classes: list[str]) -> dict[tuple[str, bool], pd.DataFrame]:
+    """(arch, tta) -> its verdict table (candidates best cut recall first), for every classifier architecture
+    (with test-time augmentation or without) that has `rival` and `full` runs and at least one candidate; the
+    reference numbers are columns of every row. Two runs of one row with the same seed: VerdictError."""
     runs, out = per_run(part, classes), {}
-    for arch, mine in runs.groupby("arch"):
+    for (arch, tta), mine in runs.groupby(["arch", "tta"]):
         rival, full = mine[mine["tag"] == "rival"], mine[mine["tag"] == "full"]
-        real_n = mine["tag"].astype(str).str.fullmatch(r"real\d+")
-        candidates = mine[mine["synthetic_from"].notna() | real_n]
+        candidates = mine[mine["synthetic_from"].notna() | mine["tag"].map(real_n).notna()]
         if rival.empty or full.empty or candidates.empty:
             continue
+        for _key, runs_of_row in [(("rival",), rival), (("full",), full), *candidates.groupby(ROW, dropna=False)]:
+            twice = runs_of_row[runs_of_row["seed"].duplicated(keep=False)]
+            if len(twice):
+                raise VerdictError(f"{arch}: runs {sorted(twice['run_dir'])} are one row with the same seed: "
+                                   "report each study from its own folder")
         ref = _reference(rival, full)
-        rows = [_judge(key, group, rival, ref) for key, group in candidates.groupby(GROUP, dropna=False)]
+        rows = [_judge(key, group, rival, ref) for key, group in candidates.groupby(ROW, dropna=False)]
         table = pd.DataFrame(rows).sort_values("cut_recall", ascending=False, kind="stable")
-        out[str(arch)] = table.reset_index(drop=True)
+        out[(str(arch), bool(tta))] = table.reset_index(drop=True)
     return out
 
 
@@ -55,7 +82,7 @@ def _reference(rival: pd.DataFrame, full: pd.DataFrame) -> dict:
 
 
 def per_seed(runs: pd.DataFrame) -> str:
-    """The runs' cut recalls by seed, "0:0.8500;1:0.7500": a CSV cell the figure reads back (seeds_of)."""
+    """The runs' cut recalls by seed, "0:0.8500;1:0.7500": the CSV keeps what the figure draws (seeds_of)."""
     return ";".join(f"{int(s)}:{v:.4f}" for s, v in sorted(zip(runs["seed"], runs["cut_recall"])))
 
 
@@ -65,18 +92,19 @@ def seeds_of(cell: str) -> list[float]:
 
 def _judge(key: tuple, group: pd.DataFrame, rival: pd.DataFrame, ref: dict) -> dict:
     tag, regime, synthetic_from = (None if isinstance(k, float) and np.isnan(k) else k for k in key)
-    paired = group.merge(rival[["seed", "cut_recall"]], on="seed", suffixes=("", "_rival"))
+    paired = group.merge(rival[["seed", "cut_recall"]], on="seed", suffixes=("", "_rival"), validate="one_to_one")
     gains = paired["cut_recall"] - paired["cut_recall_rival"]
     recall, ba = group["cut_recall"].mean(), group["balanced_accuracy"].mean()
     return {"tag": tag, "regime": regime, "synthetic_from": synthetic_from,
-            "cells": f"synthetic: {synthetic_from}" if synthetic_from else f"{tag[4:]} real per cut class",
+            "cells": f"synthetic: {synthetic_from}" if synthetic_from else f"{real_n(tag)} real per cut class",
             "seeds": len(group), "cut_recall": recall, "per_seed": per_seed(group),
             "cut_recall_std": group["cut_recall"].std() if len(group) > 1 else np.nan,
             "balanced_accuracy": ba, "gain": recall - ref["rival_cut_recall"],
             "needed": ref["target"] - ref["rival_cut_recall"],
             "paired_gain": gains.mean() if len(gains) else np.nan,
             "seeds_gained": f"{int((gains > 0).sum())}/{len(gains)}",
-            "met": bool(recall >= ref["target"] and ba >= ref["rival_balanced_accuracy"]), **ref}
+            "met": bool(recall >= ref["target"] and ba >= ref["rival_balanced_accuracy"]),
+            "run_dirs": ";".join(sorted(group["run_dir"])), **ref}
 
 
 def markdown(table: pd.DataFrame, arch: str, cut: str) -> str:

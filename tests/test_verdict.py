@@ -43,6 +43,10 @@ def study(tmp_path):
         rows += runs_of(s, "small_cnn", "rival", "balanced+aug2", seed, {"monocyte": 0.5, "eosinophil": 0.5}, 0.8)
         rows += runs_of(s, "small_cnn", None, "original+synthetic", seed, {"monocyte": 0.9, "eosinophil": 0.9}, 0.9,
                         syn="cellgan")
+    # a row with two of the rival's three seeds, whose recall varies: paired gains -0.05 and +0.10
+    for seed, rec in ((0, 0.80), (1, 0.85)):
+        rows += runs_of(s, "small_resnet", "on_rival", "original+synthetic", seed,
+                        {"monocyte": rec, "eosinophil": rec}, 0.87, syn="twin")
     # a run that lost its eosinophil recall: left out, not scored as a monocyte-only mean
     rows += runs_of(s, "small_resnet", None, "original+synthetic", 3, {"monocyte": 0.0}, 0.5, syn="cellgan")
     append_rows(s / "cls/results.jsonl", rows)
@@ -53,8 +57,8 @@ def test_the_target_and_each_row_against_it(study):
     df = load_rows(study)
     part = df[(df["stage"] == "classify") & (df["scarce"].isna() | df["scarce"].str.startswith("eosinophil"))]
     tables = verdicts(part, CUT)
-    assert list(tables) == ["small_resnet"]            # small_cnn has no `full`: nothing to judge against
-    t = tables["small_resnet"].set_index("cells")
+    assert list(tables) == [("small_resnet", False)]   # small_cnn has no `full`: nothing to judge against
+    t = tables[("small_resnet", False)].set_index("cells")
     rival = (0.85 + 0.75 + 0.90) / 3
     target = rival + (0.95 - rival) / 2
     assert t["target"].iloc[0] == pytest.approx(target)
@@ -73,14 +77,19 @@ def test_the_target_and_each_row_against_it(study):
     real = t.loc["40 real per cut class"]               # the bar: the rival's recipe with 20 more real cells
     assert real["cut_recall"] == pytest.approx(0.89) and real["balanced_accuracy"] == pytest.approx(0.88)
     assert not real["met"]                              # 0.89 < 0.8917
-    assert list(t.index) == ["synthetic: cgan", "synthetic: cellgan", "40 real per cut class"]   # best recall first
+    twin = t.loc["synthetic: twin"]
+    assert twin["seeds"] == 2 and twin["cut_recall"] == pytest.approx(0.825)
+    assert twin["gain"] == pytest.approx(0.825 - rival)            # against the rival's mean over its 3 seeds
+    assert twin["paired_gain"] == pytest.approx(0.025) and twin["seeds_gained"] == "1/2"   # seed by seed
+    assert list(t.index) == ["synthetic: cgan", "synthetic: cellgan", "40 real per cut class",
+                             "synthetic: twin"]                    # best recall first
     assert "original" not in set(t["regime"]) and "rival" not in set(t["tag"])
 
 
 def test_a_run_without_every_cut_class_is_left_out(study):
     runs = per_run(load_rows(study), CUT)
     assert 3 not in set(runs["seed"])
-    assert len(runs) == 3 * 8                           # every run of seeds 0-2 (`full` has the classes' recall too)
+    assert len(runs) == 3 * 8 + 2                       # every run of seeds 0-2 (`full` has the classes' recall too)
     mine = runs[(runs["tag"] == "rival") & (runs["arch"] == "small_resnet")]
     assert set(mine["cut_recall"].round(6)) == {0.85, 0.75, 0.9}
 
@@ -90,7 +99,7 @@ def test_the_report_writes_the_verdict(study):
     name = "verdict_32px_eosinophil20_monocyte20_small_resnet"
     assert name in written and not [k for k in written if k.startswith("verdict_") and k.endswith("small_cnn")]
     t = pd.read_csv(written[name])
-    assert t["met"].tolist() == [False, True, False]
+    assert t["met"].tolist() == [False, True, False, False]
     md = written[name].with_suffix(".md").read_text()
     assert "the target is **0.892** at no less than 0.860" in md
     assert "Met by: original+synthetic (synthetic: cellgan)." in md
@@ -102,14 +111,62 @@ def test_the_report_writes_the_verdict(study):
     assert {(44, 160, 44), (214, 39, 40), (31, 119, 180)} <= colours
 
 
-def test_no_row_meets_it(tmp_path):
+def test_no_row_with_synthetic_cells_meets_it(tmp_path):
+    """Real cells that meet the target (the realN row) are the bar, never a row that "meets it"."""
     s, rows = tmp_path / "study", []
     for seed in (0, 1):
         rows += runs_of(s, "small_resnet", "rival", "r", seed, {"monocyte": 0.8, "eosinophil": 0.8}, 0.86)
         rows += runs_of(s, "small_resnet", "full", "r", seed, {"monocyte": 1.0, "eosinophil": 1.0}, 0.9, cut=None)
         rows += runs_of(s, "small_resnet", "on_rival", "o+s", seed, {"monocyte": 0.85, "eosinophil": 0.85}, 0.9,
                         syn="cellgan")
+        rows += runs_of(s, "small_resnet", "real40", "r", seed, {"monocyte": 0.95, "eosinophil": 0.95}, 0.9,
+                        cut={"monocyte": 40, "eosinophil": 40})
     append_rows(s / "cls/results.jsonl", rows)
     written = report(s, figures=False)
-    md = written["verdict_32px_eosinophil20_monocyte20_small_resnet"].with_suffix(".md").read_text()
+    name = "verdict_32px_eosinophil20_monocyte20_small_resnet"
+    assert pd.read_csv(written[name]).set_index("tag")["met"].to_dict() == {"real40": True, "on_rival": False}
+    md = written[name].with_suffix(".md").read_text()
     assert "No row with synthetic cells meets it." in md and "+0.050 (+0.100)" in md
+
+
+def pair(study, tag, cut, seed, rec, ba, size=32, syn=None, tta=None):
+    rows = runs_of(study, "small_resnet", tag, "r", seed, {"monocyte": rec, "eosinophil": rec}, ba, cut=cut, syn=syn)
+    return [{**r, "image_size": size, "tta": tta, "run_dir": f"{r['run_dir']}-{size}-{tta}"} for r in rows]
+
+
+def test_sizes_and_test_time_averaging_are_judged_apart(tmp_path):
+    s, rows = tmp_path / "study", []
+    for seed in (0, 1):
+        rows += pair(s, "rival", ME20, seed, 0.8, 0.86) + pair(s, "full", None, seed, 1.0, 0.9)
+        rows += pair(s, "on_rival", ME20, seed, 0.95, 0.9, syn="cellgan")
+        rows += pair(s, "full", None, seed, 0.2, 0.9, size=64)        # a 64 px `full` never joins the 32 px test
+        rows += pair(s, "rival", ME20, seed, 0.5, 0.86, tta=True) + pair(s, "full", None, seed, 0.7, 0.9, tta=True)
+        rows += pair(s, "on_rival", ME20, seed, 0.55, 0.9, syn="cellgan", tta=True)
+    append_rows(s / "cls/results.jsonl", rows)
+    written = report(s, figures=False)
+    plain = pd.read_csv(written["verdict_32px_eosinophil20_monocyte20_small_resnet"]).iloc[0]
+    assert plain["target"] == pytest.approx(0.9) and plain["met"] and plain["seeds"] == 2
+    tta = pd.read_csv(written["verdict_32px_eosinophil20_monocyte20_small_resnet_tta"]).iloc[0]
+    assert tta["target"] == pytest.approx(0.6) and not tta["met"]
+    assert not [k for k in written if k.startswith("verdict_64px")]    # 64 px has no rival and no candidate
+
+
+def test_two_runs_of_a_row_with_one_seed_are_refused_not_paired(tmp_path, caplog):
+    s, rows = tmp_path / "study", []
+    for seed in (0, 1):
+        rows += pair(s, "rival", ME20, seed, 0.8, 0.86) + pair(s, "full", None, seed, 1.0, 0.9)
+        rows += pair(s, "on_rival", ME20, seed, 0.95, 0.9, syn="cellgan")
+    rows += pair(s, "rival", ME20, 0, 0.7, 0.86, tta=False)        # a second study's rival, seed 0 again
+    append_rows(s / "cls/results.jsonl", rows)
+    written = report(s, figures=False)
+    assert not [k for k in written if k.startswith("verdict_")]
+    assert "scarcity_32px_eosinophil20_monocyte20" in written      # the other tables are still written
+    assert "same seed" in caplog.text and "its own folder" in caplog.text
+
+
+def test_a_cut_without_a_row_to_judge_has_no_verdict(tmp_path):
+    s, rows = tmp_path / "study", []
+    for seed in (0, 1):
+        rows += pair(s, "rival", ME20, seed, 0.8, 0.86) + pair(s, "full", None, seed, 1.0, 0.9)
+    append_rows(s / "cls/results.jsonl", rows)
+    assert not [k for k in report(s, figures=False) if k.startswith("verdict_")]
